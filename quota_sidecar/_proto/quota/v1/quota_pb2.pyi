@@ -1,0 +1,296 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Funding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FUNDING_UNSPECIFIED: _ClassVar[Funding]
+    FUNDING_FREE_QUOTA: _ClassVar[Funding]
+    FUNDING_CREDITS: _ClassVar[Funding]
+
+class DenialReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DENIAL_REASON_UNSPECIFIED: _ClassVar[DenialReason]
+    DENIAL_REASON_PURCHASE_REQUIRED: _ClassVar[DenialReason]
+    DENIAL_REASON_NOT_ENTITLED: _ClassVar[DenialReason]
+FUNDING_UNSPECIFIED: Funding
+FUNDING_FREE_QUOTA: Funding
+FUNDING_CREDITS: Funding
+DENIAL_REASON_UNSPECIFIED: DenialReason
+DENIAL_REASON_PURCHASE_REQUIRED: DenialReason
+DENIAL_REASON_NOT_ENTITLED: DenialReason
+
+class JobParams(_message.Message):
+    __slots__ = ("duration_seconds", "resolution", "model", "units", "extra")
+    class ExtraEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    DURATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    RESOLUTION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    UNITS_FIELD_NUMBER: _ClassVar[int]
+    EXTRA_FIELD_NUMBER: _ClassVar[int]
+    duration_seconds: float
+    resolution: str
+    model: str
+    units: int
+    extra: _containers.ScalarMap[str, str]
+    def __init__(self, duration_seconds: _Optional[float] = ..., resolution: _Optional[str] = ..., model: _Optional[str] = ..., units: _Optional[int] = ..., extra: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class Money(_message.Message):
+    __slots__ = ("currency_code", "minor_units")
+    CURRENCY_CODE_FIELD_NUMBER: _ClassVar[int]
+    MINOR_UNITS_FIELD_NUMBER: _ClassVar[int]
+    currency_code: str
+    minor_units: int
+    def __init__(self, currency_code: _Optional[str] = ..., minor_units: _Optional[int] = ...) -> None: ...
+
+class CreditPack(_message.Message):
+    __slots__ = ("pack_id", "credits", "price", "quantity", "total_price")
+    PACK_ID_FIELD_NUMBER: _ClassVar[int]
+    CREDITS_FIELD_NUMBER: _ClassVar[int]
+    PRICE_FIELD_NUMBER: _ClassVar[int]
+    QUANTITY_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_PRICE_FIELD_NUMBER: _ClassVar[int]
+    pack_id: str
+    credits: int
+    price: Money
+    quantity: int
+    total_price: Money
+    def __init__(self, pack_id: _Optional[str] = ..., credits: _Optional[int] = ..., price: _Optional[_Union[Money, _Mapping]] = ..., quantity: _Optional[int] = ..., total_price: _Optional[_Union[Money, _Mapping]] = ...) -> None: ...
+
+class Denial(_message.Message):
+    __slots__ = ("reason", "message", "credits_short", "offers")
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    CREDITS_SHORT_FIELD_NUMBER: _ClassVar[int]
+    OFFERS_FIELD_NUMBER: _ClassVar[int]
+    reason: DenialReason
+    message: str
+    credits_short: int
+    offers: _containers.RepeatedCompositeFieldContainer[CreditPack]
+    def __init__(self, reason: _Optional[_Union[DenialReason, str]] = ..., message: _Optional[str] = ..., credits_short: _Optional[int] = ..., offers: _Optional[_Iterable[_Union[CreditPack, _Mapping]]] = ...) -> None: ...
+
+class CheckAndReserveRequest(_message.Message):
+    __slots__ = ("account_id", "product", "reservation_id", "params", "ttl_seconds")
+    ACCOUNT_ID_FIELD_NUMBER: _ClassVar[int]
+    PRODUCT_FIELD_NUMBER: _ClassVar[int]
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    account_id: str
+    product: str
+    reservation_id: str
+    params: JobParams
+    ttl_seconds: int
+    def __init__(self, account_id: _Optional[str] = ..., product: _Optional[str] = ..., reservation_id: _Optional[str] = ..., params: _Optional[_Union[JobParams, _Mapping]] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
+
+class CheckAndReserveResponse(_message.Message):
+    __slots__ = ("allowed", "reservation_id", "funding", "credits_held", "free_used", "free_limit", "free_resets_at", "credit_balance", "expires_at", "denial", "job_cost_credits", "replayed")
+    ALLOWED_FIELD_NUMBER: _ClassVar[int]
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    FUNDING_FIELD_NUMBER: _ClassVar[int]
+    CREDITS_HELD_FIELD_NUMBER: _ClassVar[int]
+    FREE_USED_FIELD_NUMBER: _ClassVar[int]
+    FREE_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    FREE_RESETS_AT_FIELD_NUMBER: _ClassVar[int]
+    CREDIT_BALANCE_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    DENIAL_FIELD_NUMBER: _ClassVar[int]
+    JOB_COST_CREDITS_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    allowed: bool
+    reservation_id: str
+    funding: Funding
+    credits_held: int
+    free_used: int
+    free_limit: int
+    free_resets_at: _timestamp_pb2.Timestamp
+    credit_balance: int
+    expires_at: _timestamp_pb2.Timestamp
+    denial: Denial
+    job_cost_credits: int
+    replayed: bool
+    def __init__(self, allowed: _Optional[bool] = ..., reservation_id: _Optional[str] = ..., funding: _Optional[_Union[Funding, str]] = ..., credits_held: _Optional[int] = ..., free_used: _Optional[int] = ..., free_limit: _Optional[int] = ..., free_resets_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., credit_balance: _Optional[int] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., denial: _Optional[_Union[Denial, _Mapping]] = ..., job_cost_credits: _Optional[int] = ..., replayed: _Optional[bool] = ...) -> None: ...
+
+class CommitRequest(_message.Message):
+    __slots__ = ("account_id", "reservation_id", "params")
+    ACCOUNT_ID_FIELD_NUMBER: _ClassVar[int]
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    account_id: str
+    reservation_id: str
+    params: JobParams
+    def __init__(self, account_id: _Optional[str] = ..., reservation_id: _Optional[str] = ..., params: _Optional[_Union[JobParams, _Mapping]] = ...) -> None: ...
+
+class CommitResponse(_message.Message):
+    __slots__ = ("credits_charged", "credits_refunded", "free_charged", "funding", "credit_balance", "replayed")
+    CREDITS_CHARGED_FIELD_NUMBER: _ClassVar[int]
+    CREDITS_REFUNDED_FIELD_NUMBER: _ClassVar[int]
+    FREE_CHARGED_FIELD_NUMBER: _ClassVar[int]
+    FUNDING_FIELD_NUMBER: _ClassVar[int]
+    CREDIT_BALANCE_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    credits_charged: int
+    credits_refunded: int
+    free_charged: int
+    funding: Funding
+    credit_balance: int
+    replayed: bool
+    def __init__(self, credits_charged: _Optional[int] = ..., credits_refunded: _Optional[int] = ..., free_charged: _Optional[int] = ..., funding: _Optional[_Union[Funding, str]] = ..., credit_balance: _Optional[int] = ..., replayed: _Optional[bool] = ...) -> None: ...
+
+class ReleaseRequest(_message.Message):
+    __slots__ = ("account_id", "reservation_id")
+    ACCOUNT_ID_FIELD_NUMBER: _ClassVar[int]
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    account_id: str
+    reservation_id: str
+    def __init__(self, account_id: _Optional[str] = ..., reservation_id: _Optional[str] = ...) -> None: ...
+
+class ReleaseResponse(_message.Message):
+    __slots__ = ("credits_refunded", "free_refunded", "funding", "credit_balance", "replayed")
+    CREDITS_REFUNDED_FIELD_NUMBER: _ClassVar[int]
+    FREE_REFUNDED_FIELD_NUMBER: _ClassVar[int]
+    FUNDING_FIELD_NUMBER: _ClassVar[int]
+    CREDIT_BALANCE_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    credits_refunded: int
+    free_refunded: int
+    funding: Funding
+    credit_balance: int
+    replayed: bool
+    def __init__(self, credits_refunded: _Optional[int] = ..., free_refunded: _Optional[int] = ..., funding: _Optional[_Union[Funding, str]] = ..., credit_balance: _Optional[int] = ..., replayed: _Optional[bool] = ...) -> None: ...
+
+class ExtendReservationRequest(_message.Message):
+    __slots__ = ("account_id", "reservation_id", "ttl_seconds")
+    ACCOUNT_ID_FIELD_NUMBER: _ClassVar[int]
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    account_id: str
+    reservation_id: str
+    ttl_seconds: int
+    def __init__(self, account_id: _Optional[str] = ..., reservation_id: _Optional[str] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
+
+class ExtendReservationResponse(_message.Message):
+    __slots__ = ("expires_at",)
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    expires_at: _timestamp_pb2.Timestamp
+    def __init__(self, expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class GetBalanceRequest(_message.Message):
+    __slots__ = ("account_id",)
+    ACCOUNT_ID_FIELD_NUMBER: _ClassVar[int]
+    account_id: str
+    def __init__(self, account_id: _Optional[str] = ...) -> None: ...
+
+class ProductAllowance(_message.Message):
+    __slots__ = ("product", "free_used", "free_limit", "free_resets_at")
+    PRODUCT_FIELD_NUMBER: _ClassVar[int]
+    FREE_USED_FIELD_NUMBER: _ClassVar[int]
+    FREE_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    FREE_RESETS_AT_FIELD_NUMBER: _ClassVar[int]
+    product: str
+    free_used: int
+    free_limit: int
+    free_resets_at: _timestamp_pb2.Timestamp
+    def __init__(self, product: _Optional[str] = ..., free_used: _Optional[int] = ..., free_limit: _Optional[int] = ..., free_resets_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class CreditLot(_message.Message):
+    __slots__ = ("lot_id", "credits_granted", "credits_left", "expires_at", "granted_at")
+    LOT_ID_FIELD_NUMBER: _ClassVar[int]
+    CREDITS_GRANTED_FIELD_NUMBER: _ClassVar[int]
+    CREDITS_LEFT_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    GRANTED_AT_FIELD_NUMBER: _ClassVar[int]
+    lot_id: str
+    credits_granted: int
+    credits_left: int
+    expires_at: _timestamp_pb2.Timestamp
+    granted_at: _timestamp_pb2.Timestamp
+    def __init__(self, lot_id: _Optional[str] = ..., credits_granted: _Optional[int] = ..., credits_left: _Optional[int] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., granted_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class Hold(_message.Message):
+    __slots__ = ("reservation_id", "product", "funding", "credits_held", "expires_at")
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    PRODUCT_FIELD_NUMBER: _ClassVar[int]
+    FUNDING_FIELD_NUMBER: _ClassVar[int]
+    CREDITS_HELD_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    reservation_id: str
+    product: str
+    funding: Funding
+    credits_held: int
+    expires_at: _timestamp_pb2.Timestamp
+    def __init__(self, reservation_id: _Optional[str] = ..., product: _Optional[str] = ..., funding: _Optional[_Union[Funding, str]] = ..., credits_held: _Optional[int] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class GetBalanceResponse(_message.Message):
+    __slots__ = ("account_id", "plan", "time_zone", "allowances", "credit_balance", "lots", "holds", "credits_held")
+    ACCOUNT_ID_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    TIME_ZONE_FIELD_NUMBER: _ClassVar[int]
+    ALLOWANCES_FIELD_NUMBER: _ClassVar[int]
+    CREDIT_BALANCE_FIELD_NUMBER: _ClassVar[int]
+    LOTS_FIELD_NUMBER: _ClassVar[int]
+    HOLDS_FIELD_NUMBER: _ClassVar[int]
+    CREDITS_HELD_FIELD_NUMBER: _ClassVar[int]
+    account_id: str
+    plan: str
+    time_zone: str
+    allowances: _containers.RepeatedCompositeFieldContainer[ProductAllowance]
+    credit_balance: int
+    lots: _containers.RepeatedCompositeFieldContainer[CreditLot]
+    holds: _containers.RepeatedCompositeFieldContainer[Hold]
+    credits_held: int
+    def __init__(self, account_id: _Optional[str] = ..., plan: _Optional[str] = ..., time_zone: _Optional[str] = ..., allowances: _Optional[_Iterable[_Union[ProductAllowance, _Mapping]]] = ..., credit_balance: _Optional[int] = ..., lots: _Optional[_Iterable[_Union[CreditLot, _Mapping]]] = ..., holds: _Optional[_Iterable[_Union[Hold, _Mapping]]] = ..., credits_held: _Optional[int] = ...) -> None: ...
+
+class GrantCreditsRequest(_message.Message):
+    __slots__ = ("account_id", "credits", "purchase_id", "expires_at")
+    ACCOUNT_ID_FIELD_NUMBER: _ClassVar[int]
+    CREDITS_FIELD_NUMBER: _ClassVar[int]
+    PURCHASE_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    account_id: str
+    credits: int
+    purchase_id: str
+    expires_at: _timestamp_pb2.Timestamp
+    def __init__(self, account_id: _Optional[str] = ..., credits: _Optional[int] = ..., purchase_id: _Optional[str] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class GrantCreditsResponse(_message.Message):
+    __slots__ = ("lot", "credit_balance", "replayed")
+    LOT_FIELD_NUMBER: _ClassVar[int]
+    CREDIT_BALANCE_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    lot: CreditLot
+    credit_balance: int
+    replayed: bool
+    def __init__(self, lot: _Optional[_Union[CreditLot, _Mapping]] = ..., credit_balance: _Optional[int] = ..., replayed: _Optional[bool] = ...) -> None: ...
+
+class SetAccountRequest(_message.Message):
+    __slots__ = ("account_id", "plan", "time_zone")
+    ACCOUNT_ID_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    TIME_ZONE_FIELD_NUMBER: _ClassVar[int]
+    account_id: str
+    plan: str
+    time_zone: str
+    def __init__(self, account_id: _Optional[str] = ..., plan: _Optional[str] = ..., time_zone: _Optional[str] = ...) -> None: ...
+
+class SetAccountResponse(_message.Message):
+    __slots__ = ("plan", "time_zone")
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    TIME_ZONE_FIELD_NUMBER: _ClassVar[int]
+    plan: str
+    time_zone: str
+    def __init__(self, plan: _Optional[str] = ..., time_zone: _Optional[str] = ...) -> None: ...
