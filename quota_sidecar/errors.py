@@ -1,0 +1,81 @@
+"""The error hierarchy of quota-sidecar.
+
+Operating errors are exceptions of this module; programmer errors are
+assertions. Redis errors become these in the store (quota_sidecar.store);
+these become gRPC status codes in the servicer (quota_sidecar.servicer), and
+nowhere else.
+
+    QuotaError
+    ├── InvalidArgument      bad input; names the offending field  -> INVALID_ARGUMENT
+    ├── NotFound             unknown reservation                   -> NOT_FOUND
+    ├── Conflict             an id reused with different fields    -> ALREADY_EXISTS
+    ├── ResolutionConflict   reservation already resolved, cost
+    │                        above the hold, plan gone             -> FAILED_PRECONDITION
+    ├── Unavailable          Redis unreachable or busy             -> UNAVAILABLE
+    └── PlansError           the plans file is invalid (start-up, CLI)
+"""
+
+from __future__ import annotations
+
+
+class QuotaError(Exception):
+    """Base of every operating error the sidecar reports."""
+
+    #: Machine-readable reason (google.rpc.ErrorInfo.reason); stable API.
+    reason: str = "QUOTA_ERROR"
+
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if reason is not None:
+            self.reason = reason
+
+
+class InvalidArgument(QuotaError):
+    """A request field is malformed or out of range; nothing was changed."""
+
+    reason = "INVALID_ARGUMENT"
+
+    def __init__(self, field: str, description: str) -> None:
+        super().__init__(f"{field}: {description}")
+        self.field = field
+        self.description = description
+
+
+class NotFound(QuotaError):
+    reason = "RESERVATION_NOT_FOUND"
+
+
+class Conflict(QuotaError):
+    """A retry reused an idempotency key with different fields."""
+
+    reason = "RESERVATION_PARAMS_MISMATCH"
+
+
+class ResolutionConflict(QuotaError):
+    """The reservation cannot take this outcome (already resolved otherwise)."""
+
+    reason = "ALREADY_RESOLVED"
+
+
+class Unavailable(QuotaError):
+    """The store cannot be reached or cannot answer now; retry later."""
+
+    reason = "STORE_UNAVAILABLE"
+
+    def __init__(self, message: str, *, retry_after_ms: int = 200, reason: str | None = None) -> None:
+        super().__init__(message, reason=reason)
+        self.retry_after_ms = retry_after_ms
+
+
+class PlansError(QuotaError):
+    """The plans file is invalid; `field` is a dotted path such as plans.pro.sora.daily_free."""
+
+    reason = "INVALID_PLANS"
+
+    def __init__(self, field: str, description: str, *, source: str = "") -> None:
+        where = f"{source}: " if source else ""
+        super().__init__(f"{where}{field}: {description}")
+        self.field = field
+        self.description = description
+        self.source = source
