@@ -1,0 +1,26 @@
+-- ExtendReservation: push a live hold's expiry to now + ttl. Never shortens.
+-- Times are in milliseconds.
+local pinned_ms = tonumber(ARGV[1])
+local rid       = ARGV[2]
+local ttl_ms    = tonumber(ARGV[3])  -- 0: the lifetime the hold was made with
+
+local now_ms = clock_ms(pinned_ms)
+local rec = load_record(rid)
+if not rec then return fail('RESERVATION_NOT_FOUND') end
+
+if rec.s == 'held' and rec.e <= now_ms then
+  refund_hold(rec, now_ms)
+  resolve(rid, rec, 'expired', now_ms)
+end
+if rec.s == 'committed' then return fail('ALREADY_COMMITTED') end
+if rec.s == 'released' then return fail('ALREADY_RELEASED') end
+if rec.s == 'expired' then return fail('EXPIRED', {expired_ms = rec.r}) end
+
+if ttl_ms == 0 then ttl_ms = rec.ttl end
+local expires_ms = math.max(rec.e, now_ms + ttl_ms)
+if expires_ms ~= rec.e then
+  rec.e = expires_ms
+  save_record(rid, rec)
+  redis.call('ZADD', K_HOLDS, expires_ms, rid)
+end
+return reply({expires_ms = expires_ms, now_ms = now_ms})

@@ -1,0 +1,146 @@
+"""Windows in the account's zone, one clock for all sidecars, script loading, sweeping."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import redis.asyncio as aioredis
+
+from quota_sidecar.clock import ManualClock
+from quota_sidecar.engine import QuotaEngine
+from quota_sidecar.errors import Unavailable
+from quota_sidecar.model import DenialReason, Funding, JobParams
+from quota_sidecar.plans import load_plans
+from quota_sidecar.store import RedisStore
+
+from quota_fixtures import T0_MS, keys_with_prefix, utc_ms
+
+V10 = JobParams(duration_seconds=10, resolution="720p")
+
+
+async def fill(engine: QuotaEngine, account: str, n: int, tag: str) -> None:
+    for i in range(n):
+        d = await engine.check_and_reserve(account, "sora", f"{tag}-{i}", V10)
+        assert d.outcome.funding is Funding.FREE_QUOTA
+        await engine.commit(account, f"{tag}-{i}")
+
+
+async def test_window_rolls_over_at_local_midnight_across_spring_forward(engine: QuotaEngine, clock: ManualClock) -> None:
+    # New York, Sunday 2026-03-08: clocks jump 02:00 EST -> 03:00 EDT, a 23-hour day.
+    await engine.set_account("ny", tz="America/New_York")
+    clock.set(utc_ms(2026, 3, 8, 5, 0))  # 00:00 EST, the day's first instant
+    d = await engine.check_and_reserve("ny", "sora", "first", V10)
+    assert d.outcome.free_resets_ms == utc_ms(2026, 3, 9, 4, 0)  # 00:00 EDT: 23 h later
+    await engine.commit("ny", "first")
+    await fill(engine, "ny", 29, "day1")
+    clock.set(utc_ms(2026, 3, 9, 3, 59, 59))  # 23:59:59 EDT on the 8th
+    d = await engine.check_and_reserve("ny", "sora", "late", V10)
+    assert (d.outcome.allowed, d.outcome.denial) == (False, DenialReason.PURCHASE_REQUIRED)
+    clock.advance(seconds=1)  # local midnight
+    d = await engine.check_and_reserve("ny", "sora", "late", V10)
+    assert (d.outcome.allowed, d.outcome.free_used) == (True, 1)
+    assert d.outcome.free_resets_ms == utc_ms(2026, 3, 10, 4, 0)  # a normal 24-hour day
+
+
+async def test_window_is_25_hours_on_fall_back_day(engine: QuotaEngine, clock: ManualClock) -> None:
+    await engine.set_account("ny", tz="America/New_York")
+    clock.set(utc_ms(2026, 11, 1, 4, 0))  # 00:00 EDT, Sunday 2026-11-01
+    await fill(engine, "ny", 30, "d")
+    clock.set(utc_ms(2026, 11, 2, 4, 59, 59))  # 23:59:59 EST: 25 h later, same local day
+    assert not (await engine.check_and_reserve("ny", "sora", "x", V10)).outcome.allowed
+    clock.advance(seconds=1)
+    assert (await engine.check_and_reserve("ny", "sora", "x", V10)).outcome.allowed
+
+
+async def test_utc_account_and_tokyo_account_reset_at_their_own_midnight(engine: QuotaEngine, clock: ManualClock) -> None:
+    await engine.set_account("jp", tz="Asia/Tokyo")
+    d_utc = await engine.check_and_reserve("u", "sora", "r", V10)
+    d_jp = await engine.check_and_reserve("jp", "sora", "r", V10)
+    assert d_utc.outcome.free_resets_ms == utc_ms(2026, 11, 22, 0, 0)
+    assert d_jp.outcome.free_resets_ms == utc_ms(2026, 11, 21, 15, 0)  # midnight JST
+    b = await engine.balance("jp")
+    assert b.time_zone == "Asia/Tokyo" and b.allowances[0].free_resets_ms == utc_ms(2026, 11, 21, 15, 0)
+
+
+async def test_a_sidecar_with_a_stale_zone_still_uses_the_accounts_zone(store: RedisStore, clock: ManualClock) -> None:
+    plans = load_plans()
+    sidecar_a, sidecar_b = QuotaEngine(plans, store, clock), QuotaEngine(plans, store, clock)
+    assert (await sidecar_b.balance("acct")).time_zone == "UTC"  # b now caches UTC
+    await sidecar_a.set_account("acct", tz="Pacific/Auckland")
+    d = await sidecar_b.check_and_reserve("acct", "sora", "r", V10)
+    assert d.outcome.free_resets_ms == utc_ms(2026, 11, 22, 11, 0)  # midnight NZDT (+13)
+
+
+class SkewedClock:
+    """A sidecar whose own clock is off; Redis' clock decides (nothing pinned)."""
+
+    def __init__(self, skew_ms: int) -> None:
+        self.skew_ms = skew_ms
+
+    def local_now_ms(self) -> int:
+        return time.time_ns() // 1_000_000 + self.skew_ms
+
+    def pinned_now_ms(self) -> int:
+        return 0
+
+
+async def test_redis_clock_decides_the_window_whatever_the_sidecar_clock(store: RedisStore) -> None:
+    plans = load_plans()
+    honest = QuotaEngine(plans, store, SkewedClock(0))
+    fast = QuotaEngine(plans, store, SkewedClock(5 * 3_600_000))  # 5 hours ahead
+    slow = QuotaEngine(plans, store, SkewedClock(-20 * 3_600_000))  # 20 hours behind
+    outcomes = [(await e.check_and_reserve("acct", "sora", f"r{i}", V10)).outcome for i, e in
+                enumerate((honest, fast, slow))]
+    assert {o.free_resets_ms for o in outcomes} == {outcomes[0].free_resets_ms}
+    assert [o.free_used for o in outcomes] == [1, 2, 3]
+    far_off = QuotaEngine(plans, store, SkewedClock(3 * 86_400_000))
+    with pytest.raises(Unavailable) as err:
+        await far_off.check_and_reserve("acct", "sora", "r9", V10)
+    assert err.value.reason == "CLOCK_SKEW"
+
+
+async def test_scripts_survive_script_flush(engine: QuotaEngine, redis_client: aioredis.Redis) -> None:
+    assert (await engine.check_and_reserve("a", "sora", "r1", V10)).outcome.allowed
+    await redis_client.script_flush()
+    assert (await engine.check_and_reserve("a", "sora", "r2", V10)).outcome.free_used == 2
+    await redis_client.script_flush()
+    assert (await engine.commit("a", "r1")).free_charged == 1
+    await redis_client.script_flush()
+    assert (await engine.balance("a")).allowances[0].free_used == 2
+
+
+async def test_sweeper_refunds_holds_of_idle_accounts(engine: QuotaEngine, clock: ManualClock,
+                                                      redis_client: aioredis.Redis, key_prefix: str) -> None:
+    await engine.grant("idle", 10, "p")
+    for i in range(30):
+        await engine.check_and_reserve("idle", "sora", f"f-{i}", V10)  # free holds, default TTL 900 s
+    await engine.check_and_reserve("idle", "sora", "paid", V10, ttl_seconds=30)
+    await engine.check_and_reserve("busy", "sora", "r", V10, ttl_seconds=3600)
+    assert await redis_client.hget(f"{key_prefix}:{{idle}}:lotrem", "p") == "9"
+    assert await engine.sweep() == 0
+    clock.advance(seconds=900)
+    assert await engine.sweep() == 31
+    holds_keys = [k for k in await keys_with_prefix(redis_client, key_prefix) if k.endswith(":holds")]
+    assert holds_keys == [f"{key_prefix}:{{busy}}:holds"]
+    lefts = await redis_client.hgetall(f"{key_prefix}:{{idle}}:lotrem")
+    assert lefts == {"p": "10"}
+    assert await engine.sweep() == 0
+
+
+async def test_resolved_reservations_are_pruned_after_retention(redis_server, key_prefix: str) -> None:
+    clock = ManualClock(T0_MS)
+    store = RedisStore.from_url(redis_server.url, key_prefix=key_prefix, retention_ms=86_400_000)
+    try:
+        engine = QuotaEngine(load_plans(), store, clock)
+        await engine.check_and_reserve("a", "sora", "old", V10)
+        await engine.commit("a", "old")
+        client = aioredis.from_url(redis_server.url, decode_responses=True)
+        assert await client.hexists(f"{key_prefix}:{{a}}:res", "old")
+        clock.advance(days=1, ms=1)
+        await engine.check_and_reserve("a", "sora", "new", V10)
+        assert not await client.hexists(f"{key_prefix}:{{a}}:res", "old")
+        assert await client.zcard(f"{key_prefix}:{{a}}:resdone") == 0
+        await client.aclose()
+    finally:
+        await store.close()
