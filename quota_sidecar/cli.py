@@ -1,0 +1,173 @@
+"""quota-sidecar command line: ``serve`` and human verbs against a running sidecar.
+
+    quota-sidecar serve [--listen ADDR ...] [--redis-url URL] [--plans FILE] [--admin-listen ADDR ...]
+    quota-sidecar reserve --account A --product sora --duration 10 --resolution 720p
+    quota-sidecar commit  --account A --id RID [--duration 8 --resolution 720p]
+    quota-sidecar release --account A --id RID
+    quota-sidecar extend  --account A --id RID [--ttl 600]
+    quota-sidecar balance --account A
+    quota-sidecar grant   --account A --credits 10 --purchase-id P     (admin address)
+    quota-sidecar set-account --account A [--plan pro] [--tz Europe/Paris]  (admin address)
+    quota-sidecar check-plans FILE
+
+Client verbs print readable text, or the response as JSON with --json; a gRPC
+error prints its code, message and details and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from dataclasses import fields
+from datetime import datetime, timezone
+from typing import Any, Callable, Sequence
+
+from .errors import PlansError, QuotaError
+from .settings import Settings, env_name
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+# By convention the admin API sits on the next port; it is off unless --admin-listen is given.
+DEFAULT_ADMIN_TARGET = "127.0.0.1:50052"
+CLIENT_TIMEOUT_SECONDS = 10.0
+
+
+def _serve_parser(sub: Any) -> None:
+    p = sub.add_parser("serve", help="run the sidecar", description=(
+        "Run the quota sidecar. Every flag can also be set with its QUOTA_* environment variable; "
+        "flags win. Without --redis-url an embedded redis-server is started (development only)."))
+    for f in fields(Settings):
+        meta = f.metadata
+        flag = "--" + f.name.replace("_", "-")
+        shown = ",".join(f.default) if isinstance(f.default, tuple) else f.default
+        help_text = f"{meta['help']} [env {env_name(f.name)}; default: {shown!s}]"
+        kind = type(f.default) if not isinstance(f.default, tuple) else str
+        if meta.get("repeat"):
+            p.add_argument(flag, dest=f.name, action="append", metavar=meta["metavar"], help=help_text)
+        else:
+            p.add_argument(flag, dest=f.name, type=kind, metavar=meta["metavar"] or None, help=help_text)
+
+
+def _target(p: argparse.ArgumentParser, *, admin: bool) -> None:
+    var = "QUOTA_ADMIN_TARGET" if admin else "QUOTA_TARGET"
+    what = "the sidecar's --admin-listen address" if admin else "the sidecar's --listen address"
+    default = DEFAULT_ADMIN_TARGET if admin else DEFAULT_TARGET
+    p.add_argument("--target", default=None, help=f"{what} (env {var}; default {default})")
+    p.add_argument("--json", action="store_true", help="print the response as JSON")
+
+
+def _job_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--duration", type=float, default=None, help="video length in seconds (sora)")
+    p.add_argument("--resolution", default=None, help="e.g. 720p or 1080p (sora)")
+    p.add_argument("--model", default=None, help="model name; default: the product's default model")
+    p.add_argument("--units", type=int, default=None, help="number of tasks (codex)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="quota-sidecar", description=(
+        "Quota and entitlement sidecar for AI generation workers: free daily allowances and credits, "
+        "reserved before a job and committed or released after it."))
+    sub = parser.add_subparsers(dest="verb", required=True)
+    _serve_parser(sub)
+
+    p = sub.add_parser("reserve", help="CheckAndReserve a job")
+    p.add_argument("--account", required=True)
+    p.add_argument("--product", required=True, help="sora or codex (or a product of your plans file)")
+    p.add_argument("--id", default="", help="reservation id (idempotency key); default: the server makes one")
+    p.add_argument("--ttl", type=int, default=0, help="hold lifetime in seconds; 0 = the product's default")
+    _job_args(p)
+    _target(p, admin=False)
+
+    p = sub.add_parser("commit", help="Commit a reservation (optionally at its actual, smaller size)")
+    p.add_argument("--account", required=True)
+    p.add_argument("--id", required=True, help="reservation id")
+    _job_args(p)
+    _target(p, admin=False)
+
+    for verb, text in (("release", "Release a reservation (refund the hold)"), ("extend", "Extend a hold")):
+        p = sub.add_parser(verb, help=text)
+        p.add_argument("--account", required=True)
+        p.add_argument("--id", required=True, help="reservation id")
+        if verb == "extend":
+            p.add_argument("--ttl", type=int, default=0, help="new lifetime from now, seconds; 0 = the original")
+        _target(p, admin=False)
+
+    p = sub.add_parser("balance", help="show an account's plan, free allowances, credits and holds")
+    p.add_argument("--account", required=True)
+    _target(p, admin=False)
+
+    p = sub.add_parser("grant", help="GrantCredits (admin address)")
+    p.add_argument("--account", required=True)
+    p.add_argument("--credits", type=int, required=True)
+    p.add_argument("--purchase-id", required=True, help="the purchase's id; idempotency key")
+    p.add_argument("--expires-at", default=None, help="ISO 8601 time; default: 12 months from now")
+    _target(p, admin=True)
+
+    p = sub.add_parser("set-account", help="SetAccount plan and/or time zone (admin address)")
+    p.add_argument("--account", required=True)
+    p.add_argument("--plan", default="")
+    p.add_argument("--tz", default="", help="IANA time zone, e.g. Europe/Paris")
+    _target(p, admin=True)
+
+    p = sub.add_parser("check-plans", help="validate a plans file and print a summary")
+    p.add_argument("file")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.verb == "serve":
+        return _serve(args)
+    if args.verb == "check-plans":
+        return _check_plans(args.file)
+    from . import cli_client  # grpc client code only when a client verb runs
+
+    return cli_client.run_verb(args)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .server import run
+
+    flags = {f.name: getattr(args, f.name) for f in fields(Settings)}
+    try:
+        settings = Settings.from_sources(flags)
+    except QuotaError as exc:
+        print(f"quota-sidecar: bad setting: {exc.message}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        asyncio.run(run(settings))
+    except PlansError as exc:
+        print(f"quota-sidecar: invalid plans file: {exc.message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _check_plans(path: str) -> int:
+    from .plans import load_plans
+
+    try:
+        plans = load_plans(path)
+    except PlansError as exc:
+        print(f"invalid: {exc.message}", file=sys.stderr)
+        return 1
+    print(f"ok: plans version {plans.version}; plans {', '.join(plans.plans)}; "
+          f"products {', '.join(plans.products)}; packs {', '.join(p.pack_id for p in plans.packs)}")
+    return 0
+
+
+def format_time(ms: int, tz: str = "UTC") -> str:
+    from zoneinfo import ZoneInfo
+
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).astimezone(ZoneInfo(tz)).strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
+def print_json(obj: Any, write: Callable[[str], Any] = sys.stdout.write) -> None:
+    write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

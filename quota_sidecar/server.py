@@ -1,0 +1,165 @@
+"""The grpc.aio server: wiring, health, reflection, sweeper, graceful stop.
+
+``create_server`` / ``create_admin_server`` build servers around an engine so
+tests can bind port 0 and talk over a real channel. ``run`` is what
+``quota-sidecar serve`` does: plans, Redis (embedded when no URL is given),
+store, engine, servers, sweeper, and SIGTERM handling (stop accepting, let
+in-flight calls finish within the grace period, exit 0).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import uuid
+from typing import Awaitable, Callable
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from ._proto.quota.v1 import quota_pb2, quota_pb2_grpc
+from .clock import Clock
+from .engine import QuotaEngine
+from .errors import QuotaError
+from .plans import load_plans
+from .redis_server import RedisServerProcess, find_redis_server
+from .servicer import QuotaAdmin, QuotaService
+from .settings import Settings
+from .store import RedisStore
+
+log = logging.getLogger("quota_sidecar.server")
+
+SERVICE_NAME = quota_pb2.DESCRIPTOR.services_by_name["QuotaService"].full_name
+ADMIN_NAME = quota_pb2.DESCRIPTOR.services_by_name["QuotaAdmin"].full_name
+
+
+def _options(settings: Settings) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", 4 * 1024 * 1024),
+        # Two sidecars must never silently share one port (gRPC's default allows it).
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def _bind(server: grpc.aio.Server, addresses: tuple[str, ...]) -> int:
+    """Binds every address; returns the first TCP port (0 when only unix sockets)."""
+    first_port = 0
+    for address in addresses:
+        port = server.add_insecure_port(address)
+        if not address.startswith("unix:"):
+            if port == 0:
+                raise OSError(f"cannot listen on {address}")
+            first_port = first_port or port
+    return first_port
+
+
+def create_server(settings: Settings, engine: QuotaEngine, *,
+                  health: HealthServicer | None = None) -> tuple[grpc.aio.Server, int]:
+    """The worker-facing server (QuotaService, health, reflection); not started."""
+    server = grpc.aio.server(options=_options(settings))
+    quota_pb2_grpc.add_QuotaServiceServicer_to_server(QuotaService(engine), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health or HealthServicer(), server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
+    return server, _bind(server, settings.listen)
+
+
+def create_admin_server(settings: Settings, engine: QuotaEngine, *,
+                        health: HealthServicer | None = None) -> tuple[grpc.aio.Server, int]:
+    """The billing-side server (QuotaAdmin, health, reflection) on --admin-listen; not started."""
+    assert settings.admin_listen, "admin server needs admin_listen"
+    server = grpc.aio.server(options=_options(settings))
+    quota_pb2_grpc.add_QuotaAdminServicer_to_server(QuotaAdmin(engine), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health or HealthServicer(), server)
+    reflection.enable_server_reflection(
+        (ADMIN_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
+    return server, _bind(server, settings.admin_listen)
+
+
+async def sweep_forever(engine: QuotaEngine, store: RedisStore, interval_seconds: float) -> None:
+    """Refunds expired holds of idle accounts; one sidecar of a fleet per interval (a Redis lease)."""
+    owner = uuid.uuid4().hex
+    lease_ms = max(1000, int(interval_seconds * 1000 * 0.9))
+    while True:
+        await asyncio.sleep(interval_seconds)
+        try:
+            if await store.try_lock("sweeper", owner, lease_ms):
+                expired = await engine.sweep()
+                if expired:
+                    log.info("sweeper refunded %d expired hold(s)", expired)
+        except QuotaError as exc:
+            log.warning("sweeper skipped a round: %s", exc.message)
+
+
+def start_embedded_redis(settings: Settings) -> RedisServerProcess:
+    binary = find_redis_server(settings.redis_server)
+    process = RedisServerProcess(binary, os.path.abspath(settings.data_dir), appendonly=True, appendfsync="everysec")
+    process.start()
+    log.warning("no --redis-url: started an embedded redis-server %s (%s) on %s with data in %s; "
+                "this is for development only", ".".join(map(str, process.version)), binary, process.url,
+                process.data_dir)
+    return process
+
+
+async def run(settings: Settings, *, clock: Clock | None = None,
+              on_ready: Callable[[dict[str, int]], Awaitable[None] | None] | None = None) -> None:
+    """Serve until SIGTERM/SIGINT; then stop gracefully."""
+    plans = load_plans(settings.plans or None)
+    embedded = None if settings.redis_url else start_embedded_redis(settings)
+    redis_url = settings.redis_url or (embedded.url if embedded else "")
+    store = RedisStore.from_url(redis_url, timeout_seconds=settings.redis_timeout_ms / 1000,
+                                key_prefix=settings.key_prefix, retention_ms=settings.retention_seconds * 1000)
+    try:
+        await store.ping()
+        engine = QuotaEngine(plans, store, clock)
+        await _serve(settings, engine, store, plans.version, on_ready)
+    finally:
+        await store.close()
+        if embedded is not None:
+            embedded.stop()
+
+
+async def _serve(settings: Settings, engine: QuotaEngine, store: RedisStore, plans_version: str,
+                 on_ready: Callable[[dict[str, int]], Awaitable[None] | None] | None) -> None:
+    health = HealthServicer()
+    servers = []
+    server, port = create_server(settings, engine, health=health)
+    servers.append(server)
+    ports = {"listen": port}
+    if settings.admin_listen:
+        admin, admin_port = create_admin_server(settings, engine, health=health)
+        servers.append(admin)
+        ports["admin"] = admin_port
+    for s in servers:
+        await s.start()
+    for name in ("", SERVICE_NAME, ADMIN_NAME):
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving QuotaService on %s%s (plans %s)", ", ".join(settings.listen),
+             f"; QuotaAdmin on {', '.join(settings.admin_listen)}" if settings.admin_listen else "", plans_version)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    sweeper = (asyncio.create_task(sweep_forever(engine, store, settings.sweep_interval_seconds))
+               if settings.sweep_interval_seconds else None)
+    if on_ready is not None:
+        maybe = on_ready(ports)
+        if maybe is not None:
+            await maybe
+    await stop.wait()
+
+    log.info("stopping: no new calls; in-flight calls have %.1f s", settings.shutdown_grace_seconds)
+    await health.enter_graceful_shutdown()
+    if sweeper is not None:
+        sweeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sweeper
+    await asyncio.gather(*(s.stop(settings.shutdown_grace_seconds) for s in servers))
+    log.info("stopped")

@@ -1,0 +1,193 @@
+"""gRPC servicers: the only module that touches protobuf.
+
+Requests become plain domain values (quota_sidecar.model), the engine
+decides, results become responses. Domain errors become gRPC status codes
+with google.rpc details here and nowhere else:
+
+    InvalidArgument     -> INVALID_ARGUMENT     + BadRequest(field_violations)
+    NotFound            -> NOT_FOUND            + ErrorInfo(reason)
+    Conflict            -> ALREADY_EXISTS       + ErrorInfo(reason)
+    ResolutionConflict  -> FAILED_PRECONDITION  + ErrorInfo(reason)
+    Unavailable         -> UNAVAILABLE          + ErrorInfo(reason), RetryInfo(retry_delay)
+    other QuotaError    -> INTERNAL             + ErrorInfo(reason)
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, Awaitable, Callable, TypeVar
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2, timestamp_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from ._proto.quota.v1 import quota_pb2 as pb
+from ._proto.quota.v1 import quota_pb2_grpc as pb_grpc
+from .engine import QuotaEngine
+from .errors import Conflict, InvalidArgument, NotFound, QuotaError, ResolutionConflict, Unavailable
+from .model import Balance, Decision, Funding, JobParams, Lot, Money, Offer
+
+log = logging.getLogger("quota_sidecar.servicer")
+
+ERROR_DOMAIN = "quota-sidecar"
+
+_FUNDING = {Funding.FREE_QUOTA: pb.FUNDING_FREE_QUOTA, Funding.CREDITS: pb.FUNDING_CREDITS, None: pb.FUNDING_UNSPECIFIED}
+_DENIAL = {"PURCHASE_REQUIRED": pb.DENIAL_REASON_PURCHASE_REQUIRED, "NOT_ENTITLED": pb.DENIAL_REASON_NOT_ENTITLED}
+
+R = TypeVar("R")
+
+
+def _ts(ms: int) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromMilliseconds(ms)
+    return ts
+
+
+def _packed(message: Any) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
+def error_status(exc: QuotaError) -> grpc.Status:
+    """The gRPC status (with google.rpc details) for a domain error."""
+    info = error_details_pb2.ErrorInfo(reason=exc.reason, domain=ERROR_DOMAIN)
+    details = [_packed(info)]
+    if isinstance(exc, InvalidArgument):
+        code = code_pb2.INVALID_ARGUMENT
+        violation = error_details_pb2.BadRequest.FieldViolation(field=exc.field, description=exc.description)
+        details = [_packed(error_details_pb2.BadRequest(field_violations=[violation]))]
+    elif isinstance(exc, NotFound):
+        code = code_pb2.NOT_FOUND
+    elif isinstance(exc, Conflict):
+        code = code_pb2.ALREADY_EXISTS
+    elif isinstance(exc, ResolutionConflict):
+        code = code_pb2.FAILED_PRECONDITION
+    elif isinstance(exc, Unavailable):
+        code = code_pb2.UNAVAILABLE
+        delay = duration_pb2.Duration()
+        delay.FromMilliseconds(exc.retry_after_ms)
+        details.append(_packed(error_details_pb2.RetryInfo(retry_delay=delay)))
+    else:
+        code = code_pb2.INTERNAL
+    return rpc_status.to_status(status_pb2.Status(code=code, message=exc.message, details=details))
+
+
+def _rpc(method: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
+    """Turns domain errors raised by a servicer method into gRPC status."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> R:
+        try:
+            return await method(self, request, context)
+        except QuotaError as exc:
+            if not isinstance(exc, (InvalidArgument, NotFound, Conflict, ResolutionConflict)):
+                log.warning("%s failed: %s (%s)", method.__name__, exc.message, exc.reason)
+            await context.abort_with_status(error_status(exc))
+            raise AssertionError("abort_with_status returned")  # pragma: no cover
+
+    return wrapper
+
+
+def job_params(params: pb.JobParams) -> JobParams:
+    return JobParams(duration_seconds=params.duration_seconds, resolution=params.resolution, model=params.model,
+                     units=params.units, extra=dict(params.extra))
+
+
+def _money(money: Money) -> pb.Money:
+    return pb.Money(currency_code=money.currency_code, minor_units=money.minor_units)
+
+
+def _offer(offer: Offer) -> pb.CreditPack:
+    pack = offer.pack
+    return pb.CreditPack(pack_id=pack.pack_id, credits=pack.credits, price=_money(pack.price),
+                         quantity=offer.quantity, total_price=_money(offer.total_price))
+
+
+def decision_response(decision: Decision) -> pb.CheckAndReserveResponse:
+    o = decision.outcome
+    response = pb.CheckAndReserveResponse(
+        allowed=o.allowed, reservation_id=decision.reservation_id, funding=_FUNDING[o.funding],
+        credits_held=o.credits_held, free_used=o.free_used, free_limit=o.free_limit,
+        free_resets_at=_ts(o.free_resets_ms), credit_balance=o.credit_balance,
+        job_cost_credits=o.cost_credits, replayed=o.replayed,
+    )
+    if o.allowed:
+        response.expires_at.CopyFrom(_ts(o.expires_ms))
+    else:
+        assert o.denial is not None
+        response.denial.CopyFrom(pb.Denial(reason=_DENIAL[o.denial.value], message=decision.denial_message,
+                                           credits_short=o.credits_short,
+                                           offers=[_offer(x) for x in decision.offers]))
+    return response
+
+
+def _lot(lot: Lot) -> pb.CreditLot:
+    return pb.CreditLot(lot_id=lot.lot_id, credits_granted=lot.credits_granted, credits_left=lot.credits_left,
+                        expires_at=_ts(lot.expires_ms), granted_at=_ts(lot.granted_ms))
+
+
+def balance_response(b: Balance) -> pb.GetBalanceResponse:
+    return pb.GetBalanceResponse(
+        account_id=b.account_id, plan=b.plan, time_zone=b.time_zone, credit_balance=b.credit_balance,
+        credits_held=b.credits_held,
+        allowances=[pb.ProductAllowance(product=a.product, free_used=a.free_used, free_limit=a.free_limit,
+                                        free_resets_at=_ts(a.free_resets_ms)) for a in b.allowances],
+        lots=[_lot(lot) for lot in b.lots],
+        holds=[pb.Hold(reservation_id=h.reservation_id, product=h.product, funding=_FUNDING[h.funding],
+                       credits_held=h.credits_held, expires_at=_ts(h.expires_ms)) for h in b.holds],
+    )
+
+
+class QuotaService(pb_grpc.QuotaServiceServicer):
+    def __init__(self, engine: QuotaEngine) -> None:
+        self._engine = engine
+
+    @_rpc
+    async def CheckAndReserve(self, request: pb.CheckAndReserveRequest, context: Any) -> pb.CheckAndReserveResponse:
+        decision = await self._engine.check_and_reserve(
+            request.account_id, request.product, request.reservation_id, job_params(request.params),
+            request.ttl_seconds)
+        return decision_response(decision)
+
+    @_rpc
+    async def Commit(self, request: pb.CommitRequest, context: Any) -> pb.CommitResponse:
+        actual = job_params(request.params) if request.HasField("params") else None
+        r = await self._engine.commit(request.account_id, request.reservation_id, actual)
+        return pb.CommitResponse(credits_charged=r.credits_charged, credits_refunded=r.credits_refunded,
+                                 free_charged=r.free_charged, funding=_FUNDING[r.funding],
+                                 credit_balance=r.credit_balance, replayed=r.replayed)
+
+    @_rpc
+    async def Release(self, request: pb.ReleaseRequest, context: Any) -> pb.ReleaseResponse:
+        r = await self._engine.release(request.account_id, request.reservation_id)
+        return pb.ReleaseResponse(credits_refunded=r.credits_refunded, free_refunded=r.free_refunded,
+                                  funding=_FUNDING[r.funding], credit_balance=r.credit_balance,
+                                  replayed=r.replayed)
+
+    @_rpc
+    async def ExtendReservation(self, request: pb.ExtendReservationRequest, context: Any) -> pb.ExtendReservationResponse:
+        expires_ms = await self._engine.extend(request.account_id, request.reservation_id, request.ttl_seconds)
+        return pb.ExtendReservationResponse(expires_at=_ts(expires_ms))
+
+    @_rpc
+    async def GetBalance(self, request: pb.GetBalanceRequest, context: Any) -> pb.GetBalanceResponse:
+        return balance_response(await self._engine.balance(request.account_id))
+
+
+class QuotaAdmin(pb_grpc.QuotaAdminServicer):
+    def __init__(self, engine: QuotaEngine) -> None:
+        self._engine = engine
+
+    @_rpc
+    async def GrantCredits(self, request: pb.GrantCreditsRequest, context: Any) -> pb.GrantCreditsResponse:
+        expires_ms = request.expires_at.ToMilliseconds() if request.HasField("expires_at") else None
+        r = await self._engine.grant(request.account_id, request.credits, request.purchase_id, expires_ms)
+        return pb.GrantCreditsResponse(lot=_lot(r.lot), credit_balance=r.credit_balance, replayed=r.replayed)
+
+    @_rpc
+    async def SetAccount(self, request: pb.SetAccountRequest, context: Any) -> pb.SetAccountResponse:
+        r = await self._engine.set_account(request.account_id, request.plan, request.time_zone)
+        return pb.SetAccountResponse(plan=r.plan, time_zone=r.time_zone)

