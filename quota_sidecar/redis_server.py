@@ -124,6 +124,18 @@ def find_redis_server(explicit: str = "") -> str:
     return best_path
 
 
+def available_redis_servers() -> list[tuple[str, tuple[int, int, int]]]:
+    """One working binary per (major, minor) version found, newest first."""
+    by_version: dict[tuple[int, int], tuple[str, tuple[int, int, int]]] = {}
+    for path in _candidate_binaries():
+        try:
+            version = redis_server_version(path)
+        except RuntimeError:
+            continue
+        by_version.setdefault(version[:2], (path, version))
+    return sorted(by_version.values(), key=lambda item: item[1], reverse=True)
+
+
 def _free_loopback_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
