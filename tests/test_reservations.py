@@ -287,3 +287,20 @@ async def test_unknown_plan_in_store_is_reported(engine: QuotaEngine, store, red
     with pytest.raises(ResolutionConflict) as err:
         await engine.check_and_reserve("a", "sora", "r", V10)
     assert err.value.reason == "UNKNOWN_PLAN"
+
+
+async def test_many_lots_expiring_at_once_are_never_spent(engine: QuotaEngine, clock: ManualClock,
+                                                          redis_client, key_prefix: str) -> None:
+    # More lots than lazy expiry settles in one call (64): none may stay spendable.
+    expiry_ms = T0_MS + 3_600_000
+    for i in range(70):
+        await engine.grant("a", 1, f"promo-{i:02d}", expiry_ms)
+    await engine.grant("a", 3, "paid", T0_MS + 100 * DAY_MS)
+    await use_free(engine, "a", 30)
+    assert (await engine.balance("a")).credit_balance == 73
+    clock.advance(hours=1)
+    d = await engine.check_and_reserve("a", "sora", "r", V15)
+    assert (d.outcome.credits_held, d.outcome.credit_balance) == (2, 1)
+    assert await lots_left(engine, "a") == {"paid": 1}
+    expired = await redis_client.hget(f"{key_prefix}:{{a}}:acct", "credits_expired")
+    assert expired == "70"  # settled over the calls above (balance, reserve, balance)

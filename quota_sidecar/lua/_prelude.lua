@@ -144,20 +144,21 @@ local function sweep(now_ms, retention_ms)
 end
 
 -- Unexpired lots with credits left, soonest expiry first: flat
--- {lot_id, left, expires_ms, ...} and their total.
-local function live_lots()
-  local flat = redis.call('ZRANGE', K_LOTEXP, 0, -1, 'WITHSCORES')
+-- {lot_id, left, expires_ms, ...} and their total. Filters by expiry itself:
+-- lazy expiry settles at most EXPIRE_BATCH lots a call, and an expired lot
+-- must never be spendable whether or not it has been settled yet.
+local function live_lots(now_ms)
+  local flat = redis.call('ZRANGEBYSCORE', K_LOTEXP, '(' .. now_ms, '+inf', 'WITHSCORES')
   local lots, total = {}, 0
-  if #flat == 0 then return lots, total end
-  local ids = {}
-  for i = 1, #flat, 2 do ids[#ids + 1] = flat[i] end
-  local lefts = redis.call('HMGET', K_LOTREM, unpack(ids))
-  for i, lot_id in ipairs(ids) do
-    local left = tonumber(lefts[i] or '0')
-    lots[#lots + 1] = lot_id
-    lots[#lots + 1] = left
-    lots[#lots + 1] = tonumber(flat[2 * i])
-    total = total + left
+  for i = 1, #flat, 2 do
+    local lot_id = flat[i]
+    local left = tonumber(redis.call('HGET', K_LOTREM, lot_id) or '0')
+    if left > 0 then
+      lots[#lots + 1] = lot_id
+      lots[#lots + 1] = left
+      lots[#lots + 1] = tonumber(flat[i + 1])
+      total = total + left
+    end
   end
   return lots, total
 end

@@ -24,7 +24,7 @@ for i = 1, tonumber(ARGV[products_at]) do
   free[#free + 1] = tonumber(redis.call('HGET', K_FREE, product .. '|' .. label) or '0')
 end
 
-local lots, balance = live_lots()
+local lots, balance = live_lots(now_ms)
 local granted = {}
 for i = 1, #lots, 3 do
   local lot = cjson.decode(redis.call('HGET', K_LOTS, lots[i]))

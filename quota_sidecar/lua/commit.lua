@@ -42,7 +42,7 @@ local result = {funding = rec.f, charged = charge, refunded = rec.c - charge,
 
 if rec.s == 'committed' then
   if rec.ch ~= charge then return fail('COMMIT_COST_MISMATCH', {charged = rec.ch}) end
-  local _, balance = live_lots()
+  local _, balance = live_lots(now_ms)
   result.replayed, result.balance = 1, balance
   result.refunded = rec.rf
   return reply(result)
@@ -77,6 +77,6 @@ rec.l = kept
 rec.ch, rec.rf = charge, rec.c - charge
 resolve(rid, rec, 'committed', now_ms)
 
-local _, balance = live_lots()
+local _, balance = live_lots(now_ms)
 result.balance = balance
 return reply(result)

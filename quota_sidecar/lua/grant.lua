@@ -14,7 +14,7 @@ if raw then
   local lot = cjson.decode(raw)
   if lot.g ~= credits then return fail('PURCHASE_ID_CONFLICT', {granted = lot.g}) end
   sweep(now_ms, retention_ms)
-  local _, balance = live_lots()
+  local _, balance = live_lots(now_ms)
   local left = tonumber(redis.call('HGET', K_LOTREM, lot_id) or '0')
   return reply({granted = lot.g, left = left, expires_ms = lot.e, granted_ms = lot.t,
                 balance = balance, replayed = 1})
@@ -26,6 +26,6 @@ redis.call('HSET', K_LOTS, lot_id, cjson.encode({g = credits, e = expires_ms, t 
 redis.call('HSET', K_LOTREM, lot_id, credits)
 redis.call('ZADD', K_LOTEXP, expires_ms, lot_id)
 redis.call('HINCRBY', K_ACCT, 'credits_granted', credits)
-local _, balance = live_lots()
+local _, balance = live_lots(now_ms)
 return reply({granted = credits, left = credits, expires_ms = expires_ms, granted_ms = now_ms,
               balance = balance, replayed = 0})

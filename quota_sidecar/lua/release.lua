@@ -26,6 +26,6 @@ else
   resolve(rid, rec, 'released', now_ms)
 end
 
-local _, balance = live_lots()
+local _, balance = live_lots(now_ms)
 result.balance = balance
 return reply(result)

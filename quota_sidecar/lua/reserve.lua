@@ -52,7 +52,7 @@ sweep(now_ms, retention_ms)
 
 local free_field = product .. '|' .. label
 local free_used = tonumber(redis.call('HGET', K_FREE, free_field) or '0')
-local lots, balance = live_lots()
+local lots, balance = live_lots(now_ms)
 local decision = {
   allowed = 0, plan = plan, tz = tz, cost = cost_credits, free_used = free_used,
   free_limit = free_limit, resets_ms = window_end_ms, balance = balance,
