@@ -144,3 +144,16 @@ async def test_resolved_reservations_are_pruned_after_retention(redis_server, ke
         await client.aclose()
     finally:
         await store.close()
+
+
+async def test_old_free_windows_are_pruned(engine: QuotaEngine, clock: ManualClock,
+                                           redis_client: aioredis.Redis, key_prefix: str) -> None:
+    for day in range(4):
+        await engine.check_and_reserve("a", "sora", f"s{day}", V10)
+        await engine.commit("a", f"s{day}")
+        await engine.check_and_reserve("a", "codex", f"c{day}", JobParams())
+        await engine.commit("a", f"c{day}")
+        clock.advance(days=1)
+    fields = sorted(await redis_client.hkeys(f"{key_prefix}:{{a}}:free"))
+    # On 2026-11-24 the oldest window still proposed is yesterday's (11-23).
+    assert fields == ["codex|20261123", "codex|20261124", "sora|20261123", "sora|20261124"]

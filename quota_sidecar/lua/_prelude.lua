@@ -163,6 +163,16 @@ local function live_lots(now_ms)
   return lots, total
 end
 
+-- Counters of windows older than oldest_label (YYYYMMDD, so string order is
+-- date order) can no longer matter: a refund to a pruned one is a no-op.
+local function prune_free_windows(oldest_label)
+  local fields = redis.call('HKEYS', K_FREE)
+  for _, field in ipairs(fields) do
+    local label = string.match(field, '|(%d+)$')
+    if label and label < oldest_label then redis.call('HDEL', K_FREE, field) end
+  end
+end
+
 local function account(default_plan)
   local v = redis.call('HMGET', K_ACCT, 'plan', 'tz')
   return v[1] or default_plan, v[2] or 'UTC'

@@ -70,6 +70,8 @@ local rec = {
 }
 
 if free_used < free_limit then
+  -- First unit of a new window: a good moment to drop windows long gone.
+  if free_used == 0 then prune_free_windows(ARGV[WINDOWS_AT + 1]) end
   redis.call('HINCRBY', K_FREE, free_field, 1)
   rec.f, rec.ff = 'free', free_field
   decision.free_used = free_used + 1
