@@ -36,6 +36,7 @@ log = logging.getLogger("quota_sidecar.server")
 
 SERVICE_NAME = quota_pb2.DESCRIPTOR.services_by_name["QuotaService"].full_name
 ADMIN_NAME = quota_pb2.DESCRIPTOR.services_by_name["QuotaAdmin"].full_name
+HEALTH_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
 def _options(settings: Settings) -> list[tuple[str, int]]:
@@ -59,27 +60,29 @@ def _bind(server: grpc.aio.Server, addresses: tuple[str, ...]) -> int:
     return first_port
 
 
+def _new_server(settings: Settings, addresses: tuple[str, ...], service_name: str,
+                add_servicer: Callable[[grpc.aio.Server], None],
+                health: HealthServicer | None) -> tuple[grpc.aio.Server, int]:
+    server = grpc.aio.server(options=_options(settings))
+    add_servicer(server)
+    health_pb2_grpc.add_HealthServicer_to_server(health or HealthServicer(), server)
+    reflection.enable_server_reflection((service_name, HEALTH_NAME, reflection.SERVICE_NAME), server)
+    return server, _bind(server, addresses)
+
+
 def create_server(settings: Settings, engine: QuotaEngine, *,
                   health: HealthServicer | None = None) -> tuple[grpc.aio.Server, int]:
     """The worker-facing server (QuotaService, health, reflection); not started."""
-    server = grpc.aio.server(options=_options(settings))
-    quota_pb2_grpc.add_QuotaServiceServicer_to_server(QuotaService(engine), server)
-    health_pb2_grpc.add_HealthServicer_to_server(health or HealthServicer(), server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
-    return server, _bind(server, settings.listen)
+    return _new_server(settings, settings.listen, SERVICE_NAME,
+                       lambda s: quota_pb2_grpc.add_QuotaServiceServicer_to_server(QuotaService(engine), s), health)
 
 
 def create_admin_server(settings: Settings, engine: QuotaEngine, *,
                         health: HealthServicer | None = None) -> tuple[grpc.aio.Server, int]:
     """The billing-side server (QuotaAdmin, health, reflection) on --admin-listen; not started."""
     assert settings.admin_listen, "admin server needs admin_listen"
-    server = grpc.aio.server(options=_options(settings))
-    quota_pb2_grpc.add_QuotaAdminServicer_to_server(QuotaAdmin(engine), server)
-    health_pb2_grpc.add_HealthServicer_to_server(health or HealthServicer(), server)
-    reflection.enable_server_reflection(
-        (ADMIN_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
-    return server, _bind(server, settings.admin_listen)
+    return _new_server(settings, settings.admin_listen, ADMIN_NAME,
+                       lambda s: quota_pb2_grpc.add_QuotaAdminServicer_to_server(QuotaAdmin(engine), s), health)
 
 
 async def sweep_forever(engine: QuotaEngine, store: RedisStore, interval_seconds: float) -> None:

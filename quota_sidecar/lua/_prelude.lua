@@ -99,6 +99,21 @@ local function refund_hold(rec, now_ms)
   end
 end
 
+-- A hold past its TTL is settled before anything else looks at it, so
+-- Commit, Release and Extend all see EXPIRED before any sweep ran.
+local function settle_if_due(rid, rec, now_ms)
+  if rec.s == 'held' and rec.e <= now_ms then
+    refund_hold(rec, now_ms)
+    resolve(rid, rec, 'expired', now_ms)
+  end
+end
+
+local function load_settled_record(rid, now_ms)
+  local rec = load_record(rid)
+  if rec then settle_if_due(rid, rec, now_ms) end
+  return rec
+end
+
 local function expire_lots(now_ms)
   local ids = redis.call('ZRANGEBYSCORE', K_LOTEXP, '-inf', now_ms, 'LIMIT', 0, EXPIRE_BATCH)
   for _, lot_id in ipairs(ids) do

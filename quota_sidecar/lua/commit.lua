@@ -33,10 +33,7 @@ local charge = rec.c
 if rec.f == 'credits' and actual >= 0 then charge = actual end
 if rec.f == 'free' then charge = 0 end
 
-if rec.s == 'held' and rec.e <= now_ms then
-  refund_hold(rec, now_ms)
-  resolve(rid, rec, 'expired', now_ms)
-end
+settle_if_due(rid, rec, now_ms)
 local result = {funding = rec.f, charged = charge, refunded = rec.c - charge,
                 free_charged = (rec.f == 'free') and 1 or 0, replayed = 0}
 

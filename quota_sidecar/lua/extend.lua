@@ -5,13 +5,8 @@ local rid       = ARGV[2]
 local ttl_ms    = tonumber(ARGV[3])  -- 0: the lifetime the hold was made with
 
 local now_ms = clock_ms(pinned_ms)
-local rec = load_record(rid)
+local rec = load_settled_record(rid, now_ms)
 if not rec then return fail('RESERVATION_NOT_FOUND') end
-
-if rec.s == 'held' and rec.e <= now_ms then
-  refund_hold(rec, now_ms)
-  resolve(rid, rec, 'expired', now_ms)
-end
 if rec.s == 'committed' then return fail('ALREADY_COMMITTED') end
 if rec.s == 'released' then return fail('ALREADY_RELEASED') end
 if rec.s == 'expired' then return fail('EXPIRED', {expired_ms = rec.r}) end

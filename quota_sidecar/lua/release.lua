@@ -6,13 +6,8 @@ local rid          = ARGV[2]
 local retention_ms = tonumber(ARGV[3])
 
 local now_ms = clock_ms(pinned_ms)
-local rec = load_record(rid)
+local rec = load_settled_record(rid, now_ms)
 if not rec then return fail('RESERVATION_NOT_FOUND') end
-
-if rec.s == 'held' and rec.e <= now_ms then
-  refund_hold(rec, now_ms)
-  resolve(rid, rec, 'expired', now_ms)
-end
 local result = {funding = rec.f, refunded = rec.c,
                 free_refunded = (rec.f == 'free') and 1 or 0, replayed = 0}
 
