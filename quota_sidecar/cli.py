@@ -143,6 +143,10 @@ def _serve(args: argparse.Namespace) -> int:
     except PlansError as exc:
         print(f"quota-sidecar: invalid plans file: {exc.message}", file=sys.stderr)
         return 2
+    except (QuotaError, RuntimeError, OSError) as exc:
+        # Start-up failures (Redis unreachable, no redis-server binary, address in use): say what, not a traceback.
+        print(f"quota-sidecar: cannot start: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

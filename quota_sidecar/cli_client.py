@@ -108,7 +108,8 @@ def _call(args: argparse.Namespace) -> Any:
 
 def _print(args: argparse.Namespace, r: Any) -> None:
     if args.json:
-        print_json(json_format.MessageToDict(r, preserving_proto_field_name=True))
+        print_json(json_format.MessageToDict(r, preserving_proto_field_name=True,
+                                             always_print_fields_with_no_presence=True))
     elif args.verb == "reserve":
         _print_decision(r)
     elif args.verb == "balance":

@@ -112,23 +112,34 @@ def start_embedded_redis(settings: Settings) -> RedisServerProcess:
 
 async def run(settings: Settings, *, clock: Clock | None = None,
               on_ready: Callable[[dict[str, int]], Awaitable[None] | None] | None = None) -> None:
-    """Serve until SIGTERM/SIGINT; then stop gracefully."""
+    """Serve until SIGTERM/SIGINT; then stop gracefully.
+
+    The signal handlers come first: a SIGTERM during start-up still stops
+    gracefully (and stops the embedded Redis) once start-up is done.
+    """
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     plans = load_plans(settings.plans or None)
     embedded = None if settings.redis_url else start_embedded_redis(settings)
-    redis_url = settings.redis_url or (embedded.url if embedded else "")
-    store = RedisStore.from_url(redis_url, timeout_seconds=settings.redis_timeout_ms / 1000,
-                                key_prefix=settings.key_prefix, retention_ms=settings.retention_seconds * 1000)
     try:
-        await store.ping()
-        engine = QuotaEngine(plans, store, clock)
-        await _serve(settings, engine, store, plans.version, on_ready)
+        redis_url = settings.redis_url or (embedded.url if embedded else "")
+        store = RedisStore.from_url(redis_url, timeout_seconds=settings.redis_timeout_ms / 1000,
+                                    key_prefix=settings.key_prefix, retention_ms=settings.retention_seconds * 1000)
+        try:
+            await store.ping()
+            engine = QuotaEngine(plans, store, clock)
+            await _serve(settings, engine, store, plans.version, stop, on_ready)
+        finally:
+            await store.close()
     finally:
-        await store.close()
         if embedded is not None:
             embedded.stop()
 
 
 async def _serve(settings: Settings, engine: QuotaEngine, store: RedisStore, plans_version: str,
+                 stop: asyncio.Event,
                  on_ready: Callable[[dict[str, int]], Awaitable[None] | None] | None) -> None:
     health = HealthServicer()
     servers = []
@@ -146,10 +157,6 @@ async def _serve(settings: Settings, engine: QuotaEngine, store: RedisStore, pla
     log.info("serving QuotaService on %s%s (plans %s)", ", ".join(settings.listen),
              f"; QuotaAdmin on {', '.join(settings.admin_listen)}" if settings.admin_listen else "", plans_version)
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     sweeper = (asyncio.create_task(sweep_forever(engine, store, settings.sweep_interval_seconds))
                if settings.sweep_interval_seconds else None)
     if on_ready is not None:
