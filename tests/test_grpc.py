@@ -223,7 +223,9 @@ async def test_oversized_request_is_refused(sidecar: Sidecar) -> None:
 
 
 async def test_redis_down_is_unavailable_with_retry_info(tmp_path, redis_binary: str) -> None:
-    redis = RedisServerProcess(redis_binary, tmp_path / "redis")
+    # appendfsync always: with everysec a SIGKILL may lose the last write (Redis postpones
+    # AOF writes while a background fsync runs), and this test replays an acknowledged hold.
+    redis = RedisServerProcess(redis_binary, tmp_path / "redis", appendfsync="always")
     redis.start()
     store = RedisStore.from_url(redis.url, timeout_seconds=0.5)
     engine = QuotaEngine(load_plans(), store, ManualClock(T0_MS))
