@@ -126,7 +126,8 @@ async def run(settings: Settings, *, clock: Clock | None = None,
     try:
         redis_url = settings.redis_url or (embedded.url if embedded else "")
         store = RedisStore.from_url(redis_url, timeout_seconds=settings.redis_timeout_ms / 1000,
-                                    key_prefix=settings.key_prefix, retention_ms=settings.retention_seconds * 1000)
+                                    key_prefix=settings.key_prefix, key_buckets=settings.key_buckets,
+                                    retention_ms=settings.retention_seconds * 1000)
         try:
             await store.ping()
             engine = QuotaEngine(plans, store, clock)

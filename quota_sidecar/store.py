@@ -3,8 +3,8 @@
 Each operation is one Lua script (``quota_sidecar/lua/<name>.lua`` with the
 shared ``_prelude.lua`` in front), registered once with redis-py's
 ``register_script`` (EVALSHA, re-loaded on NOSCRIPT) and run as ONE round
-trip. All keys of an account share the hash tag ``{account_id}`` so every
-script touches one Redis Cluster slot.
+trip. All keys of an account share the hash tag of its bucket (see
+account_key) so every script touches one Redis Cluster slot.
 
 Every script is idempotent for the same arguments (reservation ids and
 purchase ids are the keys), so a retried call after a timeout is safe.
@@ -16,6 +16,7 @@ plain values of quota_sidecar.model.
 from __future__ import annotations
 
 import json
+import zlib
 from importlib import resources
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -70,9 +71,27 @@ def load_script_source(name: str) -> str:
     return f"{prelude}\n-- ==== {name}.lua ====\n{body}"
 
 
-def account_keys(key_prefix: str, account_id: str) -> list[str]:
-    # Account ids cannot contain braces (validated), so the tag is exact.
-    return [f"{key_prefix}:{{{account_id}}}:{suffix}" for suffix in KEY_SUFFIXES]
+DEFAULT_KEY_BUCKETS = 256
+
+
+def key_bucket(account_id: str, buckets: int) -> int:
+    """The account's bucket: a stable hash, the same in every sidecar and language (CRC-32)."""
+    return zlib.crc32(account_id.encode()) % buckets
+
+
+def account_key(key_prefix: str, buckets: int, account_id: str, suffix: str) -> str:
+    """``<prefix>:{b<bucket>}:<account>:<suffix>``.
+
+    The hash tag is the account's bucket, not the account: every key of an
+    account is still in one Redis Cluster slot, and a script can also write
+    what its whole bucket shares (an events stream consumers read bucket by
+    bucket). Suffixes have no ':' so names never collide.
+    """
+    return f"{key_prefix}:{{b{key_bucket(account_id, buckets)}}}:{account_id}:{suffix}"
+
+
+def account_keys(key_prefix: str, buckets: int, account_id: str) -> list[str]:
+    return [account_key(key_prefix, buckets, account_id, suffix) for suffix in KEY_SUFFIXES]
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -149,10 +168,13 @@ def _lots(flat: list[Any], granted: list[Any]) -> tuple[Lot, ...]:
 class RedisStore:
     """Quota state in one Redis (or one Redis Cluster slot per account)."""
 
-    def __init__(self, client: aioredis.Redis, *, key_prefix: str = "qs", retention_ms: int = 7 * 86_400_000) -> None:
+    def __init__(self, client: aioredis.Redis, *, key_prefix: str = "qs", key_buckets: int = DEFAULT_KEY_BUCKETS,
+                 retention_ms: int = 7 * 86_400_000) -> None:
         assert key_prefix and "{" not in key_prefix and "}" not in key_prefix
+        assert 1 <= key_buckets <= 16384
         self._client = client
         self._prefix = key_prefix
+        self._buckets = key_buckets
         self._retention_ms = retention_ms
         self._scripts = {name: client.register_script(load_script_source(name)) for name in SCRIPT_NAMES}
 
@@ -178,7 +200,7 @@ class RedisStore:
 
     async def _run(self, name: str, account_id: str, args: Iterable[Any]) -> dict[str, Any]:
         try:
-            raw = await self._scripts[name](keys=account_keys(self._prefix, account_id), args=list(args))
+            raw = await self._scripts[name](keys=account_keys(self._prefix, self._buckets, account_id), args=list(args))
         except redis_errors.RedisError as exc:
             raise _redis_error(exc) from exc
         reply = json.loads(raw)
@@ -245,12 +267,13 @@ class RedisStore:
 
     async def accounts_with_holds(self, *, batch: int = 500) -> list[str]:
         """Accounts that have unresolved holds (their holds key exists). O(keys) SCAN."""
-        pattern = f"{self._prefix}:{{*}}:holds"
-        start = len(self._prefix) + 2
+        pattern = f"{self._prefix}:{{b*}}:*:holds"
         try:
-            return [key[start:-len("}:holds")] async for key in self._client.scan_iter(match=pattern, count=batch, _type="zset")]
+            keys = [key async for key in self._client.scan_iter(match=pattern, count=batch, _type="zset")]
         except redis_errors.RedisError as exc:
             raise _redis_error(exc) from exc
+        # <prefix>:{b<n>}:<account>:holds; account ids have no braces.
+        return [key[key.index("}:") + 2:-len(":holds")] for key in keys]
 
     async def try_lock(self, name: str, owner: str, ttl_ms: int) -> bool:
         """A lease so that only one sidecar of a fleet runs a periodic job at a time."""

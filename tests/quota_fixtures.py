@@ -21,7 +21,7 @@ from quota_sidecar.plans import load_plans
 from quota_sidecar.redis_server import RedisServerProcess
 from quota_sidecar.server import create_admin_server, create_server
 from quota_sidecar.settings import Settings
-from quota_sidecar.store import RedisStore
+from quota_sidecar.store import DEFAULT_KEY_BUCKETS, RedisStore, account_key
 
 # Saturday 2026-11-21 12:00:00 UTC: far from any midnight or DST change.
 T0_MS = int(datetime(2026, 11, 21, 12, 0, tzinfo=timezone.utc).timestamp() * 1000)
@@ -58,6 +58,11 @@ async def store(redis_server: RedisServerProcess, key_prefix: str) -> AsyncItera
 @pytest.fixture
 def engine(store: RedisStore, clock: ManualClock) -> QuotaEngine:
     return QuotaEngine(load_plans(), store, clock)
+
+
+def key(prefix: str, account: str, suffix: str) -> str:
+    """The Redis key of one of an account's structures, as the store names it."""
+    return account_key(prefix, DEFAULT_KEY_BUCKETS, account, suffix)
 
 
 async def keys_with_prefix(client: aioredis.Redis, prefix: str) -> list[str]:

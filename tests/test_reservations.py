@@ -9,7 +9,7 @@ from quota_sidecar.engine import QuotaEngine
 from quota_sidecar.errors import Conflict, InvalidArgument, NotFound, ResolutionConflict
 from quota_sidecar.model import DenialReason, Funding, JobParams
 
-from quota_fixtures import T0_MS
+from quota_fixtures import T0_MS, key
 
 V10 = JobParams(duration_seconds=10, resolution="720p")  # 1 credit
 V15 = JobParams(duration_seconds=15, resolution="720p")  # 2 credits
@@ -283,7 +283,7 @@ async def test_grant_is_idempotent_by_purchase_id(engine: QuotaEngine) -> None:
 
 
 async def test_unknown_plan_in_store_is_reported(engine: QuotaEngine, store, redis_client, key_prefix) -> None:
-    await redis_client.hset(f"{key_prefix}:{{a}}:acct", "plan", "legacy")
+    await redis_client.hset(key(key_prefix, "a", "acct"), "plan", "legacy")
     with pytest.raises(ResolutionConflict) as err:
         await engine.check_and_reserve("a", "sora", "r", V10)
     assert err.value.reason == "UNKNOWN_PLAN"
@@ -302,5 +302,5 @@ async def test_many_lots_expiring_at_once_are_never_spent(engine: QuotaEngine, c
     d = await engine.check_and_reserve("a", "sora", "r", V15)
     assert (d.outcome.credits_held, d.outcome.credit_balance) == (2, 1)
     assert await lots_left(engine, "a") == {"paid": 1}
-    expired = await redis_client.hget(f"{key_prefix}:{{a}}:acct", "credits_expired")
+    expired = await redis_client.hget(key(key_prefix, "a", "acct"), "credits_expired")
     assert expired == "70"  # settled over the calls above (balance, reserve, balance)

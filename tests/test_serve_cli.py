@@ -36,6 +36,8 @@ from quota_sidecar._proto.quota.v1 import quota_pb2_grpc as pb_grpc
 from quota_sidecar.redis_server import RedisServerProcess
 from quota_sidecar.settings import Settings, env_name
 
+from quota_fixtures import key
+
 pytestmark = pytest.mark.slow
 
 READY_TIMEOUT_SECONDS = 15.0
@@ -312,8 +314,8 @@ def _grant_and_plan(sc: Sidecar, account: str, *, plan: str, credits: int) -> No
 def _redis_holds_and_records(redis_url: str, prefix: str, account: str) -> tuple[list[str], set[str]]:
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     try:
-        holds = client.zrange(f"{prefix}:{{{account}}}:holds", 0, -1)
-        records = set(client.hkeys(f"{prefix}:{{{account}}}:res"))
+        holds = client.zrange(key(prefix, account, "holds"), 0, -1)
+        records = set(client.hkeys(key(prefix, account, "res")))
     finally:
         client.close()
     return holds, records
@@ -530,7 +532,7 @@ def test_settings_from_environment(short_dir: str, redis_server: RedisServerProc
         # QUOTA_KEY_PREFIX was used: the hold is under this test's prefix.
         client = redis.Redis.from_url(redis_server.url, decode_responses=True)
         try:
-            assert client.zrange(f"{key_prefix}:{{acct-env}}:holds", 0, -1) == ["e1"]
+            assert client.zrange(key(key_prefix, "acct-env", "holds"), 0, -1) == ["e1"]
         finally:
             client.close()
         assert serve.terminate() == 0, serve.stderr

@@ -14,7 +14,7 @@ from quota_sidecar.model import DenialReason, Funding, JobParams
 from quota_sidecar.plans import load_plans
 from quota_sidecar.store import RedisStore
 
-from quota_fixtures import T0_MS, keys_with_prefix, utc_ms
+from quota_fixtures import T0_MS, key, keys_with_prefix, utc_ms
 
 V10 = JobParams(duration_seconds=10, resolution="720p")
 
@@ -117,13 +117,13 @@ async def test_sweeper_refunds_holds_of_idle_accounts(engine: QuotaEngine, clock
         await engine.check_and_reserve("idle", "sora", f"f-{i}", V10)  # free holds, default TTL 900 s
     await engine.check_and_reserve("idle", "sora", "paid", V10, ttl_seconds=30)
     await engine.check_and_reserve("busy", "sora", "r", V10, ttl_seconds=3600)
-    assert await redis_client.hget(f"{key_prefix}:{{idle}}:lotrem", "p") == "9"
+    assert await redis_client.hget(key(key_prefix, "idle", "lotrem"), "p") == "9"
     assert await engine.sweep() == 0
     clock.advance(seconds=900)
     assert await engine.sweep() == 31
     holds_keys = [k for k in await keys_with_prefix(redis_client, key_prefix) if k.endswith(":holds")]
-    assert holds_keys == [f"{key_prefix}:{{busy}}:holds"]
-    lefts = await redis_client.hgetall(f"{key_prefix}:{{idle}}:lotrem")
+    assert holds_keys == [key(key_prefix, "busy", "holds")]
+    lefts = await redis_client.hgetall(key(key_prefix, "idle", "lotrem"))
     assert lefts == {"p": "10"}
     assert await engine.sweep() == 0
 
@@ -136,11 +136,11 @@ async def test_resolved_reservations_are_pruned_after_retention(redis_server, ke
         await engine.check_and_reserve("a", "sora", "old", V10)
         await engine.commit("a", "old")
         client = aioredis.from_url(redis_server.url, decode_responses=True)
-        assert await client.hexists(f"{key_prefix}:{{a}}:res", "old")
+        assert await client.hexists(key(key_prefix, "a", "res"), "old")
         clock.advance(days=1, ms=1)
         await engine.check_and_reserve("a", "sora", "new", V10)
-        assert not await client.hexists(f"{key_prefix}:{{a}}:res", "old")
-        assert await client.zcard(f"{key_prefix}:{{a}}:resdone") == 0
+        assert not await client.hexists(key(key_prefix, "a", "res"), "old")
+        assert await client.zcard(key(key_prefix, "a", "resdone")) == 0
         await client.aclose()
     finally:
         await store.close()
@@ -154,6 +154,6 @@ async def test_old_free_windows_are_pruned(engine: QuotaEngine, clock: ManualClo
         await engine.check_and_reserve("a", "codex", f"c{day}", JobParams())
         await engine.commit("a", f"c{day}")
         clock.advance(days=1)
-    fields = sorted(await redis_client.hkeys(f"{key_prefix}:{{a}}:free"))
+    fields = sorted(await redis_client.hkeys(key(key_prefix, "a", "free")))
     # On 2026-11-24 the oldest window still proposed is yesterday's (11-23).
     assert fields == ["codex|20261123", "codex|20261124", "sora|20261123", "sora|20261124"]

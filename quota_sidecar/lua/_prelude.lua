@@ -6,7 +6,8 @@
 --
 -- Units: times are integer milliseconds since the Unix epoch; credits and
 -- free units are integers. Every key is passed in KEYS[], all under the
--- account's hash tag, so each script touches exactly one cluster slot.
+-- hash tag of the account's bucket, so each script touches exactly one
+-- cluster slot.
 --
 -- KEYS (same order in every script):
 --   1 acct     HASH  plan, tz, credits_granted, credits_spent, credits_expired
