@@ -39,6 +39,10 @@ class Settings:
         256, "hash-tag buckets accounts are spread over (Redis Cluster slots used); fixed for a deployment's life", "N")
     retention_seconds: int = _setting(
         7 * 86_400, "how long resolved reservations are remembered for idempotent retries, seconds (>= 86400)", "S")
+    ledger_retention_days: int = _setting(
+        400, "how long ledger entries are kept, days (>= 1); the audit checks what is kept", "DAYS")
+    events_max_entries: int = _setting(
+        100_000, "approximate length each per-bucket events stream is trimmed to", "N")
     sweep_interval_seconds: int = _setting(
         30, "period of the expired-hold sweeper, seconds; 0 = off; one sidecar of a fleet sweeps at a time", "S")
     shutdown_grace_seconds: float = _setting(10.0, "on SIGTERM, time in-flight calls get to finish, seconds", "S")
@@ -56,6 +60,10 @@ class Settings:
             raise InvalidArgument("sweep_interval_seconds", "must be >= 0")
         if not self.key_prefix or any(c in self.key_prefix for c in "{}"):
             raise InvalidArgument("key_prefix", "must be non-empty and without braces")
+        if self.ledger_retention_days < 1:
+            raise InvalidArgument("ledger_retention_days", "must be at least 1")
+        if self.events_max_entries < 100:
+            raise InvalidArgument("events_max_entries", "must be at least 100")
         if not 1 <= self.key_buckets <= 16384:
             raise InvalidArgument("key_buckets", "must be between 1 and 16384")
         if self.max_message_bytes < 1024:

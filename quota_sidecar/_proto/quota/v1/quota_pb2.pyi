@@ -21,12 +21,27 @@ class DenialReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DENIAL_REASON_UNSPECIFIED: _ClassVar[DenialReason]
     DENIAL_REASON_PURCHASE_REQUIRED: _ClassVar[DenialReason]
     DENIAL_REASON_NOT_ENTITLED: _ClassVar[DenialReason]
+    DENIAL_REASON_BUDGET_EXCEEDED: _ClassVar[DenialReason]
+
+class CreditSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CREDIT_SOURCE_UNSPECIFIED: _ClassVar[CreditSource]
+    CREDIT_SOURCE_PURCHASE: _ClassVar[CreditSource]
+    CREDIT_SOURCE_PROMO: _ClassVar[CreditSource]
+    CREDIT_SOURCE_REFUND: _ClassVar[CreditSource]
+    CREDIT_SOURCE_COMPENSATION: _ClassVar[CreditSource]
 FUNDING_UNSPECIFIED: Funding
 FUNDING_FREE_QUOTA: Funding
 FUNDING_CREDITS: Funding
 DENIAL_REASON_UNSPECIFIED: DenialReason
 DENIAL_REASON_PURCHASE_REQUIRED: DenialReason
 DENIAL_REASON_NOT_ENTITLED: DenialReason
+DENIAL_REASON_BUDGET_EXCEEDED: DenialReason
+CREDIT_SOURCE_UNSPECIFIED: CreditSource
+CREDIT_SOURCE_PURCHASE: CreditSource
+CREDIT_SOURCE_PROMO: CreditSource
+CREDIT_SOURCE_REFUND: CreditSource
+CREDIT_SOURCE_COMPENSATION: CreditSource
 
 class JobParams(_message.Message):
     __slots__ = ("duration_seconds", "resolution", "model", "units", "extra")
@@ -208,18 +223,22 @@ class ProductAllowance(_message.Message):
     def __init__(self, product: _Optional[str] = ..., free_used: _Optional[int] = ..., free_limit: _Optional[int] = ..., free_resets_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class CreditLot(_message.Message):
-    __slots__ = ("lot_id", "credits_granted", "credits_left", "expires_at", "granted_at")
+    __slots__ = ("lot_id", "credits_granted", "credits_left", "expires_at", "granted_at", "source", "revoked")
     LOT_ID_FIELD_NUMBER: _ClassVar[int]
     CREDITS_GRANTED_FIELD_NUMBER: _ClassVar[int]
     CREDITS_LEFT_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     GRANTED_AT_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_FIELD_NUMBER: _ClassVar[int]
     lot_id: str
     credits_granted: int
     credits_left: int
     expires_at: _timestamp_pb2.Timestamp
     granted_at: _timestamp_pb2.Timestamp
-    def __init__(self, lot_id: _Optional[str] = ..., credits_granted: _Optional[int] = ..., credits_left: _Optional[int] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., granted_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    source: CreditSource
+    revoked: bool
+    def __init__(self, lot_id: _Optional[str] = ..., credits_granted: _Optional[int] = ..., credits_left: _Optional[int] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., granted_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., source: _Optional[_Union[CreditSource, str]] = ..., revoked: _Optional[bool] = ...) -> None: ...
 
 class Hold(_message.Message):
     __slots__ = ("reservation_id", "product", "funding", "credits_held", "expires_at")
@@ -256,16 +275,20 @@ class GetBalanceResponse(_message.Message):
     def __init__(self, account_id: _Optional[str] = ..., plan: _Optional[str] = ..., time_zone: _Optional[str] = ..., allowances: _Optional[_Iterable[_Union[ProductAllowance, _Mapping]]] = ..., credit_balance: _Optional[int] = ..., lots: _Optional[_Iterable[_Union[CreditLot, _Mapping]]] = ..., holds: _Optional[_Iterable[_Union[Hold, _Mapping]]] = ..., credits_held: _Optional[int] = ...) -> None: ...
 
 class GrantCreditsRequest(_message.Message):
-    __slots__ = ("account_id", "credits", "purchase_id", "expires_at")
+    __slots__ = ("account_id", "credits", "purchase_id", "expires_at", "source", "reason")
     ACCOUNT_ID_FIELD_NUMBER: _ClassVar[int]
     CREDITS_FIELD_NUMBER: _ClassVar[int]
     PURCHASE_ID_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     account_id: str
     credits: int
     purchase_id: str
     expires_at: _timestamp_pb2.Timestamp
-    def __init__(self, account_id: _Optional[str] = ..., credits: _Optional[int] = ..., purchase_id: _Optional[str] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    source: CreditSource
+    reason: str
+    def __init__(self, account_id: _Optional[str] = ..., credits: _Optional[int] = ..., purchase_id: _Optional[str] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., source: _Optional[_Union[CreditSource, str]] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class GrantCreditsResponse(_message.Message):
     __slots__ = ("lot", "credit_balance", "replayed")
@@ -277,20 +300,172 @@ class GrantCreditsResponse(_message.Message):
     replayed: bool
     def __init__(self, lot: _Optional[_Union[CreditLot, _Mapping]] = ..., credit_balance: _Optional[int] = ..., replayed: _Optional[bool] = ...) -> None: ...
 
+class RevokeCreditsRequest(_message.Message):
+    __slots__ = ("account_id", "purchase_id", "reason")
+    ACCOUNT_ID_FIELD_NUMBER: _ClassVar[int]
+    PURCHASE_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    account_id: str
+    purchase_id: str
+    reason: str
+    def __init__(self, account_id: _Optional[str] = ..., purchase_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class RevokeCreditsResponse(_message.Message):
+    __slots__ = ("credits_revoked", "credits_spent", "credits_held", "credit_balance", "replayed")
+    CREDITS_REVOKED_FIELD_NUMBER: _ClassVar[int]
+    CREDITS_SPENT_FIELD_NUMBER: _ClassVar[int]
+    CREDITS_HELD_FIELD_NUMBER: _ClassVar[int]
+    CREDIT_BALANCE_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    credits_revoked: int
+    credits_spent: int
+    credits_held: int
+    credit_balance: int
+    replayed: bool
+    def __init__(self, credits_revoked: _Optional[int] = ..., credits_spent: _Optional[int] = ..., credits_held: _Optional[int] = ..., credit_balance: _Optional[int] = ..., replayed: _Optional[bool] = ...) -> None: ...
+
+class RefundJobRequest(_message.Message):
+    __slots__ = ("account_id", "reservation_id", "reason")
+    ACCOUNT_ID_FIELD_NUMBER: _ClassVar[int]
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    account_id: str
+    reservation_id: str
+    reason: str
+    def __init__(self, account_id: _Optional[str] = ..., reservation_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class RefundJobResponse(_message.Message):
+    __slots__ = ("credits_refunded", "free_refunded", "credit_balance", "replayed")
+    CREDITS_REFUNDED_FIELD_NUMBER: _ClassVar[int]
+    FREE_REFUNDED_FIELD_NUMBER: _ClassVar[int]
+    CREDIT_BALANCE_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    credits_refunded: int
+    free_refunded: int
+    credit_balance: int
+    replayed: bool
+    def __init__(self, credits_refunded: _Optional[int] = ..., free_refunded: _Optional[int] = ..., credit_balance: _Optional[int] = ..., replayed: _Optional[bool] = ...) -> None: ...
+
+class AutoTopUp(_message.Message):
+    __slots__ = ("enabled", "threshold_credits", "pack_id")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_CREDITS_FIELD_NUMBER: _ClassVar[int]
+    PACK_ID_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    threshold_credits: int
+    pack_id: str
+    def __init__(self, enabled: _Optional[bool] = ..., threshold_credits: _Optional[int] = ..., pack_id: _Optional[str] = ...) -> None: ...
+
 class SetAccountRequest(_message.Message):
-    __slots__ = ("account_id", "plan", "time_zone")
+    __slots__ = ("account_id", "plan", "time_zone", "monthly_spend_cap_credits", "auto_topup")
     ACCOUNT_ID_FIELD_NUMBER: _ClassVar[int]
     PLAN_FIELD_NUMBER: _ClassVar[int]
     TIME_ZONE_FIELD_NUMBER: _ClassVar[int]
+    MONTHLY_SPEND_CAP_CREDITS_FIELD_NUMBER: _ClassVar[int]
+    AUTO_TOPUP_FIELD_NUMBER: _ClassVar[int]
     account_id: str
     plan: str
     time_zone: str
-    def __init__(self, account_id: _Optional[str] = ..., plan: _Optional[str] = ..., time_zone: _Optional[str] = ...) -> None: ...
+    monthly_spend_cap_credits: int
+    auto_topup: AutoTopUp
+    def __init__(self, account_id: _Optional[str] = ..., plan: _Optional[str] = ..., time_zone: _Optional[str] = ..., monthly_spend_cap_credits: _Optional[int] = ..., auto_topup: _Optional[_Union[AutoTopUp, _Mapping]] = ...) -> None: ...
 
 class SetAccountResponse(_message.Message):
-    __slots__ = ("plan", "time_zone")
+    __slots__ = ("plan", "time_zone", "monthly_spend_cap_credits", "auto_topup")
     PLAN_FIELD_NUMBER: _ClassVar[int]
     TIME_ZONE_FIELD_NUMBER: _ClassVar[int]
+    MONTHLY_SPEND_CAP_CREDITS_FIELD_NUMBER: _ClassVar[int]
+    AUTO_TOPUP_FIELD_NUMBER: _ClassVar[int]
     plan: str
     time_zone: str
-    def __init__(self, plan: _Optional[str] = ..., time_zone: _Optional[str] = ...) -> None: ...
+    monthly_spend_cap_credits: int
+    auto_topup: AutoTopUp
+    def __init__(self, plan: _Optional[str] = ..., time_zone: _Optional[str] = ..., monthly_spend_cap_credits: _Optional[int] = ..., auto_topup: _Optional[_Union[AutoTopUp, _Mapping]] = ...) -> None: ...
+
+class GetAccountRequest(_message.Message):
+    __slots__ = ("account_id",)
+    ACCOUNT_ID_FIELD_NUMBER: _ClassVar[int]
+    account_id: str
+    def __init__(self, account_id: _Optional[str] = ...) -> None: ...
+
+class CreditTotals(_message.Message):
+    __slots__ = ("granted", "spent", "expired", "revoked", "refunded", "held", "available")
+    GRANTED_FIELD_NUMBER: _ClassVar[int]
+    SPENT_FIELD_NUMBER: _ClassVar[int]
+    EXPIRED_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_FIELD_NUMBER: _ClassVar[int]
+    REFUNDED_FIELD_NUMBER: _ClassVar[int]
+    HELD_FIELD_NUMBER: _ClassVar[int]
+    AVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    granted: int
+    spent: int
+    expired: int
+    revoked: int
+    refunded: int
+    held: int
+    available: int
+    def __init__(self, granted: _Optional[int] = ..., spent: _Optional[int] = ..., expired: _Optional[int] = ..., revoked: _Optional[int] = ..., refunded: _Optional[int] = ..., held: _Optional[int] = ..., available: _Optional[int] = ...) -> None: ...
+
+class GetAccountResponse(_message.Message):
+    __slots__ = ("balance", "monthly_spend_cap_credits", "month_spend_credits", "month_resets_at", "auto_topup", "totals", "all_lots")
+    BALANCE_FIELD_NUMBER: _ClassVar[int]
+    MONTHLY_SPEND_CAP_CREDITS_FIELD_NUMBER: _ClassVar[int]
+    MONTH_SPEND_CREDITS_FIELD_NUMBER: _ClassVar[int]
+    MONTH_RESETS_AT_FIELD_NUMBER: _ClassVar[int]
+    AUTO_TOPUP_FIELD_NUMBER: _ClassVar[int]
+    TOTALS_FIELD_NUMBER: _ClassVar[int]
+    ALL_LOTS_FIELD_NUMBER: _ClassVar[int]
+    balance: GetBalanceResponse
+    monthly_spend_cap_credits: int
+    month_spend_credits: int
+    month_resets_at: _timestamp_pb2.Timestamp
+    auto_topup: AutoTopUp
+    totals: CreditTotals
+    all_lots: _containers.RepeatedCompositeFieldContainer[CreditLot]
+    def __init__(self, balance: _Optional[_Union[GetBalanceResponse, _Mapping]] = ..., monthly_spend_cap_credits: _Optional[int] = ..., month_spend_credits: _Optional[int] = ..., month_resets_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., auto_topup: _Optional[_Union[AutoTopUp, _Mapping]] = ..., totals: _Optional[_Union[CreditTotals, _Mapping]] = ..., all_lots: _Optional[_Iterable[_Union[CreditLot, _Mapping]]] = ...) -> None: ...
+
+class ListLedgerRequest(_message.Message):
+    __slots__ = ("account_id", "page_size", "page_token")
+    ACCOUNT_ID_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    account_id: str
+    page_size: int
+    page_token: str
+    def __init__(self, account_id: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class LedgerEntry(_message.Message):
+    __slots__ = ("id", "at", "type", "reservation_id", "purchase_id", "product", "funding", "credits", "free_units", "plans_version", "reason", "totals_after")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    PURCHASE_ID_FIELD_NUMBER: _ClassVar[int]
+    PRODUCT_FIELD_NUMBER: _ClassVar[int]
+    FUNDING_FIELD_NUMBER: _ClassVar[int]
+    CREDITS_FIELD_NUMBER: _ClassVar[int]
+    FREE_UNITS_FIELD_NUMBER: _ClassVar[int]
+    PLANS_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    TOTALS_AFTER_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    at: _timestamp_pb2.Timestamp
+    type: str
+    reservation_id: str
+    purchase_id: str
+    product: str
+    funding: Funding
+    credits: int
+    free_units: int
+    plans_version: str
+    reason: str
+    totals_after: CreditTotals
+    def __init__(self, id: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., type: _Optional[str] = ..., reservation_id: _Optional[str] = ..., purchase_id: _Optional[str] = ..., product: _Optional[str] = ..., funding: _Optional[_Union[Funding, str]] = ..., credits: _Optional[int] = ..., free_units: _Optional[int] = ..., plans_version: _Optional[str] = ..., reason: _Optional[str] = ..., totals_after: _Optional[_Union[CreditTotals, _Mapping]] = ...) -> None: ...
+
+class ListLedgerResponse(_message.Message):
+    __slots__ = ("entries", "next_page_token")
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[LedgerEntry]
+    next_page_token: str
+    def __init__(self, entries: _Optional[_Iterable[_Union[LedgerEntry, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...

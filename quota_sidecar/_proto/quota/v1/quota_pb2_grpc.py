@@ -283,7 +283,10 @@ class QuotaService:
 
 class QuotaAdminStub:
     """Billing-side API. Served only on --admin-listen (off by default), never on
-    the worker-facing addresses.
+    the worker-facing addresses. Every call must authenticate: metadata
+    "authorization: Bearer <token>" with a token of --admin-token-file, and/or
+    a client certificate signed by --admin-client-ca when mTLS is on. Missing or
+    wrong credentials: UNAUTHENTICATED, and nothing changes.
     """
 
     def __init__(self, channel):
@@ -297,16 +300,39 @@ class QuotaAdminStub:
                 request_serializer=quota_dot_v1_dot_quota__pb2.GrantCreditsRequest.SerializeToString,
                 response_deserializer=quota_dot_v1_dot_quota__pb2.GrantCreditsResponse.FromString,
                 _registered_method=True)
+        self.RevokeCredits = channel.unary_unary(
+                '/quota.v1.QuotaAdmin/RevokeCredits',
+                request_serializer=quota_dot_v1_dot_quota__pb2.RevokeCreditsRequest.SerializeToString,
+                response_deserializer=quota_dot_v1_dot_quota__pb2.RevokeCreditsResponse.FromString,
+                _registered_method=True)
+        self.RefundJob = channel.unary_unary(
+                '/quota.v1.QuotaAdmin/RefundJob',
+                request_serializer=quota_dot_v1_dot_quota__pb2.RefundJobRequest.SerializeToString,
+                response_deserializer=quota_dot_v1_dot_quota__pb2.RefundJobResponse.FromString,
+                _registered_method=True)
         self.SetAccount = channel.unary_unary(
                 '/quota.v1.QuotaAdmin/SetAccount',
                 request_serializer=quota_dot_v1_dot_quota__pb2.SetAccountRequest.SerializeToString,
                 response_deserializer=quota_dot_v1_dot_quota__pb2.SetAccountResponse.FromString,
                 _registered_method=True)
+        self.GetAccount = channel.unary_unary(
+                '/quota.v1.QuotaAdmin/GetAccount',
+                request_serializer=quota_dot_v1_dot_quota__pb2.GetAccountRequest.SerializeToString,
+                response_deserializer=quota_dot_v1_dot_quota__pb2.GetAccountResponse.FromString,
+                _registered_method=True)
+        self.ListLedger = channel.unary_unary(
+                '/quota.v1.QuotaAdmin/ListLedger',
+                request_serializer=quota_dot_v1_dot_quota__pb2.ListLedgerRequest.SerializeToString,
+                response_deserializer=quota_dot_v1_dot_quota__pb2.ListLedgerResponse.FromString,
+                _registered_method=True)
 
 
 class QuotaAdminServicer:
     """Billing-side API. Served only on --admin-listen (off by default), never on
-    the worker-facing addresses.
+    the worker-facing addresses. Every call must authenticate: metadata
+    "authorization: Bearer <token>" with a token of --admin-token-file, and/or
+    a client certificate signed by --admin-client-ca when mTLS is on. Missing or
+    wrong credentials: UNAUTHENTICATED, and nothing changes.
     """
 
     def GrantCredits(self, request, context):
@@ -319,8 +345,43 @@ class QuotaAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RevokeCredits(self, request, context):
+        """Chargeback of a purchase: removes what is left of its lot. Credits of the
+        lot that are held by a reservation are revoked when the hold ends without
+        spending them. What was already spent is reported, never clawed back.
+        Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RefundJob(self, request, context):
+        """Gives back what a committed job cost (a generation that failed after
+        commit): its credits to their lots, or its free unit to its window. At
+        most once per reservation; a repeat replays.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SetAccount(self, request, context):
-        """Sets an account's plan and/or time zone. Empty fields are left unchanged.
+        """Sets an account's plan, time zone, monthly spend cap and auto top-up.
+        Unset fields are left unchanged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetAccount(self, request, context):
+        """Everything support staff need about one account.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListLedger(self, request, context):
+        """The account's ledger (every movement of credits and free units), oldest
+        first, paged.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -334,10 +395,30 @@ def add_QuotaAdminServicer_to_server(servicer, server):
                     request_deserializer=quota_dot_v1_dot_quota__pb2.GrantCreditsRequest.FromString,
                     response_serializer=quota_dot_v1_dot_quota__pb2.GrantCreditsResponse.SerializeToString,
             ),
+            'RevokeCredits': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeCredits,
+                    request_deserializer=quota_dot_v1_dot_quota__pb2.RevokeCreditsRequest.FromString,
+                    response_serializer=quota_dot_v1_dot_quota__pb2.RevokeCreditsResponse.SerializeToString,
+            ),
+            'RefundJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.RefundJob,
+                    request_deserializer=quota_dot_v1_dot_quota__pb2.RefundJobRequest.FromString,
+                    response_serializer=quota_dot_v1_dot_quota__pb2.RefundJobResponse.SerializeToString,
+            ),
             'SetAccount': grpc.unary_unary_rpc_method_handler(
                     servicer.SetAccount,
                     request_deserializer=quota_dot_v1_dot_quota__pb2.SetAccountRequest.FromString,
                     response_serializer=quota_dot_v1_dot_quota__pb2.SetAccountResponse.SerializeToString,
+            ),
+            'GetAccount': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAccount,
+                    request_deserializer=quota_dot_v1_dot_quota__pb2.GetAccountRequest.FromString,
+                    response_serializer=quota_dot_v1_dot_quota__pb2.GetAccountResponse.SerializeToString,
+            ),
+            'ListLedger': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListLedger,
+                    request_deserializer=quota_dot_v1_dot_quota__pb2.ListLedgerRequest.FromString,
+                    response_serializer=quota_dot_v1_dot_quota__pb2.ListLedgerResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -349,7 +430,10 @@ def add_QuotaAdminServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class QuotaAdmin:
     """Billing-side API. Served only on --admin-listen (off by default), never on
-    the worker-facing addresses.
+    the worker-facing addresses. Every call must authenticate: metadata
+    "authorization: Bearer <token>" with a token of --admin-token-file, and/or
+    a client certificate signed by --admin-client-ca when mTLS is on. Missing or
+    wrong credentials: UNAUTHENTICATED, and nothing changes.
     """
 
     @staticmethod
@@ -380,6 +464,60 @@ class QuotaAdmin:
             _registered_method=True)
 
     @staticmethod
+    def RevokeCredits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/quota.v1.QuotaAdmin/RevokeCredits',
+            quota_dot_v1_dot_quota__pb2.RevokeCreditsRequest.SerializeToString,
+            quota_dot_v1_dot_quota__pb2.RevokeCreditsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RefundJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/quota.v1.QuotaAdmin/RefundJob',
+            quota_dot_v1_dot_quota__pb2.RefundJobRequest.SerializeToString,
+            quota_dot_v1_dot_quota__pb2.RefundJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def SetAccount(request,
             target,
             options=(),
@@ -396,6 +534,60 @@ class QuotaAdmin:
             '/quota.v1.QuotaAdmin/SetAccount',
             quota_dot_v1_dot_quota__pb2.SetAccountRequest.SerializeToString,
             quota_dot_v1_dot_quota__pb2.SetAccountResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAccount(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/quota.v1.QuotaAdmin/GetAccount',
+            quota_dot_v1_dot_quota__pb2.GetAccountRequest.SerializeToString,
+            quota_dot_v1_dot_quota__pb2.GetAccountResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListLedger(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/quota.v1.QuotaAdmin/ListLedger',
+            quota_dot_v1_dot_quota__pb2.ListLedgerRequest.SerializeToString,
+            quota_dot_v1_dot_quota__pb2.ListLedgerResponse.FromString,
             options,
             channel_credentials,
             insecure,
