@@ -56,6 +56,8 @@ _MAX_EXTRA_KEY_CHARS = 64
 _MAX_EXTRA_VALUE_CHARS = 256
 
 _TOP_KEYS = ("version", "default_plan", "credit_validity_months", "packs", "products", "plans")
+_TOP_OPTIONAL_KEYS = ("notifications",)
+_NOTIFICATION_KEYS = ("free_warning_percent", "lot_expiry_notice_days", "credits_low")
 _PACK_KEYS = ("credits", "price", "currency")
 _PRODUCT_KEYS = ("kind", "unit", "default_ttl_seconds", "models", "default_model")
 _PRODUCT_KIND_KEYS = {
@@ -101,6 +103,21 @@ class Plan:
 
 
 @dataclass(frozen=True)
+class Notifications:
+    """When usage events fire (see README, "Usage events")."""
+
+    # free_warning fires when this share of a window's free allowance is used.
+    free_warning_percent: int = 80
+    # lot_expiring fires this many days before a lot with credits left expires.
+    lot_expiry_notice_days: int = 7
+    # credits_low fires when the balance falls below the plan's threshold; 0 = never.
+    credits_low: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+
+    def credits_low_threshold(self, plan: str) -> int:
+        return self.credits_low.get(plan, 0)
+
+
+@dataclass(frozen=True)
 class Plans:
     version: str
     default_plan: str
@@ -108,6 +125,14 @@ class Plans:
     packs: tuple[CreditPack, ...]
     products: Mapping[str, Product]
     plans: Mapping[str, Plan]
+    notifications: Notifications = field(default_factory=Notifications)
+
+    def pack(self, pack_id: str, field_name: str = "pack_id") -> CreditPack:
+        for pack in self.packs:
+            if pack.pack_id == pack_id:
+                return pack
+        raise InvalidArgument(field_name, f"unknown pack {pack_id!r}; known packs: "
+                              f"{', '.join(p.pack_id for p in self.packs) or '(none)'}")
 
     def product(self, name: str) -> Product:
         found = self.products.get(name) if name else None
@@ -357,7 +382,7 @@ def _parse_document(data: object) -> Plans:
     if not isinstance(data, Mapping):
         raise PlansError("<file>", f"must be a mapping at the top level (got {_type_name(data)})")
     top = _mapping(data, "")
-    _check_keys(top, "", required=_TOP_KEYS)
+    _check_keys(top, "", required=_TOP_KEYS, optional=_TOP_OPTIONAL_KEYS)
     products = _parse_products(top["products"])
     plans = _parse_plans_section(top["plans"], products)
     default_plan = _string(top["default_plan"], "default_plan")
@@ -370,6 +395,26 @@ def _parse_document(data: object) -> Plans:
         packs=_parse_packs(top["packs"]),
         products=products,
         plans=plans,
+        notifications=_parse_notifications(top.get("notifications", {}), plans),
+    )
+
+
+def _parse_notifications(value: object, plans: Mapping[str, Plan]) -> Notifications:
+    entry = _mapping(value, "notifications")
+    _check_keys(entry, "notifications", required=(), optional=_NOTIFICATION_KEYS)
+    defaults = Notifications()
+    thresholds: dict[str, int] = {}
+    for plan, raw in _mapping(entry.get("credits_low", {}), "notifications.credits_low").items():
+        path = _join("notifications.credits_low", str(plan))
+        if plan not in plans:
+            raise PlansError(path, f"unknown plan; known plans: {_listing(plans)}")
+        thresholds[plan] = _int(raw, path, 0, _MAX_CREDITS)
+    return Notifications(
+        free_warning_percent=_int(entry.get("free_warning_percent", defaults.free_warning_percent),
+                                  "notifications.free_warning_percent", 1, 100),
+        lot_expiry_notice_days=_int(entry.get("lot_expiry_notice_days", defaults.lot_expiry_notice_days),
+                                    "notifications.lot_expiry_notice_days", 1, 365),
+        credits_low=MappingProxyType(thresholds),
     )
 
 

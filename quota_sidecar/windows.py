@@ -106,6 +106,28 @@ def candidate_windows(tz: str, approx_now_ms: int) -> tuple[Window, Window, Wind
     return previous, current, following
 
 
+def monthly_window(tz: str, at_ms: int) -> Window:
+    """The calendar month (in ``tz``) containing ``at_ms``, labelled YYYYMM.
+
+    It runs from the first instant of the month's first local day to the
+    first instant of the next month's, so it is made of whole daily windows.
+    """
+    zone = time_zone(tz)
+    label = daily_window(tz, at_ms).label
+    first = date(int(label[:4]), int(label[4:6]), 1)
+    following = (first + 32 * _ONE_DAY).replace(day=1)
+    window = Window(label=label[:6], start_ms=_first_instant_ms(zone, first),
+                    end_ms=_first_instant_ms(zone, following))
+    assert window.start_ms <= at_ms < window.end_ms, (tz, at_ms, window)
+    return window
+
+
+def candidate_months(tz: str, approx_now_ms: int) -> tuple[Window, Window, Window]:
+    """The months before, of, and after approx_now's local month (see candidate_windows)."""
+    current = monthly_window(tz, approx_now_ms)
+    return monthly_window(tz, current.start_ms - 1), current, monthly_window(tz, current.end_ms)
+
+
 def _window_of_date(zone: ZoneInfo, day: date) -> Window:
     return Window(
         label=_label(day),

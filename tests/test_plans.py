@@ -481,7 +481,8 @@ def test_broken_text_is_refused(tmp_path: Path, text: str, field: str) -> None:
 
 def test_duplicate_plan_is_refused_not_silently_overridden(tmp_path: Path) -> None:
     text = importlib.resources.files("quota_sidecar").joinpath("default_plans.yaml").read_text("utf-8")
-    text += "  free:\n    sora: {daily_free: 1000}\n"
+    assert "\nplans:\n" in text
+    text = text.replace("\nplans:\n", "\nplans:\n  free:\n    sora: {daily_free: 1000}\n")
     path = tmp_path / "plans.yaml"
     path.write_text(text, encoding="utf-8")
     with pytest.raises(PlansError, match="duplicate key 'free'"):
@@ -544,3 +545,20 @@ def test_yaml_booleans_are_not_integers(tmp_path: Path) -> None:
     with pytest.raises(PlansError) as caught:
         load_plans(str(path))
     assert caught.value.field == "credit_validity_months"
+
+
+def test_notifications_section_is_optional_and_validated(tmp_path: Path) -> None:
+    plans = load_plans()
+    n = plans.notifications
+    assert (n.free_warning_percent, n.lot_expiry_notice_days) == (80, 7)
+    assert [n.credits_low_threshold(p) for p in ("free", "plus", "pro")] == [2, 5, 10]
+    doc = yaml.safe_load(importlib.resources.files("quota_sidecar").joinpath("default_plans.yaml").read_text("utf-8"))
+    del doc["notifications"]
+    assert parse_plans(doc).notifications.credits_low_threshold("pro") == 0
+    doc["notifications"] = {"credits_low": {"gold": 3}}
+    with pytest.raises(PlansError, match="notifications.credits_low.gold"):
+        parse_plans(doc)
+    doc["notifications"] = {"free_warning_percent": 0}
+    with pytest.raises(PlansError, match="notifications.free_warning_percent"):
+        parse_plans(doc)
+    assert plans.pack("pack_10").credits == 10

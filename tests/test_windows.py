@@ -239,3 +239,26 @@ def test_every_transition_of_a_zone_keeps_windows_contiguous() -> None:
             assert (datetime.strptime(following.label, "%Y%m%d") - datetime.strptime(window.label, "%Y%m%d")
                     == timedelta(days=1))
             window = following
+
+
+# ---------------------------------------------------------------- calendar months
+
+
+def test_monthly_window_in_a_zone() -> None:
+    from quota_sidecar.windows import candidate_months, monthly_window
+
+    # 2026-11-01 00:30 in Tokyo is still October 31 in UTC.
+    at = int(datetime(2026, 10, 31, 15, 30, tzinfo=timezone.utc).timestamp() * 1000)
+    w = monthly_window("Asia/Tokyo", at)
+    assert (w.label, w.start_ms, w.end_ms) == (
+        "202611",
+        int(datetime(2026, 10, 31, 15, 0, tzinfo=timezone.utc).timestamp() * 1000),
+        int(datetime(2026, 11, 30, 15, 0, tzinfo=timezone.utc).timestamp() * 1000),
+    )
+    assert monthly_window("UTC", at).label == "202610"
+    prev, cur, nxt = candidate_months("America/New_York", at)
+    assert [prev.label, cur.label, nxt.label] == ["202609", "202610", "202611"]
+    assert prev.end_ms == cur.start_ms and cur.end_ms == nxt.start_ms
+    # December rolls into the next year
+    dec = monthly_window("UTC", int(datetime(2026, 12, 15, tzinfo=timezone.utc).timestamp() * 1000))
+    assert dec.label == "202612" and dec.end_ms == int(datetime(2027, 1, 1, tzinfo=timezone.utc).timestamp() * 1000)
