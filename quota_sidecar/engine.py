@@ -15,6 +15,7 @@ refuses without writing, and the engine asks again with the right zone.
 from __future__ import annotations
 
 import calendar
+import re
 import hashlib
 import json
 from collections import OrderedDict
@@ -27,30 +28,43 @@ from .ids import check_id, new_reservation_id
 from .model import (
     COST_INVALID,
     COST_WHOLE_HOLD,
+    Account,
+    AccountChanges,
     AccountSettings,
     Allowance,
+    AutoTopUp,
     Balance,
     BalanceSnapshot,
     CommitResult,
+    CreditSource,
     Decision,
     DenialReason,
     GrantResult,
     JobParams,
+    LedgerEntry,
     ParamsInvalidForProduct,
     PlanRow,
+    RefundResult,
     ReleaseResult,
     ReserveCommand,
     ReserveOutcome,
+    RevokeResult,
+    Stamp,
     StaleTimeZone,
     Window,
 )
 from .plans import Plans
-from .windows import candidate_windows, time_zone
+from .windows import candidate_months, candidate_windows, time_zone
 
 MAX_TTL_SECONDS = 86_400
 MAX_GRANT_CREDITS = 1_000_000_000
 MAX_LOT_LIFETIME_DAYS = 20 * 366  # keeps every stored time within 13 digits
+MAX_SPEND_CAP_CREDITS = 1_000_000_000
+MAX_REASON_CHARS = 256
+MAX_LEDGER_PAGE = 1000
+DEFAULT_LEDGER_PAGE = 100
 DEFAULT_TIME_ZONE = "UTC"
+_STREAM_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
 
 T = TypeVar("T")
 
@@ -59,15 +73,22 @@ class Store(Protocol):
     """What the engine needs from storage; see quota_sidecar.store.RedisStore."""
 
     async def reserve(self, cmd: ReserveCommand) -> ReserveOutcome: ...
-    async def commit(self, account_id: str, reservation_id: str, costs: Mapping[str, int], now_ms: int = 0) -> CommitResult: ...
-    async def release(self, account_id: str, reservation_id: str, now_ms: int = 0) -> ReleaseResult: ...
-    async def extend(self, account_id: str, reservation_id: str, ttl_ms: int, now_ms: int = 0) -> int: ...
-    async def grant(self, account_id: str, lot_id: str, credits: int, expires_ms: int, now_ms: int = 0) -> GrantResult: ...
-    async def set_account(self, account_id: str, plan: str, time_zone: str, default_plan: str) -> AccountSettings: ...
+    async def commit(self, account_id: str, reservation_id: str, costs: Mapping[str, int],
+                     stamp: Stamp) -> CommitResult: ...
+    async def release(self, account_id: str, reservation_id: str, stamp: Stamp) -> ReleaseResult: ...
+    async def extend(self, account_id: str, reservation_id: str, ttl_ms: int, stamp: Stamp) -> int: ...
+    async def grant(self, account_id: str, lot_id: str, credits: int, expires_ms: int, source: CreditSource,
+                    reason: str, stamp: Stamp) -> GrantResult: ...
+    async def revoke(self, account_id: str, lot_id: str, reason: str, stamp: Stamp) -> RevokeResult: ...
+    async def refund_job(self, account_id: str, reservation_id: str, reason: str, stamp: Stamp) -> RefundResult: ...
+    async def set_account(self, account_id: str, changes: AccountChanges, default_plan: str,
+                          stamp: Stamp) -> AccountSettings: ...
     async def balance(self, account_id: str, *, time_zone: str, windows: Sequence[Window],
-                      products: Sequence[str], default_plan: str, now_ms: int = 0) -> BalanceSnapshot: ...
-    async def sweep_account(self, account_id: str, now_ms: int = 0) -> int: ...
-    async def accounts_with_holds(self) -> list[str]: ...
+                      months: Sequence[Window], products: Sequence[str], default_plan: str,
+                      stamp: Stamp) -> BalanceSnapshot: ...
+    async def sweep_account(self, account_id: str, notice_ms: int, stamp: Stamp) -> int: ...
+    async def accounts_to_sweep(self) -> list[str]: ...
+    async def ledger_page(self, account_id: str, after_id: str, count: int) -> list[LedgerEntry]: ...
 
 
 def fingerprint(product: str, job: JobParams, ttl_seconds: int) -> str:
@@ -102,6 +123,23 @@ def denial_message(plans: Plans, product: str, job: JobParams, outcome: ReserveO
             f"{outcome.credits_short} more credit(s) needed for this job ({outcome.cost_credits} credits)")
 
 
+def check_reason(reason: str) -> str:
+    if len(reason) > MAX_REASON_CHARS or any(ord(c) < 32 for c in reason):
+        raise InvalidArgument("reason", f"at most {MAX_REASON_CHARS} printable characters")
+    return reason
+
+
+def check_auto_topup(plans: Plans, topup: AutoTopUp | None) -> None:
+    if topup is None or not topup.enabled:
+        return
+    if not 1 <= topup.threshold_credits <= MAX_GRANT_CREDITS:
+        raise InvalidArgument("auto_topup.threshold_credits", f"must be between 1 and {MAX_GRANT_CREDITS}")
+    plans.pack(topup.pack_id, "auto_topup.pack_id")
+
+
+ZoneCall = Callable[[str, tuple[Window, ...], tuple[Window, ...]], Awaitable[T]]
+
+
 class QuotaEngine:
     def __init__(self, plans: Plans, store: Store, clock: Clock | None = None, *,
                  zone_cache_entries: int = 100_000) -> None:
@@ -112,6 +150,9 @@ class QuotaEngine:
         self._zones: OrderedDict[str, str] = OrderedDict()
         self._zone_cache_entries = zone_cache_entries
 
+    def _stamp(self, plans: Plans | None = None) -> Stamp:
+        return Stamp(now_ms=self.clock.pinned_now_ms(), plans_version=(plans or self.plans).version)
+
     # -- time zones -------------------------------------------------------
 
     def _remember_zone(self, account_id: str, tz: str) -> None:
@@ -120,12 +161,12 @@ class QuotaEngine:
         if len(self._zones) > self._zone_cache_entries:
             self._zones.popitem(last=False)
 
-    async def _in_account_zone(self, account_id: str, call: Callable[[str, tuple[Window, ...]], Awaitable[T]]) -> T:
+    async def _in_account_zone(self, account_id: str, call: ZoneCall[T]) -> T:
         tz = self._zones.get(account_id, DEFAULT_TIME_ZONE)
         for _ in range(3):
-            windows = candidate_windows(tz, self.clock.local_now_ms())
+            approx_now_ms = self.clock.local_now_ms()
             try:
-                result = await call(tz, windows)
+                result = await call(tz, candidate_windows(tz, approx_now_ms), candidate_months(tz, approx_now_ms))
             except StaleTimeZone as stale:
                 tz = stale.time_zone
                 continue
@@ -144,15 +185,16 @@ class QuotaEngine:
         cost_credits = plans.job_cost(product, job)
         check_ttl_seconds("ttl_seconds", ttl_seconds)
         ttl_ms = (ttl_seconds or plans.default_ttl_seconds(product)) * 1000
-        rows = tuple(PlanRow(name, plans.free_limit(name, product),
-                             plans.entitlement_denial(name, product, job) is None) for name in plans.plans)
+        rows = tuple(PlanRow(name, plans.free_limit(name, product), plans.entitlement_denial(name, product, job) is None,
+                             plans.notifications.credits_low_threshold(name)) for name in plans.plans)
 
-        def reserve(tz: str, windows: tuple[Window, ...]) -> Awaitable[ReserveOutcome]:
+        def reserve(tz: str, days: tuple[Window, ...], months: tuple[Window, ...]) -> Awaitable[ReserveOutcome]:
             return self.store.reserve(ReserveCommand(
                 account_id=account_id, reservation_id=rid, product=product,
                 fingerprint=fingerprint(product, job, ttl_seconds), ttl_ms=ttl_ms, cost_credits=cost_credits,
-                default_plan=plans.default_plan, time_zone=tz, windows=windows, plan_rows=rows,
-                now_ms=self.clock.pinned_now_ms()))
+                default_plan=plans.default_plan, time_zone=tz, windows=days, months=months, plan_rows=rows,
+                packs=plans.packs, free_warning_percent=plans.notifications.free_warning_percent,
+                stamp=self._stamp(plans)))
 
         outcome = await self._in_account_zone(account_id, reserve)
         if outcome.allowed:
@@ -166,7 +208,7 @@ class QuotaEngine:
         check_id("reservation_id", reservation_id)
         costs, errors = self._actual_costs(actual)
         try:
-            return await self.store.commit(account_id, reservation_id, costs, self.clock.pinned_now_ms())
+            return await self.store.commit(account_id, reservation_id, costs, self._stamp())
         except ParamsInvalidForProduct as bad:
             raise errors[bad.product] from None
 
@@ -188,37 +230,46 @@ class QuotaEngine:
     async def release(self, account_id: str, reservation_id: str) -> ReleaseResult:
         check_id("account_id", account_id)
         check_id("reservation_id", reservation_id)
-        return await self.store.release(account_id, reservation_id, self.clock.pinned_now_ms())
+        return await self.store.release(account_id, reservation_id, self._stamp())
 
     async def extend(self, account_id: str, reservation_id: str, ttl_seconds: int = 0) -> int:
         """Returns the new expiry (ms)."""
         check_id("account_id", account_id)
         check_id("reservation_id", reservation_id)
         check_ttl_seconds("ttl_seconds", ttl_seconds)
-        return await self.store.extend(account_id, reservation_id, ttl_seconds * 1000, self.clock.pinned_now_ms())
+        return await self.store.extend(account_id, reservation_id, ttl_seconds * 1000, self._stamp())
 
-    async def balance(self, account_id: str) -> Balance:
+    async def _snapshot(self, account_id: str) -> BalanceSnapshot:
         check_id("account_id", account_id)
         plans = self.plans
         products = tuple(plans.products)
 
-        def read(tz: str, windows: tuple[Window, ...]) -> Awaitable[BalanceSnapshot]:
-            return self.store.balance(account_id, time_zone=tz, windows=windows, products=products,
-                                      default_plan=plans.default_plan, now_ms=self.clock.pinned_now_ms())
+        def read(tz: str, days: tuple[Window, ...], months: tuple[Window, ...]) -> Awaitable[BalanceSnapshot]:
+            return self.store.balance(account_id, time_zone=tz, windows=days, months=months, products=products,
+                                      default_plan=plans.default_plan, stamp=self._stamp(plans))
 
-        snap = await self._in_account_zone(account_id, read)
-        limits = {p: (plans.free_limit(snap.plan, p) if snap.plan in plans.plans else 0) for p in products}
-        allowances = tuple(Allowance(p, snap.free_used.get(p, 0), limits[p], snap.free_resets_ms) for p in products)
+        return await self._in_account_zone(account_id, read)
+
+    def _balance(self, account_id: str, snap: BalanceSnapshot) -> Balance:
+        plans = self.plans
+        limits = {p: (plans.free_limit(snap.plan, p) if snap.plan in plans.plans else 0) for p in plans.products}
+        allowances = tuple(Allowance(p, snap.free_used.get(p, 0), limit, snap.free_resets_ms)
+                           for p, limit in limits.items())
         return Balance(account_id=account_id, plan=snap.plan, time_zone=snap.time_zone, allowances=allowances,
                        credit_balance=snap.credit_balance, lots=snap.lots, holds=snap.holds)
 
+    async def balance(self, account_id: str) -> Balance:
+        return self._balance(account_id, await self._snapshot(account_id))
+
     # -- QuotaAdmin -------------------------------------------------------
 
-    async def grant(self, account_id: str, credits: int, purchase_id: str, expires_ms: int | None = None) -> GrantResult:
+    async def grant(self, account_id: str, credits: int, purchase_id: str, expires_ms: int | None = None, *,
+                    source: CreditSource = CreditSource.PURCHASE, reason: str = "") -> GrantResult:
         check_id("account_id", account_id)
         if not 1 <= credits <= MAX_GRANT_CREDITS:
             raise InvalidArgument("credits", f"must be between 1 and {MAX_GRANT_CREDITS}")
         check_id("purchase_id", purchase_id)
+        check_reason(reason)
         now_ms = self.clock.local_now_ms()
         if expires_ms is None:
             expires_ms = add_months_ms(now_ms, self.plans.credit_validity_months)
@@ -226,24 +277,63 @@ class QuotaEngine:
             raise InvalidArgument("expires_at", "must be in the future")
         elif expires_ms > now_ms + MAX_LOT_LIFETIME_DAYS * 86_400_000:
             raise InvalidArgument("expires_at", "must be within 20 years")
-        return await self.store.grant(account_id, purchase_id, credits, expires_ms, self.clock.pinned_now_ms())
+        return await self.store.grant(account_id, purchase_id, credits, expires_ms, source, reason, self._stamp())
 
-    async def set_account(self, account_id: str, plan: str = "", tz: str = "") -> AccountSettings:
+    async def revoke(self, account_id: str, purchase_id: str, reason: str = "") -> RevokeResult:
+        check_id("account_id", account_id)
+        check_id("purchase_id", purchase_id)
+        return await self.store.revoke(account_id, purchase_id, check_reason(reason), self._stamp())
+
+    async def refund_job(self, account_id: str, reservation_id: str, reason: str = "") -> RefundResult:
+        check_id("account_id", account_id)
+        check_id("reservation_id", reservation_id)
+        return await self.store.refund_job(account_id, reservation_id, check_reason(reason), self._stamp())
+
+    async def set_account(self, account_id: str, plan: str = "", tz: str = "", *,
+                          monthly_spend_cap_credits: int | None = None,
+                          auto_topup: AutoTopUp | None = None) -> AccountSettings:
         check_id("account_id", account_id)
         plans = self.plans
         if plan:
             plans.plan(plan)
         if tz:
             time_zone(tz)
-        result = await self.store.set_account(account_id, plan, tz, plans.default_plan)
+        if monthly_spend_cap_credits is not None and not 0 <= monthly_spend_cap_credits <= MAX_SPEND_CAP_CREDITS:
+            raise InvalidArgument("monthly_spend_cap_credits", f"must be between 0 (none) and {MAX_SPEND_CAP_CREDITS}")
+        check_auto_topup(plans, auto_topup)
+        changes = AccountChanges(plan=plan or None, time_zone=tz or None,
+                                 monthly_spend_cap_credits=monthly_spend_cap_credits, auto_topup=auto_topup)
+        result = await self.store.set_account(account_id, changes, plans.default_plan, self._stamp())
         self._remember_zone(account_id, result.time_zone)
         return result
+
+    async def account(self, account_id: str) -> Account:
+        snap = await self._snapshot(account_id)
+        return Account(balance=self._balance(account_id, snap),
+                       monthly_spend_cap_credits=snap.monthly_spend_cap_credits,
+                       month_spend_credits=snap.month_spend_credits, month_resets_ms=snap.month_resets_ms,
+                       auto_topup=snap.auto_topup, totals=snap.totals, all_lots=snap.all_lots)
+
+    async def ledger(self, account_id: str, page_size: int = 0, page_token: str = "") -> tuple[list[LedgerEntry], str]:
+        """A page of the account's ledger and the token of the next page ("" when done)."""
+        check_id("account_id", account_id)
+        if not 0 <= page_size <= MAX_LEDGER_PAGE:
+            raise InvalidArgument("page_size", f"must be 0 (default {DEFAULT_LEDGER_PAGE}) to {MAX_LEDGER_PAGE}")
+        if page_token and not _STREAM_ID.fullmatch(page_token):
+            raise InvalidArgument("page_token", "is not a token this API returned")
+        size = page_size or DEFAULT_LEDGER_PAGE
+        entries = await self.store.ledger_page(account_id, page_token, size + 1)
+        more = len(entries) > size
+        entries = entries[:size]
+        return entries, (entries[-1].entry_id if more else "")
 
     # -- background -------------------------------------------------------
 
     async def sweep(self) -> int:
-        """Refund expired holds of accounts nobody is calling. Returns holds expired."""
+        """Settle expired holds and lots of accounts nobody is calling, and announce
+        lots about to expire. Returns holds expired."""
         expired = 0
-        for account_id in await self.store.accounts_with_holds():
-            expired += await self.store.sweep_account(account_id, self.clock.pinned_now_ms())
+        notice_ms = self.plans.notifications.lot_expiry_notice_days * 86_400_000
+        for account_id in await self.store.accounts_to_sweep():
+            expired += await self.store.sweep_account(account_id, notice_ms, self._stamp())
         return expired

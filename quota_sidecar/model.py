@@ -35,6 +35,31 @@ class Funding(enum.Enum):
 class DenialReason(enum.Enum):
     PURCHASE_REQUIRED = "PURCHASE_REQUIRED"
     NOT_ENTITLED = "NOT_ENTITLED"
+    BUDGET_EXCEEDED = "BUDGET_EXCEEDED"
+
+
+class CreditSource(enum.Enum):
+    """Where a lot came from; ``rank`` orders lots of equal expiry (lowest spent first)."""
+
+    PROMO = "promo"
+    COMPENSATION = "compensation"
+    REFUND = "refund"
+    PURCHASE = "purchase"
+
+    @property
+    def rank(self) -> int:
+        return _SOURCE_RANKS[self]
+
+
+_SOURCE_RANKS = {CreditSource.PROMO: 0, CreditSource.COMPENSATION: 1, CreditSource.REFUND: 2, CreditSource.PURCHASE: 3}
+
+
+@dataclass(frozen=True)
+class Stamp:
+    """What every store call carries: the pinned time (0: Redis decides) and the plans version."""
+
+    now_ms: int = 0
+    plans_version: str = ""
 
 
 @dataclass(frozen=True)
@@ -85,11 +110,13 @@ class StaleTimeZone(Exception):
 
 @dataclass(frozen=True)
 class PlanRow:
-    """What one plan means for one reservation: its free limit and whether the job is allowed."""
+    """What one plan means for one reservation: its free limit, whether the job is allowed,
+    and below which balance its credits_low event fires (0: never)."""
 
     plan: str
     free_limit: int
     entitled: bool
+    credits_low: int = 0
 
 
 @dataclass(frozen=True)
@@ -103,8 +130,11 @@ class ReserveCommand:
     default_plan: str
     time_zone: str  # the zone the windows were computed for
     windows: tuple[Window, ...]
+    months: tuple[Window, ...]
     plan_rows: tuple[PlanRow, ...]
-    now_ms: int = 0  # 0: Redis' clock decides
+    packs: tuple[CreditPack, ...]
+    free_warning_percent: int
+    stamp: Stamp
 
 
 @dataclass(frozen=True)
@@ -161,6 +191,8 @@ class Lot:
     credits_left: int
     expires_ms: int
     granted_ms: int
+    source: CreditSource = CreditSource.PURCHASE
+    revoked: bool = False
 
 
 @dataclass(frozen=True)
@@ -188,6 +220,26 @@ class Allowance:
 
 
 @dataclass(frozen=True)
+class AutoTopUp:
+    enabled: bool = False
+    threshold_credits: int = 0
+    pack_id: str = ""
+
+
+@dataclass(frozen=True)
+class CreditTotals:
+    """Since the first grant: granted + refunded = available + held + spent + expired + revoked."""
+
+    granted: int = 0
+    spent: int = 0
+    expired: int = 0
+    revoked: int = 0
+    refunded: int = 0
+    held: int = 0
+    available: int = 0
+
+
+@dataclass(frozen=True)
 class BalanceSnapshot:
     """What the store reads; free limits come from the plans, not the store."""
 
@@ -199,6 +251,12 @@ class BalanceSnapshot:
     credit_balance: int
     lots: tuple[Lot, ...]
     holds: tuple[HoldInfo, ...]
+    all_lots: tuple[Lot, ...] = ()
+    monthly_spend_cap_credits: int = 0
+    month_spend_credits: int = 0
+    month_resets_ms: int = 0
+    auto_topup: AutoTopUp = AutoTopUp()
+    totals: CreditTotals = CreditTotals()
 
 
 @dataclass(frozen=True)
@@ -217,9 +275,65 @@ class Balance:
 
 
 @dataclass(frozen=True)
+class Account:
+    """GetAccount: the balance view plus what support staff need."""
+
+    balance: Balance
+    monthly_spend_cap_credits: int
+    month_spend_credits: int
+    month_resets_ms: int
+    auto_topup: AutoTopUp
+    totals: CreditTotals
+    all_lots: tuple[Lot, ...]
+
+
+@dataclass(frozen=True)
 class AccountSettings:
     plan: str
     time_zone: str
+    monthly_spend_cap_credits: int = 0
+    auto_topup: AutoTopUp = AutoTopUp()
+
+
+@dataclass(frozen=True)
+class AccountChanges:
+    """SetAccount: None leaves a setting unchanged."""
+
+    plan: str | None = None
+    time_zone: str | None = None
+    monthly_spend_cap_credits: int | None = None
+    auto_topup: AutoTopUp | None = None
+
+
+@dataclass(frozen=True)
+class RevokeResult:
+    credits_revoked: int
+    credits_spent: int
+    credits_held: int
+    credit_balance: int
+    replayed: bool
+
+
+@dataclass(frozen=True)
+class RefundResult:
+    credits_refunded: int
+    free_refunded: int
+    credit_balance: int
+    replayed: bool
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One ledger movement; ``fields`` holds the type-specific ones (credits, lots, window, ...)."""
+
+    entry_id: str
+    at_ms: int
+    type: str
+    fields: Mapping[str, str]
+    totals_after: CreditTotals
+
+    def int_field(self, name: str) -> int:
+        return int(self.fields.get(name) or 0)
 
 
 # Commit cost table markers (see lua/commit.lua): a product missing from the

@@ -10,7 +10,8 @@ Every script is idempotent for the same arguments (reservation ids and
 purchase ids are the keys), so a retried call after a timeout is safe.
 
 Redis errors become quota_sidecar.errors here; script replies become the
-plain values of quota_sidecar.model.
+plain values of quota_sidecar.model. Reads that decide nothing (the ledger
+pages, the audit's view of an account) are plain commands.
 """
 
 from __future__ import annotations
@@ -25,33 +26,47 @@ from redis import exceptions as redis_errors
 
 from .errors import Conflict, InvalidArgument, NotFound, QuotaError, ResolutionConflict, Unavailable
 from .model import (
+    AccountChanges,
     AccountSettings,
+    AutoTopUp,
     BalanceSnapshot,
     CommitResult,
+    CreditSource,
+    CreditTotals,
     DenialReason,
     Funding,
     GrantResult,
     HoldInfo,
-    ParamsInvalidForProduct,
+    LedgerEntry,
     Lot,
+    ParamsInvalidForProduct,
+    RefundResult,
     ReleaseResult,
     ReserveCommand,
     ReserveOutcome,
+    RevokeResult,
+    Stamp,
     StaleTimeZone,
     Window,
 )
 
-# Order matters: it is the KEYS[] order of _prelude.lua.
-KEY_SUFFIXES = ("acct", "free", "lots", "lotrem", "lotexp", "holds", "res", "resdone")
-SCRIPT_NAMES = ("reserve", "commit", "release", "extend", "grant", "set_account", "balance", "sweep")
+# Order matters: it is the KEYS[] order of _prelude.lua. The last key is the
+# bucket's events stream, shared by the bucket's accounts.
+KEY_SUFFIXES = ("acct", "free", "lots", "lotrem", "lotexp", "holds", "res", "resdone", "ledger", "notes", "spend")
+SCRIPT_NAMES = ("reserve", "commit", "release", "extend", "grant", "revoke", "refund_job", "set_account",
+                "balance", "sweep")
+DEFAULT_KEY_BUCKETS = 256
 
 # Redis replies that mean "not now" rather than "never".
 _TRANSIENT_PREFIXES = ("BUSY", "LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "OOM", "NOREPLICAS")
 
+_NOT_FOUND = {"RESERVATION_NOT_FOUND", "PURCHASE_NOT_FOUND"}
 _CONFLICTS = {"RESERVATION_PARAMS_MISMATCH", "COMMIT_COST_MISMATCH", "PURCHASE_ID_CONFLICT"}
-_RESOLUTION = {"ALREADY_COMMITTED", "ALREADY_RELEASED", "EXPIRED", "COST_EXCEEDS_HOLD", "UNKNOWN_PLAN"}
+_RESOLUTION = {"ALREADY_COMMITTED", "ALREADY_RELEASED", "EXPIRED", "COST_EXCEEDS_HOLD", "UNKNOWN_PLAN",
+               "NOT_COMMITTED"}
 _MESSAGES = {
     "RESERVATION_NOT_FOUND": "no such reservation for this account",
+    "PURCHASE_NOT_FOUND": "no lot was granted with this purchase_id for this account",
     "RESERVATION_PARAMS_MISMATCH": "reservation_id was already used with different parameters",
     "COMMIT_COST_MISMATCH": "the reservation was already committed at a different cost",
     "PURCHASE_ID_CONFLICT": "purchase_id was already granted with a different number of credits",
@@ -60,8 +75,10 @@ _MESSAGES = {
     "EXPIRED": "the reservation expired and its hold was refunded",
     "COST_EXCEEDS_HOLD": "the actual cost exceeds the credits held; commit without params to charge the hold",
     "UNKNOWN_PLAN": "the account's plan is not in the plans file",
+    "NOT_COMMITTED": "only a committed reservation can be refunded",
     "CLOCK_SKEW": "this sidecar's clock is more than a day off Redis' clock",
 }
+_TOTAL_FIELDS = {"g": "granted", "s": "spent", "x": "expired", "v": "revoked", "r": "refunded", "h": "held"}
 
 
 def load_script_source(name: str) -> str:
@@ -71,12 +88,13 @@ def load_script_source(name: str) -> str:
     return f"{prelude}\n-- ==== {name}.lua ====\n{body}"
 
 
-DEFAULT_KEY_BUCKETS = 256
-
-
 def key_bucket(account_id: str, buckets: int) -> int:
     """The account's bucket: a stable hash, the same in every sidecar and language (CRC-32)."""
     return zlib.crc32(account_id.encode()) % buckets
+
+
+def bucket_tag(key_prefix: str, bucket: int) -> str:
+    return f"{key_prefix}:{{b{bucket}}}"
 
 
 def account_key(key_prefix: str, buckets: int, account_id: str, suffix: str) -> str:
@@ -84,14 +102,20 @@ def account_key(key_prefix: str, buckets: int, account_id: str, suffix: str) -> 
 
     The hash tag is the account's bucket, not the account: every key of an
     account is still in one Redis Cluster slot, and a script can also write
-    what its whole bucket shares (an events stream consumers read bucket by
+    what its whole bucket shares (the events stream consumers read bucket by
     bucket). Suffixes have no ':' so names never collide.
     """
-    return f"{key_prefix}:{{b{key_bucket(account_id, buckets)}}}:{account_id}:{suffix}"
+    return f"{bucket_tag(key_prefix, key_bucket(account_id, buckets))}:{account_id}:{suffix}"
+
+
+def events_key(key_prefix: str, bucket: int) -> str:
+    """The bucket's usage-events stream; ``<prefix>:{b<bucket>}:events``."""
+    return f"{bucket_tag(key_prefix, bucket)}:events"
 
 
 def account_keys(key_prefix: str, buckets: int, account_id: str) -> list[str]:
-    return [account_key(key_prefix, buckets, account_id, suffix) for suffix in KEY_SUFFIXES]
+    keys = [account_key(key_prefix, buckets, account_id, suffix) for suffix in KEY_SUFFIXES]
+    return keys + [events_key(key_prefix, key_bucket(account_id, buckets))]
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -102,8 +126,8 @@ def _as_list(value: Any) -> list[Any]:
 def _script_error(reply: Mapping[str, Any]) -> Exception:
     code = reply["error"]
     message = _MESSAGES.get(code, code)
-    if code == "RESERVATION_NOT_FOUND":
-        return NotFound(message)
+    if code in _NOT_FOUND:
+        return NotFound(message, reason=code)
     if code in _CONFLICTS:
         return Conflict(message, reason=code)
     if code in _RESOLUTION:
@@ -128,11 +152,16 @@ def _redis_error(exc: redis_errors.RedisError) -> QuotaError:
     return QuotaError(f"redis error: {text}", reason="STORE_ERROR")
 
 
-def _windows_args(windows: Sequence[Window]) -> list[Any]:
-    args: list[Any] = [len(windows)]
-    for w in windows:
-        args += [w.label, w.start_ms, w.end_ms]
+def _block(rows: Sequence[Sequence[Any]]) -> list[Any]:
+    """A count and its rows, as the scripts' next_block() reads them."""
+    args: list[Any] = [len(rows)]
+    for row in rows:
+        args += list(row)
     return args
+
+
+def _windows(windows: Sequence[Window]) -> list[Any]:
+    return _block([(w.label, w.start_ms, w.end_ms) for w in windows])
 
 
 def _reserve_outcome(r: Mapping[str, Any]) -> ReserveOutcome:
@@ -156,26 +185,58 @@ def _reserve_outcome(r: Mapping[str, Any]) -> ReserveOutcome:
     )
 
 
-def _lots(flat: list[Any], granted: list[Any]) -> tuple[Lot, ...]:
+def _live_lots(flat: list[Any], metas: Mapping[str, Lot]) -> tuple[Lot, ...]:
     lots = []
     for i in range(0, len(flat), 3):
-        j = 2 * (i // 3)
+        meta = metas[flat[i]]
         lots.append(Lot(lot_id=flat[i], credits_left=int(flat[i + 1]), expires_ms=int(flat[i + 2]),
-                        credits_granted=int(granted[j]), granted_ms=int(granted[j + 1])))
+                        credits_granted=meta.credits_granted, granted_ms=meta.granted_ms, source=meta.source))
     return tuple(lots)
 
 
+def _all_lots(rows: list[Any]) -> tuple[Lot, ...]:
+    lots = [Lot(lot_id=r[0], credits_granted=int(r[1]), credits_left=int(r[2]), expires_ms=int(r[3]),
+                granted_ms=int(r[4]), source=CreditSource(r[5]), revoked=bool(r[6])) for r in rows]
+    return tuple(sorted(lots, key=lambda lot: (lot.expires_ms, lot.source.rank, lot.lot_id)))
+
+
+def _totals(values: Mapping[str, Any], available: int) -> CreditTotals:
+    def get(name: str) -> int:
+        return int(values.get(name) or 0)
+
+    return CreditTotals(granted=get("credits_granted"), spent=get("credits_spent"), expired=get("credits_expired"),
+                        revoked=get("credits_revoked"), refunded=get("credits_refunded"), held=get("credits_held"),
+                        available=available)
+
+
+def _auto_topup(r: Mapping[str, Any]) -> AutoTopUp:
+    return AutoTopUp(enabled=r["at_on"] == "1", threshold_credits=int(r["at_thr"]), pack_id=r["at_pack"])
+
+
+def ledger_entry(entry_id: str, raw: Mapping[str, str]) -> LedgerEntry:
+    """A ledger stream entry; the snapshot fields become ``totals_after``."""
+    totals = {name: int(raw.get(short) or 0) for short, name in _TOTAL_FIELDS.items()}
+    available = totals["granted"] + totals["refunded"] - totals["spent"] - totals["expired"] - totals["revoked"] \
+        - totals["held"]
+    rest = {k: v for k, v in raw.items() if k not in _TOTAL_FIELDS and k not in ("type", "t")}
+    return LedgerEntry(entry_id=entry_id, at_ms=int(raw.get("t") or 0), type=raw.get("type", ""), fields=rest,
+                       totals_after=CreditTotals(available=available, **totals))
+
+
 class RedisStore:
-    """Quota state in one Redis (or one Redis Cluster slot per account)."""
+    """Quota state in one Redis (or one Redis Cluster slot per account bucket)."""
 
     def __init__(self, client: aioredis.Redis, *, key_prefix: str = "qs", key_buckets: int = DEFAULT_KEY_BUCKETS,
-                 retention_ms: int = 7 * 86_400_000) -> None:
+                 retention_ms: int = 7 * 86_400_000, ledger_retention_ms: int = 400 * 86_400_000,
+                 events_max_entries: int = 100_000) -> None:
         assert key_prefix and "{" not in key_prefix and "}" not in key_prefix
         assert 1 <= key_buckets <= 16384
         self._client = client
         self._prefix = key_prefix
         self._buckets = key_buckets
         self._retention_ms = retention_ms
+        self._ledger_retention_ms = ledger_retention_ms
+        self._events_max = events_max_entries
         self._scripts = {name: client.register_script(load_script_source(name)) for name in SCRIPT_NAMES}
 
     @classmethod
@@ -189,6 +250,13 @@ class RedisStore:
     def key_prefix(self) -> str:
         return self._prefix
 
+    @property
+    def key_buckets(self) -> int:
+        return self._buckets
+
+    def key(self, account_id: str, suffix: str) -> str:
+        return account_key(self._prefix, self._buckets, account_id, suffix)
+
     async def close(self) -> None:
         await self._client.aclose()
 
@@ -198,9 +266,12 @@ class RedisStore:
         except redis_errors.RedisError as exc:
             raise _redis_error(exc) from exc
 
-    async def _run(self, name: str, account_id: str, args: Iterable[Any]) -> dict[str, Any]:
+    async def _run(self, name: str, account_id: str, stamp: Stamp, args: Iterable[Any]) -> dict[str, Any]:
+        header = [stamp.now_ms, account_id, self._retention_ms, self._ledger_retention_ms, self._events_max,
+                  stamp.plans_version]
         try:
-            raw = await self._scripts[name](keys=account_keys(self._prefix, self._buckets, account_id), args=list(args))
+            raw = await self._scripts[name](keys=account_keys(self._prefix, self._buckets, account_id),
+                                            args=header + list(args))
         except redis_errors.RedisError as exc:
             raise _redis_error(exc) from exc
         reply = json.loads(raw)
@@ -208,72 +279,145 @@ class RedisStore:
             raise _script_error(reply)
         return reply
 
-    async def reserve(self, cmd: ReserveCommand) -> ReserveOutcome:
-        args: list[Any] = [cmd.now_ms, cmd.reservation_id, cmd.product, cmd.fingerprint, cmd.ttl_ms,
-                           cmd.cost_credits, self._retention_ms, cmd.default_plan, cmd.time_zone]
-        args += _windows_args(cmd.windows)
-        args.append(len(cmd.plan_rows))
-        for row in cmd.plan_rows:
-            args += [row.plan, row.free_limit, 1 if row.entitled else 0]
-        return _reserve_outcome(await self._run("reserve", cmd.account_id, args))
+    # -- decisions and movements -----------------------------------------
 
-    async def commit(self, account_id: str, reservation_id: str, costs: Mapping[str, int], now_ms: int = 0) -> CommitResult:
-        args: list[Any] = [now_ms, reservation_id, self._retention_ms, len(costs)]
-        for product, cost in costs.items():
-            args += [product, cost]
-        r = await self._run("commit", account_id, args)
+    async def reserve(self, cmd: ReserveCommand) -> ReserveOutcome:
+        args: list[Any] = [cmd.reservation_id, cmd.product, cmd.fingerprint, cmd.ttl_ms, cmd.cost_credits,
+                           cmd.default_plan, cmd.time_zone, cmd.free_warning_percent]
+        args += _windows(cmd.windows) + _windows(cmd.months)
+        args += _block([(r.plan, r.free_limit, 1 if r.entitled else 0, r.credits_low) for r in cmd.plan_rows])
+        args += _block([(p.pack_id, p.credits, p.price.minor_units, p.price.currency_code) for p in cmd.packs])
+        return _reserve_outcome(await self._run("reserve", cmd.account_id, cmd.stamp, args))
+
+    async def commit(self, account_id: str, reservation_id: str, costs: Mapping[str, int], stamp: Stamp) -> CommitResult:
+        r = await self._run("commit", account_id, stamp, [reservation_id, *_block(list(costs.items()))])
         return CommitResult(funding=Funding(r["funding"]), credits_charged=int(r["charged"]),
                             credits_refunded=int(r["refunded"]), free_charged=int(r["free_charged"]),
                             credit_balance=int(r["balance"]), replayed=bool(r["replayed"]))
 
-    async def release(self, account_id: str, reservation_id: str, now_ms: int = 0) -> ReleaseResult:
-        r = await self._run("release", account_id, [now_ms, reservation_id, self._retention_ms])
+    async def release(self, account_id: str, reservation_id: str, stamp: Stamp) -> ReleaseResult:
+        r = await self._run("release", account_id, stamp, [reservation_id])
         return ReleaseResult(funding=Funding(r["funding"]), credits_refunded=int(r["refunded"]),
                              free_refunded=int(r["free_refunded"]), credit_balance=int(r["balance"]),
                              replayed=bool(r["replayed"]))
 
-    async def extend(self, account_id: str, reservation_id: str, ttl_ms: int, now_ms: int = 0) -> int:
-        r = await self._run("extend", account_id, [now_ms, reservation_id, ttl_ms])
+    async def extend(self, account_id: str, reservation_id: str, ttl_ms: int, stamp: Stamp) -> int:
+        r = await self._run("extend", account_id, stamp, [reservation_id, ttl_ms])
         return int(r["expires_ms"])
 
-    async def grant(self, account_id: str, lot_id: str, credits: int, expires_ms: int, now_ms: int = 0) -> GrantResult:
-        r = await self._run("grant", account_id, [now_ms, lot_id, credits, expires_ms, self._retention_ms])
+    async def grant(self, account_id: str, lot_id: str, credits: int, expires_ms: int, source: CreditSource,
+                    reason: str, stamp: Stamp) -> GrantResult:
+        r = await self._run("grant", account_id, stamp,
+                            [lot_id, credits, expires_ms, source.rank, source.value, reason])
         lot = Lot(lot_id=lot_id, credits_granted=int(r["granted"]), credits_left=int(r["left"]),
-                  expires_ms=int(r["expires_ms"]), granted_ms=int(r["granted_ms"]))
+                  expires_ms=int(r["expires_ms"]), granted_ms=int(r["granted_ms"]), source=CreditSource(r["source"]),
+                  revoked=bool(r["revoked"]))
         return GrantResult(lot=lot, credit_balance=int(r["balance"]), replayed=bool(r["replayed"]))
 
-    async def set_account(self, account_id: str, plan: str, time_zone: str, default_plan: str) -> AccountSettings:
-        r = await self._run("set_account", account_id, [plan, time_zone, default_plan])
-        return AccountSettings(plan=r["plan"], time_zone=r["tz"])
+    async def revoke(self, account_id: str, lot_id: str, reason: str, stamp: Stamp) -> RevokeResult:
+        r = await self._run("revoke", account_id, stamp, [lot_id, reason])
+        return RevokeResult(credits_revoked=int(r["revoked"]), credits_spent=int(r["spent"]),
+                            credits_held=int(r["held"]), credit_balance=int(r["balance"]),
+                            replayed=bool(r["replayed"]))
 
-    async def balance(self, account_id: str, *, time_zone: str, windows: Sequence[Window],
-                      products: Sequence[str], default_plan: str, now_ms: int = 0) -> BalanceSnapshot:
-        args: list[Any] = [now_ms, self._retention_ms, default_plan, time_zone]
-        args += _windows_args(windows)
-        args += [len(products), *products]
-        r = await self._run("balance", account_id, args)
+    async def refund_job(self, account_id: str, reservation_id: str, reason: str, stamp: Stamp) -> RefundResult:
+        r = await self._run("refund_job", account_id, stamp, [reservation_id, reason])
+        return RefundResult(credits_refunded=int(r["refunded"]), free_refunded=int(r["free_refunded"]),
+                            credit_balance=int(r["balance"]), replayed=bool(r["replayed"]))
+
+    async def set_account(self, account_id: str, changes: AccountChanges, default_plan: str,
+                          stamp: Stamp) -> AccountSettings:
+        topup = changes.auto_topup
+        args = [changes.plan or "", changes.time_zone or "", default_plan,
+                "" if changes.monthly_spend_cap_credits is None else changes.monthly_spend_cap_credits,
+                "" if topup is None else (1 if topup.enabled else 0),
+                "" if topup is None else topup.threshold_credits,
+                "" if topup is None else topup.pack_id]
+        r = await self._run("set_account", account_id, stamp, args)
+        return AccountSettings(plan=r["plan"], time_zone=r["tz"], monthly_spend_cap_credits=int(r["cap"]),
+                               auto_topup=_auto_topup(r))
+
+    async def balance(self, account_id: str, *, time_zone: str, windows: Sequence[Window], months: Sequence[Window],
+                      products: Sequence[str], default_plan: str, stamp: Stamp) -> BalanceSnapshot:
+        args: list[Any] = [default_plan, time_zone, *_windows(windows), *_windows(months),
+                           *_block([(p,) for p in products])]
+        r = await self._run("balance", account_id, stamp, args)
         free = _as_list(r["free"])
+        all_lots = _all_lots(_as_list(r["all_lots"]))
         holds = tuple(HoldInfo(reservation_id=h[0], product=h[1], funding=Funding(h[2]),
                                credits_held=int(h[3]), expires_ms=int(h[4])) for h in _as_list(r["holds"]))
         return BalanceSnapshot(
             plan=r["plan"], time_zone=r["tz"], now_ms=int(r["now_ms"]), free_resets_ms=int(r["resets_ms"]),
             free_used={free[i]: int(free[i + 1]) for i in range(0, len(free), 2)},
-            credit_balance=int(r["balance"]), lots=_lots(_as_list(r["lots"]), _as_list(r["granted"])), holds=holds,
+            credit_balance=int(r["balance"]), lots=_live_lots(_as_list(r["lots"]), {x.lot_id: x for x in all_lots}),
+            holds=holds, all_lots=all_lots, monthly_spend_cap_credits=int(r["cap"]),
+            month_spend_credits=int(r["month_spend"]), month_resets_ms=int(r["month_resets_ms"]),
+            auto_topup=_auto_topup(r), totals=_totals(r["totals"], int(r["balance"])),
         )
 
-    async def sweep_account(self, account_id: str, now_ms: int = 0) -> int:
-        r = await self._run("sweep", account_id, [now_ms, self._retention_ms])
+    async def sweep_account(self, account_id: str, notice_ms: int, stamp: Stamp) -> int:
+        r = await self._run("sweep", account_id, stamp, [notice_ms])
         return int(r["expired"])
 
-    async def accounts_with_holds(self, *, batch: int = 500) -> list[str]:
-        """Accounts that have unresolved holds (their holds key exists). O(keys) SCAN."""
-        pattern = f"{self._prefix}:{{b*}}:*:holds"
+    # -- reads ------------------------------------------------------------
+
+    async def _scan_accounts(self, suffix: str, key_type: str, batch: int) -> set[str]:
+        pattern = f"{self._prefix}:{{b*}}:*:{suffix}"
         try:
-            keys = [key async for key in self._client.scan_iter(match=pattern, count=batch, _type="zset")]
+            keys = [key async for key in self._client.scan_iter(match=pattern, count=batch, _type=key_type)]
         except redis_errors.RedisError as exc:
             raise _redis_error(exc) from exc
-        # <prefix>:{b<n>}:<account>:holds; account ids have no braces.
-        return [key[key.index("}:") + 2:-len(":holds")] for key in keys]
+        # <prefix>:{b<n>}:<account>:<suffix>; account ids have no braces.
+        return {key[key.index("}:") + 2:-(len(suffix) + 1)] for key in keys}
+
+    async def accounts_to_sweep(self, *, batch: int = 500) -> list[str]:
+        """Accounts with unresolved holds or live lots (their keys exist). O(keys) SCAN."""
+        holds = await self._scan_accounts("holds", "zset", batch)
+        lots = await self._scan_accounts("lotexp", "zset", batch)
+        return sorted(holds | lots)
+
+    async def all_accounts(self, *, batch: int = 500) -> list[str]:
+        """Every account that has a ledger. O(keys) SCAN."""
+        return sorted(await self._scan_accounts("ledger", "stream", batch))
+
+    async def ledger_page(self, account_id: str, after_id: str, count: int) -> list[LedgerEntry]:
+        """Up to ``count`` entries after ``after_id`` ("" = from the oldest kept)."""
+        start = f"({after_id}" if after_id else "-"
+        try:
+            rows = await self._client.xrange(self.key(account_id, "ledger"), min=start, max="+", count=count)
+        except redis_errors.RedisError as exc:
+            raise _redis_error(exc) from exc
+        return [ledger_entry(entry_id, fields) for entry_id, fields in rows]
+
+    async def raw_state(self, account_id: str) -> dict[str, Any]:
+        """Everything the audit needs of one account, read as it is (pipelined, no script)."""
+        names = ("acct", "free", "lots", "lotrem", "lotexp", "res", "spend")
+        try:
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.hgetall(self.key(account_id, "acct"))
+                pipe.hgetall(self.key(account_id, "free"))
+                pipe.hgetall(self.key(account_id, "lots"))
+                pipe.hgetall(self.key(account_id, "lotrem"))
+                pipe.zrange(self.key(account_id, "lotexp"), 0, -1, withscores=True)
+                pipe.hgetall(self.key(account_id, "res"))
+                pipe.hgetall(self.key(account_id, "spend"))
+                pipe.zrange(self.key(account_id, "holds"), 0, -1, withscores=True)
+                pipe.xrange(self.key(account_id, "ledger"))
+                values = await pipe.execute()
+        except redis_errors.RedisError as exc:
+            raise _redis_error(exc) from exc
+        state = dict(zip(names, values[:7]))
+        state["holds"] = values[7]
+        state["ledger"] = [ledger_entry(i, f) for i, f in values[8]]
+        return state
+
+    async def events(self, bucket: int, after_id: str = "0", count: int = 1000) -> list[tuple[str, dict[str, str]]]:
+        """Entries of a bucket's events stream (tests and tools; consumers use consumer groups)."""
+        try:
+            return await self._client.xrange(events_key(self._prefix, bucket), min=f"({after_id}" if after_id != "0"
+                                             else "-", max="+", count=count)
+        except redis_errors.RedisError as exc:
+            raise _redis_error(exc) from exc
 
     async def try_lock(self, name: str, owner: str, ttl_ms: int) -> bool:
         """A lease so that only one sidecar of a fleet runs a periodic job at a time."""

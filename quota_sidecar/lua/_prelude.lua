@@ -6,25 +6,30 @@
 --
 -- Units: times are integer milliseconds since the Unix epoch; credits and
 -- free units are integers. Every key is passed in KEYS[], all under the
--- hash tag of the account's bucket, so each script touches exactly one
--- cluster slot.
+-- hash tag of the account's bucket, so each script touches one cluster slot.
 --
 -- KEYS (same order in every script):
---   1 acct     HASH  plan, tz, credits_granted, credits_spent, credits_expired
+--   1 acct     HASH  plan, tz, cap, at_on/at_thr/at_pack (auto top-up) and the
+--                    totals credits_granted/_spent/_expired/_revoked/_refunded/_held
 --   2 free     HASH  "<product>|<YYYYMMDD>" -> free units held or spent in that window
---   3 lots     HASH  lot_id -> JSON {g = credits granted, e = expires_ms, t = granted_ms}
+--   3 lots     HASH  lot_id -> JSON {g = granted, e = expires_ms, t = granted_ms,
+--                    k = source rank, src = source, v = 1 if revoked,
+--                    vr = credits revoked, x = credits expired}
 --   4 lotrem   HASH  lot_id -> credits left in the lot
---   5 lotexp   ZSET  lot_id scored by expires_ms; only unexpired lots with credits left
+--   5 lotexp   ZSET  live lots (credits left, not revoked) scored expires_ms * 8 + rank,
+--                    so equal expiries order promo < compensation < refund < purchase
 --   6 holds    ZSET  reservation_id scored by expires_ms; only unresolved holds
---   7 res      HASH  reservation_id -> JSON reservation record (see new_record)
+--   7 res      HASH  reservation_id -> JSON reservation record (see reserve.lua)
 --   8 resdone  ZSET  reservation_id scored by resolved_ms; for pruning old records
+--   9 ledger   STREAM every movement, with the totals after it (append-only)
+--  10 notes    HASH  events already emitted ("<event>|<scope>") -> when
+--  11 spend    HASH  "<YYYYMM>" -> credits held or spent that month (the spend cap's measure)
+--  12 events   STREAM usage events of the whole bucket (shared by its accounts)
 --
--- A reservation record: s = state ("held", "committed", "released",
--- "expired"), p = product, fp = request fingerprint, f = funding ("free" or
--- "credits"), ff = free field, c = credits held, l = flat list of
--- {lot_id, credits, lot_expires_ms} triples the credits came from,
--- cr = created_ms, e = expires_ms, ttl = ttl_ms, ch = credits charged,
--- rf = credits refunded, r = resolved_ms, d = the decision to replay.
+-- ARGV starts with the same header everywhere; each script reads its own
+-- arguments after it with next_arg()/next_block():
+--   1 pinned now_ms (0: Redis' clock)   2 account_id   3 record retention ms
+--   4 ledger retention ms               5 events stream max length   6 plans version
 
 -- Scripts call TIME and then write; effects replication (the default since
 -- Redis 5, the only mode in 7) keeps replicas exact. Explicit for Redis 6.2.
@@ -32,17 +37,44 @@ if redis.replicate_commands then redis.replicate_commands() end
 
 local K_ACCT, K_FREE, K_LOTS, K_LOTREM = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local K_LOTEXP, K_HOLDS, K_RES, K_RESDONE = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local K_LEDGER, K_NOTES, K_SPEND, K_EVENTS = KEYS[9], KEYS[10], KEYS[11], KEYS[12]
 
 -- Bounds the work lazy expiry does in one call; the rest waits for the next.
 local EXPIRE_BATCH = 64
 local PRUNE_BATCH = 16
+local RANKS = 8  -- lot score = expires_ms * RANKS + source rank
+local TOTALS = {'credits_granted', 'credits_spent', 'credits_expired', 'credits_revoked',
+                'credits_refunded', 'credits_held'}
+
+local function redis_time_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
 
 -- The one clock every sidecar agrees on is Redis' own. A non-zero pinned
 -- value is the engine's injected clock (tests, deterministic replays).
-local function clock_ms(pinned_ms)
-  if pinned_ms > 0 then return pinned_ms end
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local PINNED_MS = tonumber(ARGV[1])
+local now_ms = PINNED_MS > 0 and PINNED_MS or redis_time_ms()
+local ACCOUNT_ID = ARGV[2]
+local RETENTION_MS = tonumber(ARGV[3])
+local LEDGER_RETENTION_MS = tonumber(ARGV[4])
+local EVENTS_MAX = tonumber(ARGV[5])
+local PLANS_VERSION = ARGV[6]
+
+local cursor = 6
+local function next_arg()
+  cursor = cursor + 1
+  return ARGV[cursor]
+end
+-- A count followed by that many rows of `width` arguments.
+local function next_block(width)
+  local rows = {}
+  for i = 1, tonumber(next_arg()) do
+    local row = {}
+    for j = 1, width do row[j] = next_arg() end
+    rows[i] = row
+  end
+  return rows
 end
 
 local function reply(tbl) return cjson.encode(tbl) end
@@ -62,20 +94,79 @@ local function save_record(rid, rec)
   redis.call('HSET', K_RES, rid, cjson.encode(rec))
 end
 
--- Credits go back to the lot they came from; if that lot has expired in
--- the meantime they expire with it (an expired lot is never spendable).
-local function return_credits(lots_taken, now_ms)
-  for i = 1, #lots_taken, 3 do
-    local lot_id = lots_taken[i]
-    local credits = tonumber(lots_taken[i + 1])
-    local lot_expires_ms = tonumber(lots_taken[i + 2])
-    if lot_expires_ms <= now_ms then
-      redis.call('HINCRBY', K_ACCT, 'credits_expired', credits)
+local function lot_meta(lot_id)
+  local raw = redis.call('HGET', K_LOTS, lot_id)
+  if not raw then return nil end
+  return cjson.decode(raw)
+end
+
+local function lot_score(expires_ms, rank) return expires_ms * RANKS + rank end
+local function score_expiry(score) return math.floor(tonumber(score) / RANKS) end
+-- Scores at or below this belong to lots expired by now.
+local function expired_score_max() return now_ms * RANKS + RANKS - 1 end
+
+local function incr(field, delta)
+  if delta ~= 0 then redis.call('HINCRBY', K_ACCT, field, delta) end
+end
+
+-- Every movement is appended with the totals after it, so the ledger can be
+-- checked link by link even after old entries are trimmed.
+local ledger_trim_id = nil
+local function ledger(kind, fields)
+  ledger_trim_id = ledger_trim_id or (redis_time_ms() - LEDGER_RETENTION_MS)
+  local totals = redis.call('HMGET', K_ACCT, unpack(TOTALS))
+  local args = {K_LEDGER, 'MINID', '~', ledger_trim_id, '*', 'type', kind, 't', now_ms}
+  for i = 1, #fields do args[#args + 1] = fields[i] end
+  local short = {'g', 's', 'x', 'v', 'r', 'h'}
+  for i = 1, #TOTALS do
+    args[#args + 1] = short[i]
+    args[#args + 1] = totals[i] or '0'
+  end
+  redis.call('XADD', unpack(args))
+end
+
+local function emit(kind, fields)
+  local args = {K_EVENTS, 'MAXLEN', '~', EVENTS_MAX, '*', 'type', kind, 'account', ACCOUNT_ID, 't', now_ms}
+  for i = 1, #fields do args[#args + 1] = fields[i] end
+  redis.call('XADD', unpack(args))
+end
+
+-- Each event once per account and scope (window, month, lot, crossing).
+local function emit_once(note, kind, fields)
+  if redis.call('HSETNX', K_NOTES, note, now_ms) == 1 then emit(kind, fields) end
+end
+
+local function lots_text(taken)
+  local parts = {}
+  for i = 1, #taken, 3 do parts[#parts + 1] = taken[i] .. ':' .. taken[i + 1] end
+  return table.concat(parts, ',')
+end
+
+-- Credits go back to the lot they came from. If that lot has expired or
+-- been revoked in the meantime they expire or are revoked with it: such
+-- credits are never spendable again. Returns (to lots, expired, revoked).
+local function return_credits(taken)
+  local to_lots, to_expired, to_revoked = 0, 0, 0
+  for i = 1, #taken, 3 do
+    local lot_id, credits, lot_expires_ms = taken[i], tonumber(taken[i + 1]), tonumber(taken[i + 2])
+    local meta = lot_meta(lot_id)
+    if meta.v == 1 then
+      to_revoked = to_revoked + credits
+      meta.vr = (meta.vr or 0) + credits
+      redis.call('HSET', K_LOTS, lot_id, cjson.encode(meta))
+    elseif lot_expires_ms <= now_ms then
+      to_expired = to_expired + credits
+      meta.x = (meta.x or 0) + credits
+      redis.call('HSET', K_LOTS, lot_id, cjson.encode(meta))
     else
       redis.call('HINCRBY', K_LOTREM, lot_id, credits)
-      redis.call('ZADD', K_LOTEXP, lot_expires_ms, lot_id)
+      redis.call('ZADD', K_LOTEXP, lot_score(lot_expires_ms, meta.k or 3), lot_id)
+      to_lots = to_lots + credits
     end
   end
+  incr('credits_expired', to_expired)
+  incr('credits_revoked', to_revoked)
+  return to_lots, to_expired, to_revoked
 end
 
 local function return_free_unit(free_field)
@@ -83,8 +174,15 @@ local function return_free_unit(free_field)
   if used > 0 then redis.call('HINCRBY', K_FREE, free_field, -1) end
 end
 
+local function unspend(month, credits)
+  if month and month ~= '' and credits > 0 then
+    local spent = tonumber(redis.call('HGET', K_SPEND, month) or '0')
+    redis.call('HINCRBY', K_SPEND, month, -math.min(spent, credits))
+  end
+end
+
 -- Ends a hold: it leaves the hold index and its record becomes prunable.
-local function resolve(rid, rec, state, now_ms)
+local function resolve(rid, rec, state)
   rec.s = state
   rec.r = now_ms
   save_record(rid, rec)
@@ -92,59 +190,72 @@ local function resolve(rid, rec, state, now_ms)
   redis.call('ZADD', K_RESDONE, now_ms, rid)
 end
 
-local function refund_hold(rec, now_ms)
+-- Gives a whole hold back (Release and expiry). Ledger fields of the refund.
+local function refund_hold(rec)
   if rec.f == 'free' then
     return_free_unit(rec.ff)
-  else
-    return_credits(rec.l, now_ms)
+    return {'free', 1, 'window', rec.ff}
   end
+  incr('credits_held', -rec.c)
+  unspend(rec.m, rec.c)
+  local to_lots, to_expired, to_revoked = return_credits(rec.l)
+  return {'credits', rec.c, 'to_lots', to_lots, 'to_expired', to_expired, 'to_revoked', to_revoked,
+          'lots', lots_text(rec.l)}
+end
+
+local function hold_fields(rid, rec, extra)
+  local fields = {'rid', rid, 'product', rec.p, 'funding', rec.f, 'pv', rec.pv or ''}
+  for i = 1, #extra do fields[#fields + 1] = extra[i] end
+  return fields
+end
+
+local function expire_hold(rid, rec)
+  local moved = refund_hold(rec)
+  resolve(rid, rec, 'expired')
+  ledger('expire', hold_fields(rid, rec, moved))
 end
 
 -- A hold past its TTL is settled before anything else looks at it, so
 -- Commit, Release and Extend all see EXPIRED before any sweep ran.
-local function settle_if_due(rid, rec, now_ms)
-  if rec.s == 'held' and rec.e <= now_ms then
-    refund_hold(rec, now_ms)
-    resolve(rid, rec, 'expired', now_ms)
-  end
+local function settle_if_due(rid, rec)
+  if rec.s == 'held' and rec.e <= now_ms then expire_hold(rid, rec) end
 end
 
-local function load_settled_record(rid, now_ms)
+local function load_settled_record(rid)
   local rec = load_record(rid)
-  if rec then settle_if_due(rid, rec, now_ms) end
+  if rec then settle_if_due(rid, rec) end
   return rec
 end
 
-local function expire_lots(now_ms)
-  local ids = redis.call('ZRANGEBYSCORE', K_LOTEXP, '-inf', now_ms, 'LIMIT', 0, EXPIRE_BATCH)
+local function expire_lots()
+  local ids = redis.call('ZRANGEBYSCORE', K_LOTEXP, '-inf', expired_score_max(), 'LIMIT', 0, EXPIRE_BATCH)
   for _, lot_id in ipairs(ids) do
     local left = tonumber(redis.call('HGET', K_LOTREM, lot_id) or '0')
+    redis.call('ZREM', K_LOTEXP, lot_id)
+    redis.call('HDEL', K_NOTES, 'lot_expiring:' .. lot_id)
     if left > 0 then
       redis.call('HSET', K_LOTREM, lot_id, 0)
-      redis.call('HINCRBY', K_ACCT, 'credits_expired', left)
+      local meta = lot_meta(lot_id)
+      meta.x = (meta.x or 0) + left
+      redis.call('HSET', K_LOTS, lot_id, cjson.encode(meta))
+      incr('credits_expired', left)
+      ledger('lot_expire', {'pid', lot_id, 'credits', left})
     end
-    redis.call('ZREM', K_LOTEXP, lot_id)
   end
 end
 
--- A hold whose TTL has passed is refunded exactly like a Release.
-local function expire_holds(now_ms)
+local function expire_holds()
   local rids = redis.call('ZRANGEBYSCORE', K_HOLDS, '-inf', now_ms, 'LIMIT', 0, EXPIRE_BATCH)
   for _, rid in ipairs(rids) do
     local rec = load_record(rid)
-    if rec then
-      refund_hold(rec, now_ms)
-      resolve(rid, rec, 'expired', now_ms)
-    else
-      redis.call('ZREM', K_HOLDS, rid)
-    end
+    if rec then expire_hold(rid, rec) else redis.call('ZREM', K_HOLDS, rid) end
   end
   return #rids
 end
 
--- Resolved records are kept retention_ms for idempotent retries, then dropped.
-local function prune_records(now_ms, retention_ms)
-  local rids = redis.call('ZRANGEBYSCORE', K_RESDONE, '-inf', now_ms - retention_ms, 'LIMIT', 0, PRUNE_BATCH)
+-- Resolved records are kept RETENTION_MS for idempotent retries, then dropped.
+local function prune_records()
+  local rids = redis.call('ZRANGEBYSCORE', K_RESDONE, '-inf', now_ms - RETENTION_MS, 'LIMIT', 0, PRUNE_BATCH)
   for _, rid in ipairs(rids) do
     redis.call('HDEL', K_RES, rid)
     redis.call('ZREM', K_RESDONE, rid)
@@ -152,19 +263,19 @@ local function prune_records(now_ms, retention_ms)
 end
 
 -- Lots and holds past their expiry first, so nothing below sees them.
-local function sweep(now_ms, retention_ms)
-  expire_lots(now_ms)
-  local expired = expire_holds(now_ms)
-  prune_records(now_ms, retention_ms)
+local function sweep()
+  expire_lots()
+  local expired = expire_holds()
+  prune_records()
   return expired
 end
 
--- Unexpired lots with credits left, soonest expiry first: flat
--- {lot_id, left, expires_ms, ...} and their total. Filters by expiry itself:
+-- Unexpired lots with credits left, in spending order: flat
+-- {lot_id, left, expires_ms, ...} and their total. Filters by score itself:
 -- lazy expiry settles at most EXPIRE_BATCH lots a call, and an expired lot
 -- must never be spendable whether or not it has been settled yet.
-local function live_lots(now_ms)
-  local flat = redis.call('ZRANGEBYSCORE', K_LOTEXP, '(' .. now_ms, '+inf', 'WITHSCORES')
+local function live_lots()
+  local flat = redis.call('ZRANGEBYSCORE', K_LOTEXP, '(' .. expired_score_max(), '+inf', 'WITHSCORES')
   local lots, total = {}, 0
   for i = 1, #flat, 2 do
     local lot_id = flat[i]
@@ -172,20 +283,29 @@ local function live_lots(now_ms)
     if left > 0 then
       lots[#lots + 1] = lot_id
       lots[#lots + 1] = left
-      lots[#lots + 1] = tonumber(flat[i + 1])
+      lots[#lots + 1] = score_expiry(flat[i + 1])
       total = total + left
     end
   end
   return lots, total
 end
 
--- Counters of windows older than oldest_label (YYYYMMDD, so string order is
--- date order) can no longer matter: a refund to a pruned one is a no-op.
-local function prune_free_windows(oldest_label)
-  local fields = redis.call('HKEYS', K_FREE)
-  for _, field in ipairs(fields) do
+-- Counters and notes of windows older than the oldest candidate can no
+-- longer matter (labels are YYYYMMDD / YYYYMM, so string order is date
+-- order); a refund to a pruned counter is a no-op.
+local function prune_old_windows(oldest_day, oldest_month)
+  for _, field in ipairs(redis.call('HKEYS', K_FREE)) do
     local label = string.match(field, '|(%d+)$')
-    if label and label < oldest_label then redis.call('HDEL', K_FREE, field) end
+    if label and label < oldest_day then redis.call('HDEL', K_FREE, field) end
+  end
+  for _, month in ipairs(redis.call('HKEYS', K_SPEND)) do
+    if month < oldest_month then redis.call('HDEL', K_SPEND, month) end
+  end
+  for _, note in ipairs(redis.call('HKEYS', K_NOTES)) do
+    local label = string.match(note, '|(%d+)$')
+    if label and ((#label == 8 and label < oldest_day) or (#label == 6 and label < oldest_month)) then
+      redis.call('HDEL', K_NOTES, note)
+    end
   end
 end
 
@@ -196,15 +316,17 @@ end
 
 -- The window containing now among the ones the sidecar computed from its
 -- own (possibly skewed) clock; nil when its clock is off by over a day.
--- args: ARGV index of the count, followed by (label, start_ms, end_ms) triples.
-local function pick_window(first, now_ms)
-  local n = tonumber(ARGV[first])
-  for i = 0, n - 1 do
-    local base = first + 1 + 3 * i
-    local start_ms, end_ms = tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2])
-    if start_ms <= now_ms and now_ms < end_ms then
-      return ARGV[base], end_ms
-    end
+-- rows: {label, start_ms, end_ms}.
+local function pick_window(rows)
+  for _, row in ipairs(rows) do
+    if tonumber(row[2]) <= now_ms and now_ms < tonumber(row[3]) then return row[1], tonumber(row[3]) end
   end
   return nil, nil
+end
+
+local function totals_table()
+  local v = redis.call('HMGET', K_ACCT, unpack(TOTALS))
+  local t = {}
+  for i, name in ipairs(TOTALS) do t[name] = tonumber(v[i] or '0') end
+  return t
 end

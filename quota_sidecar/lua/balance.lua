@@ -1,46 +1,47 @@
--- GetBalance: plan, zone, free use of each product's current window, live
--- lots and holds. Applies lazy expiry first so what it shows is spendable.
--- Times are in milliseconds; credits are integers.
-local pinned_ms    = tonumber(ARGV[1])
-local retention_ms = tonumber(ARGV[2])
-local default_plan = ARGV[3]
-local expected_tz  = ARGV[4]
-local WINDOWS_AT   = 5  -- count, then (label, start_ms, end_ms) triples
-local products_at  = WINDOWS_AT + 1 + 3 * tonumber(ARGV[WINDOWS_AT])
--- ARGV[products_at] = count, then product names
+-- The account view behind GetBalance and GetAccount: plan, zone, free use
+-- of each product's current window, live lots, holds, every lot, totals,
+-- spend cap and this month's spend. Applies lazy expiry first so what it
+-- shows is spendable. Times are in milliseconds; credits are integers.
+local default_plan = next_arg()
+local expected_tz  = next_arg()
+local days         = next_block(3)
+local months       = next_block(3)
+local products     = next_block(1)
 
-local now_ms = clock_ms(pinned_ms)
 local plan, tz = account(default_plan)
 if tz ~= expected_tz then return fail('TZ_MISMATCH', {tz = tz, plan = plan}) end
-local label, window_end_ms = pick_window(WINDOWS_AT, now_ms)
-if label == nil then return fail('CLOCK_SKEW', {now_ms = now_ms}) end
+local label, window_end_ms = pick_window(days)
+local month, month_end_ms = pick_window(months)
+if label == nil or month == nil then return fail('CLOCK_SKEW', {now_ms = now_ms}) end
 
-sweep(now_ms, retention_ms)
+sweep()
 
 local free = {}
-for i = 1, tonumber(ARGV[products_at]) do
-  local product = ARGV[products_at + i]
-  free[#free + 1] = product
-  free[#free + 1] = tonumber(redis.call('HGET', K_FREE, product .. '|' .. label) or '0')
+for _, row in ipairs(products) do
+  free[#free + 1] = row[1]
+  free[#free + 1] = tonumber(redis.call('HGET', K_FREE, row[1] .. '|' .. label) or '0')
 end
 
-local lots, balance = live_lots(now_ms)
-local granted = {}
-for i = 1, #lots, 3 do
-  local lot = cjson.decode(redis.call('HGET', K_LOTS, lots[i]))
-  granted[#granted + 1] = lot.g
-  granted[#granted + 1] = lot.t
+-- Every lot ever granted: {id, granted, left, expires_ms, granted_ms, source, revoked}.
+local all = {}
+local flat = redis.call('HGETALL', K_LOTS)
+for i = 1, #flat, 2 do
+  local meta = cjson.decode(flat[i + 1])
+  local left = tonumber(redis.call('HGET', K_LOTREM, flat[i]) or '0')
+  all[#all + 1] = {flat[i], meta.g, left, meta.e, meta.t, meta.src or 'purchase', meta.v or 0}
 end
 
+local lots, balance = live_lots()
 local holds = {}
-local rids = redis.call('ZRANGE', K_HOLDS, 0, -1)
-for _, rid in ipairs(rids) do
+for _, rid in ipairs(redis.call('ZRANGE', K_HOLDS, 0, -1)) do
   local rec = load_record(rid)
-  if rec then
-    holds[#holds + 1] = {rid, rec.p, rec.f, rec.c, rec.e}
-  end
+  if rec then holds[#holds + 1] = {rid, rec.p, rec.f, rec.c, rec.e} end
 end
 
-return reply({plan = plan, tz = tz, now_ms = now_ms, resets_ms = window_end_ms,
-              free = free, lots = lots, granted = granted, holds = holds,
-              balance = balance})
+local v = redis.call('HMGET', K_ACCT, 'cap', 'at_on', 'at_thr', 'at_pack')
+return reply({plan = plan, tz = tz, now_ms = now_ms, resets_ms = window_end_ms, free = free,
+              lots = lots, all_lots = all, holds = holds, balance = balance,
+              month = month, month_resets_ms = month_end_ms,
+              month_spend = tonumber(redis.call('HGET', K_SPEND, month) or '0'),
+              cap = tonumber(v[1] or '0'), at_on = v[2] or '0', at_thr = tonumber(v[3] or '0'),
+              at_pack = v[4] or '', totals = totals_table()})

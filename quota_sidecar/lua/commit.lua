@@ -5,27 +5,15 @@
 -- Each reservation resolves once: a repeated Commit with the same outcome
 -- replays it; a Commit after Release or expiry is refused.
 -- Times are in milliseconds; credits are integers.
-local pinned_ms    = tonumber(ARGV[1])
-local rid          = ARGV[2]
-local retention_ms = tonumber(ARGV[3])
-local COSTS_AT     = 4  -- count, then (product, actual_cost) pairs;
--- actual_cost -1, or a product missing from the table: charge the whole
--- hold; -2: the params are invalid for that product.
+local rid   = next_arg()
+local costs = next_block(2)  -- {product, actual_cost}: -1 (or no row) charges the
+                             -- whole hold; -2 means the params are invalid for it
 
-local now_ms = clock_ms(pinned_ms)
 local rec = load_record(rid)
 if not rec then return fail('RESERVATION_NOT_FOUND') end
 
-local function actual_cost_for(product)
-  local n = tonumber(ARGV[COSTS_AT])
-  for i = 0, n - 1 do
-    local base = COSTS_AT + 1 + 2 * i
-    if ARGV[base] == product then return tonumber(ARGV[base + 1]) end
-  end
-  return -1
-end
-
-local actual = actual_cost_for(rec.p)
+local actual = -1
+for _, row in ipairs(costs) do if row[1] == rec.p then actual = tonumber(row[2]) end end
 -- Bad input changes nothing, not even lazy expiry.
 if actual == -2 then return fail('INVALID_PARAMS', {product = rec.p}) end
 
@@ -33,22 +21,21 @@ local charge = rec.c
 if rec.f == 'credits' and actual >= 0 then charge = actual end
 if rec.f == 'free' then charge = 0 end
 
-settle_if_due(rid, rec, now_ms)
+settle_if_due(rid, rec)
 local result = {funding = rec.f, charged = charge, refunded = rec.c - charge,
                 free_charged = (rec.f == 'free') and 1 or 0, replayed = 0}
 
 if rec.s == 'committed' then
   if rec.ch ~= charge then return fail('COMMIT_COST_MISMATCH', {charged = rec.ch}) end
-  local _, balance = live_lots(now_ms)
-  result.replayed, result.balance = 1, balance
-  result.refunded = rec.rf
+  local _, balance = live_lots()
+  result.replayed, result.balance, result.refunded = 1, balance, rec.rf
   return reply(result)
 end
 if rec.s == 'released' then return fail('ALREADY_RELEASED') end
 if rec.s == 'expired' then return fail('EXPIRED', {expired_ms = rec.r}) end
 if charge > rec.c then return fail('COST_EXCEEDS_HOLD', {held = rec.c, actual = charge}) end
 
-sweep(now_ms, retention_ms)
+sweep()
 
 -- Give back the unused part from the lots taken last, which expire latest.
 local refund = rec.c - charge
@@ -68,12 +55,17 @@ for i = #rec.l - 2, 1, -3 do
     table.insert(kept, 1, lot_id)
   end
 end
-return_credits(back, now_ms)
-redis.call('HINCRBY', K_ACCT, 'credits_spent', charge)
+local to_lots, to_expired, to_revoked = return_credits(back)
+incr('credits_held', -rec.c)
+incr('credits_spent', charge)
+unspend(rec.m, rec.c - charge)
 rec.l = kept
 rec.ch, rec.rf = charge, rec.c - charge
-resolve(rid, rec, 'committed', now_ms)
+resolve(rid, rec, 'committed')
+ledger('commit', hold_fields(rid, rec, {'credits', charge, 'free', result.free_charged, 'window', rec.ff,
+                                        'returned', rec.c - charge, 'to_lots', to_lots, 'to_expired', to_expired,
+                                        'to_revoked', to_revoked, 'lots', lots_text(kept)}))
 
-local _, balance = live_lots(now_ms)
+local _, balance = live_lots()
 result.balance = balance
 return reply(result)

@@ -1,11 +1,9 @@
 -- ExtendReservation: push a live hold's expiry to now + ttl. Never shortens.
 -- Times are in milliseconds.
-local pinned_ms = tonumber(ARGV[1])
-local rid       = ARGV[2]
-local ttl_ms    = tonumber(ARGV[3])  -- 0: the lifetime the hold was made with
+local rid    = next_arg()
+local ttl_ms = tonumber(next_arg())  -- 0: the lifetime the hold was made with
 
-local now_ms = clock_ms(pinned_ms)
-local rec = load_settled_record(rid, now_ms)
+local rec = load_settled_record(rid)
 if not rec then return fail('RESERVATION_NOT_FOUND') end
 if rec.s == 'committed' then return fail('ALREADY_COMMITTED') end
 if rec.s == 'released' then return fail('ALREADY_RELEASED') end

@@ -2,30 +2,35 @@
 -- replay with the same credits returns the original lot; different credits
 -- are refused. The lot is spendable by the very next decision.
 -- Times are in milliseconds; credits are integers.
-local pinned_ms    = tonumber(ARGV[1])
-local lot_id       = ARGV[2]
-local credits      = tonumber(ARGV[3])
-local expires_ms   = tonumber(ARGV[4])
-local retention_ms = tonumber(ARGV[5])
+local lot_id      = next_arg()
+local credits     = tonumber(next_arg())
+local expires_ms  = tonumber(next_arg())
+local rank        = tonumber(next_arg())  -- spending order at equal expiry: 0 promo .. 3 purchase
+local source      = next_arg()
+local reason      = next_arg()
 
-local now_ms = clock_ms(pinned_ms)
-local raw = redis.call('HGET', K_LOTS, lot_id)
-if raw then
-  local lot = cjson.decode(raw)
-  if lot.g ~= credits then return fail('PURCHASE_ID_CONFLICT', {granted = lot.g}) end
-  sweep(now_ms, retention_ms)
-  local _, balance = live_lots(now_ms)
+local function lot_reply(meta, replayed)
+  local _, balance = live_lots()
   local left = tonumber(redis.call('HGET', K_LOTREM, lot_id) or '0')
-  return reply({granted = lot.g, left = left, expires_ms = lot.e, granted_ms = lot.t,
-                balance = balance, replayed = 1})
+  return reply({granted = meta.g, left = left, expires_ms = meta.e, granted_ms = meta.t, source = meta.src,
+                revoked = meta.v, balance = balance, replayed = replayed})
+end
+
+local meta = lot_meta(lot_id)
+if meta then
+  if meta.g ~= credits then return fail('PURCHASE_ID_CONFLICT', {granted = meta.g}) end
+  sweep()
+  return lot_reply(meta, 1)
 end
 if expires_ms <= now_ms then return fail('EXPIRES_IN_PAST', {now_ms = now_ms}) end
 
-sweep(now_ms, retention_ms)
-redis.call('HSET', K_LOTS, lot_id, cjson.encode({g = credits, e = expires_ms, t = now_ms}))
+sweep()
+meta = {g = credits, e = expires_ms, t = now_ms, k = rank, src = source, v = 0, vr = 0, x = 0}
+redis.call('HSET', K_LOTS, lot_id, cjson.encode(meta))
 redis.call('HSET', K_LOTREM, lot_id, credits)
-redis.call('ZADD', K_LOTEXP, expires_ms, lot_id)
-redis.call('HINCRBY', K_ACCT, 'credits_granted', credits)
-local _, balance = live_lots(now_ms)
-return reply({granted = credits, left = credits, expires_ms = expires_ms, granted_ms = now_ms,
-              balance = balance, replayed = 0})
+redis.call('ZADD', K_LOTEXP, lot_score(expires_ms, rank), lot_id)
+incr('credits_granted', credits)
+-- A grant re-arms the low-balance and auto top-up events.
+redis.call('HDEL', K_NOTES, 'credits_low', 'auto_topup')
+ledger('grant', {'pid', lot_id, 'credits', credits, 'source', source, 'expires_ms', expires_ms, 'reason', reason})
+return lot_reply(meta, 0)

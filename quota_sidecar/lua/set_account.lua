@@ -1,10 +1,30 @@
--- SetAccount: plan and/or time zone; an empty argument leaves it unchanged.
--- The engine has already checked that the plan exists and the zone is valid.
-local plan         = ARGV[1]
-local tz           = ARGV[2]
-local default_plan = ARGV[3]
+-- SetAccount: plan, time zone, monthly spend cap, auto top-up. An empty
+-- argument leaves the setting unchanged. The engine has already checked
+-- that the plan and pack exist and the zone is valid. Credits are integers.
+local plan         = next_arg()
+local tz           = next_arg()
+local default_plan = next_arg()
+local cap          = next_arg()  -- credits per month; '0' = none
+local topup_on     = next_arg()  -- '1' / '0'
+local topup_thr    = next_arg()
+local topup_pack   = next_arg()
 
-if plan ~= '' then redis.call('HSET', K_ACCT, 'plan', plan) end
-if tz ~= '' then redis.call('HSET', K_ACCT, 'tz', tz) end
+local changes = {}
+local function set(field, value)
+  if value ~= '' then
+    changes[#changes + 1] = field
+    changes[#changes + 1] = value
+  end
+end
+set('plan', plan)
+set('tz', tz)
+set('cap', cap)
+set('at_on', topup_on)
+set('at_thr', topup_thr)
+set('at_pack', topup_pack)
+if #changes > 0 then redis.call('HSET', K_ACCT, unpack(changes)) end
+
 local current_plan, current_tz = account(default_plan)
-return reply({plan = current_plan, tz = current_tz})
+local v = redis.call('HMGET', K_ACCT, 'cap', 'at_on', 'at_thr', 'at_pack')
+return reply({plan = current_plan, tz = current_tz, cap = tonumber(v[1] or '0'), at_on = v[2] or '0',
+              at_thr = tonumber(v[3] or '0'), at_pack = v[4] or ''})

@@ -1,0 +1,38 @@
+-- RefundJob: a committed job's cost goes back (a generation that failed
+-- after commit): credits to the lots they were spent from (expired or
+-- revoked lots keep them), a free unit to its window. At most once per
+-- reservation; a repeat replays. Credits are integers.
+local rid    = next_arg()
+local reason = next_arg()
+
+local rec = load_settled_record(rid)
+if not rec then return fail('RESERVATION_NOT_FOUND') end
+if rec.s ~= 'committed' then return fail('NOT_COMMITTED', {state = rec.s}) end
+
+local free = (rec.f == 'free') and 1 or 0
+if rec.rj ~= nil then
+  local _, balance = live_lots()
+  return reply({refunded = rec.rj, free_refunded = free, balance = balance, replayed = 1})
+end
+
+sweep()
+local fields
+if free == 1 then
+  return_free_unit(rec.ff)
+  rec.rj = 0
+  fields = {'free', 1, 'window', rec.ff}
+else
+  local to_lots, to_expired, to_revoked = return_credits(rec.l)
+  incr('credits_refunded', rec.ch)
+  unspend(rec.m, rec.ch)
+  fields = {'credits', rec.ch, 'to_lots', to_lots, 'to_expired', to_expired, 'to_revoked', to_revoked,
+            'lots', lots_text(rec.l)}
+  rec.rj = rec.ch
+  rec.l = {}
+end
+save_record(rid, rec)
+fields[#fields + 1] = 'reason'
+fields[#fields + 1] = reason
+ledger('refund', hold_fields(rid, rec, fields))
+local _, balance = live_lots()
+return reply({refunded = rec.rj, free_refunded = free, balance = balance, replayed = 0})
