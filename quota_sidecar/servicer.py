@@ -27,14 +27,31 @@ from ._proto.quota.v1 import quota_pb2 as pb
 from ._proto.quota.v1 import quota_pb2_grpc as pb_grpc
 from .engine import QuotaEngine
 from .errors import Conflict, InvalidArgument, NotFound, QuotaError, ResolutionConflict, Unavailable
-from .model import Balance, Decision, Funding, JobParams, Lot, Money, Offer
+from .model import (
+    Account,
+    AutoTopUp,
+    Balance,
+    CreditSource,
+    CreditTotals,
+    Decision,
+    Funding,
+    JobParams,
+    LedgerEntry,
+    Lot,
+    Money,
+    Offer,
+)
 
 log = logging.getLogger("quota_sidecar.servicer")
 
 ERROR_DOMAIN = "quota-sidecar"
 
 _FUNDING = {Funding.FREE_QUOTA: pb.FUNDING_FREE_QUOTA, Funding.CREDITS: pb.FUNDING_CREDITS, None: pb.FUNDING_UNSPECIFIED}
-_DENIAL = {"PURCHASE_REQUIRED": pb.DENIAL_REASON_PURCHASE_REQUIRED, "NOT_ENTITLED": pb.DENIAL_REASON_NOT_ENTITLED}
+_DENIAL = {"PURCHASE_REQUIRED": pb.DENIAL_REASON_PURCHASE_REQUIRED, "NOT_ENTITLED": pb.DENIAL_REASON_NOT_ENTITLED,
+           "BUDGET_EXCEEDED": pb.DENIAL_REASON_BUDGET_EXCEEDED}
+_SOURCE_TO_PB = {CreditSource.PURCHASE: pb.CREDIT_SOURCE_PURCHASE, CreditSource.PROMO: pb.CREDIT_SOURCE_PROMO,
+                 CreditSource.REFUND: pb.CREDIT_SOURCE_REFUND, CreditSource.COMPENSATION: pb.CREDIT_SOURCE_COMPENSATION}
+_SOURCE_FROM_PB = {v: k for k, v in _SOURCE_TO_PB.items()} | {pb.CREDIT_SOURCE_UNSPECIFIED: CreditSource.PURCHASE}
 
 R = TypeVar("R")
 
@@ -126,7 +143,40 @@ def decision_response(decision: Decision) -> pb.CheckAndReserveResponse:
 
 def _lot(lot: Lot) -> pb.CreditLot:
     return pb.CreditLot(lot_id=lot.lot_id, credits_granted=lot.credits_granted, credits_left=lot.credits_left,
-                        expires_at=_ts(lot.expires_ms), granted_at=_ts(lot.granted_ms))
+                        expires_at=_ts(lot.expires_ms), granted_at=_ts(lot.granted_ms),
+                        source=_SOURCE_TO_PB[lot.source], revoked=lot.revoked)
+
+
+def _totals(t: CreditTotals) -> pb.CreditTotals:
+    return pb.CreditTotals(granted=t.granted, spent=t.spent, expired=t.expired, revoked=t.revoked,
+                           refunded=t.refunded, held=t.held, available=t.available)
+
+
+def _topup(t: AutoTopUp) -> pb.AutoTopUp:
+    return pb.AutoTopUp(enabled=t.enabled, threshold_credits=t.threshold_credits, pack_id=t.pack_id)
+
+
+def _source(value: int) -> CreditSource:
+    if value not in _SOURCE_FROM_PB:
+        raise InvalidArgument("source", f"unknown credit source {value}")
+    return _SOURCE_FROM_PB[value]
+
+
+def account_response(a: Account) -> pb.GetAccountResponse:
+    return pb.GetAccountResponse(
+        balance=balance_response(a.balance), monthly_spend_cap_credits=a.monthly_spend_cap_credits,
+        month_spend_credits=a.month_spend_credits, month_resets_at=_ts(a.month_resets_ms),
+        auto_topup=_topup(a.auto_topup), totals=_totals(a.totals), all_lots=[_lot(lot) for lot in a.all_lots])
+
+
+def ledger_entry_pb(e: LedgerEntry) -> pb.LedgerEntry:
+    funding = e.fields.get("funding", "")
+    return pb.LedgerEntry(
+        id=e.entry_id, at=_ts(e.at_ms), type=e.type, reservation_id=e.fields.get("rid", ""),
+        purchase_id=e.fields.get("pid", ""), product=e.fields.get("product", ""),
+        funding=_FUNDING[Funding(funding)] if funding else pb.FUNDING_UNSPECIFIED,
+        credits=e.int_field("credits"), free_units=e.int_field("free"), plans_version=e.fields.get("pv", ""),
+        reason=e.fields.get("reason", ""), totals_after=_totals(e.totals_after))
 
 
 def balance_response(b: Balance) -> pb.GetBalanceResponse:
@@ -184,10 +234,41 @@ class QuotaAdmin(pb_grpc.QuotaAdminServicer):
     @_rpc
     async def GrantCredits(self, request: pb.GrantCreditsRequest, context: Any) -> pb.GrantCreditsResponse:
         expires_ms = request.expires_at.ToMilliseconds() if request.HasField("expires_at") else None
-        r = await self._engine.grant(request.account_id, request.credits, request.purchase_id, expires_ms)
+        r = await self._engine.grant(request.account_id, request.credits, request.purchase_id, expires_ms,
+                                     source=_source(request.source), reason=request.reason)
         return pb.GrantCreditsResponse(lot=_lot(r.lot), credit_balance=r.credit_balance, replayed=r.replayed)
 
     @_rpc
+    async def RevokeCredits(self, request: pb.RevokeCreditsRequest, context: Any) -> pb.RevokeCreditsResponse:
+        r = await self._engine.revoke(request.account_id, request.purchase_id, request.reason)
+        return pb.RevokeCreditsResponse(credits_revoked=r.credits_revoked, credits_spent=r.credits_spent,
+                                        credits_held=r.credits_held, credit_balance=r.credit_balance,
+                                        replayed=r.replayed)
+
+    @_rpc
+    async def RefundJob(self, request: pb.RefundJobRequest, context: Any) -> pb.RefundJobResponse:
+        r = await self._engine.refund_job(request.account_id, request.reservation_id, request.reason)
+        return pb.RefundJobResponse(credits_refunded=r.credits_refunded, free_refunded=r.free_refunded,
+                                    credit_balance=r.credit_balance, replayed=r.replayed)
+
+    @_rpc
     async def SetAccount(self, request: pb.SetAccountRequest, context: Any) -> pb.SetAccountResponse:
-        r = await self._engine.set_account(request.account_id, request.plan, request.time_zone)
-        return pb.SetAccountResponse(plan=r.plan, time_zone=r.time_zone)
+        cap = request.monthly_spend_cap_credits if request.HasField("monthly_spend_cap_credits") else None
+        topup = None
+        if request.HasField("auto_topup"):
+            t = request.auto_topup
+            topup = AutoTopUp(enabled=t.enabled, threshold_credits=t.threshold_credits, pack_id=t.pack_id)
+        r = await self._engine.set_account(request.account_id, request.plan, request.time_zone,
+                                           monthly_spend_cap_credits=cap, auto_topup=topup)
+        return pb.SetAccountResponse(plan=r.plan, time_zone=r.time_zone,
+                                     monthly_spend_cap_credits=r.monthly_spend_cap_credits,
+                                     auto_topup=_topup(r.auto_topup))
+
+    @_rpc
+    async def GetAccount(self, request: pb.GetAccountRequest, context: Any) -> pb.GetAccountResponse:
+        return account_response(await self._engine.account(request.account_id))
+
+    @_rpc
+    async def ListLedger(self, request: pb.ListLedgerRequest, context: Any) -> pb.ListLedgerResponse:
+        entries, token = await self._engine.ledger(request.account_id, request.page_size, request.page_token)
+        return pb.ListLedgerResponse(entries=[ledger_entry_pb(e) for e in entries], next_page_token=token)
