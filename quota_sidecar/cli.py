@@ -11,7 +11,8 @@
     quota-sidecar check-plans FILE
 
 Client verbs print readable text, or the response as JSON with --json; a gRPC
-error prints its code, message and details and exits 1.
+error prints its code, message and details and exits 1. Admin verbs also take
+--token-file / QUOTA_ADMIN_TOKEN (bearer token) and --tls-ca/--tls-cert/--tls-key.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ DEFAULT_TARGET = "127.0.0.1:50051"
 # By convention the admin API sits on the next port; it is off unless --admin-listen is given.
 DEFAULT_ADMIN_TARGET = "127.0.0.1:50052"
 CLIENT_TIMEOUT_SECONDS = 10.0
+# Verbs that call QuotaAdmin: they default to the admin target and take the admin credentials flags.
+ADMIN_VERBS = frozenset({"grant", "set-account"})
+ADMIN_TOKEN_ENV = "QUOTA_ADMIN_TOKEN"
 
 
 def _serve_parser(sub: Any) -> None:
@@ -56,6 +60,21 @@ def _target(p: argparse.ArgumentParser, *, admin: bool) -> None:
     default = DEFAULT_ADMIN_TARGET if admin else DEFAULT_TARGET
     p.add_argument("--target", default=None, help=f"{what} (env {var}; default {default})")
     p.add_argument("--json", action="store_true", help="print the response as JSON")
+    if admin:
+        _admin_credentials(p)
+
+
+def _admin_credentials(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--token-file", default=None, metavar="FILE", help=(
+        "file whose first line that is neither blank nor a # comment is the admin bearer token, sent as "
+        f"'authorization: Bearer <token>' (default: the token in env {ADMIN_TOKEN_ENV}, if set)"))
+    p.add_argument("--tls-ca", default=None, metavar="FILE",
+                   help="PEM CA that signed the sidecar's admin certificate; connects with TLS")
+    p.add_argument("--tls-cert", default=None, metavar="FILE",
+                   help="PEM client certificate for mTLS (with --tls-key and --tls-ca)")
+    p.add_argument("--tls-key", default=None, metavar="FILE", help="PEM private key of --tls-cert")
+    p.add_argument("--tls-server-name", default=None, metavar="NAME", help=(
+        "name the sidecar's certificate must carry (default: the target's host; needed with unix: targets)"))
 
 
 def _job_args(p: argparse.ArgumentParser) -> None:

@@ -19,7 +19,15 @@ from grpc_status import rpc_status
 
 from ._proto.quota.v1 import quota_pb2 as pb
 from ._proto.quota.v1 import quota_pb2_grpc as pb_grpc
-from .cli import CLIENT_TIMEOUT_SECONDS, DEFAULT_ADMIN_TARGET, DEFAULT_TARGET, format_time, print_json
+from .cli import (
+    ADMIN_TOKEN_ENV,
+    ADMIN_VERBS,
+    CLIENT_TIMEOUT_SECONDS,
+    DEFAULT_ADMIN_TARGET,
+    DEFAULT_TARGET,
+    format_time,
+    print_json,
+)
 
 _FUNDING_TEXT = {pb.FUNDING_FREE_QUOTA: "free allowance", pb.FUNDING_CREDITS: "credits"}
 
@@ -71,13 +79,72 @@ def _print_balance(r: pb.GetBalanceResponse) -> None:
         print(f"    hold {h.reservation_id} ({h.product}): {held} until {format_time(_ms(h.expires_at), tz)}")
 
 
-def _call(args: argparse.Namespace) -> Any:
-    admin = args.verb in ("grant", "set-account")
+def _read_client_file(path: str, flag: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        # ValueError: run_verb reports it as a usage error (exit 2).
+        raise ValueError(f"cannot read {flag} {path}: {exc.strerror or exc}") from None
+
+
+def admin_token(args: argparse.Namespace) -> str | None:
+    """The bearer token: --token-file's first non-blank, non-# line, else $QUOTA_ADMIN_TOKEN, else None."""
+    if args.token_file:
+        lines = _read_client_file(args.token_file, "--token-file").decode("utf-8", "replace").splitlines()
+        token = next((t for t in (line.strip() for line in lines) if t and not t.startswith("#")), "")
+        if not token:
+            raise ValueError(f"--token-file {args.token_file} holds no token")
+    else:
+        token = os.environ.get(ADMIN_TOKEN_ENV, "").strip()
+    # gRPC metadata values are printable ASCII; say so here rather than fail inside the call.
+    if token and any(not 0x21 <= ord(c) <= 0x7E for c in token):
+        raise ValueError("the admin token must be printable ASCII without spaces")
+    return token or None
+
+
+def _channel_credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
+    """TLS credentials from --tls-ca (and --tls-cert/--tls-key for mTLS), or None for plaintext."""
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together")
+    if args.tls_cert and not args.tls_ca:
+        raise ValueError("--tls-cert needs --tls-ca (the CA of the sidecar's certificate)")
+    if not args.tls_ca:
+        if args.tls_server_name:
+            raise ValueError("--tls-server-name needs --tls-ca")
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read_client_file(args.tls_ca, "--tls-ca"),
+        private_key=_read_client_file(args.tls_key, "--tls-key") if args.tls_key else None,
+        certificate_chain=_read_client_file(args.tls_cert, "--tls-cert") if args.tls_cert else None)
+
+
+def _channel(args: argparse.Namespace, admin: bool) -> grpc.Channel:
+    """A channel to the verb's target: the admin one (TLS when asked) or the worker-facing one."""
     target = (args.target or os.environ.get("QUOTA_ADMIN_TARGET" if admin else "QUOTA_TARGET")
               or (DEFAULT_ADMIN_TARGET if admin else DEFAULT_TARGET))
-    channel = grpc.insecure_channel(target)
+    credentials = _channel_credentials(args) if admin else None
+    if credentials is None:
+        return grpc.insecure_channel(target)
+    # Over a unix socket there is no host name to verify the certificate against: the caller names it.
+    options = [("grpc.ssl_target_name_override", args.tls_server_name)] if args.tls_server_name else []
+    return grpc.secure_channel(target, credentials, options=options)
+
+
+def _admin_call_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """Keyword arguments of every QuotaAdmin call: the deadline and the bearer token, if any."""
+    kw: dict[str, Any] = {"timeout": CLIENT_TIMEOUT_SECONDS}
+    token = admin_token(args)
+    if token is not None:
+        kw["metadata"] = (("authorization", f"Bearer {token}"),)
+    return kw
+
+
+def _call(args: argparse.Namespace) -> Any:
+    admin = args.verb in ADMIN_VERBS
+    kw = _admin_call_kwargs(args) if admin else {"timeout": CLIENT_TIMEOUT_SECONDS}
+    channel = _channel(args, admin)
     service = pb_grpc.QuotaAdminStub(channel) if admin else pb_grpc.QuotaServiceStub(channel)
-    kw = {"timeout": CLIENT_TIMEOUT_SECONDS}
     with channel:
         if args.verb == "reserve":
             req = pb.CheckAndReserveRequest(account_id=args.account, product=args.product, reservation_id=args.id,

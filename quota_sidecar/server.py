@@ -1,7 +1,9 @@
 """The grpc.aio server: wiring, health, reflection, sweeper, graceful stop.
 
 ``create_server`` / ``create_admin_server`` build servers around an engine so
-tests can bind port 0 and talk over a real channel. ``run`` is what
+tests can bind port 0 and talk over a real channel. Only the admin server
+authenticates (quota_sidecar.auth: a bearer-token interceptor and TLS/mTLS
+credentials); the worker-facing one has no admin methods to protect. ``run`` is what
 ``quota-sidecar serve`` does: plans, Redis (embedded when no URL is given),
 store, engine, servers, sweeper, and SIGTERM handling (stop accepting, let
 in-flight calls finish within the grace period, exit 0).
@@ -23,6 +25,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from ._proto.quota.v1 import quota_pb2, quota_pb2_grpc
+from .auth import AdminAuth, load_admin_auth
 from .clock import Clock
 from .engine import QuotaEngine
 from .errors import QuotaError
@@ -48,11 +51,13 @@ def _options(settings: Settings) -> list[tuple[str, int]]:
     ]
 
 
-def _bind(server: grpc.aio.Server, addresses: tuple[str, ...]) -> int:
-    """Binds every address; returns the first TCP port (0 when only unix sockets)."""
+def _bind(server: grpc.aio.Server, addresses: tuple[str, ...],
+          credentials: grpc.ServerCredentials | None = None) -> int:
+    """Binds every address (TLS when credentials are given); returns the first TCP port (0 when only unix sockets)."""
     first_port = 0
     for address in addresses:
-        port = server.add_insecure_port(address)
+        port = (server.add_secure_port(address, credentials) if credentials is not None
+                else server.add_insecure_port(address))
         if not address.startswith("unix:"):
             if port == 0:
                 raise OSError(f"cannot listen on {address}")
@@ -62,12 +67,14 @@ def _bind(server: grpc.aio.Server, addresses: tuple[str, ...]) -> int:
 
 def _new_server(settings: Settings, addresses: tuple[str, ...], service_name: str,
                 add_servicer: Callable[[grpc.aio.Server], None],
-                health: HealthServicer | None) -> tuple[grpc.aio.Server, int]:
-    server = grpc.aio.server(options=_options(settings))
+                health: HealthServicer | None, *,
+                interceptors: tuple[grpc.aio.ServerInterceptor, ...] = (),
+                credentials: grpc.ServerCredentials | None = None) -> tuple[grpc.aio.Server, int]:
+    server = grpc.aio.server(options=_options(settings), interceptors=interceptors or None)
     add_servicer(server)
     health_pb2_grpc.add_HealthServicer_to_server(health or HealthServicer(), server)
     reflection.enable_server_reflection((service_name, HEALTH_NAME, reflection.SERVICE_NAME), server)
-    return server, _bind(server, addresses)
+    return server, _bind(server, addresses, credentials)
 
 
 def create_server(settings: Settings, engine: QuotaEngine, *,
@@ -77,12 +84,20 @@ def create_server(settings: Settings, engine: QuotaEngine, *,
                        lambda s: quota_pb2_grpc.add_QuotaServiceServicer_to_server(QuotaService(engine), s), health)
 
 
-def create_admin_server(settings: Settings, engine: QuotaEngine, *,
-                        health: HealthServicer | None = None) -> tuple[grpc.aio.Server, int]:
-    """The billing-side server (QuotaAdmin, health, reflection) on --admin-listen; not started."""
+def create_admin_server(settings: Settings, engine: QuotaEngine, *, health: HealthServicer | None = None,
+                        auth: AdminAuth | None = None) -> tuple[grpc.aio.Server, int]:
+    """The billing-side server (QuotaAdmin, health, reflection) on --admin-listen; not started.
+
+    QuotaAdmin calls need a bearer token when settings.admin_token_file is set
+    (health and reflection never do); the addresses speak TLS, and with a
+    client CA demand a client certificate, when settings.admin_tls_cert is set.
+    ``auth`` is what ``load_admin_auth(settings)`` returns; loaded here when not given.
+    """
     assert settings.admin_listen, "admin server needs admin_listen"
+    auth = auth or load_admin_auth(settings)
     return _new_server(settings, settings.admin_listen, ADMIN_NAME,
-                       lambda s: quota_pb2_grpc.add_QuotaAdminServicer_to_server(QuotaAdmin(engine), s), health)
+                       lambda s: quota_pb2_grpc.add_QuotaAdminServicer_to_server(QuotaAdmin(engine), s), health,
+                       interceptors=auth.interceptors, credentials=auth.credentials)
 
 
 async def sweep_forever(engine: QuotaEngine, store: RedisStore, interval_seconds: float) -> None:
@@ -121,6 +136,8 @@ async def run(settings: Settings, *, clock: Clock | None = None,
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # Token and certificate files first: a bad one fails before Redis is started or anything is bound.
+    admin_auth = load_admin_auth(settings) if settings.admin_listen else None
     plans = load_plans(settings.plans or None)
     embedded = None if settings.redis_url else start_embedded_redis(settings)
     try:
@@ -131,7 +148,7 @@ async def run(settings: Settings, *, clock: Clock | None = None,
         try:
             await store.ping()
             engine = QuotaEngine(plans, store, clock)
-            await _serve(settings, engine, store, plans.version, stop, on_ready)
+            await _serve(settings, engine, store, plans.version, stop, on_ready, admin_auth)
         finally:
             await store.close()
     finally:
@@ -141,22 +158,28 @@ async def run(settings: Settings, *, clock: Clock | None = None,
 
 async def _serve(settings: Settings, engine: QuotaEngine, store: RedisStore, plans_version: str,
                  stop: asyncio.Event,
-                 on_ready: Callable[[dict[str, int]], Awaitable[None] | None] | None) -> None:
+                 on_ready: Callable[[dict[str, int]], Awaitable[None] | None] | None,
+                 admin_auth: AdminAuth | None = None) -> None:
     health = HealthServicer()
     servers = []
     server, port = create_server(settings, engine, health=health)
     servers.append(server)
     ports = {"listen": port}
     if settings.admin_listen:
-        admin, admin_port = create_admin_server(settings, engine, health=health)
+        admin_auth = admin_auth or load_admin_auth(settings)
+        admin, admin_port = create_admin_server(settings, engine, health=health, auth=admin_auth)
+        if not admin_auth.interceptors and not admin_auth.mtls:
+            log.warning("QuotaAdmin on %s accepts calls without credentials (allowed on loopback and unix "
+                        "sockets only); set --admin-token-file and/or mTLS", ", ".join(settings.admin_listen))
         servers.append(admin)
         ports["admin"] = admin_port
     for s in servers:
         await s.start()
     for name in ("", SERVICE_NAME, ADMIN_NAME):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("serving QuotaService on %s%s (plans %s)", ", ".join(settings.listen),
-             f"; QuotaAdmin on {', '.join(settings.admin_listen)}" if settings.admin_listen else "", plans_version)
+    admin_text = (f"; QuotaAdmin on {', '.join(settings.admin_listen)} ({admin_auth.describe()})"
+                  if settings.admin_listen and admin_auth is not None else "")
+    log.info("serving QuotaService on %s%s (plans %s)", ", ".join(settings.listen), admin_text, plans_version)
 
     sweeper = (asyncio.create_task(sweep_forever(engine, store, settings.sweep_interval_seconds))
                if settings.sweep_interval_seconds else None)

@@ -26,7 +26,19 @@ class Settings:
     listen: tuple[str, ...] = _setting(
         ("127.0.0.1:50051",), "worker-facing QuotaService address, host:port or unix:/path (repeatable); loopback by default")
     admin_listen: tuple[str, ...] = _setting(
-        (), "QuotaAdmin address (GrantCredits, SetAccount), repeatable; none = admin API off")
+        (), "QuotaAdmin address (GrantCredits, SetAccount, ...), repeatable; none = admin API off; an address "
+            "other than loopback or unix: is refused unless --admin-token-file or --admin-client-ca is set")
+    admin_token_file: str = _setting(
+        "", "file of accepted QuotaAdmin bearer tokens, one per line, each at least 16 printable ASCII characters "
+            "without spaces (several during a rotation; blank lines and # comments ignored); read once at start-up, "
+            "restart to reload; empty = no token check", "FILE")
+    admin_tls_cert: str = _setting(
+        "", "PEM certificate chain of the admin server; with --admin-tls-key, every --admin-listen address "
+            "speaks TLS; empty = plaintext", "FILE")
+    admin_tls_key: str = _setting("", "PEM private key of --admin-tls-cert", "FILE")
+    admin_client_ca: str = _setting(
+        "", "PEM CA bundle: admin clients must present a certificate signed by it (mTLS; needs --admin-tls-cert "
+            "and --admin-tls-key); with --admin-token-file both are required", "FILE")
     redis_url: str = _setting(
         "", "Redis URL (redis://, rediss://, unix://); empty = start an embedded development redis-server", "URL")
     redis_timeout_ms: int = _setting(2000, "deadline of each Redis call and connection attempt, milliseconds", "MS")
@@ -68,6 +80,20 @@ class Settings:
             raise InvalidArgument("key_buckets", "must be between 1 and 16384")
         if self.max_message_bytes < 1024:
             raise InvalidArgument("max_message_bytes", "must be at least 1024")
+        self._check_admin_auth()
+
+    def _check_admin_auth(self) -> None:
+        """Consistency of the admin auth flags; the files themselves are read at start-up (auth.py)."""
+        from .auth import admin_auth_problem  # grpc is imported only when settings are built
+
+        if bool(self.admin_tls_cert) != bool(self.admin_tls_key):
+            raise InvalidArgument("admin_tls_key" if self.admin_tls_cert else "admin_tls_cert",
+                                  "admin_tls_cert and admin_tls_key go together")
+        if self.admin_client_ca and not self.admin_tls_cert:
+            raise InvalidArgument("admin_client_ca", "needs admin_tls_cert and admin_tls_key (mTLS is TLS first)")
+        problem = admin_auth_problem(self)
+        if problem:
+            raise InvalidArgument("admin_listen", problem)
 
     @classmethod
     def from_sources(cls, flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> "Settings":
