@@ -7,7 +7,11 @@
     quota-sidecar extend  --account A --id RID [--ttl 600]
     quota-sidecar balance --account A
     quota-sidecar grant   --account A --credits 10 --purchase-id P     (admin address)
-    quota-sidecar set-account --account A [--plan pro] [--tz Europe/Paris]  (admin address)
+    quota-sidecar set-account --account A [--plan pro] [--tz Europe/Paris] [--monthly-cap 100]  (admin address)
+    quota-sidecar revoke  --account A --purchase-id P                   (admin address)
+    quota-sidecar refund  --account A --id RID                          (admin address)
+    quota-sidecar account --account A / ledger --account A              (admin address)
+    quota-sidecar audit   (--account A | --all) --redis-url URL
     quota-sidecar check-plans FILE
 
 Client verbs print readable text, or the response as JSON with --json; a gRPC
@@ -34,7 +38,7 @@ DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_ADMIN_TARGET = "127.0.0.1:50052"
 CLIENT_TIMEOUT_SECONDS = 10.0
 # Verbs that call QuotaAdmin: they default to the admin target and take the admin credentials flags.
-ADMIN_VERBS = frozenset({"grant", "set-account"})
+ADMIN_VERBS = frozenset({"grant", "set-account", "revoke", "refund", "account", "ledger"})
 ADMIN_TOKEN_ENV = "QUOTA_ADMIN_TOKEN"
 
 
@@ -122,13 +126,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--credits", type=int, required=True)
     p.add_argument("--purchase-id", required=True, help="the purchase's id; idempotency key")
     p.add_argument("--expires-at", default=None, help="ISO 8601 time; default: 12 months from now")
+    p.add_argument("--source", choices=("purchase", "promo", "refund", "compensation"), default="purchase",
+                   help="where the credits come from; at equal expiry promo credits are spent first")
+    p.add_argument("--reason", default="", help="kept in the ledger, e.g. the payment reference")
     _target(p, admin=True)
 
-    p = sub.add_parser("set-account", help="SetAccount plan and/or time zone (admin address)")
+    p = sub.add_parser("revoke", help="RevokeCredits: chargeback of a purchase (admin address)")
+    p.add_argument("--account", required=True)
+    p.add_argument("--purchase-id", required=True)
+    p.add_argument("--reason", default="", help="kept in the ledger")
+    _target(p, admin=True)
+
+    p = sub.add_parser("refund", help="RefundJob: give back what a committed job cost (admin address)")
+    p.add_argument("--account", required=True)
+    p.add_argument("--id", required=True, help="reservation id of the committed job")
+    p.add_argument("--reason", default="", help="kept in the ledger")
+    _target(p, admin=True)
+
+    p = sub.add_parser("set-account", help="SetAccount plan, time zone, spend cap, auto top-up (admin address)")
     p.add_argument("--account", required=True)
     p.add_argument("--plan", default="")
     p.add_argument("--tz", default="", help="IANA time zone, e.g. Europe/Paris")
+    p.add_argument("--monthly-cap", type=int, default=None, help="credits per calendar month; 0 = no cap")
+    p.add_argument("--auto-topup-pack", default="", help="opt in to auto top-up with this pack")
+    p.add_argument("--auto-topup-threshold", type=int, default=0, help="credits below which top-up is requested")
+    p.add_argument("--no-auto-topup", action="store_true", help="opt out of auto top-up")
     _target(p, admin=True)
+
+    for verb, text in (("account", "GetAccount: everything about an account (admin address)"),
+                       ("ledger", "ListLedger: the account's movements, oldest first (admin address)")):
+        p = sub.add_parser(verb, help=text)
+        p.add_argument("--account", required=True)
+        if verb == "ledger":
+            p.add_argument("--page-size", type=int, default=100, help="1 to 1000")
+            p.add_argument("--page-token", default="", help="from the previous page's 'more:' line")
+        _target(p, admin=True)
+
+    p = sub.add_parser("audit", help="check conservation of every movement in Redis; exit 1 on a violation")
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--account", help="one account")
+    who.add_argument("--all", action="store_true", help="every account with a ledger")
+    p.add_argument("--redis-url", required=True, help="the Redis the sidecars use (read only)")
+    p.add_argument("--key-prefix", default="qs", help="as the sidecars' --key-prefix")
+    p.add_argument("--key-buckets", type=int, default=256, help="as the sidecars' --key-buckets")
 
     p = sub.add_parser("check-plans", help="validate a plans file and print a summary")
     p.add_argument("file")
@@ -141,6 +181,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args)
     if args.verb == "check-plans":
         return _check_plans(args.file)
+    if args.verb == "audit":
+        from .audit import audit_main
+
+        return asyncio.run(audit_main(args.redis_url, account=args.account, all_accounts=args.all,
+                                      key_prefix=args.key_prefix, key_buckets=args.key_buckets))
     from . import cli_client  # grpc client code only when a client verb runs
 
     return cli_client.run_verb(args)

@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 from datetime import datetime
-from typing import Any
+from typing import Any, Callable
 
 import grpc
 from google.protobuf import json_format, timestamp_pb2
@@ -140,62 +140,140 @@ def _admin_call_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return kw
 
 
+def _commit_request(args: argparse.Namespace) -> pb.CommitRequest:
+    req = pb.CommitRequest(account_id=args.account, reservation_id=args.id)
+    job = _job(args)
+    if job is not None:
+        req.params.CopyFrom(job)
+    return req
+
+
+def _grant_request(args: argparse.Namespace) -> pb.GrantCreditsRequest:
+    req = pb.GrantCreditsRequest(account_id=args.account, credits=args.credits, purchase_id=args.purchase_id,
+                                 source=_SOURCES[args.source], reason=args.reason)
+    if args.expires_at:
+        req.expires_at.FromDatetime(datetime.fromisoformat(args.expires_at))
+    return req
+
+
+def _set_account_request(args: argparse.Namespace) -> pb.SetAccountRequest:
+    req = pb.SetAccountRequest(account_id=args.account, plan=args.plan, time_zone=args.tz)
+    if args.monthly_cap is not None:
+        req.monthly_spend_cap_credits = args.monthly_cap
+    if args.no_auto_topup:
+        req.auto_topup.CopyFrom(pb.AutoTopUp(enabled=False))
+    elif args.auto_topup_pack:
+        req.auto_topup.CopyFrom(pb.AutoTopUp(enabled=True, threshold_credits=args.auto_topup_threshold,
+                                             pack_id=args.auto_topup_pack))
+    return req
+
+
+_SOURCES = {"purchase": pb.CREDIT_SOURCE_PURCHASE, "promo": pb.CREDIT_SOURCE_PROMO,
+            "refund": pb.CREDIT_SOURCE_REFUND, "compensation": pb.CREDIT_SOURCE_COMPENSATION}
+
+# verb -> (RPC method, request builder)
+_CALLS: dict[str, tuple[str, Callable[[argparse.Namespace], Any]]] = {
+    "reserve": ("CheckAndReserve", lambda a: pb.CheckAndReserveRequest(
+        account_id=a.account, product=a.product, reservation_id=a.id, ttl_seconds=a.ttl,
+        params=_job(a) or pb.JobParams())),
+    "commit": ("Commit", _commit_request),
+    "release": ("Release", lambda a: pb.ReleaseRequest(account_id=a.account, reservation_id=a.id)),
+    "extend": ("ExtendReservation", lambda a: pb.ExtendReservationRequest(
+        account_id=a.account, reservation_id=a.id, ttl_seconds=a.ttl)),
+    "balance": ("GetBalance", lambda a: pb.GetBalanceRequest(account_id=a.account)),
+    "grant": ("GrantCredits", _grant_request),
+    "revoke": ("RevokeCredits", lambda a: pb.RevokeCreditsRequest(
+        account_id=a.account, purchase_id=a.purchase_id, reason=a.reason)),
+    "refund": ("RefundJob", lambda a: pb.RefundJobRequest(account_id=a.account, reservation_id=a.id,
+                                                          reason=a.reason)),
+    "set-account": ("SetAccount", _set_account_request),
+    "account": ("GetAccount", lambda a: pb.GetAccountRequest(account_id=a.account)),
+    "ledger": ("ListLedger", lambda a: pb.ListLedgerRequest(account_id=a.account, page_size=a.page_size,
+                                                            page_token=a.page_token)),
+}
+
+
 def _call(args: argparse.Namespace) -> Any:
     admin = args.verb in ADMIN_VERBS
     kw = _admin_call_kwargs(args) if admin else {"timeout": CLIENT_TIMEOUT_SECONDS}
+    method, build = _CALLS[args.verb]
+    request = build(args)
     channel = _channel(args, admin)
     service = pb_grpc.QuotaAdminStub(channel) if admin else pb_grpc.QuotaServiceStub(channel)
     with channel:
-        if args.verb == "reserve":
-            req = pb.CheckAndReserveRequest(account_id=args.account, product=args.product, reservation_id=args.id,
-                                            ttl_seconds=args.ttl, params=_job(args) or pb.JobParams())
-            return service.CheckAndReserve(req, **kw)
-        if args.verb == "commit":
-            req = pb.CommitRequest(account_id=args.account, reservation_id=args.id)
-            job = _job(args)
-            if job is not None:
-                req.params.CopyFrom(job)
-            return service.Commit(req, **kw)
-        if args.verb == "release":
-            return service.Release(pb.ReleaseRequest(account_id=args.account, reservation_id=args.id), **kw)
-        if args.verb == "extend":
-            return service.ExtendReservation(pb.ExtendReservationRequest(
-                account_id=args.account, reservation_id=args.id, ttl_seconds=args.ttl), **kw)
-        if args.verb == "balance":
-            return service.GetBalance(pb.GetBalanceRequest(account_id=args.account), **kw)
-        if args.verb == "grant":
-            req = pb.GrantCreditsRequest(account_id=args.account, credits=args.credits, purchase_id=args.purchase_id)
-            if args.expires_at:
-                req.expires_at.FromDatetime(datetime.fromisoformat(args.expires_at))
-            return service.GrantCredits(req, **kw)
-        assert args.verb == "set-account", args.verb
-        return service.SetAccount(pb.SetAccountRequest(account_id=args.account, plan=args.plan,
-                                                       time_zone=args.tz), **kw)
+        return getattr(service, method)(request, **kw)
+
+
+def _replay(r: Any, text: str) -> str:
+    return f"  ({text})" if r.replayed else ""
+
+
+def _print_account(r: pb.GetAccountResponse) -> None:
+    _print_balance(r.balance)
+    tz = r.balance.time_zone or "UTC"
+    cap = f"{r.monthly_spend_cap_credits}" if r.monthly_spend_cap_credits else "none"
+    print(f"  monthly cap {cap}; spent or held this month {r.month_spend_credits}, "
+          f"month resets {format_time(_ms(r.month_resets_at), tz)}")
+    t = r.totals
+    print(f"  totals: granted {t.granted}, spent {t.spent}, expired {t.expired}, revoked {t.revoked}, "
+          f"refunded {t.refunded}, held {t.held}, available {t.available}")
+    topup = r.auto_topup
+    if topup.enabled:
+        print(f"  auto top-up: {topup.pack_id} when below {topup.threshold_credits} credits")
+    for lot in r.all_lots:
+        source = pb.CreditSource.Name(lot.source).removeprefix("CREDIT_SOURCE_").lower()
+        state = " REVOKED" if lot.revoked else ""
+        print(f"    lot {lot.lot_id} ({source}){state}: {lot.credits_left}/{lot.credits_granted} left, "
+              f"expires {format_time(_ms(lot.expires_at), tz)}")
+
+
+def _print_ledger(r: pb.ListLedgerResponse) -> None:
+    for e in r.entries:
+        who = e.reservation_id or e.purchase_id
+        amount = f"{e.credits} credit(s)" if e.credits else (f"{e.free_units} free unit(s)" if e.free_units else "")
+        print(f"{e.id}  {format_time(_ms(e.at))}  {e.type:<10} {who:<24} {amount:<16} "
+              f"available {e.totals_after.available}, held {e.totals_after.held}"
+              + (f"  [{e.reason}]" if e.reason else ""))
+    if r.next_page_token:
+        print(f"more: --page-token {r.next_page_token}")
+
+
+_PRINTERS: dict[str, Callable[[Any], None]] = {
+    "reserve": _print_decision,
+    "balance": _print_balance,
+    "account": _print_account,
+    "ledger": _print_ledger,
+    "commit": lambda r: print(
+        f"COMMITTED  charged {r.credits_charged} credit(s), {r.free_charged} free unit(s); refunded "
+        f"{r.credits_refunded}; credits available {r.credit_balance}" + _replay(r, "already committed")),
+    "release": lambda r: print(
+        f"RELEASED  refunded {r.credits_refunded} credit(s), {r.free_refunded} free unit(s); "
+        f"credits available {r.credit_balance}" + _replay(r, "already released")),
+    "extend": lambda r: print(f"EXTENDED  hold now expires {format_time(_ms(r.expires_at))}"),
+    "grant": lambda r: print(
+        f"GRANTED  lot {r.lot.lot_id}: {r.lot.credits_granted} credit(s), expires "
+        f"{format_time(_ms(r.lot.expires_at))}; credits available {r.credit_balance}"
+        + _replay(r, "already granted")),
+    "revoke": lambda r: print(
+        f"REVOKED  {r.credits_revoked} credit(s) removed; {r.credits_spent} already spent, {r.credits_held} "
+        f"in holds; credits available {r.credit_balance}" + _replay(r, "already revoked")),
+    "refund": lambda r: print(
+        f"REFUNDED  {r.credits_refunded} credit(s), {r.free_refunded} free unit(s) given back; "
+        f"credits available {r.credit_balance}" + _replay(r, "already refunded")),
+    "set-account": lambda r: print(
+        f"ACCOUNT  plan {r.plan}, time zone {r.time_zone}, monthly cap "
+        f"{r.monthly_spend_cap_credits or 'none'}"
+        + (f", auto top-up {r.auto_topup.pack_id} below {r.auto_topup.threshold_credits}"
+           if r.auto_topup.enabled else "")),
+}
 
 
 def _print(args: argparse.Namespace, r: Any) -> None:
     if args.json:
         print_json(json_format.MessageToDict(r, preserving_proto_field_name=True,
                                              always_print_fields_with_no_presence=True))
-    elif args.verb == "reserve":
-        _print_decision(r)
-    elif args.verb == "balance":
-        _print_balance(r)
-    elif args.verb == "commit":
-        print(f"COMMITTED  charged {r.credits_charged} credit(s), {r.free_charged} free unit(s); "
-              f"refunded {r.credits_refunded}; credits available {r.credit_balance}"
-              + ("  (already committed)" if r.replayed else ""))
-    elif args.verb == "release":
-        print(f"RELEASED  refunded {r.credits_refunded} credit(s), {r.free_refunded} free unit(s); "
-              f"credits available {r.credit_balance}" + ("  (already released)" if r.replayed else ""))
-    elif args.verb == "extend":
-        print(f"EXTENDED  hold now expires {format_time(_ms(r.expires_at))}")
-    elif args.verb == "grant":
-        print(f"GRANTED  lot {r.lot.lot_id}: {r.lot.credits_granted} credit(s), expires "
-              f"{format_time(_ms(r.lot.expires_at))}; credits available {r.credit_balance}"
-              + ("  (already granted)" if r.replayed else ""))
     else:
-        print(f"ACCOUNT  plan {r.plan}, time zone {r.time_zone}")
+        _PRINTERS[args.verb](r)
 
 
 def _print_error(err: grpc.RpcError) -> None:

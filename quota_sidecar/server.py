@@ -144,7 +144,9 @@ async def run(settings: Settings, *, clock: Clock | None = None,
         redis_url = settings.redis_url or (embedded.url if embedded else "")
         store = RedisStore.from_url(redis_url, timeout_seconds=settings.redis_timeout_ms / 1000,
                                     key_prefix=settings.key_prefix, key_buckets=settings.key_buckets,
-                                    retention_ms=settings.retention_seconds * 1000)
+                                    retention_ms=settings.retention_seconds * 1000,
+                                    ledger_retention_ms=settings.ledger_retention_days * 86_400_000,
+                                    events_max_entries=settings.events_max_entries)
         try:
             await store.ping()
             engine = QuotaEngine(plans, store, clock)
