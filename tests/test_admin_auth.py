@@ -408,7 +408,7 @@ def test_cli_grant_sends_the_token(short_dir: str, token_file: str, redis_server
         assert r.returncode == 0 and "credits available 20" in r.stdout, (r.stdout, r.stderr)
         r = cli("set-account", "--account", "acct-cli", "--plan", "pro", "--target", sc.admin_target,
                 env={"QUOTA_ADMIN_TOKEN": TOKEN_OLD})
-        assert r.returncode == 0 and r.stdout.strip() == "ACCOUNT  plan pro, time zone UTC", (r.stdout, r.stderr)
+        assert r.returncode == 0 and r.stdout.strip() == "ACCOUNT  plan pro, time zone UTC, monthly cap none", (r.stdout, r.stderr)
 
         r = cli(*base, "--purchase-id", "p-x", "--token-file", os.path.join(short_dir, "missing"))
         assert r.returncode == 2 and "cannot read --token-file" in r.stderr, (r.stdout, r.stderr)

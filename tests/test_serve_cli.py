@@ -591,7 +591,7 @@ def test_set_account_bad_time_zone(sidecar: Sidecar) -> None:
     out = _ok(cli("balance", "--account", "acct-tz", "--target", sidecar.target))
     assert "plan free  time zone UTC" in out, out
     out = _ok(cli("set-account", "--account", "acct-tz", "--tz", "Europe/Paris", "--target", sidecar.admin_target))
-    assert out.strip() == "ACCOUNT  plan free, time zone Europe/Paris", out
+    assert out.strip() == "ACCOUNT  plan free, time zone Europe/Paris, monthly cap none", out
 
 
 def test_unreachable_redis_at_start_is_a_clear_error(short_dir: str, redis_binary: str) -> None:
