@@ -285,3 +285,50 @@ async def test_admin_rpcs_on_the_wire(sidecar: Sidecar) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await admin.GrantCredits(pb.GrantCreditsRequest(account_id="w", credits=1, purchase_id="q", source=99))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_refund_after_the_spend_month_was_pruned_succeeds_once(redis_server, key_prefix: str) -> None:
+    # Regression: unspend() sent HINCRBY -0 when the month's spend field had been
+    # pruned; Redis refused it mid-script and kept the credits already returned,
+    # so each retry minted them again.
+    from quota_sidecar.audit import audit_account
+    from quota_sidecar.plans import load_plans
+
+    clock = ManualClock(T0_MS)
+    store = RedisStore.from_url(redis_server.url, key_prefix=key_prefix, retention_ms=90 * DAY_MS)
+    try:
+        engine = QuotaEngine(load_plans(), store, clock)
+        await engine.grant("a", 100, "p1", T0_MS + 300 * DAY_MS)
+        await use_free(engine, "a")
+        await engine.check_and_reserve("a", "sora", "paid", V10)
+        await engine.commit("a", "paid")
+        clock.advance(days=60)
+        await engine.check_and_reserve("a", "sora", "new-day", V10)  # prunes months before last month
+        first = await engine.refund_job("a", "paid")
+        again = await engine.refund_job("a", "paid")
+        assert (first.credits_refunded, first.replayed, again.replayed) == (1, False, True)
+        assert first.credit_balance == again.credit_balance == 100
+        assert (await audit_account(store, "a")).violations == ()
+    finally:
+        await store.close()
+
+
+async def test_a_hold_extended_across_two_month_boundaries_expires_cleanly(engine: QuotaEngine,
+                                                                           clock: ManualClock) -> None:
+    from quota_sidecar.audit import audit_account
+
+    await use_free(engine, "a")
+    await engine.grant("a", 10, "p1", T0_MS + 300 * DAY_MS)
+    await engine.check_and_reserve("a", "sora", "long", V15, ttl_seconds=86_400)
+    for _ in range(46):  # 2026-11-21 -> 2027-01-05, always renewed before it lapses
+        clock.advance(hours=23)
+        await engine.extend("a", "long", 86_400)
+    # A new day's first free hold prunes spend months before December while the
+    # hold (counted in November) is still alive ...
+    assert (await engine.check_and_reserve("a", "sora", "prune", V10)).outcome.funding is Funding.FREE_QUOTA
+    clock.advance(days=2)  # ... then the hold expires, giving back to a pruned month
+    d = await engine.check_and_reserve("a", "sora", "later", V10)
+    assert d.outcome.allowed
+    acct = await engine.account("a")
+    assert (acct.totals.held, acct.balance.credit_balance) == (0, 10)
+    assert (await audit_account(engine.store, "a")).violations == ()

@@ -174,10 +174,12 @@ local function return_free_unit(free_field)
   if used > 0 then redis.call('HINCRBY', K_FREE, free_field, -1) end
 end
 
+-- Never sends a zero: Lua formats -0 as "-0", which HINCRBY rejects, and a
+-- script that errors keeps the writes it already made (no rollback).
 local function unspend(month, credits)
   if month and month ~= '' and credits > 0 then
-    local spent = tonumber(redis.call('HGET', K_SPEND, month) or '0')
-    redis.call('HINCRBY', K_SPEND, month, -math.min(spent, credits))
+    local take = math.min(tonumber(redis.call('HGET', K_SPEND, month) or '0'), credits)
+    if take > 0 then redis.call('HINCRBY', K_SPEND, month, -take) end
   end
 end
 

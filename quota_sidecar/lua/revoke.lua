@@ -14,7 +14,7 @@ local function held_from_lot()
   local held = 0
   for _, rid in ipairs(redis.call('ZRANGE', K_HOLDS, 0, -1)) do
     local rec = load_record(rid)
-    for i = 1, #rec.l, 3 do
+    for i = 1, rec and #rec.l or 0, 3 do
       if rec.l[i] == lot_id then held = held + tonumber(rec.l[i + 1]) end
     end
   end
