@@ -612,3 +612,19 @@ def test_unreachable_redis_at_start_is_a_clear_error(short_dir: str, redis_binar
 def test_json_output_prints_zero_fields(sidecar: Sidecar) -> None:
     doc = json.loads(_ok(cli("balance", "--account", "nobody", "--json", "--target", sidecar.target)))
     assert (doc["credit_balance"], doc["credits_held"], doc["plan"], doc["lots"]) == ("0", "0", "free", [])
+
+
+async def test_audit_verb_exits_1_with_a_report_on_corruption(engine, redis_server: RedisServerProcess,
+                                                              key_prefix: str, redis_client) -> None:
+    from quota_sidecar.model import JobParams
+
+    await engine.grant("acct-audit", 10, "p1")
+    for i in range(31):
+        await engine.check_and_reserve("acct-audit", "sora", f"r{i}", JobParams(duration_seconds=10, resolution="720p"))
+    args = ["audit", "--redis-url", redis_server.url, "--key-prefix", key_prefix]
+    clean = await asyncio.to_thread(cli, *args, "--all")
+    assert clean.returncode == 0, (clean.stdout, clean.stderr)
+    await redis_client.hincrby(key(key_prefix, "acct-audit", "lotrem"), "p1", 5)  # credits from nowhere
+    bad = await asyncio.to_thread(cli, *args, "--account", "acct-audit")
+    assert bad.returncode == 1, (bad.stdout, bad.stderr)
+    assert "acct-audit" in bad.stdout + bad.stderr and "conservation" in bad.stdout + bad.stderr
