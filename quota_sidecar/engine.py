@@ -64,6 +64,7 @@ MAX_REASON_CHARS = 256
 MAX_LEDGER_PAGE = 1000
 DEFAULT_LEDGER_PAGE = 100
 DEFAULT_TIME_ZONE = "UTC"
+PLANS_VERSIONS_KEPT = 16
 _STREAM_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
 
 T = TypeVar("T")
@@ -149,6 +150,20 @@ class QuotaEngine:
         self.clock = clock or RedisClock()
         self._zones: OrderedDict[str, str] = OrderedDict()
         self._zone_cache_entries = zone_cache_entries
+        # Recent plans by version: a reservation is committed at the prices it was made with.
+        self._plans_by_version: OrderedDict[str, Plans] = OrderedDict({plans.version: plans})
+
+    def set_plans(self, plans: Plans) -> None:
+        """Use ``plans`` for every call from now on; calls in flight finish with the plans they read."""
+        self._plans_by_version[plans.version] = plans
+        self._plans_by_version.move_to_end(plans.version)
+        while len(self._plans_by_version) > PLANS_VERSIONS_KEPT:
+            self._plans_by_version.popitem(last=False)
+        self.plans = plans
+
+    def plans_versions(self) -> tuple[str, ...]:
+        """Versions kept for pricing commits, oldest first."""
+        return tuple(self._plans_by_version)
 
     def _stamp(self, plans: Plans | None = None) -> Stamp:
         return Stamp(now_ms=self.clock.pinned_now_ms(), plans_version=(plans or self.plans).version)
