@@ -466,8 +466,18 @@ def _placement_problems(entry: LedgerEntry, back: Mapping[str, int], expires_ms:
 # -- free windows and monthly spend -------------------------------------------------
 
 
+def _free_units(entry: LedgerEntry) -> list[Any]:
+    """The free units an entry took ({k, u, l, s} on holds) or gave back (keys), as recorded."""
+    try:
+        units = json.loads(entry.fields.get("free_units") or "[]")
+    except ValueError:
+        return []
+    return units if isinstance(units, list) else []
+
+
 def check_free_windows(ledger: Sequence[LedgerEntry], free: Mapping[str, int]) -> Found:
-    """Replays each "<product>|<YYYYMMDD>" counter from the free holds and the free units given back."""
+    """Replays each day/week counter ("h<field>" units) from the free holds and the units given
+    back; every enforced unit, rolling ones included, must be within its limit when taken."""
     found: Found = []
     count: dict[str, int] = {}
     reported: set[tuple[str, str]] = set()
@@ -481,22 +491,27 @@ def check_free_windows(ledger: Sequence[LedgerEntry], free: Mapping[str, int]) -
         if entry.fields.get("free") != "1":
             continue
         if entry.type == "hold":
-            window = f"{entry.fields.get('product', '')}|{entry.fields.get('window', '')}"
-            used, limit = entry_int(entry, "used"), entry_int(entry, "limit")
-            # A trimmed ledger starts mid-window: the first hold we see sets the baseline.
-            expected = count.get(window, used - 1) + 1
-            if used != expected:
-                once("free_counter", window, f"window {window}: hold {entry.entry_id} recorded used={used} but the "
-                                             f"replay counts {expected}: the counter was changed outside the scripts")
-            if max(used, expected) > limit:
-                once("free_over_limit", window, f"window {window}: hold {entry.entry_id} makes {max(used, expected)} "
-                                                f"free units used, over the limit {limit}")
-            count[window] = expected
+            for unit in _free_units(entry):
+                key, used, limit = str(unit.get("k", "")), _num(unit.get("u")), _num(unit.get("l"))
+                window = key[1:]
+                expected = used
+                if key.startswith("h"):
+                    # A trimmed ledger starts mid-window: the first hold we see sets the baseline.
+                    expected = count.get(window, used - 1) + 1
+                    if used != expected:
+                        once("free_counter", window, f"window {window}: hold {entry.entry_id} recorded used={used} "
+                                                     f"but the replay counts {expected}: the counter was changed "
+                                                     "outside the scripts")
+                    count[window] = expected
+                if not unit.get("s") and max(used, expected) > limit:
+                    once("free_over_limit", window, f"window {window}: hold {entry.entry_id} makes "
+                                                    f"{max(used, expected)} free units used, over the limit {limit}")
         elif entry.type in ("release", "expire", "refund"):
-            window = entry.fields.get("window", "")
-            # Like return_free_unit: never below zero; before the baseline it is already counted.
-            if count.get(window, 0) > 0:
-                count[window] -= 1
+            for key in _free_units(entry):
+                window = str(key)[1:]
+                # Like return_free_units: never below zero; before the baseline it is already counted.
+                if str(key).startswith("h") and count.get(window, 0) > 0:
+                    count[window] -= 1
     for window, stored in sorted(free.items()):
         if window in count and stored != count[window]:
             found.append(("free_counter", f"window {window}: stored {stored} free units used but the ledger "

@@ -31,7 +31,6 @@ from .model import (
     Account,
     AccountChanges,
     AccountSettings,
-    Allowance,
     AutoTopUp,
     Balance,
     BalanceSnapshot,
@@ -42,6 +41,9 @@ from .model import (
     GrantResult,
     JobParams,
     LedgerEntry,
+    Limit,
+    LimitKind,
+    LimitOverride,
     ParamsInvalidForProduct,
     PlanRow,
     RefundResult,
@@ -53,8 +55,8 @@ from .model import (
     StaleTimeZone,
     Window,
 )
-from .plans import Plans
-from .windows import candidate_months, candidate_windows, time_zone
+from .plans import MAX_ROLLING_HOURS, Plans
+from .windows import candidate_months, candidate_weeks, candidate_windows, time_zone
 
 MAX_TTL_SECONDS = 86_400
 MAX_GRANT_CREDITS = 1_000_000_000
@@ -74,7 +76,7 @@ class Store(Protocol):
     """What the engine needs from storage; see quota_sidecar.store.RedisStore."""
 
     async def reserve(self, cmd: ReserveCommand) -> ReserveOutcome: ...
-    async def commit(self, account_id: str, reservation_id: str, costs: Mapping[str, int],
+    async def commit(self, account_id: str, reservation_id: str, costs: Mapping[tuple[str, str], int],
                      stamp: Stamp) -> CommitResult: ...
     async def release(self, account_id: str, reservation_id: str, stamp: Stamp) -> ReleaseResult: ...
     async def extend(self, account_id: str, reservation_id: str, ttl_ms: int, stamp: Stamp) -> int: ...
@@ -85,7 +87,8 @@ class Store(Protocol):
     async def set_account(self, account_id: str, changes: AccountChanges, default_plan: str,
                           stamp: Stamp) -> AccountSettings: ...
     async def balance(self, account_id: str, *, time_zone: str, windows: Sequence[Window],
-                      months: Sequence[Window], products: Sequence[str], default_plan: str,
+                      weeks: Sequence[Window], months: Sequence[Window],
+                      product_rows: Sequence[tuple[str, str, int, tuple[Limit, ...]]], default_plan: str,
                       stamp: Stamp) -> BalanceSnapshot: ...
     async def sweep_account(self, account_id: str, notice_ms: int, stamp: Stamp) -> int: ...
     async def accounts_to_sweep(self) -> list[str]: ...
@@ -119,6 +122,10 @@ def check_ttl_seconds(field: str, ttl_seconds: int) -> None:
 def denial_message(plans: Plans, product: str, job: JobParams, outcome: ReserveOutcome) -> str:
     if outcome.denial is DenialReason.NOT_ENTITLED:
         return plans.entitlement_denial(outcome.plan, product, job) or "not entitled"
+    if outcome.denial is DenialReason.CONCURRENCY_LIMIT:
+        return f"too many {product} jobs in flight for this account; retry when one finishes"
+    if outcome.denial is DenialReason.BUDGET_EXCEEDED:
+        return "this job would pass the account's monthly spend cap"
     unit = plans.product(product).unit_name
     return (f"daily free {product} allowance used ({outcome.free_used}/{outcome.free_limit} {unit}s) and "
             f"{outcome.credits_short} more credit(s) needed for this job ({outcome.cost_credits} credits)")
@@ -138,7 +145,39 @@ def check_auto_topup(plans: Plans, topup: AutoTopUp | None) -> None:
     plans.pack(topup.pack_id, "auto_topup.pack_id")
 
 
-ZoneCall = Callable[[str, tuple[Window, ...], tuple[Window, ...]], Awaitable[T]]
+# (time zone, candidate days, weeks, months) -> the store call
+ZoneCall = Callable[[str, tuple[Window, ...], tuple[Window, ...], tuple[Window, ...]], Awaitable[T]]
+
+
+def plan_rows(plans: Plans, product: str, job: JobParams) -> tuple[PlanRow, ...]:
+    """What every plan means for this job; the script picks the account's."""
+    rows = []
+    for name in plans.plans:
+        rules = plans.rules(name, product)
+        rows.append(PlanRow(
+            plan=name, limits=rules.limits if rules else (), entitled=plans.entitlement_denial(name, product, job) is None,
+            credits_low=plans.notifications.credits_low_threshold(name),
+            max_concurrent=rules.max_concurrent if rules else 0,
+            concurrency_shadow=rules.concurrency_shadow if rules else False))
+    return tuple(rows)
+
+
+def check_override(plans: Plans, override: LimitOverride) -> None:
+    plans.product(override.product)
+    field = f"overrides[{override.product}]"
+    if not override.limits:
+        raise InvalidArgument(f"{field}.limits", "at least one limit is required")
+    if len({limit.limit_id for limit in override.limits}) != len(override.limits):
+        raise InvalidArgument(f"{field}.limits", "limit ids must be unique")
+    for limit in override.limits:
+        check_id(f"{field}.limits.limit_id", limit.limit_id)
+        if "|" in limit.limit_id or not 0 <= limit.free <= MAX_GRANT_CREDITS:
+            raise InvalidArgument(f"{field}.limits.free", f"must be between 0 and {MAX_GRANT_CREDITS}")
+        if (limit.kind is LimitKind.ROLLING) != (limit.hours > 0) or limit.hours > MAX_ROLLING_HOURS:
+            raise InvalidArgument(f"{field}.limits.rolling_hours",
+                                  f"1 to {MAX_ROLLING_HOURS} for rolling limits, 0 for the others")
+    if not 0 <= override.max_concurrent <= MAX_GRANT_CREDITS:
+        raise InvalidArgument(f"{field}.max_concurrent", "must be >= 0 (0 = no cap)")
 
 
 class QuotaEngine:
@@ -181,7 +220,8 @@ class QuotaEngine:
         for _ in range(3):
             approx_now_ms = self.clock.local_now_ms()
             try:
-                result = await call(tz, candidate_windows(tz, approx_now_ms), candidate_months(tz, approx_now_ms))
+                result = await call(tz, candidate_windows(tz, approx_now_ms), candidate_weeks(tz, approx_now_ms),
+                                    candidate_months(tz, approx_now_ms))
             except StaleTimeZone as stale:
                 tz = stale.time_zone
                 continue
@@ -200,14 +240,15 @@ class QuotaEngine:
         cost_credits = plans.job_cost(product, job)
         check_ttl_seconds("ttl_seconds", ttl_seconds)
         ttl_ms = (ttl_seconds or plans.default_ttl_seconds(product)) * 1000
-        rows = tuple(PlanRow(name, plans.free_limit(name, product), plans.entitlement_denial(name, product, job) is None,
-                             plans.notifications.credits_low_threshold(name)) for name in plans.plans)
+        rows = plan_rows(plans, product, job)
 
-        def reserve(tz: str, days: tuple[Window, ...], months: tuple[Window, ...]) -> Awaitable[ReserveOutcome]:
+        def reserve(tz: str, days: tuple[Window, ...], weeks: tuple[Window, ...],
+                    months: tuple[Window, ...]) -> Awaitable[ReserveOutcome]:
             return self.store.reserve(ReserveCommand(
                 account_id=account_id, reservation_id=rid, product=product,
                 fingerprint=fingerprint(product, job, ttl_seconds), ttl_ms=ttl_ms, cost_credits=cost_credits,
-                default_plan=plans.default_plan, time_zone=tz, windows=days, months=months, plan_rows=rows,
+                default_plan=plans.default_plan, time_zone=tz, windows=days, weeks=weeks, months=months,
+                plan_rows=rows,
                 packs=plans.packs, free_warning_percent=plans.notifications.free_warning_percent,
                 stamp=self._stamp(plans)))
 
@@ -225,20 +266,23 @@ class QuotaEngine:
         try:
             return await self.store.commit(account_id, reservation_id, costs, self._stamp())
         except ParamsInvalidForProduct as bad:
-            raise errors[bad.product] from None
+            raise errors[(bad.pv, bad.product)] from None
 
-    def _actual_costs(self, actual: JobParams | None) -> tuple[dict[str, int], dict[str, InvalidArgument]]:
-        """Actual cost for every product: the script picks the reserved one."""
+    def _actual_costs(self, actual: JobParams | None) -> tuple[dict[tuple[str, str], int],
+                                                               dict[tuple[str, str], InvalidArgument]]:
+        """Actual cost for every product under every plans version kept ("*": the current
+        plans); the script picks the reservation's version and product."""
         if actual is None:
             return {}, {}
-        plans = self.plans
-        costs: dict[str, int] = {}
-        errors: dict[str, InvalidArgument] = {}
-        for name in plans.products:
-            try:
-                costs[name] = plans.job_cost(name, actual)
-            except InvalidArgument as exc:
-                costs[name], errors[name] = COST_INVALID, exc
+        versions = [("*", self.plans)] + list(self._plans_by_version.items())
+        costs: dict[tuple[str, str], int] = {}
+        errors: dict[tuple[str, str], InvalidArgument] = {}
+        for version, plans in versions:
+            for name in plans.products:
+                try:
+                    costs[(version, name)] = plans.job_cost(name, actual)
+                except InvalidArgument as exc:
+                    costs[(version, name)], errors[(version, name)] = COST_INVALID, exc
         assert COST_WHOLE_HOLD not in costs.values()
         return costs, errors
 
@@ -257,20 +301,21 @@ class QuotaEngine:
     async def _snapshot(self, account_id: str) -> BalanceSnapshot:
         check_id("account_id", account_id)
         plans = self.plans
-        products = tuple(plans.products)
+        rows = []
+        for plan in plans.plans:
+            for product in plans.products:
+                rules = plans.rules(plan, product)
+                rows.append((product, plan, rules.max_concurrent if rules else 0, rules.limits if rules else ()))
 
-        def read(tz: str, days: tuple[Window, ...], months: tuple[Window, ...]) -> Awaitable[BalanceSnapshot]:
-            return self.store.balance(account_id, time_zone=tz, windows=days, months=months, products=products,
-                                      default_plan=plans.default_plan, stamp=self._stamp(plans))
+        def read(tz: str, days: tuple[Window, ...], weeks: tuple[Window, ...],
+                 months: tuple[Window, ...]) -> Awaitable[BalanceSnapshot]:
+            return self.store.balance(account_id, time_zone=tz, windows=days, weeks=weeks, months=months,
+                                      product_rows=rows, default_plan=plans.default_plan, stamp=self._stamp(plans))
 
         return await self._in_account_zone(account_id, read)
 
     def _balance(self, account_id: str, snap: BalanceSnapshot) -> Balance:
-        plans = self.plans
-        limits = {p: (plans.free_limit(snap.plan, p) if snap.plan in plans.plans else 0) for p in plans.products}
-        allowances = tuple(Allowance(p, snap.free_used.get(p, 0), limit, snap.free_resets_ms)
-                           for p, limit in limits.items())
-        return Balance(account_id=account_id, plan=snap.plan, time_zone=snap.time_zone, allowances=allowances,
+        return Balance(account_id=account_id, plan=snap.plan, time_zone=snap.time_zone, allowances=snap.allowances,
                        credit_balance=snap.credit_balance, lots=snap.lots, holds=snap.holds)
 
     async def balance(self, account_id: str) -> Balance:
@@ -306,7 +351,9 @@ class QuotaEngine:
 
     async def set_account(self, account_id: str, plan: str = "", tz: str = "", *,
                           monthly_spend_cap_credits: int | None = None,
-                          auto_topup: AutoTopUp | None = None) -> AccountSettings:
+                          auto_topup: AutoTopUp | None = None,
+                          overrides: tuple[LimitOverride, ...] = (),
+                          clear_overrides: tuple[str, ...] = ()) -> AccountSettings:
         check_id("account_id", account_id)
         plans = self.plans
         if plan:
@@ -316,8 +363,13 @@ class QuotaEngine:
         if monthly_spend_cap_credits is not None and not 0 <= monthly_spend_cap_credits <= MAX_SPEND_CAP_CREDITS:
             raise InvalidArgument("monthly_spend_cap_credits", f"must be between 0 (none) and {MAX_SPEND_CAP_CREDITS}")
         check_auto_topup(plans, auto_topup)
+        for override in overrides:
+            check_override(plans, override)
+        for product in clear_overrides:
+            plans.product(product)
         changes = AccountChanges(plan=plan or None, time_zone=tz or None,
-                                 monthly_spend_cap_credits=monthly_spend_cap_credits, auto_topup=auto_topup)
+                                 monthly_spend_cap_credits=monthly_spend_cap_credits, auto_topup=auto_topup,
+                                 overrides=overrides, clear_overrides=clear_overrides)
         result = await self.store.set_account(account_id, changes, plans.default_plan, self._stamp())
         self._remember_zone(account_id, result.time_zone)
         return result
@@ -327,7 +379,8 @@ class QuotaEngine:
         return Account(balance=self._balance(account_id, snap),
                        monthly_spend_cap_credits=snap.monthly_spend_cap_credits,
                        month_spend_credits=snap.month_spend_credits, month_resets_ms=snap.month_resets_ms,
-                       auto_topup=snap.auto_topup, totals=snap.totals, all_lots=snap.all_lots)
+                       auto_topup=snap.auto_topup, totals=snap.totals, all_lots=snap.all_lots,
+                       overrides=snap.overrides)
 
     async def ledger(self, account_id: str, page_size: int = 0, page_token: str = "") -> tuple[list[LedgerEntry], str]:
         """A page of the account's ledger and the token of the next page ("" when done)."""

@@ -36,6 +36,7 @@ class DenialReason(enum.Enum):
     PURCHASE_REQUIRED = "PURCHASE_REQUIRED"
     NOT_ENTITLED = "NOT_ENTITLED"
     BUDGET_EXCEEDED = "BUDGET_EXCEEDED"
+    CONCURRENCY_LIMIT = "CONCURRENCY_LIMIT"
 
 
 class CreditSource(enum.Enum):
@@ -87,6 +88,46 @@ class Offer:
         return Money(self.pack.price.currency_code, self.pack.price.minor_units * self.quantity)
 
 
+class LimitKind(enum.Enum):
+    DAY = "day"  # the calendar day in the account's zone
+    WEEK = "week"  # the calendar week (Monday to Sunday) in the account's zone
+    ROLLING = "rolling"  # the last `hours` hours, exact
+
+
+@dataclass(frozen=True)
+class Limit:
+    """A free-allowance limit: ``free`` units per window. A shadow limit is evaluated, not enforced."""
+
+    limit_id: str
+    kind: LimitKind
+    free: int
+    hours: int = 0  # rolling windows only
+    shadow: bool = False
+
+    def as_json(self) -> dict[str, object]:
+        return {"id": self.limit_id, "kind": self.kind.value, "free": self.free, "hours": self.hours,
+                "shadow": 1 if self.shadow else 0}
+
+
+@dataclass(frozen=True)
+class LimitOverride:
+    """An account's own limits for one product, replacing its plan's (an enterprise contract)."""
+
+    product: str
+    limits: tuple[Limit, ...]
+    max_concurrent: int = 0
+
+    def as_json(self) -> dict[str, object]:
+        return {"limits": [limit.as_json() for limit in self.limits], "max_concurrent": self.max_concurrent}
+
+
+@dataclass(frozen=True)
+class LimitStatus:
+    limit: Limit
+    used: int
+    resets_ms: int
+
+
 @dataclass(frozen=True)
 class Window:
     """A free-allowance window [start_ms, end_ms), labelled by its local date (YYYYMMDD)."""
@@ -110,13 +151,15 @@ class StaleTimeZone(Exception):
 
 @dataclass(frozen=True)
 class PlanRow:
-    """What one plan means for one reservation: its free limit, whether the job is allowed,
-    and below which balance its credits_low event fires (0: never)."""
+    """What one plan means for one reservation: its free limits, whether the job is allowed,
+    below which balance its credits_low event fires (0: never), and its concurrency cap."""
 
     plan: str
-    free_limit: int
+    limits: tuple[Limit, ...]
     entitled: bool
     credits_low: int = 0
+    max_concurrent: int = 0
+    concurrency_shadow: bool = False
 
 
 @dataclass(frozen=True)
@@ -130,6 +173,7 @@ class ReserveCommand:
     default_plan: str
     time_zone: str  # the zone the windows were computed for
     windows: tuple[Window, ...]
+    weeks: tuple[Window, ...]
     months: tuple[Window, ...]
     plan_rows: tuple[PlanRow, ...]
     packs: tuple[CreditPack, ...]
@@ -153,6 +197,9 @@ class ReserveOutcome:
     expires_ms: int
     now_ms: int
     replayed: bool
+    limits: tuple[LimitStatus, ...] = ()
+    shadow_limits: tuple[str, ...] = ()
+    plans_version: str = ""
 
 
 @dataclass(frozen=True)
@@ -213,10 +260,25 @@ class HoldInfo:
 
 @dataclass(frozen=True)
 class Allowance:
+    """A product's free allowance: the most constrained enforced limit, and all of them."""
+
     product: str
     free_used: int
     free_limit: int
     free_resets_ms: int
+    limits: tuple[LimitStatus, ...] = ()
+    jobs_in_flight: int = 0
+    max_concurrent: int = 0
+    overridden: bool = False
+
+
+def headline(statuses: tuple[LimitStatus, ...], default_resets_ms: int) -> tuple[int, int, int]:
+    """(used, limit, resets_ms) of the enforced limit with the least room; zeros when none."""
+    enforced = [s for s in statuses if not s.limit.shadow]
+    if not enforced:
+        return 0, 0, default_resets_ms
+    tightest = min(enforced, key=lambda s: s.limit.free - s.used)
+    return tightest.used, tightest.limit.free, tightest.resets_ms
 
 
 @dataclass(frozen=True)
@@ -247,7 +309,7 @@ class BalanceSnapshot:
     time_zone: str
     now_ms: int
     free_resets_ms: int
-    free_used: Mapping[str, int]
+    allowances: tuple[Allowance, ...]
     credit_balance: int
     lots: tuple[Lot, ...]
     holds: tuple[HoldInfo, ...]
@@ -257,6 +319,7 @@ class BalanceSnapshot:
     month_resets_ms: int = 0
     auto_topup: AutoTopUp = AutoTopUp()
     totals: CreditTotals = CreditTotals()
+    overrides: tuple[LimitOverride, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -285,6 +348,7 @@ class Account:
     auto_topup: AutoTopUp
     totals: CreditTotals
     all_lots: tuple[Lot, ...]
+    overrides: tuple[LimitOverride, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -293,6 +357,7 @@ class AccountSettings:
     time_zone: str
     monthly_spend_cap_credits: int = 0
     auto_topup: AutoTopUp = AutoTopUp()
+    overrides: tuple[LimitOverride, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -303,6 +368,8 @@ class AccountChanges:
     time_zone: str | None = None
     monthly_spend_cap_credits: int | None = None
     auto_topup: AutoTopUp | None = None
+    overrides: tuple[LimitOverride, ...] = ()
+    clear_overrides: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -343,8 +410,10 @@ COST_INVALID = -2
 
 
 class ParamsInvalidForProduct(Exception):
-    """Commit params do not fit the reserved product; the engine knows why."""
+    """Commit params do not fit the reserved product (priced with plans version ``pv``, or
+    "*" for the current plans); the engine knows why."""
 
-    def __init__(self, product: str) -> None:
+    def __init__(self, product: str, pv: str = "*") -> None:
         super().__init__(product)
         self.product = product
+        self.pv = pv

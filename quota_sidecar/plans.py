@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Mapping, TypeVar
 import yaml
 
 from quota_sidecar.errors import InvalidArgument, PlansError
-from quota_sidecar.model import CreditPack, JobParams, Money, Offer
+from quota_sidecar.model import CreditPack, JobParams, Limit, LimitKind, Money, Offer
 
 _T = TypeVar("_T")
 
@@ -56,7 +56,10 @@ _MAX_EXTRA_KEY_CHARS = 64
 _MAX_EXTRA_VALUE_CHARS = 256
 
 _TOP_KEYS = ("version", "default_plan", "credit_validity_months", "packs", "products", "plans")
-_TOP_OPTIONAL_KEYS = ("notifications",)
+_TOP_OPTIONAL_KEYS = ("notifications", "shadow")
+_LIMIT_KEYS = ("daily_free", "limits", "max_concurrent")
+_MAX_CONCURRENT = 10_000
+MAX_ROLLING_HOURS = 168
 _NOTIFICATION_KEYS = ("free_warning_percent", "lot_expiry_notice_days", "credits_low")
 _PACK_KEYS = ("credits", "price", "currency")
 _PRODUCT_KEYS = ("kind", "unit", "default_ttl_seconds", "models", "default_model")
@@ -74,11 +77,19 @@ _RULE_KIND_KEYS = {
 class ProductRules:
     """What one plan allows for one product."""
 
-    daily_free: int
+    # Free-allowance limits; a job is free only if every enforced one has room.
+    limits: tuple[Limit, ...] = ()
     max_duration_seconds: float | None = None  # video only; None = product bound
     max_resolution: str | None = None  # video only, e.g. "720p"; None = every one
     models: frozenset[str] | None = None  # None = every model of the product
     max_units: int | None = None  # task only; None = product bound
+    max_concurrent: int = 0  # jobs in flight per account; 0 = no cap
+    concurrency_shadow: bool = False  # the cap is evaluated, not enforced
+
+    @property
+    def daily_free(self) -> int:
+        """The free units of the calendar-day limit (0 when there is none)."""
+        return next((limit.free for limit in self.limits if limit.kind is LimitKind.DAY), 0)
 
 
 @dataclass(frozen=True)
@@ -168,10 +179,13 @@ class Plans:
         return _rules_denial(found_plan.name, found_product, rules, job)
 
     def free_limit(self, plan: str, product: str) -> int:
-        """Free jobs per daily window; 0 when the plan lacks the product."""
-        found_plan = self.plan(plan)
-        rules = found_plan.products.get(self.product(product).name)
+        """Free jobs per daily window; 0 when the plan lacks the product or has no daily limit."""
+        rules = self.rules(plan, product)
         return 0 if rules is None else rules.daily_free
+
+    def rules(self, plan: str, product: str) -> ProductRules | None:
+        """What ``plan`` allows for ``product``; None when the plan does not include it."""
+        return self.plan(plan).products.get(self.product(product).name)
 
     def offers(self, credits_short: int) -> tuple[Offer, ...]:
         """For each pack, how many cover the shortfall; cheapest total first."""
@@ -384,7 +398,11 @@ def _parse_document(data: object) -> Plans:
     top = _mapping(data, "")
     _check_keys(top, "", required=_TOP_KEYS, optional=_TOP_OPTIONAL_KEYS)
     products = _parse_products(top["products"])
-    plans = _parse_plans_section(top["plans"], products)
+    shadow = _parse_shadow(top.get("shadow", {}), products)
+    plans = _parse_plans_section(top["plans"], products, shadow)
+    unknown_shadow = shadow[0] - set(plans)
+    if unknown_shadow:
+        raise PlansError("shadow.plans", f"unknown plan {sorted(unknown_shadow)[0]!r}; known: {_listing(plans)}")
     default_plan = _string(top["default_plan"], "default_plan")
     if default_plan not in plans:
         raise PlansError("default_plan", f"unknown plan {default_plan!r}; known plans: {_listing(plans)}")
@@ -520,10 +538,12 @@ def _resolution_key(key: object, path: str) -> str:
     return key
 
 
-def _parse_plans_section(value: object, products: Mapping[str, Product]) -> Mapping[str, Plan]:
+def _parse_plans_section(value: object, products: Mapping[str, Product],
+                         shadow: tuple[frozenset[str], frozenset[str]]) -> Mapping[str, Plan]:
     raw_plans = _mapping(value, "plans")
     if not raw_plans:
         raise PlansError("plans", "must define at least one plan")
+    shadow_plans, shadow_products = shadow
     plans = {}
     for plan_name, raw in raw_plans.items():
         path = _join("plans", _name(plan_name, "plans"))
@@ -532,21 +552,76 @@ def _parse_plans_section(value: object, products: Mapping[str, Product]) -> Mapp
             rules_path = _join(path, str(product_name))
             if product_name not in products:
                 raise PlansError(rules_path, f"unknown product; known products: {_listing(products)}")
-            rules[product_name] = _parse_rules(products[product_name], raw_rules, rules_path)
+            in_shadow = plan_name in shadow_plans or product_name in shadow_products
+            rules[product_name] = _parse_rules(products[product_name], raw_rules, rules_path, in_shadow)
         plans[plan_name] = Plan(plan_name, MappingProxyType(rules))
     return MappingProxyType(plans)
 
 
-def _parse_rules(product: Product, value: object, path: str) -> ProductRules:
+def _parse_shadow(value: object, products: Mapping[str, Product]) -> tuple[frozenset[str], frozenset[str]]:
+    """``shadow: {plans: [...], products: [...]}``: every limit of those is evaluated, not enforced."""
+    entry = _mapping(value, "shadow")
+    _check_keys(entry, "shadow", required=(), optional=("plans", "products"))
+    names: list[frozenset[str]] = []
+    for key in ("plans", "products"):
+        raw = entry.get(key, [])
+        if not isinstance(raw, list) or not all(isinstance(x, str) for x in raw):
+            raise PlansError(f"shadow.{key}", f"must be a list of names (got {_type_name(raw)})")
+        names.append(frozenset(raw))
+    unknown = names[1] - set(products)
+    if unknown:
+        raise PlansError("shadow.products", f"unknown product {sorted(unknown)[0]!r}; known: {_listing(products)}")
+    return names[0], names[1]
+
+
+def _parse_rules(product: Product, value: object, path: str, shadow: bool) -> ProductRules:
     entry = _mapping(value, path)
-    _check_keys(entry, path, required=("daily_free",), optional=_RULE_KIND_KEYS[product.kind])
+    _check_keys(entry, path, required=(), optional=_LIMIT_KEYS + _RULE_KIND_KEYS[product.kind])
     return ProductRules(
-        daily_free=_int(entry["daily_free"], f"{path}.daily_free", 0, _MAX_DAILY_FREE),
+        limits=_parse_limits(entry, path, shadow),
+        max_concurrent=_int(entry.get("max_concurrent", 0), f"{path}.max_concurrent", 0, _MAX_CONCURRENT),
+        concurrency_shadow=shadow,
         max_duration_seconds=_optional(entry, "max_duration_seconds", path, product, _rule_duration),
         max_resolution=_optional(entry, "max_resolution", path, product, _rule_resolution),
         models=_optional(entry, "models", path, product, _rule_models),
         max_units=_optional(entry, "max_units", path, product, _rule_units),
     )
+
+
+def _parse_limits(entry: Mapping[str, object], path: str, shadow: bool) -> tuple[Limit, ...]:
+    """``daily_free: N`` is short for ``limits: [{id: daily, kind: day, free: N}]``."""
+    if ("daily_free" in entry) == ("limits" in entry):
+        raise PlansError(_join(path, "limits"), "give either daily_free or limits (not both)")
+    if "daily_free" in entry:
+        free = _int(entry["daily_free"], f"{path}.daily_free", 0, _MAX_DAILY_FREE)
+        return (Limit("daily", LimitKind.DAY, free, shadow=shadow),)
+    raw = entry["limits"]
+    if not isinstance(raw, list) or not raw:
+        raise PlansError(f"{path}.limits", f"must be a non-empty list (got {_type_name(raw)})")
+    limits = tuple(parse_limit(item, f"{path}.limits[{i}]", shadow) for i, item in enumerate(raw))
+    ids = [limit.limit_id for limit in limits]
+    if len(set(ids)) != len(ids):
+        raise PlansError(f"{path}.limits", f"limit ids must be unique (got {', '.join(ids)})")
+    return limits
+
+
+def parse_limit(value: object, path: str, shadow: bool = False) -> Limit:
+    """One limit entry: {id, kind: day|week|rolling, free, hours (rolling), shadow}."""
+    entry = _mapping(value, path)
+    _check_keys(entry, path, required=("id", "kind", "free"), optional=("hours", "shadow"))
+    kinds = {kind.value: kind for kind in LimitKind}
+    kind = kinds.get(entry["kind"]) if isinstance(entry["kind"], str) else None
+    if kind is None:
+        raise PlansError(f"{path}.kind", f"must be one of {', '.join(kinds)} (got {entry['kind']!r})")
+    if (kind is LimitKind.ROLLING) != ("hours" in entry):
+        raise PlansError(f"{path}.hours", "is required for rolling limits and only for them")
+    hours = _int(entry["hours"], f"{path}.hours", 1, MAX_ROLLING_HOURS) if "hours" in entry else 0
+    own_shadow = entry.get("shadow", False)
+    if not isinstance(own_shadow, bool):
+        raise PlansError(f"{path}.shadow", f"must be true or false (got {_type_name(own_shadow)})")
+    return Limit(limit_id=_name(entry["id"], f"{path}.id", in_path=False), kind=kind,
+                 free=_int(entry["free"], f"{path}.free", 0, _MAX_DAILY_FREE), hours=hours,
+                 shadow=shadow or own_shadow)
 
 
 def _optional(

@@ -37,6 +37,10 @@ from .model import (
     Funding,
     JobParams,
     LedgerEntry,
+    Limit,
+    LimitKind,
+    LimitOverride,
+    LimitStatus,
     Lot,
     Money,
     Offer,
@@ -48,7 +52,11 @@ ERROR_DOMAIN = "quota-sidecar"
 
 _FUNDING = {Funding.FREE_QUOTA: pb.FUNDING_FREE_QUOTA, Funding.CREDITS: pb.FUNDING_CREDITS, None: pb.FUNDING_UNSPECIFIED}
 _DENIAL = {"PURCHASE_REQUIRED": pb.DENIAL_REASON_PURCHASE_REQUIRED, "NOT_ENTITLED": pb.DENIAL_REASON_NOT_ENTITLED,
-           "BUDGET_EXCEEDED": pb.DENIAL_REASON_BUDGET_EXCEEDED}
+           "BUDGET_EXCEEDED": pb.DENIAL_REASON_BUDGET_EXCEEDED,
+           "CONCURRENCY_LIMIT": pb.DENIAL_REASON_CONCURRENCY_LIMIT}
+_KIND_TO_PB = {LimitKind.DAY: pb.LIMIT_KIND_DAY, LimitKind.WEEK: pb.LIMIT_KIND_WEEK,
+               LimitKind.ROLLING: pb.LIMIT_KIND_ROLLING}
+_KIND_FROM_PB = {v: k for k, v in _KIND_TO_PB.items()}
 _SOURCE_TO_PB = {CreditSource.PURCHASE: pb.CREDIT_SOURCE_PURCHASE, CreditSource.PROMO: pb.CREDIT_SOURCE_PROMO,
                  CreditSource.REFUND: pb.CREDIT_SOURCE_REFUND, CreditSource.COMPENSATION: pb.CREDIT_SOURCE_COMPENSATION}
 _SOURCE_FROM_PB = {v: k for k, v in _SOURCE_TO_PB.items()} | {pb.CREDIT_SOURCE_UNSPECIFIED: CreditSource.PURCHASE}
@@ -123,13 +131,35 @@ def _offer(offer: Offer) -> pb.CreditPack:
                          quantity=offer.quantity, total_price=_money(offer.total_price))
 
 
+def _limit_status(st: LimitStatus) -> pb.LimitStatus:
+    return pb.LimitStatus(limit_id=st.limit.limit_id, kind=_KIND_TO_PB[st.limit.kind], rolling_hours=st.limit.hours,
+                          used=st.used, limit=st.limit.free, resets_at=_ts(st.resets_ms), shadow=st.limit.shadow)
+
+
+def _override_pb(o: LimitOverride) -> pb.LimitOverride:
+    return pb.LimitOverride(product=o.product, max_concurrent=o.max_concurrent, limits=[
+        pb.LimitSpec(limit_id=x.limit_id, kind=_KIND_TO_PB[x.kind], free=x.free, rolling_hours=x.hours,
+                     shadow=x.shadow) for x in o.limits])
+
+
+def _override(o: pb.LimitOverride, index: int) -> LimitOverride:
+    limits = []
+    for spec in o.limits:
+        if spec.kind not in _KIND_FROM_PB:
+            raise InvalidArgument(f"overrides[{index}].limits.kind", "must be DAY, WEEK or ROLLING")
+        limits.append(Limit(limit_id=spec.limit_id, kind=_KIND_FROM_PB[spec.kind], free=spec.free,
+                            hours=spec.rolling_hours, shadow=spec.shadow))
+    return LimitOverride(product=o.product, limits=tuple(limits), max_concurrent=o.max_concurrent)
+
+
 def decision_response(decision: Decision) -> pb.CheckAndReserveResponse:
     o = decision.outcome
     response = pb.CheckAndReserveResponse(
         allowed=o.allowed, reservation_id=decision.reservation_id, funding=_FUNDING[o.funding],
         credits_held=o.credits_held, free_used=o.free_used, free_limit=o.free_limit,
         free_resets_at=_ts(o.free_resets_ms), credit_balance=o.credit_balance,
-        job_cost_credits=o.cost_credits, replayed=o.replayed,
+        job_cost_credits=o.cost_credits, replayed=o.replayed, plans_version=o.plans_version,
+        limits=[_limit_status(st) for st in o.limits], shadow_limits=list(o.shadow_limits),
     )
     if o.allowed:
         response.expires_at.CopyFrom(_ts(o.expires_ms))
@@ -166,7 +196,8 @@ def account_response(a: Account) -> pb.GetAccountResponse:
     return pb.GetAccountResponse(
         balance=balance_response(a.balance), monthly_spend_cap_credits=a.monthly_spend_cap_credits,
         month_spend_credits=a.month_spend_credits, month_resets_at=_ts(a.month_resets_ms),
-        auto_topup=_topup(a.auto_topup), totals=_totals(a.totals), all_lots=[_lot(lot) for lot in a.all_lots])
+        auto_topup=_topup(a.auto_topup), totals=_totals(a.totals), all_lots=[_lot(lot) for lot in a.all_lots],
+        overrides=[_override_pb(o) for o in a.overrides])
 
 
 def ledger_entry_pb(e: LedgerEntry) -> pb.LedgerEntry:
@@ -184,7 +215,10 @@ def balance_response(b: Balance) -> pb.GetBalanceResponse:
         account_id=b.account_id, plan=b.plan, time_zone=b.time_zone, credit_balance=b.credit_balance,
         credits_held=b.credits_held,
         allowances=[pb.ProductAllowance(product=a.product, free_used=a.free_used, free_limit=a.free_limit,
-                                        free_resets_at=_ts(a.free_resets_ms)) for a in b.allowances],
+                                        free_resets_at=_ts(a.free_resets_ms),
+                                        limits=[_limit_status(st) for st in a.limits],
+                                        jobs_in_flight=a.jobs_in_flight, max_concurrent=a.max_concurrent,
+                                        overridden=a.overridden) for a in b.allowances],
         lots=[_lot(lot) for lot in b.lots],
         holds=[pb.Hold(reservation_id=h.reservation_id, product=h.product, funding=_FUNDING[h.funding],
                        credits_held=h.credits_held, expires_at=_ts(h.expires_ms)) for h in b.holds],
@@ -258,11 +292,13 @@ class QuotaAdmin(pb_grpc.QuotaAdminServicer):
         if request.HasField("auto_topup"):
             t = request.auto_topup
             topup = AutoTopUp(enabled=t.enabled, threshold_credits=t.threshold_credits, pack_id=t.pack_id)
+        overrides = tuple(_override(o, i) for i, o in enumerate(request.overrides))
         r = await self._engine.set_account(request.account_id, request.plan, request.time_zone,
-                                           monthly_spend_cap_credits=cap, auto_topup=topup)
+                                           monthly_spend_cap_credits=cap, auto_topup=topup, overrides=overrides,
+                                           clear_overrides=tuple(request.clear_overrides))
         return pb.SetAccountResponse(plan=r.plan, time_zone=r.time_zone,
                                      monthly_spend_cap_credits=r.monthly_spend_cap_credits,
-                                     auto_topup=_topup(r.auto_topup))
+                                     auto_topup=_topup(r.auto_topup), overrides=[_override_pb(o) for o in r.overrides])
 
     @_rpc
     async def GetAccount(self, request: pb.GetAccountRequest, context: Any) -> pb.GetAccountResponse:

@@ -27,6 +27,12 @@ from redis import exceptions as redis_errors
 from .errors import Conflict, InvalidArgument, NotFound, QuotaError, ResolutionConflict, Unavailable
 from .model import (
     AccountChanges,
+    Allowance,
+    Limit,
+    LimitKind,
+    LimitOverride,
+    LimitStatus,
+    headline,
     AccountSettings,
     AutoTopUp,
     BalanceSnapshot,
@@ -52,7 +58,8 @@ from .model import (
 
 # Order matters: it is the KEYS[] order of _prelude.lua. The last key is the
 # bucket's events stream, shared by the bucket's accounts.
-KEY_SUFFIXES = ("acct", "free", "lots", "lotrem", "lotexp", "holds", "res", "resdone", "ledger", "notes", "spend")
+KEY_SUFFIXES = ("acct", "free", "lots", "lotrem", "lotexp", "holds", "res", "resdone", "ledger", "notes", "spend",
+                "rolling", "inflight")
 SCRIPT_NAMES = ("reserve", "commit", "release", "extend", "grant", "revoke", "refund_job", "set_account",
                 "balance", "sweep")
 DEFAULT_KEY_BUCKETS = 256
@@ -135,7 +142,7 @@ def _script_error(reply: Mapping[str, Any]) -> Exception:
     if code == "TZ_MISMATCH":
         return StaleTimeZone(reply["tz"])
     if code == "INVALID_PARAMS":
-        return ParamsInvalidForProduct(reply["product"])
+        return ParamsInvalidForProduct(reply["product"], reply.get("pv") or "*")
     if code == "EXPIRES_IN_PAST":
         return InvalidArgument("expires_at", "must be in the future")
     if code == "CLOCK_SKEW":
@@ -164,6 +171,28 @@ def _windows(windows: Sequence[Window]) -> list[Any]:
     return _block([(w.label, w.start_ms, w.end_ms) for w in windows])
 
 
+def _limits_json(limits: Sequence[Limit]) -> str:
+    return json.dumps([limit.as_json() for limit in limits], separators=(",", ":"))
+
+
+def _limit_statuses(rows: Any) -> tuple[LimitStatus, ...]:
+    """Script rows {id, kind, hours, used, limit, resets_ms, shadow} as values."""
+    return tuple(LimitStatus(limit=Limit(limit_id=r[0], kind=LimitKind(r[1]), free=int(r[4]), hours=int(r[2]),
+                                         shadow=bool(r[6])), used=int(r[3]), resets_ms=int(r[5]))
+                 for r in _as_list(rows))
+
+
+def _override(product: str, raw: str) -> LimitOverride:
+    o = json.loads(raw)
+    limits = tuple(Limit(limit_id=x["id"], kind=LimitKind(x["kind"]), free=int(x["free"]), hours=int(x["hours"]),
+                         shadow=bool(x["shadow"])) for x in _as_list(o["limits"]))
+    return LimitOverride(product=product, limits=limits, max_concurrent=int(o["max_concurrent"]))
+
+
+def _overrides(rows: Any) -> tuple[LimitOverride, ...]:
+    return tuple(sorted((_override(p, raw) for p, raw in _as_list(rows)), key=lambda o: o.product))
+
+
 def _reserve_outcome(r: Mapping[str, Any]) -> ReserveOutcome:
     funding = r.get("funding")
     denial = r.get("denial")
@@ -182,7 +211,17 @@ def _reserve_outcome(r: Mapping[str, Any]) -> ReserveOutcome:
         expires_ms=int(r["expires_ms"]),
         now_ms=int(r["now_ms"]),
         replayed=bool(r["replayed"]),
+        limits=_limit_statuses(r.get("limits")),
+        shadow_limits=tuple(_as_list(r.get("shadow"))),
+        plans_version=r.get("pv", ""),
     )
+
+
+def _allowance(row: list[Any], default_resets_ms: int) -> Allowance:
+    statuses = _limit_statuses(row[1])
+    used, limit, resets_ms = headline(statuses, default_resets_ms)
+    return Allowance(product=row[0], free_used=used, free_limit=limit, free_resets_ms=resets_ms, limits=statuses,
+                     jobs_in_flight=int(row[2]), max_concurrent=int(row[3]), overridden=bool(row[4]))
 
 
 def _live_lots(flat: list[Any], metas: Mapping[str, Lot]) -> tuple[Lot, ...]:
@@ -284,13 +323,17 @@ class RedisStore:
     async def reserve(self, cmd: ReserveCommand) -> ReserveOutcome:
         args: list[Any] = [cmd.reservation_id, cmd.product, cmd.fingerprint, cmd.ttl_ms, cmd.cost_credits,
                            cmd.default_plan, cmd.time_zone, cmd.free_warning_percent]
-        args += _windows(cmd.windows) + _windows(cmd.months)
-        args += _block([(r.plan, r.free_limit, 1 if r.entitled else 0, r.credits_low) for r in cmd.plan_rows])
+        args += _windows(cmd.windows) + _windows(cmd.weeks) + _windows(cmd.months)
+        args += _block([(r.plan, 1 if r.entitled else 0, r.credits_low, r.max_concurrent,
+                         1 if r.concurrency_shadow else 0, _limits_json(r.limits)) for r in cmd.plan_rows])
         args += _block([(p.pack_id, p.credits, p.price.minor_units, p.price.currency_code) for p in cmd.packs])
         return _reserve_outcome(await self._run("reserve", cmd.account_id, cmd.stamp, args))
 
-    async def commit(self, account_id: str, reservation_id: str, costs: Mapping[str, int], stamp: Stamp) -> CommitResult:
-        r = await self._run("commit", account_id, stamp, [reservation_id, *_block(list(costs.items()))])
+    async def commit(self, account_id: str, reservation_id: str, costs: Mapping[tuple[str, str], int],
+                     stamp: Stamp) -> CommitResult:
+        """``costs``: (plans version or "*" for the current plans, product) -> actual cost."""
+        rows = [(pv, product, cost) for (pv, product), cost in costs.items()]
+        r = await self._run("commit", account_id, stamp, [reservation_id, *_block(rows)])
         return CommitResult(funding=Funding(r["funding"]), credits_charged=int(r["charged"]),
                             credits_refunded=int(r["refunded"]), free_charged=int(r["free_charged"]),
                             credit_balance=int(r["balance"]), replayed=bool(r["replayed"]))
@@ -333,26 +376,30 @@ class RedisStore:
                 "" if topup is None else (1 if topup.enabled else 0),
                 "" if topup is None else topup.threshold_credits,
                 "" if topup is None else topup.pack_id]
+        overrides = [(o.product, json.dumps(o.as_json(), separators=(",", ":"))) for o in changes.overrides]
+        args += _block(overrides + [(product, "") for product in changes.clear_overrides])
         r = await self._run("set_account", account_id, stamp, args)
         return AccountSettings(plan=r["plan"], time_zone=r["tz"], monthly_spend_cap_credits=int(r["cap"]),
-                               auto_topup=_auto_topup(r))
+                               auto_topup=_auto_topup(r), overrides=_overrides(r["overrides"]))
 
-    async def balance(self, account_id: str, *, time_zone: str, windows: Sequence[Window], months: Sequence[Window],
-                      products: Sequence[str], default_plan: str, stamp: Stamp) -> BalanceSnapshot:
-        args: list[Any] = [default_plan, time_zone, *_windows(windows), *_windows(months),
-                           *_block([(p,) for p in products])]
+    async def balance(self, account_id: str, *, time_zone: str, windows: Sequence[Window], weeks: Sequence[Window],
+                      months: Sequence[Window], product_rows: Sequence[tuple[str, str, int, tuple[Limit, ...]]],
+                      default_plan: str, stamp: Stamp) -> BalanceSnapshot:
+        """``product_rows``: (product, plan, max_concurrent, limits) for every product under every plan."""
+        args: list[Any] = [default_plan, time_zone, *_windows(windows), *_windows(weeks), *_windows(months),
+                           *_block([(p, plan, cap, _limits_json(limits)) for p, plan, cap, limits in product_rows])]
         r = await self._run("balance", account_id, stamp, args)
-        free = _as_list(r["free"])
         all_lots = _all_lots(_as_list(r["all_lots"]))
         holds = tuple(HoldInfo(reservation_id=h[0], product=h[1], funding=Funding(h[2]),
                                credits_held=int(h[3]), expires_ms=int(h[4])) for h in _as_list(r["holds"]))
         return BalanceSnapshot(
             plan=r["plan"], time_zone=r["tz"], now_ms=int(r["now_ms"]), free_resets_ms=int(r["resets_ms"]),
-            free_used={free[i]: int(free[i + 1]) for i in range(0, len(free), 2)},
+            allowances=tuple(_allowance(row, int(r["resets_ms"])) for row in _as_list(r["free"])),
             credit_balance=int(r["balance"]), lots=_live_lots(_as_list(r["lots"]), {x.lot_id: x for x in all_lots}),
             holds=holds, all_lots=all_lots, monthly_spend_cap_credits=int(r["cap"]),
             month_spend_credits=int(r["month_spend"]), month_resets_ms=int(r["month_resets_ms"]),
             auto_topup=_auto_topup(r), totals=_totals(r["totals"], int(r["balance"])),
+            overrides=_overrides(r["overrides"]),
         )
 
     async def sweep_account(self, account_id: str, notice_ms: int, stamp: Stamp) -> int:

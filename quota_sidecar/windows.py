@@ -122,6 +122,24 @@ def monthly_window(tz: str, at_ms: int) -> Window:
     return window
 
 
+def weekly_window(tz: str, at_ms: int) -> Window:
+    """The calendar week (Monday to Sunday, in ``tz``) containing ``at_ms``, labelled by its Monday (YYYYMMDD)."""
+    zone = time_zone(tz)
+    label = daily_window(tz, at_ms).label
+    day = date(int(label[:4]), int(label[4:6]), int(label[6:]))
+    monday = day - day.weekday() * _ONE_DAY
+    window = Window(label=_label(monday), start_ms=_first_instant_ms(zone, monday),
+                    end_ms=_first_instant_ms(zone, monday + 7 * _ONE_DAY))
+    assert window.start_ms <= at_ms < window.end_ms, (tz, at_ms, window)
+    return window
+
+
+def candidate_weeks(tz: str, approx_now_ms: int) -> tuple[Window, Window, Window]:
+    """The weeks before, of, and after approx_now's local week (see candidate_windows)."""
+    current = weekly_window(tz, approx_now_ms)
+    return weekly_window(tz, current.start_ms - 1), current, weekly_window(tz, current.end_ms)
+
+
 def candidate_months(tz: str, approx_now_ms: int) -> tuple[Window, Window, Window]:
     """The months before, of, and after approx_now's local month (see candidate_windows)."""
     current = monthly_window(tz, approx_now_ms)

@@ -266,7 +266,7 @@ async def test_free_counter_reset_is_caught(engine: QuotaEngine, store: RedisSto
         d = await engine.check_and_reserve("a", "sora", f"f{i}", V10)
         await engine.commit("a", d.reservation_id)
     await assert_clean(store, "a")
-    await redis_client.hset(key(key_prefix, "a", "free"), "sora|20261121", 0)
+    await redis_client.hset(key(key_prefix, "a", "free"), "sora|daily|d20261121", 0)
     for i in range(10):  # 35 free jobs today, 30 allowed
         d = await engine.check_and_reserve("a", "sora", f"g{i}", V10)
         assert d.outcome.funding is Funding.FREE_QUOTA

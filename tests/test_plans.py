@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from quota_sidecar.errors import InvalidArgument, PlansError
-from quota_sidecar.model import CreditPack, JobParams, Money, Offer
+from quota_sidecar.model import Limit, LimitKind, CreditPack, JobParams, Money, Offer
 from quota_sidecar.plans import Plans, ProductRules, load_plans, parse_plans
 
 
@@ -55,15 +55,19 @@ def test_default_file_loads_with_the_product_rules(plans: Plans) -> None:
     assert (codex.default_model, codex.max_units) == ("codex", 100)
 
 
+def _daily(free: int) -> tuple[Limit, ...]:
+    return (Limit("daily", LimitKind.DAY, free),)
+
+
 def test_default_plan_rules(plans: Plans) -> None:
-    assert plans.plan("free").products["sora"] == ProductRules(30, 15.0, "720p", None, None)
-    assert plans.plan("plus").products["sora"] == ProductRules(30, 15.0, "720p", None, None)
-    assert plans.plan("pro").products["sora"] == ProductRules(100, 25.0, "1080p", None, None)
+    assert plans.plan("free").products["sora"] == ProductRules(_daily(30), 15.0, "720p", None, None)
+    assert plans.plan("plus").products["sora"] == ProductRules(_daily(30), 15.0, "720p", None, None)
+    assert plans.plan("pro").products["sora"] == ProductRules(_daily(100), 25.0, "1080p", None, None)
     assert plans.plan("free").products["codex"] == ProductRules(
-        10, None, None, frozenset({"codex-mini", "codex"}), 5
+        _daily(10), None, None, frozenset({"codex-mini", "codex"}), 5
     )
-    assert plans.plan("plus").products["codex"] == ProductRules(50, None, None, None, 20)
-    assert plans.plan("pro").products["codex"] == ProductRules(200, None, None, None, 100)
+    assert plans.plan("plus").products["codex"] == ProductRules(_daily(50), None, None, None, 20)
+    assert plans.plan("pro").products["codex"] == ProductRules(_daily(200), None, None, None, 100)
 
 
 @pytest.mark.parametrize(
@@ -370,7 +374,7 @@ BROKEN_DOCUMENTS: list[tuple[str, Mutation, str]] = [
     ("daily_free bool", _set("plans/pro/sora/daily_free", True), "plans.pro.sora.daily_free"),
     ("daily_free string", _set("plans/pro/sora/daily_free", "100"), "plans.pro.sora.daily_free"),
     ("daily_free too big", _set("plans/pro/sora/daily_free", 1_000_001), "plans.pro.sora.daily_free"),
-    ("daily_free missing", _delete("plans/pro/sora/daily_free"), "plans.pro.sora.daily_free"),
+    ("daily_free missing", _delete("plans/pro/sora/daily_free"), "plans.pro.sora.limits"),
     ("plan unknown key", _set("plans/pro/sora/colour", "red"), "plans.pro.sora.colour"),
     ("task key on video", _set("plans/pro/sora/max_units", 3), "plans.pro.sora.max_units"),
     ("video key on task", _set("plans/pro/codex/max_resolution", "720p"), "plans.pro.codex.max_resolution"),
@@ -534,7 +538,8 @@ def test_optional_rule_keys_may_be_omitted() -> None:
     document = _default_document()
     document["plans"]["free"]["sora"] = {"daily_free": 0}
     rules = parse_plans(document).plan("free").products["sora"]
-    assert rules == ProductRules(daily_free=0)
+    assert rules == ProductRules(limits=(Limit("daily", LimitKind.DAY, 0),))
+    assert rules.daily_free == 0
 
 
 def test_yaml_booleans_are_not_integers(tmp_path: Path) -> None:
@@ -562,3 +567,50 @@ def test_notifications_section_is_optional_and_validated(tmp_path: Path) -> None
     with pytest.raises(PlansError, match="notifications.free_warning_percent"):
         parse_plans(doc)
     assert plans.pack("pack_10").credits == 10
+
+
+def test_limits_kinds_concurrency_and_shadow() -> None:
+    document = _default_document()
+    document["plans"]["pro"]["codex"] = {
+        "limits": [{"id": "five_hour", "kind": "rolling", "hours": 5, "free": 50},
+                   {"id": "weekly", "kind": "week", "free": 300},
+                   {"id": "trial_cut", "kind": "day", "free": 20, "shadow": True}],
+        "max_concurrent": 3}
+    document["shadow"] = {"plans": ["plus"]}
+    plans = parse_plans(document)
+    rules = plans.rules("pro", "codex")
+    assert rules is not None and rules.max_concurrent == 3 and not rules.concurrency_shadow
+    assert rules.limits == (Limit("five_hour", LimitKind.ROLLING, 50, 5), Limit("weekly", LimitKind.WEEK, 300),
+                            Limit("trial_cut", LimitKind.DAY, 20, shadow=True))
+    assert rules.daily_free == 20
+    plus = plans.rules("plus", "sora")
+    assert plus is not None and plus.limits[0].shadow and plus.concurrency_shadow
+
+
+@pytest.mark.parametrize("limits,field", [
+    ([{"id": "x", "kind": "hourly", "free": 1}], "plans.pro.codex.limits[0].kind"),
+    ([{"id": "x", "kind": "rolling", "free": 1}], "plans.pro.codex.limits[0].hours"),
+    ([{"id": "x", "kind": "day", "free": 1, "hours": 3}], "plans.pro.codex.limits[0].hours"),
+    ([{"id": "x", "kind": "rolling", "hours": 169, "free": 1}], "plans.pro.codex.limits[0].hours"),
+    ([{"id": "x", "kind": "day", "free": -1}], "plans.pro.codex.limits[0].free"),
+    ([{"id": "x", "kind": "day", "free": 1}, {"id": "x", "kind": "week", "free": 1}], "plans.pro.codex.limits"),
+    ([], "plans.pro.codex.limits"),
+    ([{"id": "x", "kind": "day", "free": 1, "shadow": "yes"}], "plans.pro.codex.limits[0].shadow"),
+])
+def test_bad_limits_are_refused(limits: list, field: str) -> None:
+    document = _default_document()
+    document["plans"]["pro"]["codex"] = {"limits": limits}
+    with pytest.raises(PlansError) as caught:
+        parse_plans(document)
+    assert caught.value.field == field
+
+
+def test_daily_free_and_limits_together_are_refused() -> None:
+    document = _default_document()
+    document["plans"]["pro"]["codex"]["limits"] = [{"id": "w", "kind": "week", "free": 1}]
+    with pytest.raises(PlansError, match="either daily_free or limits"):
+        parse_plans(document)
+    document = _default_document()
+    document["shadow"] = {"products": ["dalle"]}
+    with pytest.raises(PlansError, match="shadow.products"):
+        parse_plans(document)

@@ -156,4 +156,4 @@ async def test_old_free_windows_are_pruned(engine: QuotaEngine, clock: ManualClo
         clock.advance(days=1)
     fields = sorted(await redis_client.hkeys(key(key_prefix, "a", "free")))
     # On 2026-11-24 the oldest window still proposed is yesterday's (11-23).
-    assert fields == ["codex|20261123", "codex|20261124", "sora|20261123", "sora|20261124"]
+    assert fields == ["codex|daily|d20261123", "codex|daily|d20261124", "sora|daily|d20261123", "sora|daily|d20261124"]

@@ -262,3 +262,23 @@ def test_monthly_window_in_a_zone() -> None:
     # December rolls into the next year
     dec = monthly_window("UTC", int(datetime(2026, 12, 15, tzinfo=timezone.utc).timestamp() * 1000))
     assert dec.label == "202612" and dec.end_ms == int(datetime(2027, 1, 1, tzinfo=timezone.utc).timestamp() * 1000)
+
+
+def test_weekly_window_starts_monday_in_the_zone() -> None:
+    from quota_sidecar.windows import candidate_weeks, weekly_window
+
+    # Sunday 2026-11-22 23:30 in New York is Monday 04:30 UTC: still the week of Monday the 16th there.
+    at = int(datetime(2026, 11, 23, 4, 30, tzinfo=timezone.utc).timestamp() * 1000)
+    ny = weekly_window("America/New_York", at)
+    assert (ny.label, ny.start_ms, ny.end_ms) == (
+        "20261116",
+        int(datetime(2026, 11, 16, 5, 0, tzinfo=timezone.utc).timestamp() * 1000),
+        int(datetime(2026, 11, 23, 5, 0, tzinfo=timezone.utc).timestamp() * 1000),
+    )
+    assert weekly_window("UTC", at).label == "20261123"
+    prev, cur, nxt = candidate_weeks("UTC", at)
+    assert [prev.label, cur.label, nxt.label] == ["20261116", "20261123", "20261130"]
+    assert prev.end_ms == cur.start_ms and cur.end_ms == nxt.start_ms
+    # the week with the DST change is 169 hours long in New York (fall back on 2026-11-01)
+    fall = weekly_window("America/New_York", int(datetime(2026, 10, 28, tzinfo=timezone.utc).timestamp() * 1000))
+    assert fall.end_ms - fall.start_ms == 169 * 3_600_000

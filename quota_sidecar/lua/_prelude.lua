@@ -24,7 +24,14 @@
 --   9 ledger   STREAM every movement, with the totals after it (append-only)
 --  10 notes    HASH  events already emitted ("<event>|<scope>") -> when
 --  11 spend    HASH  "<YYYYMM>" -> credits held or spent that month (the spend cap's measure)
---  12 events   STREAM usage events of the whole bucket (shared by its accounts)
+--  12 rolling  ZSET  "<product>|<limit>|<reservation_id>" scored by use time: rolling windows
+--  13 inflight HASH  product -> unresolved reservations (the concurrency cap's measure)
+--  14 events   STREAM usage events of the whole bucket (shared by its accounts)
+--
+-- Free units: a day or week limit counts in the free hash under
+-- "<product>|<limit>|d<YYYYMMDD>" or "|w<monday YYYYMMDD>"; a rolling limit
+-- counts the rolling zset members of the last `hours` hours, so it is exact.
+-- A reservation records what it took as "h<free field>" / "z<rolling member>".
 --
 -- ARGV starts with the same header everywhere; each script reads its own
 -- arguments after it with next_arg()/next_block():
@@ -37,12 +44,15 @@ if redis.replicate_commands then redis.replicate_commands() end
 
 local K_ACCT, K_FREE, K_LOTS, K_LOTREM = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local K_LOTEXP, K_HOLDS, K_RES, K_RESDONE = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
-local K_LEDGER, K_NOTES, K_SPEND, K_EVENTS = KEYS[9], KEYS[10], KEYS[11], KEYS[12]
+local K_LEDGER, K_NOTES, K_SPEND, K_ROLLING = KEYS[9], KEYS[10], KEYS[11], KEYS[12]
+local K_INFLIGHT, K_EVENTS = KEYS[13], KEYS[14]
 
 -- Bounds the work lazy expiry does in one call; the rest waits for the next.
 local EXPIRE_BATCH = 64
 local PRUNE_BATCH = 16
 local RANKS = 8  -- lot score = expires_ms * RANKS + source rank
+local HOUR_MS = 3600000
+local MAX_ROLLING_MS = 168 * HOUR_MS  -- the longest rolling window a limit may have
 local TOTALS = {'credits_granted', 'credits_spent', 'credits_expired', 'credits_revoked',
                 'credits_refunded', 'credits_held'}
 
@@ -169,9 +179,50 @@ local function return_credits(taken)
   return to_lots, to_expired, to_revoked
 end
 
-local function return_free_unit(free_field)
-  local used = tonumber(redis.call('HGET', K_FREE, free_field) or '0')
-  if used > 0 then redis.call('HINCRBY', K_FREE, free_field, -1) end
+-- A limit's state now. limit = {id, kind, free, hours, shadow}; day and week
+-- are the current windows {label, end_ms}. Returns used, when a unit frees
+-- up, and the key a new use is counted under.
+local function limit_state(product, limit, day, week)
+  local scope = product .. '|' .. limit.id .. '|'
+  if limit.kind == 'rolling' then
+    local span_ms = limit.hours * HOUR_MS
+    local uses = redis.call('ZRANGEBYSCORE', K_ROLLING, '(' .. (now_ms - span_ms), '+inf', 'WITHSCORES')
+    local used, oldest_ms = 0, nil
+    for i = 1, #uses, 2 do
+      if string.sub(uses[i], 1, #scope) == scope then
+        used = used + 1
+        local at_ms = tonumber(uses[i + 1])
+        if oldest_ms == nil or at_ms < oldest_ms then oldest_ms = at_ms end
+      end
+    end
+    return used, (oldest_ms or now_ms) + span_ms, 'z' .. scope
+  end
+  local window = limit.kind == 'week' and week or day
+  local field = scope .. string.sub(limit.kind, 1, 1) .. window[1]
+  return tonumber(redis.call('HGET', K_FREE, field) or '0'), window[2], 'h' .. field
+end
+
+-- Counts one use under a limit's key; returns what the reservation records.
+local function take_free_unit(key, rid)
+  if string.sub(key, 1, 1) == 'z' then
+    local member = string.sub(key, 2) .. rid
+    redis.call('ZADD', K_ROLLING, now_ms, member)
+    return 'z' .. member
+  end
+  redis.call('HINCRBY', K_FREE, string.sub(key, 2), 1)
+  return key
+end
+
+local function return_free_units(taken)
+  for _, key in ipairs(taken) do
+    local name = string.sub(key, 2)
+    if string.sub(key, 1, 1) == 'z' then
+      redis.call('ZREM', K_ROLLING, name)
+    else
+      local used = tonumber(redis.call('HGET', K_FREE, name) or '0')
+      if used > 0 then redis.call('HINCRBY', K_FREE, name, -1) end
+    end
+  end
 end
 
 -- Never sends a zero: Lua formats -0 as "-0", which HINCRBY rejects, and a
@@ -183,20 +234,22 @@ local function unspend(month, credits)
   end
 end
 
--- Ends a hold: it leaves the hold index and its record becomes prunable.
+-- Ends a hold: it leaves the hold index and the in-flight count, and its
+-- record becomes prunable.
 local function resolve(rid, rec, state)
   rec.s = state
   rec.r = now_ms
   save_record(rid, rec)
   redis.call('ZREM', K_HOLDS, rid)
   redis.call('ZADD', K_RESDONE, now_ms, rid)
+  if tonumber(redis.call('HGET', K_INFLIGHT, rec.p) or '0') > 0 then redis.call('HINCRBY', K_INFLIGHT, rec.p, -1) end
 end
 
 -- Gives a whole hold back (Release and expiry). Ledger fields of the refund.
 local function refund_hold(rec)
   if rec.f == 'free' then
-    return_free_unit(rec.ff)
-    return {'free', 1, 'window', rec.ff}
+    return_free_units(rec.fw)
+    return {'free', 1, 'free_units', cjson.encode(rec.fw)}
   end
   incr('credits_held', -rec.c)
   unspend(rec.m, rec.c)
@@ -295,11 +348,12 @@ end
 -- Counters and notes of windows older than the oldest candidate can no
 -- longer matter (labels are YYYYMMDD / YYYYMM, so string order is date
 -- order); a refund to a pruned counter is a no-op.
-local function prune_old_windows(oldest_day, oldest_month)
+local function prune_old_windows(oldest_day, oldest_week, oldest_month)
   for _, field in ipairs(redis.call('HKEYS', K_FREE)) do
-    local label = string.match(field, '|(%d+)$')
-    if label and label < oldest_day then redis.call('HDEL', K_FREE, field) end
+    local kind, label = string.match(field, '|([dw])(%d+)$')
+    if label and label < (kind == 'd' and oldest_day or oldest_week) then redis.call('HDEL', K_FREE, field) end
   end
+  redis.call('ZREMRANGEBYSCORE', K_ROLLING, '-inf', now_ms - MAX_ROLLING_MS)
   for _, month in ipairs(redis.call('HKEYS', K_SPEND)) do
     if month < oldest_month then redis.call('HDEL', K_SPEND, month) end
   end

@@ -5,21 +5,39 @@
 local default_plan = next_arg()
 local expected_tz  = next_arg()
 local days         = next_block(3)
+local weeks        = next_block(3)
 local months       = next_block(3)
-local products     = next_block(1)
+-- {product, plan, max_concurrent, limits JSON}: every product under every plan
+local product_rows = next_block(4)
 
 local plan, tz = account(default_plan)
 if tz ~= expected_tz then return fail('TZ_MISMATCH', {tz = tz, plan = plan}) end
 local label, window_end_ms = pick_window(days)
+local week_label, week_end_ms = pick_window(weeks)
 local month, month_end_ms = pick_window(months)
-if label == nil or month == nil then return fail('CLOCK_SKEW', {now_ms = now_ms}) end
+if label == nil or week_label == nil or month == nil then return fail('CLOCK_SKEW', {now_ms = now_ms}) end
 
 sweep()
 
+-- Per product of the account's plan (or its override): every limit's state.
 local free = {}
-for _, row in ipairs(products) do
-  free[#free + 1] = row[1]
-  free[#free + 1] = tonumber(redis.call('HGET', K_FREE, row[1] .. '|' .. label) or '0')
+for _, row in ipairs(product_rows) do
+  if row[2] == plan then
+    local product = row[1]
+    local limits, max_concurrent, overridden = cjson.decode(row[4]), tonumber(row[3]), 0
+    local override = redis.call('HGET', K_ACCT, 'ovr|' .. product)
+    if override then
+      local o = cjson.decode(override)
+      limits, max_concurrent, overridden = o.limits, o.max_concurrent, 1
+    end
+    local statuses = {}
+    for i, limit in ipairs(limits) do
+      local used, resets_ms = limit_state(product, limit, {label, window_end_ms}, {week_label, week_end_ms})
+      statuses[i] = {limit.id, limit.kind, limit.hours, used, limit.free, resets_ms, limit.shadow}
+    end
+    free[#free + 1] = {product, statuses, tonumber(redis.call('HGET', K_INFLIGHT, product) or '0'),
+                       max_concurrent, overridden}
+  end
 end
 
 -- Every lot ever granted: {id, granted, left, expires_ms, granted_ms, source, revoked}.
@@ -38,8 +56,14 @@ for _, rid in ipairs(redis.call('ZRANGE', K_HOLDS, 0, -1)) do
   if rec then holds[#holds + 1] = {rid, rec.p, rec.f, rec.c, rec.e} end
 end
 
+local overrides = {}
+local fields = redis.call('HGETALL', K_ACCT)
+for i = 1, #fields, 2 do
+  if string.sub(fields[i], 1, 4) == 'ovr|' then overrides[#overrides + 1] = {string.sub(fields[i], 5), fields[i + 1]} end
+end
+
 local v = redis.call('HMGET', K_ACCT, 'cap', 'at_on', 'at_thr', 'at_pack')
-return reply({plan = plan, tz = tz, now_ms = now_ms, resets_ms = window_end_ms, free = free,
+return reply({plan = plan, tz = tz, now_ms = now_ms, resets_ms = window_end_ms, free = free, overrides = overrides,
               lots = lots, all_lots = all, holds = holds, balance = balance,
               month = month, month_resets_ms = month_end_ms,
               month_spend = tonumber(redis.call('HGET', K_SPEND, month) or '0'),

@@ -6,16 +6,22 @@
 -- replays it; a Commit after Release or expiry is refused.
 -- Times are in milliseconds; credits are integers.
 local rid   = next_arg()
-local costs = next_block(2)  -- {product, actual_cost}: -1 (or no row) charges the
-                             -- whole hold; -2 means the params are invalid for it
+local costs = next_block(3)  -- {plans version or '*', product, actual_cost}: -1 (or
+                             -- no row) charges the whole hold; -2: params invalid
 
 local rec = load_record(rid)
 if not rec then return fail('RESERVATION_NOT_FOUND') end
 
-local actual = -1
-for _, row in ipairs(costs) do if row[1] == rec.p then actual = tonumber(row[2]) end end
+-- Priced with the plans version the reservation was made under when the
+-- sidecar still knows it ('*' rows: the current plans).
+local actual, priced_with = -1, ''
+for _, row in ipairs(costs) do
+  if row[2] == rec.p and (row[1] == rec.pv or (row[1] == '*' and priced_with == '')) then
+    actual, priced_with = tonumber(row[3]), row[1]
+  end
+end
 -- Bad input changes nothing, not even lazy expiry.
-if actual == -2 then return fail('INVALID_PARAMS', {product = rec.p}) end
+if actual == -2 then return fail('INVALID_PARAMS', {product = rec.p, pv = priced_with}) end
 
 local charge = rec.c
 if rec.f == 'credits' and actual >= 0 then charge = actual end
@@ -62,7 +68,7 @@ unspend(rec.m, rec.c - charge)
 rec.l = kept
 rec.ch, rec.rf = charge, rec.c - charge
 resolve(rid, rec, 'committed')
-ledger('commit', hold_fields(rid, rec, {'credits', charge, 'free', result.free_charged, 'window', rec.ff,
+ledger('commit', hold_fields(rid, rec, {'credits', charge, 'free', result.free_charged,
                                         'returned', rec.c - charge, 'to_lots', to_lots, 'to_expired', to_expired,
                                         'to_revoked', to_revoked, 'lots', lots_text(kept)}))
 

@@ -18,9 +18,9 @@ end
 sweep()
 local fields
 if free == 1 then
-  return_free_unit(rec.ff)
+  return_free_units(rec.fw)
   rec.rj = 0
-  fields = {'free', 1, 'window', rec.ff}
+  fields = {'free', 1, 'free_units', cjson.encode(rec.fw)}
 else
   local to_lots, to_expired, to_revoked = return_credits(rec.l)
   incr('credits_refunded', rec.ch)

@@ -1,4 +1,5 @@
--- SetAccount: plan, time zone, monthly spend cap, auto top-up. An empty
+-- SetAccount: plan, time zone, monthly spend cap, auto top-up, per-product
+-- limit overrides. An empty
 -- argument leaves the setting unchanged. The engine has already checked
 -- that the plan and pack exist and the zone is valid. Credits are integers.
 local plan         = next_arg()
@@ -8,6 +9,7 @@ local cap          = next_arg()  -- credits per month; '0' = none
 local topup_on     = next_arg()  -- '1' / '0'
 local topup_thr    = next_arg()
 local topup_pack   = next_arg()
+local overrides    = next_block(2)  -- {product, JSON {limits, max_concurrent} or '' to remove}
 
 local changes = {}
 local function set(field, value)
@@ -22,9 +24,22 @@ set('cap', cap)
 set('at_on', topup_on)
 set('at_thr', topup_thr)
 set('at_pack', topup_pack)
+for _, o in ipairs(overrides) do
+  if o[2] == '' then
+    redis.call('HDEL', K_ACCT, 'ovr|' .. o[1])
+  else
+    changes[#changes + 1] = 'ovr|' .. o[1]
+    changes[#changes + 1] = o[2]
+  end
+end
 if #changes > 0 then redis.call('HSET', K_ACCT, unpack(changes)) end
+local current = {}
+local fields = redis.call('HGETALL', K_ACCT)
+for i = 1, #fields, 2 do
+  if string.sub(fields[i], 1, 4) == 'ovr|' then current[#current + 1] = {string.sub(fields[i], 5), fields[i + 1]} end
+end
 
 local current_plan, current_tz = account(default_plan)
 local v = redis.call('HMGET', K_ACCT, 'cap', 'at_on', 'at_thr', 'at_pack')
 return reply({plan = current_plan, tz = current_tz, cap = tonumber(v[1] or '0'), at_on = v[2] or '0',
-              at_thr = tonumber(v[3] or '0'), at_pack = v[4] or ''})
+              at_thr = tonumber(v[3] or '0'), at_pack = v[4] or '', overrides = current})

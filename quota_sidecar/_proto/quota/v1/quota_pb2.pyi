@@ -22,6 +22,14 @@ class DenialReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DENIAL_REASON_PURCHASE_REQUIRED: _ClassVar[DenialReason]
     DENIAL_REASON_NOT_ENTITLED: _ClassVar[DenialReason]
     DENIAL_REASON_BUDGET_EXCEEDED: _ClassVar[DenialReason]
+    DENIAL_REASON_CONCURRENCY_LIMIT: _ClassVar[DenialReason]
+
+class LimitKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LIMIT_KIND_UNSPECIFIED: _ClassVar[LimitKind]
+    LIMIT_KIND_DAY: _ClassVar[LimitKind]
+    LIMIT_KIND_WEEK: _ClassVar[LimitKind]
+    LIMIT_KIND_ROLLING: _ClassVar[LimitKind]
 
 class CreditSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -37,6 +45,11 @@ DENIAL_REASON_UNSPECIFIED: DenialReason
 DENIAL_REASON_PURCHASE_REQUIRED: DenialReason
 DENIAL_REASON_NOT_ENTITLED: DenialReason
 DENIAL_REASON_BUDGET_EXCEEDED: DenialReason
+DENIAL_REASON_CONCURRENCY_LIMIT: DenialReason
+LIMIT_KIND_UNSPECIFIED: LimitKind
+LIMIT_KIND_DAY: LimitKind
+LIMIT_KIND_WEEK: LimitKind
+LIMIT_KIND_ROLLING: LimitKind
 CREDIT_SOURCE_UNSPECIFIED: CreditSource
 CREDIT_SOURCE_PURCHASE: CreditSource
 CREDIT_SOURCE_PROMO: CreditSource
@@ -63,6 +76,48 @@ class JobParams(_message.Message):
     units: int
     extra: _containers.ScalarMap[str, str]
     def __init__(self, duration_seconds: _Optional[float] = ..., resolution: _Optional[str] = ..., model: _Optional[str] = ..., units: _Optional[int] = ..., extra: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class LimitStatus(_message.Message):
+    __slots__ = ("limit_id", "kind", "rolling_hours", "used", "limit", "resets_at", "shadow")
+    LIMIT_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ROLLING_HOURS_FIELD_NUMBER: _ClassVar[int]
+    USED_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    RESETS_AT_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_FIELD_NUMBER: _ClassVar[int]
+    limit_id: str
+    kind: LimitKind
+    rolling_hours: int
+    used: int
+    limit: int
+    resets_at: _timestamp_pb2.Timestamp
+    shadow: bool
+    def __init__(self, limit_id: _Optional[str] = ..., kind: _Optional[_Union[LimitKind, str]] = ..., rolling_hours: _Optional[int] = ..., used: _Optional[int] = ..., limit: _Optional[int] = ..., resets_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., shadow: _Optional[bool] = ...) -> None: ...
+
+class LimitSpec(_message.Message):
+    __slots__ = ("limit_id", "kind", "free", "rolling_hours", "shadow")
+    LIMIT_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    FREE_FIELD_NUMBER: _ClassVar[int]
+    ROLLING_HOURS_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_FIELD_NUMBER: _ClassVar[int]
+    limit_id: str
+    kind: LimitKind
+    free: int
+    rolling_hours: int
+    shadow: bool
+    def __init__(self, limit_id: _Optional[str] = ..., kind: _Optional[_Union[LimitKind, str]] = ..., free: _Optional[int] = ..., rolling_hours: _Optional[int] = ..., shadow: _Optional[bool] = ...) -> None: ...
+
+class LimitOverride(_message.Message):
+    __slots__ = ("product", "limits", "max_concurrent")
+    PRODUCT_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONCURRENT_FIELD_NUMBER: _ClassVar[int]
+    product: str
+    limits: _containers.RepeatedCompositeFieldContainer[LimitSpec]
+    max_concurrent: int
+    def __init__(self, product: _Optional[str] = ..., limits: _Optional[_Iterable[_Union[LimitSpec, _Mapping]]] = ..., max_concurrent: _Optional[int] = ...) -> None: ...
 
 class Money(_message.Message):
     __slots__ = ("currency_code", "minor_units")
@@ -113,7 +168,7 @@ class CheckAndReserveRequest(_message.Message):
     def __init__(self, account_id: _Optional[str] = ..., product: _Optional[str] = ..., reservation_id: _Optional[str] = ..., params: _Optional[_Union[JobParams, _Mapping]] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
 
 class CheckAndReserveResponse(_message.Message):
-    __slots__ = ("allowed", "reservation_id", "funding", "credits_held", "free_used", "free_limit", "free_resets_at", "credit_balance", "expires_at", "denial", "job_cost_credits", "replayed")
+    __slots__ = ("allowed", "reservation_id", "funding", "credits_held", "free_used", "free_limit", "free_resets_at", "credit_balance", "expires_at", "denial", "job_cost_credits", "replayed", "limits", "shadow_limits", "plans_version")
     ALLOWED_FIELD_NUMBER: _ClassVar[int]
     RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
     FUNDING_FIELD_NUMBER: _ClassVar[int]
@@ -126,6 +181,9 @@ class CheckAndReserveResponse(_message.Message):
     DENIAL_FIELD_NUMBER: _ClassVar[int]
     JOB_COST_CREDITS_FIELD_NUMBER: _ClassVar[int]
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_LIMITS_FIELD_NUMBER: _ClassVar[int]
+    PLANS_VERSION_FIELD_NUMBER: _ClassVar[int]
     allowed: bool
     reservation_id: str
     funding: Funding
@@ -138,7 +196,10 @@ class CheckAndReserveResponse(_message.Message):
     denial: Denial
     job_cost_credits: int
     replayed: bool
-    def __init__(self, allowed: _Optional[bool] = ..., reservation_id: _Optional[str] = ..., funding: _Optional[_Union[Funding, str]] = ..., credits_held: _Optional[int] = ..., free_used: _Optional[int] = ..., free_limit: _Optional[int] = ..., free_resets_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., credit_balance: _Optional[int] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., denial: _Optional[_Union[Denial, _Mapping]] = ..., job_cost_credits: _Optional[int] = ..., replayed: _Optional[bool] = ...) -> None: ...
+    limits: _containers.RepeatedCompositeFieldContainer[LimitStatus]
+    shadow_limits: _containers.RepeatedScalarFieldContainer[str]
+    plans_version: str
+    def __init__(self, allowed: _Optional[bool] = ..., reservation_id: _Optional[str] = ..., funding: _Optional[_Union[Funding, str]] = ..., credits_held: _Optional[int] = ..., free_used: _Optional[int] = ..., free_limit: _Optional[int] = ..., free_resets_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., credit_balance: _Optional[int] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., denial: _Optional[_Union[Denial, _Mapping]] = ..., job_cost_credits: _Optional[int] = ..., replayed: _Optional[bool] = ..., limits: _Optional[_Iterable[_Union[LimitStatus, _Mapping]]] = ..., shadow_limits: _Optional[_Iterable[str]] = ..., plans_version: _Optional[str] = ...) -> None: ...
 
 class CommitRequest(_message.Message):
     __slots__ = ("account_id", "reservation_id", "params")
@@ -211,16 +272,24 @@ class GetBalanceRequest(_message.Message):
     def __init__(self, account_id: _Optional[str] = ...) -> None: ...
 
 class ProductAllowance(_message.Message):
-    __slots__ = ("product", "free_used", "free_limit", "free_resets_at")
+    __slots__ = ("product", "free_used", "free_limit", "free_resets_at", "limits", "jobs_in_flight", "max_concurrent", "overridden")
     PRODUCT_FIELD_NUMBER: _ClassVar[int]
     FREE_USED_FIELD_NUMBER: _ClassVar[int]
     FREE_LIMIT_FIELD_NUMBER: _ClassVar[int]
     FREE_RESETS_AT_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    JOBS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONCURRENT_FIELD_NUMBER: _ClassVar[int]
+    OVERRIDDEN_FIELD_NUMBER: _ClassVar[int]
     product: str
     free_used: int
     free_limit: int
     free_resets_at: _timestamp_pb2.Timestamp
-    def __init__(self, product: _Optional[str] = ..., free_used: _Optional[int] = ..., free_limit: _Optional[int] = ..., free_resets_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    limits: _containers.RepeatedCompositeFieldContainer[LimitStatus]
+    jobs_in_flight: int
+    max_concurrent: int
+    overridden: bool
+    def __init__(self, product: _Optional[str] = ..., free_used: _Optional[int] = ..., free_limit: _Optional[int] = ..., free_resets_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., limits: _Optional[_Iterable[_Union[LimitStatus, _Mapping]]] = ..., jobs_in_flight: _Optional[int] = ..., max_concurrent: _Optional[int] = ..., overridden: _Optional[bool] = ...) -> None: ...
 
 class CreditLot(_message.Message):
     __slots__ = ("lot_id", "credits_granted", "credits_left", "expires_at", "granted_at", "source", "revoked")
@@ -357,30 +426,36 @@ class AutoTopUp(_message.Message):
     def __init__(self, enabled: _Optional[bool] = ..., threshold_credits: _Optional[int] = ..., pack_id: _Optional[str] = ...) -> None: ...
 
 class SetAccountRequest(_message.Message):
-    __slots__ = ("account_id", "plan", "time_zone", "monthly_spend_cap_credits", "auto_topup")
+    __slots__ = ("account_id", "plan", "time_zone", "monthly_spend_cap_credits", "auto_topup", "overrides", "clear_overrides")
     ACCOUNT_ID_FIELD_NUMBER: _ClassVar[int]
     PLAN_FIELD_NUMBER: _ClassVar[int]
     TIME_ZONE_FIELD_NUMBER: _ClassVar[int]
     MONTHLY_SPEND_CAP_CREDITS_FIELD_NUMBER: _ClassVar[int]
     AUTO_TOPUP_FIELD_NUMBER: _ClassVar[int]
+    OVERRIDES_FIELD_NUMBER: _ClassVar[int]
+    CLEAR_OVERRIDES_FIELD_NUMBER: _ClassVar[int]
     account_id: str
     plan: str
     time_zone: str
     monthly_spend_cap_credits: int
     auto_topup: AutoTopUp
-    def __init__(self, account_id: _Optional[str] = ..., plan: _Optional[str] = ..., time_zone: _Optional[str] = ..., monthly_spend_cap_credits: _Optional[int] = ..., auto_topup: _Optional[_Union[AutoTopUp, _Mapping]] = ...) -> None: ...
+    overrides: _containers.RepeatedCompositeFieldContainer[LimitOverride]
+    clear_overrides: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, account_id: _Optional[str] = ..., plan: _Optional[str] = ..., time_zone: _Optional[str] = ..., monthly_spend_cap_credits: _Optional[int] = ..., auto_topup: _Optional[_Union[AutoTopUp, _Mapping]] = ..., overrides: _Optional[_Iterable[_Union[LimitOverride, _Mapping]]] = ..., clear_overrides: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SetAccountResponse(_message.Message):
-    __slots__ = ("plan", "time_zone", "monthly_spend_cap_credits", "auto_topup")
+    __slots__ = ("plan", "time_zone", "monthly_spend_cap_credits", "auto_topup", "overrides")
     PLAN_FIELD_NUMBER: _ClassVar[int]
     TIME_ZONE_FIELD_NUMBER: _ClassVar[int]
     MONTHLY_SPEND_CAP_CREDITS_FIELD_NUMBER: _ClassVar[int]
     AUTO_TOPUP_FIELD_NUMBER: _ClassVar[int]
+    OVERRIDES_FIELD_NUMBER: _ClassVar[int]
     plan: str
     time_zone: str
     monthly_spend_cap_credits: int
     auto_topup: AutoTopUp
-    def __init__(self, plan: _Optional[str] = ..., time_zone: _Optional[str] = ..., monthly_spend_cap_credits: _Optional[int] = ..., auto_topup: _Optional[_Union[AutoTopUp, _Mapping]] = ...) -> None: ...
+    overrides: _containers.RepeatedCompositeFieldContainer[LimitOverride]
+    def __init__(self, plan: _Optional[str] = ..., time_zone: _Optional[str] = ..., monthly_spend_cap_credits: _Optional[int] = ..., auto_topup: _Optional[_Union[AutoTopUp, _Mapping]] = ..., overrides: _Optional[_Iterable[_Union[LimitOverride, _Mapping]]] = ...) -> None: ...
 
 class GetAccountRequest(_message.Message):
     __slots__ = ("account_id",)
@@ -407,7 +482,7 @@ class CreditTotals(_message.Message):
     def __init__(self, granted: _Optional[int] = ..., spent: _Optional[int] = ..., expired: _Optional[int] = ..., revoked: _Optional[int] = ..., refunded: _Optional[int] = ..., held: _Optional[int] = ..., available: _Optional[int] = ...) -> None: ...
 
 class GetAccountResponse(_message.Message):
-    __slots__ = ("balance", "monthly_spend_cap_credits", "month_spend_credits", "month_resets_at", "auto_topup", "totals", "all_lots")
+    __slots__ = ("balance", "monthly_spend_cap_credits", "month_spend_credits", "month_resets_at", "auto_topup", "totals", "all_lots", "overrides")
     BALANCE_FIELD_NUMBER: _ClassVar[int]
     MONTHLY_SPEND_CAP_CREDITS_FIELD_NUMBER: _ClassVar[int]
     MONTH_SPEND_CREDITS_FIELD_NUMBER: _ClassVar[int]
@@ -415,6 +490,7 @@ class GetAccountResponse(_message.Message):
     AUTO_TOPUP_FIELD_NUMBER: _ClassVar[int]
     TOTALS_FIELD_NUMBER: _ClassVar[int]
     ALL_LOTS_FIELD_NUMBER: _ClassVar[int]
+    OVERRIDES_FIELD_NUMBER: _ClassVar[int]
     balance: GetBalanceResponse
     monthly_spend_cap_credits: int
     month_spend_credits: int
@@ -422,7 +498,8 @@ class GetAccountResponse(_message.Message):
     auto_topup: AutoTopUp
     totals: CreditTotals
     all_lots: _containers.RepeatedCompositeFieldContainer[CreditLot]
-    def __init__(self, balance: _Optional[_Union[GetBalanceResponse, _Mapping]] = ..., monthly_spend_cap_credits: _Optional[int] = ..., month_spend_credits: _Optional[int] = ..., month_resets_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., auto_topup: _Optional[_Union[AutoTopUp, _Mapping]] = ..., totals: _Optional[_Union[CreditTotals, _Mapping]] = ..., all_lots: _Optional[_Iterable[_Union[CreditLot, _Mapping]]] = ...) -> None: ...
+    overrides: _containers.RepeatedCompositeFieldContainer[LimitOverride]
+    def __init__(self, balance: _Optional[_Union[GetBalanceResponse, _Mapping]] = ..., monthly_spend_cap_credits: _Optional[int] = ..., month_spend_credits: _Optional[int] = ..., month_resets_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., auto_topup: _Optional[_Union[AutoTopUp, _Mapping]] = ..., totals: _Optional[_Union[CreditTotals, _Mapping]] = ..., all_lots: _Optional[_Iterable[_Union[CreditLot, _Mapping]]] = ..., overrides: _Optional[_Iterable[_Union[LimitOverride, _Mapping]]] = ...) -> None: ...
 
 class ListLedgerRequest(_message.Message):
     __slots__ = ("account_id", "page_size", "page_token")
