@@ -15,6 +15,7 @@ refuses without writing, and the engine asks again with the right zone.
 from __future__ import annotations
 
 import calendar
+from dataclasses import replace
 import re
 import hashlib
 import json
@@ -51,6 +52,8 @@ from .model import (
     ReserveCommand,
     ReserveOutcome,
     RevokeResult,
+    ScheduledLimits,
+    Segment,
     Stamp,
     StaleTimeZone,
     Window,
@@ -67,6 +70,7 @@ MAX_LEDGER_PAGE = 1000
 DEFAULT_LEDGER_PAGE = 100
 DEFAULT_TIME_ZONE = "UTC"
 PLANS_VERSIONS_KEPT = 16
+DAY_MS = 86_400_000
 _STREAM_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
 
 T = TypeVar("T")
@@ -189,16 +193,41 @@ class QuotaEngine:
         self.clock = clock or RedisClock()
         self._zones: OrderedDict[str, str] = OrderedDict()
         self._zone_cache_entries = zone_cache_entries
-        # Recent plans by version: a reservation is committed at the prices it was made with.
-        self._plans_by_version: OrderedDict[str, Plans] = OrderedDict({plans.version: plans})
+        # Recent plans (and their scheduled variants) by version: a reservation is committed
+        # at the prices it was made with.
+        self._plans_by_version: OrderedDict[str, Plans] = OrderedDict()
+        self.set_plans(plans)
 
     def set_plans(self, plans: Plans) -> None:
         """Use ``plans`` for every call from now on; calls in flight finish with the plans they read."""
-        self._plans_by_version[plans.version] = plans
-        self._plans_by_version.move_to_end(plans.version)
-        while len(self._plans_by_version) > PLANS_VERSIONS_KEPT:
+        for variant in plans.variants():
+            self._plans_by_version[variant.version] = variant
+            self._plans_by_version.move_to_end(variant.version)
+        while len(self._plans_by_version) > PLANS_VERSIONS_KEPT * (1 + len(plans.schedule)):
             self._plans_by_version.popitem(last=False)
         self.plans = plans
+
+    def _current(self) -> Plans:
+        """The plans in force now by this sidecar's clock (decisions use Redis' clock, see _segments)."""
+        return self.plans.at(self.clock.local_now_ms())
+
+    def _segments(self, plans: Plans, product: str, job: JobParams) -> tuple[Segment, ...]:
+        """The plans in force a day either side of this sidecar's clock: one segment, or more when
+        a scheduled change falls in between; the script picks by Redis' clock."""
+        approx_now_ms = self.clock.local_now_ms()
+        starts = (0, *plans.switches_between(approx_now_ms - DAY_MS, approx_now_ms + DAY_MS))
+        segments = []
+        for from_ms in starts:
+            variant = plans.at(max(from_ms, approx_now_ms - DAY_MS))
+            try:
+                cost, rows = variant.job_cost(product, job), plan_rows(variant, product, job)
+            except InvalidArgument:
+                # Valid now but not under that variant (a model withdrawn, say): not entitled there.
+                cost, rows = 0, tuple(replace(r, entitled=False) for r in plan_rows(plans.at(approx_now_ms),
+                                                                                    product, job))
+            segments.append(Segment(from_ms=from_ms, cost_credits=cost, plans_version=variant.version,
+                                    plan_rows=rows))
+        return tuple(segments)
 
     def plans_versions(self) -> tuple[str, ...]:
         """Versions kept for pricing commits, oldest first."""
@@ -233,22 +262,22 @@ class QuotaEngine:
 
     async def check_and_reserve(self, account_id: str, product: str, reservation_id: str,
                                 job: JobParams, ttl_seconds: int = 0) -> Decision:
-        plans = self.plans
+        base = self.plans
+        plans = base.at(self.clock.local_now_ms())
         check_id("account_id", account_id)
         plans.product(product)
         rid = check_id("reservation_id", reservation_id) if reservation_id else new_reservation_id()
-        cost_credits = plans.job_cost(product, job)
+        plans.job_cost(product, job)
         check_ttl_seconds("ttl_seconds", ttl_seconds)
         ttl_ms = (ttl_seconds or plans.default_ttl_seconds(product)) * 1000
-        rows = plan_rows(plans, product, job)
+        segments = self._segments(base, product, job)
 
         def reserve(tz: str, days: tuple[Window, ...], weeks: tuple[Window, ...],
                     months: tuple[Window, ...]) -> Awaitable[ReserveOutcome]:
             return self.store.reserve(ReserveCommand(
                 account_id=account_id, reservation_id=rid, product=product,
-                fingerprint=fingerprint(product, job, ttl_seconds), ttl_ms=ttl_ms, cost_credits=cost_credits,
+                fingerprint=fingerprint(product, job, ttl_seconds), ttl_ms=ttl_ms, segments=segments,
                 default_plan=plans.default_plan, time_zone=tz, windows=days, weeks=weeks, months=months,
-                plan_rows=rows,
                 packs=plans.packs, free_warning_percent=plans.notifications.free_warning_percent,
                 stamp=self._stamp(plans)))
 
@@ -274,7 +303,7 @@ class QuotaEngine:
         plans); the script picks the reservation's version and product."""
         if actual is None:
             return {}, {}
-        versions = [("*", self.plans)] + list(self._plans_by_version.items())
+        versions = [("*", self._current())] + list(self._plans_by_version.items())
         costs: dict[tuple[str, str], int] = {}
         errors: dict[tuple[str, str], InvalidArgument] = {}
         for version, plans in versions:
@@ -300,7 +329,7 @@ class QuotaEngine:
 
     async def _snapshot(self, account_id: str) -> BalanceSnapshot:
         check_id("account_id", account_id)
-        plans = self.plans
+        plans = self._current()
         rows = []
         for plan in plans.plans:
             for product in plans.products:
@@ -315,8 +344,25 @@ class QuotaEngine:
         return await self._in_account_zone(account_id, read)
 
     def _balance(self, account_id: str, snap: BalanceSnapshot) -> Balance:
-        return Balance(account_id=account_id, plan=snap.plan, time_zone=snap.time_zone, allowances=snap.allowances,
+        allowances = tuple(a if a.overridden else replace(a, upcoming=self._upcoming(snap.plan, a.product))
+                           for a in snap.allowances)
+        return Balance(account_id=account_id, plan=snap.plan, time_zone=snap.time_zone, allowances=allowances,
                        credit_balance=snap.credit_balance, lots=snap.lots, holds=snap.holds)
+
+    def _upcoming(self, plan: str, product: str) -> tuple[ScheduledLimits, ...]:
+        """Announced changes to what ``plan`` allows for ``product``, soonest first."""
+        now_ms = self.clock.local_now_ms()
+        previous = self.plans.at(now_ms).plan(plan).products.get(product) if plan in self.plans.plans else None
+        changes = []
+        for from_ms, variant in self.plans.schedule:
+            if from_ms <= now_ms or plan not in variant.plans:
+                continue
+            rules = variant.plan(plan).products.get(product)
+            if rules is not None and (previous is None or (rules.limits, rules.max_concurrent) !=
+                                      (previous.limits, previous.max_concurrent)):
+                changes.append(ScheduledLimits(from_ms, rules.limits, rules.max_concurrent))
+            previous = rules
+        return tuple(changes)
 
     async def balance(self, account_id: str) -> Balance:
         return self._balance(account_id, await self._snapshot(account_id))

@@ -163,19 +163,30 @@ class PlanRow:
 
 
 @dataclass(frozen=True)
+class Segment:
+    """The plans in force from ``from_ms`` on (0: before every scheduled change): the job's
+    price under them, their version and what each plan allows. The script uses the last
+    segment that has begun by Redis' now."""
+
+    from_ms: int
+    cost_credits: int
+    plans_version: str
+    plan_rows: tuple[PlanRow, ...]
+
+
+@dataclass(frozen=True)
 class ReserveCommand:
     account_id: str
     reservation_id: str
     product: str
     fingerprint: str
     ttl_ms: int
-    cost_credits: int
+    segments: tuple[Segment, ...]
     default_plan: str
     time_zone: str  # the zone the windows were computed for
     windows: tuple[Window, ...]
     weeks: tuple[Window, ...]
     months: tuple[Window, ...]
-    plan_rows: tuple[PlanRow, ...]
     packs: tuple[CreditPack, ...]
     free_warning_percent: int
     stamp: Stamp
@@ -270,6 +281,16 @@ class Allowance:
     jobs_in_flight: int = 0
     max_concurrent: int = 0
     overridden: bool = False
+    upcoming: tuple["ScheduledLimits", ...] = ()
+
+
+@dataclass(frozen=True)
+class ScheduledLimits:
+    """A change to a product's limits announced in the plans file, from ``effective_from_ms`` on."""
+
+    effective_from_ms: int
+    limits: tuple[Limit, ...]
+    max_concurrent: int
 
 
 def headline(statuses: tuple[LimitStatus, ...], default_resets_ms: int) -> tuple[int, int, int]:

@@ -16,7 +16,8 @@ from __future__ import annotations
 import importlib.resources
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
 from decimal import Decimal
 from types import MappingProxyType
 from typing import Callable, Iterable, Mapping, TypeVar
@@ -57,6 +58,7 @@ _MAX_EXTRA_VALUE_CHARS = 256
 
 _TOP_KEYS = ("version", "default_plan", "credit_validity_months", "packs", "products", "plans")
 _TOP_OPTIONAL_KEYS = ("notifications", "shadow")
+_SCHEDULED_SECTIONS = ("plans", "products", "packs", "notifications")
 _LIMIT_KEYS = ("daily_free", "limits", "max_concurrent")
 _MAX_CONCURRENT = 10_000
 MAX_ROLLING_HOURS = 168
@@ -137,6 +139,25 @@ class Plans:
     products: Mapping[str, Product]
     plans: Mapping[str, Plan]
     notifications: Notifications = field(default_factory=Notifications)
+    # The plans in force from each scheduled instant on (ms), in order; see at().
+    schedule: tuple[tuple[int, "Plans"], ...] = ()
+    # When these plans took effect (ms); 0 for the file's base plans.
+    effective_from_ms: int = 0
+
+    def at(self, at_ms: int) -> "Plans":
+        """The plans in force at ``at_ms``: the latest scheduled change at or before it, else the base."""
+        current = self
+        for from_ms, variant in self.schedule:
+            if from_ms <= at_ms:
+                current = variant
+        return current
+
+    def switches_between(self, start_ms: int, end_ms: int) -> tuple[int, ...]:
+        """Scheduled instants in [start_ms, end_ms)."""
+        return tuple(from_ms for from_ms, _ in self.schedule if start_ms <= from_ms < end_ms)
+
+    def variants(self) -> tuple["Plans", ...]:
+        return (self, *(variant for _, variant in self.schedule))
 
     def pack(self, pack_id: str, field_name: str = "pack_id") -> CreditPack:
         for pack in self.packs:
@@ -396,7 +417,65 @@ def _parse_document(data: object) -> Plans:
     if not isinstance(data, Mapping):
         raise PlansError("<file>", f"must be a mapping at the top level (got {_type_name(data)})")
     top = _mapping(data, "")
-    _check_keys(top, "", required=_TOP_KEYS, optional=_TOP_OPTIONAL_KEYS)
+    _check_keys(top, "", required=_TOP_KEYS, optional=_TOP_OPTIONAL_KEYS + ("scheduled",))
+    base = _parse_version(top)
+    schedule = _parse_schedule(top, base.version)
+    return replace(base, schedule=schedule)
+
+
+def _parse_schedule(top: Mapping[str, object], version: str) -> tuple[tuple[int, Plans], ...]:
+    """``scheduled``: changes announced in advance. Each entry's plans/products/packs/notifications
+    replace the named entries of the file from ``effective_from`` (RFC 3339 with a zone) on; the
+    result is validated like a whole file. Its version is "<version>@<effective_from UTC>"."""
+    raw = top.get("scheduled", [])
+    if not isinstance(raw, list):
+        raise PlansError("scheduled", f"must be a list (got {_type_name(raw)})")
+    document = {key: value for key, value in top.items() if key != "scheduled"}
+    schedule: list[tuple[int, Plans]] = []
+    for index, item in enumerate(raw):
+        path = f"scheduled[{index}]"
+        entry = _mapping(item, path)
+        _check_keys(entry, path, required=("effective_from",), optional=_SCHEDULED_SECTIONS)
+        from_ms = _instant_ms(entry["effective_from"], f"{path}.effective_from")
+        if schedule and from_ms <= schedule[-1][0]:
+            raise PlansError(f"{path}.effective_from", "must be later than the previous scheduled change")
+        document = _overlay(document, entry)
+        stamp = datetime.fromtimestamp(from_ms / 1000, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        try:
+            variant = _parse_version({**document, "version": f"{version}@{stamp}"})
+        except PlansError as exc:
+            raise PlansError(f"{path}: {exc.field}", exc.description) from None
+        schedule.append((from_ms, replace(variant, effective_from_ms=from_ms)))
+    return tuple(schedule)
+
+
+def _overlay(document: Mapping[str, object], entry: Mapping[str, object]) -> dict[str, object]:
+    """Named entries of each section replace the document's (later changes build on earlier ones)."""
+    result = dict(document)
+    for section in _SCHEDULED_SECTIONS:
+        if section in entry:
+            merged = dict(_mapping(result.get(section, {}), section))
+            merged.update(_mapping(entry[section], section))
+            result[section] = merged
+    return result
+
+
+def _instant_ms(value: object, path: str) -> int:
+    if isinstance(value, datetime):  # YAML parses unquoted timestamps
+        moment = value
+    elif isinstance(value, str):
+        try:
+            moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise PlansError(path, f"must be an RFC 3339 time such as 2026-12-01T00:00:00Z (got {value!r})") from None
+    else:
+        raise PlansError(path, f"must be an RFC 3339 time (got {_type_name(value)})")
+    if moment.tzinfo is None:
+        raise PlansError(path, "must carry a zone (Z or +hh:mm)")
+    return int(moment.timestamp() * 1000)
+
+
+def _parse_version(top: Mapping[str, object]) -> Plans:
     products = _parse_products(top["products"])
     shadow = _parse_shadow(top.get("shadow", {}), products)
     plans = _parse_plans_section(top["plans"], products, shadow)

@@ -136,10 +136,14 @@ def _limit_status(st: LimitStatus) -> pb.LimitStatus:
                           used=st.used, limit=st.limit.free, resets_at=_ts(st.resets_ms), shadow=st.limit.shadow)
 
 
+def _limit_spec(x: Limit) -> pb.LimitSpec:
+    return pb.LimitSpec(limit_id=x.limit_id, kind=_KIND_TO_PB[x.kind], free=x.free, rolling_hours=x.hours,
+                        shadow=x.shadow)
+
+
 def _override_pb(o: LimitOverride) -> pb.LimitOverride:
-    return pb.LimitOverride(product=o.product, max_concurrent=o.max_concurrent, limits=[
-        pb.LimitSpec(limit_id=x.limit_id, kind=_KIND_TO_PB[x.kind], free=x.free, rolling_hours=x.hours,
-                     shadow=x.shadow) for x in o.limits])
+    return pb.LimitOverride(product=o.product, max_concurrent=o.max_concurrent,
+                            limits=[_limit_spec(x) for x in o.limits])
 
 
 def _override(o: pb.LimitOverride, index: int) -> LimitOverride:
@@ -218,7 +222,11 @@ def balance_response(b: Balance) -> pb.GetBalanceResponse:
                                         free_resets_at=_ts(a.free_resets_ms),
                                         limits=[_limit_status(st) for st in a.limits],
                                         jobs_in_flight=a.jobs_in_flight, max_concurrent=a.max_concurrent,
-                                        overridden=a.overridden) for a in b.allowances],
+                                        overridden=a.overridden,
+                                        upcoming=[pb.ScheduledChange(effective_from=_ts(u.effective_from_ms),
+                                                                     limits=[_limit_spec(x) for x in u.limits],
+                                                                     max_concurrent=u.max_concurrent)
+                                                  for u in a.upcoming]) for a in b.allowances],
         lots=[_lot(lot) for lot in b.lots],
         holds=[pb.Hold(reservation_id=h.reservation_id, product=h.product, funding=_FUNDING[h.funding],
                        credits_held=h.credits_held, expires_at=_ts(h.expires_ms)) for h in b.holds],

@@ -321,11 +321,14 @@ class RedisStore:
     # -- decisions and movements -----------------------------------------
 
     async def reserve(self, cmd: ReserveCommand) -> ReserveOutcome:
-        args: list[Any] = [cmd.reservation_id, cmd.product, cmd.fingerprint, cmd.ttl_ms, cmd.cost_credits,
+        args: list[Any] = [cmd.reservation_id, cmd.product, cmd.fingerprint, cmd.ttl_ms,
                            cmd.default_plan, cmd.time_zone, cmd.free_warning_percent]
         args += _windows(cmd.windows) + _windows(cmd.weeks) + _windows(cmd.months)
-        args += _block([(r.plan, 1 if r.entitled else 0, r.credits_low, r.max_concurrent,
-                         1 if r.concurrency_shadow else 0, _limits_json(r.limits)) for r in cmd.plan_rows])
+        args.append(len(cmd.segments))
+        for seg in cmd.segments:
+            args += [seg.from_ms, seg.cost_credits, seg.plans_version]
+            args += _block([(r.plan, 1 if r.entitled else 0, r.credits_low, r.max_concurrent,
+                             1 if r.concurrency_shadow else 0, _limits_json(r.limits)) for r in seg.plan_rows])
         args += _block([(p.pack_id, p.credits, p.price.minor_units, p.price.currency_code) for p in cmd.packs])
         return _reserve_outcome(await self._run("reserve", cmd.account_id, cmd.stamp, args))
 

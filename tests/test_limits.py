@@ -182,3 +182,76 @@ async def test_commit_prices_with_the_version_the_reservation_was_made_under(eng
     assert (c.credits_charged, c.credits_refunded) == (1, 1)  # 1 step at the old price, not 3
     d2 = await engine.check_and_reserve("a", "sora", "r2", V10)
     assert (d2.outcome.credits_held, d2.outcome.plans_version) == (3, "2027-01-01")
+
+
+def scheduled_cut(from_iso: str) -> Plans:
+    """The default plans, with free sora cut from 30 to 20 a day from ``from_iso``."""
+    def edit(d: dict[str, Any]) -> None:
+        d["scheduled"] = [{"effective_from": from_iso,
+                           "plans": {"free": {"sora": {"daily_free": 20, "max_duration_seconds": 15,
+                                                        "max_resolution": "720p"},
+                                              "codex": d["plans"]["free"]["codex"]}}}]
+    return plans_with(edit)
+
+
+class SlowSidecarClock:
+    """This sidecar's clock runs 30 minutes behind; the (pinned) Redis time decides."""
+
+    def __init__(self, redis_now_ms: int) -> None:
+        self.redis_now_ms = redis_now_ms
+
+    def local_now_ms(self) -> int:
+        return self.redis_now_ms - 30 * 60_000
+
+    def pinned_now_ms(self) -> int:
+        return self.redis_now_ms
+
+
+async def test_a_change_scheduled_during_a_live_window(store: RedisStore) -> None:
+    # The cut starts at 13:00 UTC on 2026-11-21, in the middle of the day's window.
+    plans = scheduled_cut("2026-11-21T13:00:00Z")
+    clock = SlowSidecarClock(T0_MS)
+    engine = QuotaEngine(plans, store, clock)  # type: ignore[arg-type]
+    balance = await engine.balance("a")
+    upcoming = next(x for x in balance.allowances if x.product == "sora").upcoming
+    assert [(u.effective_from_ms, u.limits[0].free) for u in upcoming] == [(utc_ms(2026, 11, 21, 13), 20)]
+    for i in range(25):
+        d = await engine.check_and_reserve("a", "sora", f"r{i}", V10)
+        assert d.outcome.allowed and d.outcome.plans_version == "2026-11-01"
+        await engine.commit("a", f"r{i}")
+    clock.redis_now_ms = utc_ms(2026, 11, 21, 12, 59, 59, 999)
+    d = await engine.check_and_reserve("a", "sora", "before", V10)
+    assert (d.outcome.funding, d.outcome.free_limit) == (Funding.FREE_QUOTA, 30)
+    await engine.commit("a", "before")
+    # 13:00 by Redis' clock, 12:30 by this sidecar's: the cut applies anyway
+    clock.redis_now_ms = utc_ms(2026, 11, 21, 13)
+    d = await engine.check_and_reserve("a", "sora", "after", V10)
+    assert (d.outcome.allowed, d.outcome.denial, d.outcome.free_used, d.outcome.free_limit) == (
+        False, DenialReason.PURCHASE_REQUIRED, 26, 20)
+    assert d.outcome.plans_version == "2026-11-01@2026-11-21T13:00:00Z"
+    # the next day's window has the new limit from the start
+    clock.redis_now_ms = utc_ms(2026, 11, 22, 12)
+    outcomes = [(await engine.check_and_reserve("a", "sora", f"d2-{i}", V10)).outcome for i in range(21)]
+    assert [o.funding for o in outcomes] == [Funding.FREE_QUOTA] * 20 + [None]
+    assert (await engine.balance("a")).allowances[0].upcoming == ()
+
+
+def test_schedule_is_validated() -> None:
+    with pytest.raises(Exception) as err:
+        scheduled_cut("2026-11-21 13:00")  # no zone
+    assert "effective_from" in str(err.value)
+
+    def two(d: dict[str, Any]) -> None:
+        d["scheduled"] = [{"effective_from": "2026-12-02T00:00:00Z", "packs": {}},
+                          {"effective_from": "2026-12-01T00:00:00Z", "packs": {}}]
+    with pytest.raises(Exception, match="later than the previous"):
+        plans_with(two)
+
+    def bad(d: dict[str, Any]) -> None:
+        d["scheduled"] = [{"effective_from": "2026-12-01T00:00:00Z",
+                           "plans": {"free": {"sora": {"daily_free": -5}}}}]
+    with pytest.raises(Exception, match=r"scheduled\[0\]: plans.free.sora.daily_free"):
+        plans_with(bad)
+    plans = scheduled_cut("2026-12-01T00:00:00+01:00")
+    assert plans.at(utc_ms(2026, 11, 30, 22, 59)).version == "2026-11-01"
+    assert plans.at(utc_ms(2026, 11, 30, 23)).version == "2026-11-01@2026-11-30T23:00:00Z"

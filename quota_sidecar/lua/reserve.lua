@@ -23,15 +23,22 @@ local rid           = next_arg()
 local product       = next_arg()
 local fingerprint   = next_arg()
 local ttl_ms        = tonumber(next_arg())
-local cost_credits  = tonumber(next_arg())
 local default_plan  = next_arg()
 local expected_tz   = next_arg()
 local warn_percent  = tonumber(next_arg())
 local days          = next_block(3)  -- {label, start_ms, end_ms}
 local weeks         = next_block(3)
 local months        = next_block(3)
--- {plan, entitled 0|1, credits_low, max_concurrent, concurrency shadow 0|1, limits JSON}
-local plan_rows     = next_block(6)
+-- Segments: the plans in force from from_ms on (a change scheduled near now
+-- gives two). Each: from_ms, the job's cost, the plans version, then rows
+-- {plan, entitled 0|1, credits_low, max_concurrent, concurrency shadow 0|1, limits JSON}.
+-- The last segment begun by Redis' now decides, so every sidecar switches at once.
+local cost_credits, plans_version, plan_rows = nil, nil, nil
+for _ = 1, tonumber(next_arg()) do
+  local from_ms, cost, version = tonumber(next_arg()), tonumber(next_arg()), next_arg()
+  local rows = next_block(6)
+  if from_ms <= now_ms then cost_credits, plans_version, plan_rows = cost, version, rows end
+end
 local packs         = next_block(4)  -- {pack_id, credits, price minor units, currency}
 
 local existing = load_record(rid)
@@ -86,7 +93,7 @@ local inflight = tonumber(redis.call('HGET', K_INFLIGHT, product) or '0')
 local decision = {
   allowed = 0, plan = plan, tz = tz, cost = cost_credits, free_used = headline.used,
   free_limit = headline.limit, resets_ms = headline.resets_ms, balance = balance,
-  held = 0, expires_ms = 0, now_ms = now_ms, replayed = 0, pv = PLANS_VERSION,
+  held = 0, expires_ms = 0, now_ms = now_ms, replayed = 0, pv = plans_version,
 }
 
 local function report_limits(taken)
@@ -124,7 +131,7 @@ local function offers_json(short)
   return cjson.encode(offers)
 end
 
-local rec = {s = 'held', p = product, fp = fingerprint, c = 0, l = {}, fw = {}, m = '', pv = PLANS_VERSION,
+local rec = {s = 'held', p = product, fp = fingerprint, c = 0, l = {}, fw = {}, m = '', pv = plans_version,
              cr = now_ms, e = now_ms + ttl_ms, ttl = ttl_ms}
 
 local function hold_free()

@@ -272,7 +272,7 @@ class GetBalanceRequest(_message.Message):
     def __init__(self, account_id: _Optional[str] = ...) -> None: ...
 
 class ProductAllowance(_message.Message):
-    __slots__ = ("product", "free_used", "free_limit", "free_resets_at", "limits", "jobs_in_flight", "max_concurrent", "overridden")
+    __slots__ = ("product", "free_used", "free_limit", "free_resets_at", "limits", "jobs_in_flight", "max_concurrent", "overridden", "upcoming")
     PRODUCT_FIELD_NUMBER: _ClassVar[int]
     FREE_USED_FIELD_NUMBER: _ClassVar[int]
     FREE_LIMIT_FIELD_NUMBER: _ClassVar[int]
@@ -281,6 +281,7 @@ class ProductAllowance(_message.Message):
     JOBS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     MAX_CONCURRENT_FIELD_NUMBER: _ClassVar[int]
     OVERRIDDEN_FIELD_NUMBER: _ClassVar[int]
+    UPCOMING_FIELD_NUMBER: _ClassVar[int]
     product: str
     free_used: int
     free_limit: int
@@ -289,7 +290,18 @@ class ProductAllowance(_message.Message):
     jobs_in_flight: int
     max_concurrent: int
     overridden: bool
-    def __init__(self, product: _Optional[str] = ..., free_used: _Optional[int] = ..., free_limit: _Optional[int] = ..., free_resets_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., limits: _Optional[_Iterable[_Union[LimitStatus, _Mapping]]] = ..., jobs_in_flight: _Optional[int] = ..., max_concurrent: _Optional[int] = ..., overridden: _Optional[bool] = ...) -> None: ...
+    upcoming: _containers.RepeatedCompositeFieldContainer[ScheduledChange]
+    def __init__(self, product: _Optional[str] = ..., free_used: _Optional[int] = ..., free_limit: _Optional[int] = ..., free_resets_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., limits: _Optional[_Iterable[_Union[LimitStatus, _Mapping]]] = ..., jobs_in_flight: _Optional[int] = ..., max_concurrent: _Optional[int] = ..., overridden: _Optional[bool] = ..., upcoming: _Optional[_Iterable[_Union[ScheduledChange, _Mapping]]] = ...) -> None: ...
+
+class ScheduledChange(_message.Message):
+    __slots__ = ("effective_from", "limits", "max_concurrent")
+    EFFECTIVE_FROM_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONCURRENT_FIELD_NUMBER: _ClassVar[int]
+    effective_from: _timestamp_pb2.Timestamp
+    limits: _containers.RepeatedCompositeFieldContainer[LimitSpec]
+    max_concurrent: int
+    def __init__(self, effective_from: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., limits: _Optional[_Iterable[_Union[LimitSpec, _Mapping]]] = ..., max_concurrent: _Optional[int] = ...) -> None: ...
 
 class CreditLot(_message.Message):
     __slots__ = ("lot_id", "credits_granted", "credits_left", "expires_at", "granted_at", "source", "revoked")
