@@ -61,15 +61,32 @@ def _print_decision(r: pb.CheckAndReserveResponse) -> None:
             print(f"  offer: {offer.quantity} x {offer.pack_id} ({offer.credits} credits, {_money(offer.price)}) "
                   f"= {_money(offer.total_price)}")
     print(f"  free today: {r.free_used}/{r.free_limit}, resets {resets}")
+    if r.shadow_limits:
+        print(f"  shadow limits that would have applied: {', '.join(r.shadow_limits)}")
     print(f"  job cost: {r.job_cost_credits} credit(s); credits available: {r.credit_balance}"
           + ("  (replayed earlier decision)" if r.replayed else ""))
+
+
+def _limit_text(limit: Any) -> str:
+    kind = pb.LimitKind.Name(limit.kind).removeprefix("LIMIT_KIND_").lower()
+    window = f"last {limit.rolling_hours} h" if limit.kind == pb.LIMIT_KIND_ROLLING else f"per {kind}"
+    return f"{limit.limit_id} ({window})"
 
 
 def _print_balance(r: pb.GetBalanceResponse) -> None:
     tz = r.time_zone or "UTC"
     print(f"account {r.account_id}  plan {r.plan}  time zone {tz}")
     for a in r.allowances:
-        print(f"  {a.product:<8} free {a.free_used}/{a.free_limit}  resets {format_time(_ms(a.free_resets_at), tz)}")
+        print(f"  {a.product:<8} free {a.free_used}/{a.free_limit}  resets {format_time(_ms(a.free_resets_at), tz)}"
+              + (f"  in flight {a.jobs_in_flight}/{a.max_concurrent}" if a.max_concurrent else "")
+              + ("  (account override)" if a.overridden else ""))
+        if len(a.limits) > 1 or any(st.shadow for st in a.limits):
+            for st in a.limits:
+                print(f"           {_limit_text(st)}: {st.used}/{st.limit}, a unit frees "
+                      f"{format_time(_ms(st.resets_at), tz)}" + ("  [shadow]" if st.shadow else ""))
+        for change in a.upcoming:
+            limits = ", ".join(f"{_limit_text(x)} {x.free}" for x in change.limits)
+            print(f"           from {format_time(_ms(change.effective_from), tz)}: {limits}")
     print(f"  credits available {r.credit_balance}, held {r.credits_held}")
     for lot in r.lots:
         print(f"    lot {lot.lot_id}: {lot.credits_left}/{lot.credits_granted} left, "
