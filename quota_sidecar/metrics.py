@@ -1,0 +1,113 @@
+"""The sidecar's Prometheus metrics, all in one place, and their HTTP endpoint.
+
+One ``Metrics`` object is made per ``run`` (and per test) with its own
+``CollectorRegistry``: the process-global registry would refuse a second
+metric of the same name, so servers could not be created twice in one
+process. New metrics (decisions, RPCs, Redis) go into ``Metrics.__init__``
+next to the ones here, with a small method per event they record, so callers
+never touch prometheus_client objects directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import threading
+from typing import Literal
+from wsgiref.simple_server import WSGIServer
+
+from typing import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Info, generate_latest, start_http_server
+
+log = logging.getLogger("quota_sidecar.metrics")
+
+ReloadOutcome = Literal["ok", "error", "unchanged"]
+RELOAD_OUTCOMES: tuple[ReloadOutcome, ...] = ("ok", "error", "unchanged")
+# serve_forever notices shutdown() within its 0.5 s poll; a request being answered gets this long more.
+_STOP_TIMEOUT_SECONDS = 5.0
+
+
+class Metrics:
+    """Every metric the sidecar exports, registered in a registry of its own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self._plans_reloads = Counter(
+            "quota_plans_reloads", "Plans reloads (file change or SIGHUP) by result: ok = new plans in use, "
+            "unchanged = same file content, error = file refused and the last good plans kept",
+            ["result"], registry=self.registry)
+        for outcome in RELOAD_OUTCOMES:
+            # Series exist from the start, so rate() and alerts see 0 rather than nothing.
+            self._plans_reloads.labels(result=outcome)
+        self._plans_info = Info("quota_plans", "Version of the plans in use", registry=self.registry)
+        self._plans_last_reload_error = Gauge(
+            "quota_plans_last_reload_error", "1 while the last plans reload failed (the last good plans are "
+            "still in use), else 0", registry=self.registry)
+        self._plans_last_reload_timestamp = Gauge(
+            "quota_plans_last_reload_timestamp_seconds", "Unix time of the last plans load or reload attempt, "
+            "whatever its result", registry=self.registry)
+
+        self._shadow_decisions = Counter(
+            "quota_shadow_decisions", "Decisions that a limit in shadow mode would have changed (free funding "
+            "refused, or a concurrency cap hit) had it been enforced, by product and limit id",
+            ["product", "limit"], registry=self.registry)
+
+    def shadow_decision(self, product: str, limit_ids: Iterable[str]) -> None:
+        for limit_id in limit_ids:
+            self._shadow_decisions.labels(product=product, limit=limit_id).inc()
+
+    def plans_loaded(self, version: str, at_seconds: float) -> None:
+        """The plans of ``version`` are in use (start-up or a successful reload)."""
+        # info() replaces the whole label set: the old version's series disappears.
+        self._plans_info.info({"version": version})
+        self._plans_last_reload_error.set(0)
+        self._plans_last_reload_timestamp.set(at_seconds)
+
+    def plans_reloaded(self, outcome: ReloadOutcome, at_seconds: float) -> None:
+        self._plans_reloads.labels(result=outcome).inc()
+        self._plans_last_reload_error.set(1 if outcome == "error" else 0)
+        self._plans_last_reload_timestamp.set(at_seconds)
+
+    def exposition(self) -> bytes:
+        """The Prometheus text format of every metric, as the HTTP endpoint serves it."""
+        return generate_latest(self.registry)
+
+
+def split_host_port(listen: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[IPv6]:PORT`` → (host, port); ValueError when malformed."""
+    host, sep, port_text = listen.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise ValueError(f"expected HOST:PORT, got {listen!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        ipaddress.IPv6Address(host)  # raises ValueError
+    elif ":" in host:
+        raise ValueError(f"an IPv6 address needs brackets, e.g. [::1]:9464 (got {listen!r})")
+    port = int(port_text)
+    if port > 65535:
+        raise ValueError(f"port must be 0..65535 (got {port})")
+    return host, port
+
+
+class MetricsHTTPServer:
+    """prometheus_client's HTTP server (a daemon thread) serving one registry, with a clean stop."""
+
+    def __init__(self, metrics: Metrics, listen: str) -> None:
+        host, port = split_host_port(listen)
+        self._httpd: WSGIServer
+        self._thread: threading.Thread
+        self._httpd, self._thread = start_http_server(port, addr=host, registry=metrics.registry)
+        self.port: int = self._httpd.server_port
+        # With port 0 the kernel picked one: log the real one (the host part keeps its brackets).
+        log.info("metrics on http://%s:%d/metrics", listen.rpartition(":")[0], self.port)
+
+    def stop(self) -> None:
+        """Blocks until the server thread has exited (up to its 0.5 s poll); call it off the event loop."""
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(_STOP_TIMEOUT_SECONDS)
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self.stop)
