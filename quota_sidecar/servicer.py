@@ -26,6 +26,7 @@ from grpc_status import rpc_status
 from ._proto.quota.v1 import quota_pb2 as pb
 from ._proto.quota.v1 import quota_pb2_grpc as pb_grpc
 from .engine import QuotaEngine
+from .metrics import Metrics
 from .errors import Conflict, InvalidArgument, NotFound, QuotaError, ResolutionConflict, Unavailable
 from .model import (
     Account,
@@ -234,14 +235,18 @@ def balance_response(b: Balance) -> pb.GetBalanceResponse:
 
 
 class QuotaService(pb_grpc.QuotaServiceServicer):
-    def __init__(self, engine: QuotaEngine) -> None:
+    def __init__(self, engine: QuotaEngine, metrics: Metrics | None = None) -> None:
         self._engine = engine
+        self._metrics = metrics
 
     @_rpc
     async def CheckAndReserve(self, request: pb.CheckAndReserveRequest, context: Any) -> pb.CheckAndReserveResponse:
         decision = await self._engine.check_and_reserve(
             request.account_id, request.product, request.reservation_id, job_params(request.params),
             request.ttl_seconds)
+        outcome = decision.outcome
+        if self._metrics is not None and outcome.shadow_limits and not outcome.replayed:
+            self._metrics.shadow_decision(request.product, outcome.shadow_limits)
         return decision_response(decision)
 
     @_rpc

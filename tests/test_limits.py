@@ -255,3 +255,36 @@ def test_schedule_is_validated() -> None:
     plans = scheduled_cut("2026-12-01T00:00:00+01:00")
     assert plans.at(utc_ms(2026, 11, 30, 22, 59)).version == "2026-11-01"
     assert plans.at(utc_ms(2026, 11, 30, 23)).version == "2026-11-01@2026-11-30T23:00:00Z"
+
+
+async def test_shadow_decisions_are_counted_on_the_metrics(store: RedisStore, clock: ManualClock) -> None:
+    import grpc
+
+    from quota_sidecar._proto.quota.v1 import quota_pb2 as pb
+    from quota_sidecar._proto.quota.v1 import quota_pb2_grpc
+    from quota_sidecar.metrics import Metrics
+    from quota_sidecar.server import create_server
+    from quota_sidecar.settings import Settings
+
+    def edit(d: dict[str, Any]) -> None:
+        d["plans"]["free"]["sora"] = {"limits": [{"id": "daily", "kind": "day", "free": 30},
+                                                 {"id": "cut", "kind": "day", "free": 2, "shadow": True}],
+                                      "max_duration_seconds": 15, "max_resolution": "720p"}
+    metrics = Metrics()
+    server, port = create_server(Settings(listen=("127.0.0.1:0",)), QuotaEngine(plans_with(edit), store, clock),
+                                 metrics=metrics)
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = quota_pb2_grpc.QuotaServiceStub(channel)
+            for i in range(5):
+                r = await stub.CheckAndReserve(pb.CheckAndReserveRequest(
+                    account_id="a", product="sora", reservation_id=f"r{i}",
+                    params=pb.JobParams(duration_seconds=10, resolution="720p")))
+                assert r.allowed and list(r.shadow_limits) == (["cut"] if i >= 2 else [])
+            await stub.CheckAndReserve(pb.CheckAndReserveRequest(  # a replay is not counted again
+                account_id="a", product="sora", reservation_id="r4",
+                params=pb.JobParams(duration_seconds=10, resolution="720p")))
+    finally:
+        await server.stop(None)
+    assert metrics.registry.get_sample_value("quota_shadow_decisions_total", {"product": "sora", "limit": "cut"}) == 3
