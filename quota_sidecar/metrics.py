@@ -49,10 +49,16 @@ class Metrics:
             "quota_plans_last_reload_timestamp_seconds", "Unix time of the last plans load or reload attempt, "
             "whatever its result", registry=self.registry)
 
+        self._redis_up = Gauge("quota_redis_up", "1 when the last health probe of Redis was answered, else 0",
+                               registry=self.registry)
+        self._redis_up.set(1)
         self._shadow_decisions = Counter(
             "quota_shadow_decisions", "Decisions that a limit in shadow mode would have changed (free funding "
             "refused, or a concurrency cap hit) had it been enforced, by product and limit id",
             ["product", "limit"], registry=self.registry)
+
+    def redis_reachable(self, reachable: bool) -> None:
+        self._redis_up.set(1 if reachable else 0)
 
     def shadow_decision(self, product: str, limit_ids: Iterable[str]) -> None:
         for limit_id in limit_ids:

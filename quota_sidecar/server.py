@@ -104,6 +104,37 @@ def create_admin_server(settings: Settings, engine: QuotaEngine, *, health: Heal
                        interceptors=auth.interceptors, credentials=auth.credentials)
 
 
+HEALTH_NAMES = ("", SERVICE_NAME, ADMIN_NAME)
+
+
+async def watch_redis_health(store: RedisStore, health: HealthServicer, unhealthy_after_seconds: float, *,
+                             probe_interval_seconds: float = 1.0, metrics: Metrics | None = None) -> None:
+    """Health follows Redis: NOT_SERVING once it has been unreachable for longer than the
+    grace period (a blip does not flap readiness), SERVING again at the first answer."""
+    loop = asyncio.get_running_loop()
+    last_ok = loop.time()
+    serving = True
+    while True:
+        try:
+            await store.ping()
+            last_ok, reachable = loop.time(), True
+        except QuotaError:
+            reachable = False
+        if metrics is not None:
+            metrics.redis_reachable(reachable)
+        healthy = reachable or loop.time() - last_ok <= unhealthy_after_seconds
+        if healthy != serving:
+            serving = healthy
+            status = health_pb2.HealthCheckResponse.SERVING if healthy else health_pb2.HealthCheckResponse.NOT_SERVING
+            for name in HEALTH_NAMES:
+                await health.set(name, status)
+            if healthy:
+                log.warning("redis answers again: health SERVING")
+            else:
+                log.warning("redis unreachable for over %.1f s: health NOT_SERVING", unhealthy_after_seconds)
+        await asyncio.sleep(probe_interval_seconds)
+
+
 async def sweep_forever(engine: QuotaEngine, store: RedisStore, interval_seconds: float) -> None:
     """Refunds expired holds of idle accounts; one sidecar of a fleet per interval (a Redis lease)."""
     owner = uuid.uuid4().hex
@@ -160,7 +191,9 @@ async def run(settings: Settings, *, clock: Clock | None = None,
                                     key_prefix=settings.key_prefix, key_buckets=settings.key_buckets,
                                     retention_ms=settings.retention_seconds * 1000,
                                     ledger_retention_ms=settings.ledger_retention_days * 86_400_000,
-                                    events_max_entries=settings.events_max_entries)
+                                    events_max_entries=settings.events_max_entries,
+                                    grant_min_replicas=settings.grant_min_replicas,
+                                    grant_wait_timeout_ms=settings.grant_wait_timeout_ms)
         try:
             await store.ping()
             engine = QuotaEngine(plans, store, clock)
@@ -234,12 +267,15 @@ async def _serve(settings: Settings, engine: QuotaEngine, store: RedisStore, sto
         servers, ports, admin_text = await _start_servers(settings, engine, health, admin_auth, metrics)
         if metrics_http is not None:
             ports["metrics"] = metrics_http.port
-        for name in ("", SERVICE_NAME, ADMIN_NAME):
+        for name in HEALTH_NAMES:
             await health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving QuotaService on %s%s (plans %s)", ", ".join(settings.listen), admin_text,
                  plans_source.version)
 
         tasks = _plans_tasks(settings, plans_source, stop, hangup)
+        if settings.redis_unhealthy_after_seconds:
+            tasks.append(asyncio.create_task(watch_redis_health(
+                store, health, settings.redis_unhealthy_after_seconds, metrics=metrics), name="redis-health"))
         if settings.sweep_interval_seconds:
             tasks.append(asyncio.create_task(sweep_forever(engine, store, settings.sweep_interval_seconds),
                                              name="sweeper"))

@@ -14,6 +14,7 @@ with google.rpc details here and nowhere else:
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from typing import Any, Awaitable, Callable, TypeVar
@@ -107,7 +108,17 @@ def _rpc(method: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
     @functools.wraps(method)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> R:
         try:
-            return await method(self, request, context)
+            # The caller's deadline bounds the work: past it, the answer would be thrown away.
+            remaining = context.time_remaining()
+            if remaining is None:
+                return await method(self, request, context)
+            if remaining <= 0:
+                raise asyncio.TimeoutError
+            return await asyncio.wait_for(method(self, request, context), remaining)
+        except asyncio.TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                "the call's deadline passed before Redis answered; retrying with the same ids is safe")
+            raise AssertionError("abort returned")  # pragma: no cover
         except QuotaError as exc:
             if not isinstance(exc, (InvalidArgument, NotFound, Conflict, ResolutionConflict)):
                 log.warning("%s failed: %s (%s)", method.__name__, exc.message, exc.reason)

@@ -63,6 +63,11 @@ class Settings:
         100_000, "approximate length each per-bucket events stream is trimmed to", "N")
     sweep_interval_seconds: int = _setting(
         30, "period of the expired-hold sweeper, seconds; 0 = off; one sidecar of a fleet sweeps at a time", "S")
+    grant_min_replicas: int = _setting(
+        0, "a grant is acknowledged only once this many replicas have it (Redis WAIT); 0 = the master's AOF", "N")
+    grant_wait_timeout_ms: int = _setting(1000, "how long a grant waits for those replicas, milliseconds", "MS")
+    redis_unhealthy_after_seconds: float = _setting(
+        5.0, "health turns NOT_SERVING once Redis has been unreachable this long, seconds; 0 = never", "S")
     shutdown_grace_seconds: float = _setting(10.0, "on SIGTERM, time in-flight calls get to finish, seconds", "S")
     max_message_bytes: int = _setting(64 * 1024, "largest gRPC request accepted, bytes", "BYTES")
     metrics_listen: str = _setting(
@@ -77,6 +82,12 @@ class Settings:
             raise InvalidArgument("redis_timeout_ms", "must be positive")
         if self.retention_seconds < 86_400:
             raise InvalidArgument("retention_seconds", "must be at least one day (holds live up to 24 h)")
+        if not 0 <= self.grant_min_replicas <= 16:
+            raise InvalidArgument("grant_min_replicas", "must be between 0 and 16")
+        if not 1 <= self.grant_wait_timeout_ms <= 60_000:
+            raise InvalidArgument("grant_wait_timeout_ms", "must be between 1 and 60000")
+        if not 0 <= self.redis_unhealthy_after_seconds <= 3600:
+            raise InvalidArgument("redis_unhealthy_after_seconds", "must be between 0 (never) and 3600")
         if self.sweep_interval_seconds < 0:
             raise InvalidArgument("sweep_interval_seconds", "must be >= 0")
         if not (self.plans_reload_interval_seconds == 0 or 0.1 <= self.plans_reload_interval_seconds <= 86_400):

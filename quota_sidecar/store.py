@@ -22,6 +22,8 @@ from importlib import resources
 from typing import Any, Iterable, Mapping, Sequence
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
 from redis import exceptions as redis_errors
 
 from .errors import Conflict, InvalidArgument, NotFound, QuotaError, ResolutionConflict, Unavailable
@@ -267,7 +269,8 @@ class RedisStore:
 
     def __init__(self, client: aioredis.Redis, *, key_prefix: str = "qs", key_buckets: int = DEFAULT_KEY_BUCKETS,
                  retention_ms: int = 7 * 86_400_000, ledger_retention_ms: int = 400 * 86_400_000,
-                 events_max_entries: int = 100_000) -> None:
+                 events_max_entries: int = 100_000, grant_min_replicas: int = 0,
+                 grant_wait_timeout_ms: int = 1000) -> None:
         assert key_prefix and "{" not in key_prefix and "}" not in key_prefix
         assert 1 <= key_buckets <= 16384
         self._client = client
@@ -276,12 +279,20 @@ class RedisStore:
         self._retention_ms = retention_ms
         self._ledger_retention_ms = ledger_retention_ms
         self._events_max = events_max_entries
+        self._grant_min_replicas = grant_min_replicas
+        self._grant_wait_timeout_ms = grant_wait_timeout_ms
         self._scripts = {name: client.register_script(load_script_source(name)) for name in SCRIPT_NAMES}
 
     @classmethod
     def from_url(cls, url: str, *, timeout_seconds: float = 2.0, **kwargs: Any) -> "RedisStore":
+        # One quick retry: a pooled connection to a restarted Redis fails once and the retry
+        # reconnects. Every script is idempotent, so re-sending one is safe; longer outages
+        # surface as UNAVAILABLE at once instead of stalling the call (redis-py's default
+        # retries three times with backoff of up to seconds).
+        retry = Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.1), retries=1)
         client = aioredis.from_url(
-            url, socket_timeout=timeout_seconds, socket_connect_timeout=timeout_seconds, decode_responses=True
+            url, socket_timeout=timeout_seconds, socket_connect_timeout=timeout_seconds, decode_responses=True,
+            retry=retry, retry_on_error=[redis_errors.ConnectionError, redis_errors.TimeoutError],
         )
         return cls(client, **kwargs)
 
@@ -305,18 +316,35 @@ class RedisStore:
         except redis_errors.RedisError as exc:
             raise _redis_error(exc) from exc
 
-    async def _run(self, name: str, account_id: str, stamp: Stamp, args: Iterable[Any]) -> dict[str, Any]:
+    async def _run(self, name: str, account_id: str, stamp: Stamp, args: Iterable[Any], *,
+                   min_replicas: int = 0) -> dict[str, Any]:
         header = [stamp.now_ms, account_id, self._retention_ms, self._ledger_retention_ms, self._events_max,
                   stamp.plans_version]
+        keys = account_keys(self._prefix, self._buckets, account_id)
         try:
-            raw = await self._scripts[name](keys=account_keys(self._prefix, self._buckets, account_id),
-                                            args=header + list(args))
+            if min_replicas:
+                raw, acked = await self._run_and_wait(name, keys, header + list(args), min_replicas)
+            else:
+                raw, acked = await self._scripts[name](keys=keys, args=header + list(args)), 0
         except redis_errors.RedisError as exc:
             raise _redis_error(exc) from exc
         reply = json.loads(raw)
         if "error" in reply:
             raise _script_error(reply)
+        if acked < min_replicas:
+            # Applied on the master but not yet safe from its loss: not acknowledged. The caller
+            # retries with the same id; the replay waits for the replicas again.
+            raise Unavailable(f"the change reached {acked} of {min_replicas} required replica(s) within "
+                              f"{self._grant_wait_timeout_ms} ms; retry with the same id", reason="REPLICAS_BEHIND")
         return reply
+
+    async def _run_and_wait(self, name: str, keys: list[str], args: list[Any], min_replicas: int) -> tuple[Any, int]:
+        """The script, then WAIT on the same connection (WAIT covers that connection's writes)."""
+        async with self._client.pipeline(transaction=False) as pipe:
+            await self._scripts[name](keys=keys, args=args, client=pipe)
+            pipe.wait(min_replicas, self._grant_wait_timeout_ms)
+            raw, acked = await pipe.execute()
+        return raw, int(acked)
 
     # -- decisions and movements -----------------------------------------
 
@@ -354,7 +382,8 @@ class RedisStore:
     async def grant(self, account_id: str, lot_id: str, credits: int, expires_ms: int, source: CreditSource,
                     reason: str, stamp: Stamp) -> GrantResult:
         r = await self._run("grant", account_id, stamp,
-                            [lot_id, credits, expires_ms, source.rank, source.value, reason])
+                            [lot_id, credits, expires_ms, source.rank, source.value, reason],
+                            min_replicas=self._grant_min_replicas)
         lot = Lot(lot_id=lot_id, credits_granted=int(r["granted"]), credits_left=int(r["left"]),
                   expires_ms=int(r["expires_ms"]), granted_ms=int(r["granted_ms"]), source=CreditSource(r["source"]),
                   revoked=bool(r["revoked"]))
