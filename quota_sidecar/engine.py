@@ -15,6 +15,7 @@ refuses without writing, and the engine asks again with the right zone.
 from __future__ import annotations
 
 import calendar
+import logging
 from dataclasses import replace
 import re
 import hashlib
@@ -24,7 +25,8 @@ from datetime import datetime, timezone
 from typing import Awaitable, Callable, Mapping, Protocol, Sequence, TypeVar
 
 from .clock import Clock, RedisClock
-from .errors import InvalidArgument, Unavailable
+from .degraded import DegradedMode, DegradedReservation
+from .errors import Conflict, InvalidArgument, ResolutionConflict, Unavailable
 from .ids import check_id, new_reservation_id
 from .model import (
     COST_INVALID,
@@ -37,6 +39,7 @@ from .model import (
     BalanceSnapshot,
     CommitResult,
     CreditSource,
+    Funding,
     Decision,
     DenialReason,
     GrantResult,
@@ -59,7 +62,7 @@ from .model import (
     Window,
 )
 from .plans import MAX_ROLLING_HOURS, Plans
-from .windows import candidate_months, candidate_weeks, candidate_windows, time_zone
+from .windows import candidate_months, candidate_weeks, candidate_windows, daily_window, time_zone
 
 MAX_TTL_SECONDS = 86_400
 MAX_GRANT_CREDITS = 1_000_000_000
@@ -74,6 +77,7 @@ DAY_MS = 86_400_000
 _STREAM_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
 
 T = TypeVar("T")
+log = logging.getLogger("quota_sidecar.engine")
 
 
 class Store(Protocol):
@@ -186,7 +190,7 @@ def check_override(plans: Plans, override: LimitOverride) -> None:
 
 class QuotaEngine:
     def __init__(self, plans: Plans, store: Store, clock: Clock | None = None, *,
-                 zone_cache_entries: int = 100_000) -> None:
+                 zone_cache_entries: int = 100_000, degraded: DegradedMode | None = None) -> None:
         # Replaced whole (never mutated) when plans change; read once per call.
         self.plans = plans
         self.store = store
@@ -197,6 +201,8 @@ class QuotaEngine:
         # at the prices it was made with.
         self._plans_by_version: OrderedDict[str, Plans] = OrderedDict()
         self.set_plans(plans)
+        # Reservations decided without Redis (fail_open_free); None: every product fails closed.
+        self.degraded = degraded
 
     def set_plans(self, plans: Plans) -> None:
         """Use ``plans`` for every call from now on; calls in flight finish with the plans they read."""
@@ -271,26 +277,103 @@ class QuotaEngine:
         check_ttl_seconds("ttl_seconds", ttl_seconds)
         ttl_ms = (ttl_seconds or plans.default_ttl_seconds(product)) * 1000
         segments = self._segments(base, product, job)
+        fp = fingerprint(product, job, ttl_seconds)
+        local = self.degraded.get(account_id, rid) if self.degraded else None
+        if local is not None and not await self.flush_degraded():
+            return self._degraded_replay(local, fp)
 
         def reserve(tz: str, days: tuple[Window, ...], weeks: tuple[Window, ...],
                     months: tuple[Window, ...]) -> Awaitable[ReserveOutcome]:
             return self.store.reserve(ReserveCommand(
                 account_id=account_id, reservation_id=rid, product=product,
-                fingerprint=fingerprint(product, job, ttl_seconds), ttl_ms=ttl_ms, segments=segments,
+                fingerprint=fp, ttl_ms=ttl_ms, segments=segments,
                 default_plan=plans.default_plan, time_zone=tz, windows=days, weeks=weeks, months=months,
                 packs=plans.packs, free_warning_percent=plans.notifications.free_warning_percent,
                 stamp=self._stamp(plans)))
 
-        outcome = await self._in_account_zone(account_id, reserve)
+        try:
+            outcome = await self._in_account_zone(account_id, reserve)
+        except Unavailable as exc:
+            product_rules = plans.product(product)
+            if exc.reason != "STORE_UNAVAILABLE" or product_rules.on_redis_failure != "fail_open_free" \
+                    or self.degraded is None:
+                raise
+            return self._degraded_reserve(DegradedReservation(
+                account_id=account_id, reservation_id=rid, product=product, fingerprint=fp,
+                window_label=daily_window(self._zones.get(account_id, DEFAULT_TIME_ZONE),
+                                          self.clock.local_now_ms()).label,
+                allowance=product_rules.degraded_free_per_window, at_ms=self.clock.local_now_ms(), ttl_ms=ttl_ms,
+                plans_version=plans.version), exc)
         if outcome.allowed:
             return Decision(reservation_id=rid, outcome=outcome)
         offers = plans.offers(outcome.credits_short) if outcome.denial is DenialReason.PURCHASE_REQUIRED else ()
         return Decision(reservation_id=rid, outcome=outcome,
                         denial_message=denial_message(plans, product, job, outcome), offers=offers)
 
+    # -- degraded mode ------------------------------------------------------
+
+    def _degraded_outcome(self, res: DegradedReservation, replayed: bool) -> Decision:
+        outcome = ReserveOutcome(
+            allowed=True, plan="", funding=Funding.FREE_QUOTA, denial=None, cost_credits=0, credits_held=0,
+            credits_short=0, free_used=0, free_limit=res.allowance, free_resets_ms=0, credit_balance=0,
+            expires_ms=res.at_ms + res.ttl_ms, now_ms=res.at_ms, replayed=replayed,
+            plans_version=res.plans_version, degraded=True)
+        return Decision(reservation_id=res.reservation_id, outcome=outcome)
+
+    def _degraded_reserve(self, res: DegradedReservation, cause: Unavailable) -> Decision:
+        """A free job from this sidecar's own small allowance while Redis is unreachable."""
+        assert self.degraded is not None
+        if not self.degraded.try_reserve(res):
+            raise Unavailable(f"{cause.message}; this sidecar's degraded allowance for the account is used up",
+                              reason=cause.reason) from cause
+        log.warning("degraded: allowed %s/%s for %s without Redis", res.product, res.reservation_id, res.account_id)
+        return self._degraded_outcome(res, replayed=False)
+
+    def _degraded_replay(self, res: DegradedReservation, fp: str) -> Decision:
+        if res.fingerprint != fp:
+            raise Conflict("reservation_id was already used with different parameters",
+                           reason="RESERVATION_PARAMS_MISMATCH")
+        return self._degraded_outcome(res, replayed=True)
+
+    async def flush_degraded(self) -> bool:
+        """Writes reservations decided without Redis into it; True when none is left."""
+        if self.degraded is None:
+            return True
+        written = []
+        try:
+            for res in self.degraded.pending:
+                await self.store.replay_degraded(
+                    res.account_id, res.reservation_id, product=res.product, fingerprint=res.fingerprint,
+                    window_label=res.window_label, allowance=res.allowance, ttl_ms=res.ttl_ms, state=res.state,
+                    resolved_ms=res.resolved_ms, stamp=Stamp(now_ms=res.at_ms, plans_version=res.plans_version))
+                written.append(res)
+        except Unavailable:
+            return False
+        finally:
+            if written:
+                self.degraded.written(written)
+                log.warning("degraded: wrote %d reservation(s) decided without Redis", len(written))
+        return not self.degraded.pending
+
+    async def _resolve_locally(self, account_id: str, reservation_id: str, state: str) -> DegradedReservation | None:
+        """Resolves a degraded reservation while Redis is still away; None when Redis has it."""
+        local = self.degraded.get(account_id, reservation_id) if self.degraded else None
+        if local is None or await self.flush_degraded():
+            return None
+        assert self.degraded is not None
+        if local.state == state:
+            return local
+        if local.state != "held":
+            reason = "ALREADY_COMMITTED" if local.state == "committed" else "ALREADY_RELEASED"
+            raise ResolutionConflict(f"the reservation is already {local.state}", reason=reason)
+        return self.degraded.resolve(local, state, self.clock.local_now_ms())
+
     async def commit(self, account_id: str, reservation_id: str, actual: JobParams | None = None) -> CommitResult:
         check_id("account_id", account_id)
         check_id("reservation_id", reservation_id)
+        local = await self._resolve_locally(account_id, reservation_id, "committed")
+        if local is not None:
+            return CommitResult(Funding.FREE_QUOTA, 0, 0, 1, 0, replayed=False, degraded=True)
         costs, errors = self._actual_costs(actual)
         try:
             return await self.store.commit(account_id, reservation_id, costs, self._stamp())
@@ -318,6 +401,9 @@ class QuotaEngine:
     async def release(self, account_id: str, reservation_id: str) -> ReleaseResult:
         check_id("account_id", account_id)
         check_id("reservation_id", reservation_id)
+        local = await self._resolve_locally(account_id, reservation_id, "released")
+        if local is not None:
+            return ReleaseResult(Funding.FREE_QUOTA, 0, 1, 0, replayed=False, degraded=True)
         return await self.store.release(account_id, reservation_id, self._stamp())
 
     async def extend(self, account_id: str, reservation_id: str, ttl_seconds: int = 0) -> int:
@@ -325,6 +411,8 @@ class QuotaEngine:
         check_id("account_id", account_id)
         check_id("reservation_id", reservation_id)
         check_ttl_seconds("ttl_seconds", ttl_seconds)
+        if self.degraded and self.degraded.get(account_id, reservation_id) and not await self.flush_degraded():
+            raise Unavailable("a reservation decided without Redis cannot be extended until Redis is back")
         return await self.store.extend(account_id, reservation_id, ttl_seconds * 1000, self._stamp())
 
     async def _snapshot(self, account_id: str) -> BalanceSnapshot:

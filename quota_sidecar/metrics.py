@@ -52,10 +52,16 @@ class Metrics:
         self._redis_up = Gauge("quota_redis_up", "1 when the last health probe of Redis was answered, else 0",
                                registry=self.registry)
         self._redis_up.set(1)
+        self._degraded_decisions = Counter(
+            "quota_degraded_decisions", "Free jobs allowed without Redis under a fail_open_free policy, by product",
+            ["product"], registry=self.registry)
         self._shadow_decisions = Counter(
             "quota_shadow_decisions", "Decisions that a limit in shadow mode would have changed (free funding "
             "refused, or a concurrency cap hit) had it been enforced, by product and limit id",
             ["product", "limit"], registry=self.registry)
+
+    def degraded_decision(self, product: str) -> None:
+        self._degraded_decisions.labels(product=product).inc()
 
     def redis_reachable(self, reachable: bool) -> None:
         self._redis_up.set(1 if reachable else 0)

@@ -211,6 +211,7 @@ class ReserveOutcome:
     limits: tuple[LimitStatus, ...] = ()
     shadow_limits: tuple[str, ...] = ()
     plans_version: str = ""
+    degraded: bool = False  # decided without Redis (fail_open_free)
 
 
 @dataclass(frozen=True)
@@ -231,6 +232,7 @@ class CommitResult:
     free_charged: int
     credit_balance: int
     replayed: bool
+    degraded: bool = False
 
 
 @dataclass(frozen=True)
@@ -240,6 +242,7 @@ class ReleaseResult:
     free_refunded: int
     credit_balance: int
     replayed: bool
+    degraded: bool = False
 
 
 @dataclass(frozen=True)

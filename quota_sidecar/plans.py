@@ -65,6 +65,8 @@ MAX_ROLLING_HOURS = 168
 _NOTIFICATION_KEYS = ("free_warning_percent", "lot_expiry_notice_days", "credits_low")
 _PACK_KEYS = ("credits", "price", "currency")
 _PRODUCT_KEYS = ("kind", "unit", "default_ttl_seconds", "models", "default_model")
+_FAILURE_KEYS = ("on_redis_failure", "degraded_free_per_window")
+FAILURE_POLICIES = ("fail_closed", "fail_open_free")
 _PRODUCT_KIND_KEYS = {
     VIDEO: ("seconds_per_step", "credits_per_step", "max_duration_seconds", "resolutions"),
     TASK: ("max_units",),
@@ -107,6 +109,10 @@ class Product:
     resolutions: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
     max_duration_seconds: float = 0
     max_units: int = 0
+    # When Redis cannot be reached: "fail_closed" (UNAVAILABLE) or "fail_open_free" (up to
+    # degraded_free_per_window free jobs per account, per sidecar, per local day).
+    on_redis_failure: str = "fail_closed"
+    degraded_free_per_window: int = 0
 
 
 @dataclass(frozen=True)
@@ -576,7 +582,7 @@ def _parse_product(name: str, value: object, path: str) -> Product:
     kind = entry.get("kind")
     if not isinstance(kind, str) or kind not in _PRODUCT_KIND_KEYS:
         raise PlansError(f"{path}.kind", f"must be one of {_listing(_PRODUCT_KIND_KEYS)} (got {kind!r})")
-    _check_keys(entry, path, required=_PRODUCT_KEYS + _PRODUCT_KIND_KEYS[kind])
+    _check_keys(entry, path, required=_PRODUCT_KEYS + _PRODUCT_KIND_KEYS[kind], optional=_FAILURE_KEYS)
     models = _multipliers(entry["models"], f"{path}.models", key_check=_name)
     default_model = _string(entry["default_model"], f"{path}.default_model")
     if default_model not in models:
@@ -588,6 +594,7 @@ def _parse_product(name: str, value: object, path: str) -> Product:
         default_ttl_seconds=_int(entry["default_ttl_seconds"], f"{path}.default_ttl_seconds", 1, _MAX_TTL_SECONDS),
         models=models,
         default_model=default_model,
+        **_failure_policy(entry, path),
     )
     if kind == TASK:
         return Product(**common, max_units=_int(entry["max_units"], f"{path}.max_units", 1, _MAX_UNITS_BOUND))
@@ -598,6 +605,18 @@ def _parse_product(name: str, value: object, path: str) -> Product:
         resolutions=_multipliers(entry["resolutions"], f"{path}.resolutions", key_check=_resolution_key),
         max_duration_seconds=_seconds(entry["max_duration_seconds"], f"{path}.max_duration_seconds"),
     )
+
+
+def _failure_policy(entry: Mapping[str, object], path: str) -> dict[str, object]:
+    policy = entry.get("on_redis_failure", "fail_closed")
+    if policy not in FAILURE_POLICIES:
+        raise PlansError(f"{path}.on_redis_failure", f"must be one of {', '.join(FAILURE_POLICIES)} (got {policy!r})")
+    if (policy == "fail_open_free") != ("degraded_free_per_window" in entry):
+        raise PlansError(f"{path}.degraded_free_per_window", "is required with fail_open_free and only with it")
+    allowance = _int(entry.get("degraded_free_per_window", 0), f"{path}.degraded_free_per_window", 0, 1000)
+    if policy == "fail_open_free" and allowance < 1:
+        raise PlansError(f"{path}.degraded_free_per_window", "must be at least 1")
+    return {"on_redis_failure": policy, "degraded_free_per_window": allowance}
 
 
 def _multipliers(value: object, path: str, *, key_check: Callable[[object, str], str]) -> Mapping[str, int]:

@@ -28,6 +28,7 @@ from grpc_reflection.v1alpha import reflection
 from ._proto.quota.v1 import quota_pb2, quota_pb2_grpc
 from .auth import AdminAuth, load_admin_auth
 from .clock import Clock
+from .degraded import DegradedMode
 from .engine import QuotaEngine
 from .errors import QuotaError
 from .metrics import Metrics, MetricsHTTPServer
@@ -135,6 +136,15 @@ async def watch_redis_health(store: RedisStore, health: HealthServicer, unhealth
         await asyncio.sleep(probe_interval_seconds)
 
 
+async def replay_degraded_forever(engine: QuotaEngine, interval_seconds: float = 1.0) -> None:
+    """Writes jobs allowed without Redis into it as soon as it answers (a journal left by an
+    earlier run included)."""
+    while True:
+        if engine.degraded is not None and engine.degraded.pending:
+            await engine.flush_degraded()
+        await asyncio.sleep(interval_seconds)
+
+
 async def sweep_forever(engine: QuotaEngine, store: RedisStore, interval_seconds: float) -> None:
     """Refunds expired holds of idle accounts; one sidecar of a fleet per interval (a Redis lease)."""
     owner = uuid.uuid4().hex
@@ -196,7 +206,7 @@ async def run(settings: Settings, *, clock: Clock | None = None,
                                     grant_wait_timeout_ms=settings.grant_wait_timeout_ms)
         try:
             await store.ping()
-            engine = QuotaEngine(plans, store, clock)
+            engine = QuotaEngine(plans, store, clock, degraded=DegradedMode(settings.degraded_journal))
             await _serve(settings, engine, store, stop, on_ready, admin_auth,
                          plans_source=plans_source, metrics=metrics, hangup=hangup)
         finally:
@@ -273,6 +283,7 @@ async def _serve(settings: Settings, engine: QuotaEngine, store: RedisStore, sto
                  plans_source.version)
 
         tasks = _plans_tasks(settings, plans_source, stop, hangup)
+        tasks.append(asyncio.create_task(replay_degraded_forever(engine), name="degraded-replay"))
         if settings.redis_unhealthy_after_seconds:
             tasks.append(asyncio.create_task(watch_redis_health(
                 store, health, settings.redis_unhealthy_after_seconds, metrics=metrics), name="redis-health"))

@@ -174,7 +174,7 @@ def decision_response(decision: Decision) -> pb.CheckAndReserveResponse:
         allowed=o.allowed, reservation_id=decision.reservation_id, funding=_FUNDING[o.funding],
         credits_held=o.credits_held, free_used=o.free_used, free_limit=o.free_limit,
         free_resets_at=_ts(o.free_resets_ms), credit_balance=o.credit_balance,
-        job_cost_credits=o.cost_credits, replayed=o.replayed, plans_version=o.plans_version,
+        job_cost_credits=o.cost_credits, replayed=o.replayed, plans_version=o.plans_version, degraded=o.degraded,
         limits=[_limit_status(st) for st in o.limits], shadow_limits=list(o.shadow_limits),
     )
     if o.allowed:
@@ -256,8 +256,11 @@ class QuotaService(pb_grpc.QuotaServiceServicer):
             request.account_id, request.product, request.reservation_id, job_params(request.params),
             request.ttl_seconds)
         outcome = decision.outcome
-        if self._metrics is not None and outcome.shadow_limits and not outcome.replayed:
-            self._metrics.shadow_decision(request.product, outcome.shadow_limits)
+        if self._metrics is not None and not outcome.replayed:
+            if outcome.shadow_limits:
+                self._metrics.shadow_decision(request.product, outcome.shadow_limits)
+            if outcome.degraded:
+                self._metrics.degraded_decision(request.product)
         return decision_response(decision)
 
     @_rpc
@@ -266,14 +269,14 @@ class QuotaService(pb_grpc.QuotaServiceServicer):
         r = await self._engine.commit(request.account_id, request.reservation_id, actual)
         return pb.CommitResponse(credits_charged=r.credits_charged, credits_refunded=r.credits_refunded,
                                  free_charged=r.free_charged, funding=_FUNDING[r.funding],
-                                 credit_balance=r.credit_balance, replayed=r.replayed)
+                                 credit_balance=r.credit_balance, replayed=r.replayed, degraded=r.degraded)
 
     @_rpc
     async def Release(self, request: pb.ReleaseRequest, context: Any) -> pb.ReleaseResponse:
         r = await self._engine.release(request.account_id, request.reservation_id)
         return pb.ReleaseResponse(credits_refunded=r.credits_refunded, free_refunded=r.free_refunded,
                                   funding=_FUNDING[r.funding], credit_balance=r.credit_balance,
-                                  replayed=r.replayed)
+                                  replayed=r.replayed, degraded=r.degraded)
 
     @_rpc
     async def ExtendReservation(self, request: pb.ExtendReservationRequest, context: Any) -> pb.ExtendReservationResponse:

@@ -63,6 +63,9 @@ class Settings:
         100_000, "approximate length each per-bucket events stream is trimmed to", "N")
     sweep_interval_seconds: int = _setting(
         30, "period of the expired-hold sweeper, seconds; 0 = off; one sidecar of a fleet sweeps at a time", "S")
+    degraded_journal: str = _setting(
+        ".quota-sidecar/degraded-journal.jsonl", "journal of jobs allowed without Redis (fail_open_free products), "
+        "replayed into Redis when it is back", "FILE")
     grant_min_replicas: int = _setting(
         0, "a grant is acknowledged only once this many replicas have it (Redis WAIT); 0 = the master's AOF", "N")
     grant_wait_timeout_ms: int = _setting(1000, "how long a grant waits for those replicas, milliseconds", "MS")

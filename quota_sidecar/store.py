@@ -63,7 +63,7 @@ from .model import (
 KEY_SUFFIXES = ("acct", "free", "lots", "lotrem", "lotexp", "holds", "res", "resdone", "ledger", "notes", "spend",
                 "rolling", "inflight")
 SCRIPT_NAMES = ("reserve", "commit", "release", "extend", "grant", "revoke", "refund_job", "set_account",
-                "balance", "sweep")
+                "balance", "sweep", "degraded")
 DEFAULT_KEY_BUCKETS = 256
 
 # Redis replies that mean "not now" rather than "never".
@@ -433,6 +433,14 @@ class RedisStore:
             auto_topup=_auto_topup(r), totals=_totals(r["totals"], int(r["balance"])),
             overrides=_overrides(r["overrides"]),
         )
+
+    async def replay_degraded(self, account_id: str, reservation_id: str, *, product: str, fingerprint: str,
+                              window_label: str, allowance: int, ttl_ms: int, state: str, resolved_ms: int,
+                              stamp: Stamp) -> bool:
+        """Writes a reservation decided without Redis; False when it was already there."""
+        r = await self._run("degraded", account_id, stamp, [reservation_id, product, fingerprint, window_label,
+                                                            allowance, ttl_ms, state, resolved_ms])
+        return not r["replayed"]
 
     async def sweep_account(self, account_id: str, notice_ms: int, stamp: Stamp) -> int:
         r = await self._run("sweep", account_id, stamp, [notice_ms])

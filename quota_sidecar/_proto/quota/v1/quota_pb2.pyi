@@ -168,7 +168,7 @@ class CheckAndReserveRequest(_message.Message):
     def __init__(self, account_id: _Optional[str] = ..., product: _Optional[str] = ..., reservation_id: _Optional[str] = ..., params: _Optional[_Union[JobParams, _Mapping]] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
 
 class CheckAndReserveResponse(_message.Message):
-    __slots__ = ("allowed", "reservation_id", "funding", "credits_held", "free_used", "free_limit", "free_resets_at", "credit_balance", "expires_at", "denial", "job_cost_credits", "replayed", "limits", "shadow_limits", "plans_version")
+    __slots__ = ("allowed", "reservation_id", "funding", "credits_held", "free_used", "free_limit", "free_resets_at", "credit_balance", "expires_at", "denial", "job_cost_credits", "replayed", "limits", "shadow_limits", "plans_version", "degraded")
     ALLOWED_FIELD_NUMBER: _ClassVar[int]
     RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
     FUNDING_FIELD_NUMBER: _ClassVar[int]
@@ -184,6 +184,7 @@ class CheckAndReserveResponse(_message.Message):
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     SHADOW_LIMITS_FIELD_NUMBER: _ClassVar[int]
     PLANS_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_FIELD_NUMBER: _ClassVar[int]
     allowed: bool
     reservation_id: str
     funding: Funding
@@ -199,7 +200,8 @@ class CheckAndReserveResponse(_message.Message):
     limits: _containers.RepeatedCompositeFieldContainer[LimitStatus]
     shadow_limits: _containers.RepeatedScalarFieldContainer[str]
     plans_version: str
-    def __init__(self, allowed: _Optional[bool] = ..., reservation_id: _Optional[str] = ..., funding: _Optional[_Union[Funding, str]] = ..., credits_held: _Optional[int] = ..., free_used: _Optional[int] = ..., free_limit: _Optional[int] = ..., free_resets_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., credit_balance: _Optional[int] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., denial: _Optional[_Union[Denial, _Mapping]] = ..., job_cost_credits: _Optional[int] = ..., replayed: _Optional[bool] = ..., limits: _Optional[_Iterable[_Union[LimitStatus, _Mapping]]] = ..., shadow_limits: _Optional[_Iterable[str]] = ..., plans_version: _Optional[str] = ...) -> None: ...
+    degraded: bool
+    def __init__(self, allowed: _Optional[bool] = ..., reservation_id: _Optional[str] = ..., funding: _Optional[_Union[Funding, str]] = ..., credits_held: _Optional[int] = ..., free_used: _Optional[int] = ..., free_limit: _Optional[int] = ..., free_resets_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., credit_balance: _Optional[int] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., denial: _Optional[_Union[Denial, _Mapping]] = ..., job_cost_credits: _Optional[int] = ..., replayed: _Optional[bool] = ..., limits: _Optional[_Iterable[_Union[LimitStatus, _Mapping]]] = ..., shadow_limits: _Optional[_Iterable[str]] = ..., plans_version: _Optional[str] = ..., degraded: _Optional[bool] = ...) -> None: ...
 
 class CommitRequest(_message.Message):
     __slots__ = ("account_id", "reservation_id", "params")
@@ -212,20 +214,22 @@ class CommitRequest(_message.Message):
     def __init__(self, account_id: _Optional[str] = ..., reservation_id: _Optional[str] = ..., params: _Optional[_Union[JobParams, _Mapping]] = ...) -> None: ...
 
 class CommitResponse(_message.Message):
-    __slots__ = ("credits_charged", "credits_refunded", "free_charged", "funding", "credit_balance", "replayed")
+    __slots__ = ("credits_charged", "credits_refunded", "free_charged", "funding", "credit_balance", "replayed", "degraded")
     CREDITS_CHARGED_FIELD_NUMBER: _ClassVar[int]
     CREDITS_REFUNDED_FIELD_NUMBER: _ClassVar[int]
     FREE_CHARGED_FIELD_NUMBER: _ClassVar[int]
     FUNDING_FIELD_NUMBER: _ClassVar[int]
     CREDIT_BALANCE_FIELD_NUMBER: _ClassVar[int]
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_FIELD_NUMBER: _ClassVar[int]
     credits_charged: int
     credits_refunded: int
     free_charged: int
     funding: Funding
     credit_balance: int
     replayed: bool
-    def __init__(self, credits_charged: _Optional[int] = ..., credits_refunded: _Optional[int] = ..., free_charged: _Optional[int] = ..., funding: _Optional[_Union[Funding, str]] = ..., credit_balance: _Optional[int] = ..., replayed: _Optional[bool] = ...) -> None: ...
+    degraded: bool
+    def __init__(self, credits_charged: _Optional[int] = ..., credits_refunded: _Optional[int] = ..., free_charged: _Optional[int] = ..., funding: _Optional[_Union[Funding, str]] = ..., credit_balance: _Optional[int] = ..., replayed: _Optional[bool] = ..., degraded: _Optional[bool] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("account_id", "reservation_id")
@@ -236,18 +240,20 @@ class ReleaseRequest(_message.Message):
     def __init__(self, account_id: _Optional[str] = ..., reservation_id: _Optional[str] = ...) -> None: ...
 
 class ReleaseResponse(_message.Message):
-    __slots__ = ("credits_refunded", "free_refunded", "funding", "credit_balance", "replayed")
+    __slots__ = ("credits_refunded", "free_refunded", "funding", "credit_balance", "replayed", "degraded")
     CREDITS_REFUNDED_FIELD_NUMBER: _ClassVar[int]
     FREE_REFUNDED_FIELD_NUMBER: _ClassVar[int]
     FUNDING_FIELD_NUMBER: _ClassVar[int]
     CREDIT_BALANCE_FIELD_NUMBER: _ClassVar[int]
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_FIELD_NUMBER: _ClassVar[int]
     credits_refunded: int
     free_refunded: int
     funding: Funding
     credit_balance: int
     replayed: bool
-    def __init__(self, credits_refunded: _Optional[int] = ..., free_refunded: _Optional[int] = ..., funding: _Optional[_Union[Funding, str]] = ..., credit_balance: _Optional[int] = ..., replayed: _Optional[bool] = ...) -> None: ...
+    degraded: bool
+    def __init__(self, credits_refunded: _Optional[int] = ..., free_refunded: _Optional[int] = ..., funding: _Optional[_Union[Funding, str]] = ..., credit_balance: _Optional[int] = ..., replayed: _Optional[bool] = ..., degraded: _Optional[bool] = ...) -> None: ...
 
 class ExtendReservationRequest(_message.Message):
     __slots__ = ("account_id", "reservation_id", "ttl_seconds")

@@ -1,0 +1,49 @@
+-- Degraded replay: a reservation a sidecar allowed while Redis was
+-- unreachable (fail_open_free) is written in, idempotently by its id, with
+-- its hold and, once known, its resolution in the ledger. Its free unit is
+-- counted under the product's "degraded" limit of the local day it was
+-- decided in, apart from the plan's limits, and marked as not enforced: the
+-- plan's limits were not checked when it was allowed.
+--
+-- The header's pinned time is the decision's time. Times are in milliseconds.
+local rid         = next_arg()
+local product     = next_arg()
+local fingerprint = next_arg()
+local label       = next_arg()  -- the local day (YYYYMMDD) the sidecar decided in
+local allowance   = tonumber(next_arg())
+local ttl_ms      = tonumber(next_arg())
+local state       = next_arg()  -- held, committed or released
+local resolved_ms = tonumber(next_arg())
+
+if load_record(rid) then return reply({replayed = 1}) end
+
+local field = product .. '|degraded|d' .. label
+local used = tonumber(redis.call('HINCRBY', K_FREE, field, 1))
+local rec = {s = 'held', p = product, fp = fingerprint, c = 0, l = {}, fw = {'h' .. field}, m = '', f = 'free',
+             pv = PLANS_VERSION, cr = now_ms, e = now_ms + ttl_ms, ttl = ttl_ms, dg = 1,
+             d = {allowed = 1, plan = '', tz = '', cost = 0, free_used = used, free_limit = allowance,
+                  resets_ms = 0, balance = 0, held = 0, expires_ms = now_ms + ttl_ms, now_ms = now_ms,
+                  replayed = 0, pv = PLANS_VERSION, funding = 'free', degraded = 1}}
+local units = cjson.encode({{k = 'h' .. field, u = used, l = allowance, s = 1}})
+ledger('hold', hold_fields(rid, rec, {'credits', 0, 'free', 1, 'window', label, 'free_units', units,
+                                      'degraded', 1}))
+
+if state == 'held' then
+  save_record(rid, rec)
+  redis.call('ZADD', K_HOLDS, rec.e, rid)
+  redis.call('HINCRBY', K_INFLIGHT, product, 1)
+  return reply({replayed = 0})
+end
+
+now_ms = resolved_ms
+if state == 'released' then return_free_units(rec.fw) end
+redis.call('HINCRBY', K_INFLIGHT, product, 1)  -- resolve() takes it back out
+resolve(rid, rec, state)
+if state == 'committed' then
+  rec.ch, rec.rf = 0, 0
+  save_record(rid, rec)
+  ledger('commit', hold_fields(rid, rec, {'credits', 0, 'free', 1, 'degraded', 1}))
+else
+  ledger('release', hold_fields(rid, rec, {'free', 1, 'free_units', cjson.encode(rec.fw), 'degraded', 1}))
+end
+return reply({replayed = 0})
