@@ -33,6 +33,7 @@ local result = {funding = rec.f, charged = charge, refunded = rec.c - charge,
 
 if rec.s == 'committed' then
   if rec.ch ~= charge then return fail('COMMIT_COST_MISMATCH', {charged = rec.ch}) end
+  sweep()  -- the balance reported is the one a GetBalance at this instant shows
   local _, balance = live_lots()
   result.replayed, result.balance, result.refunded = 1, balance, rec.rf
   return reply(result)

@@ -10,10 +10,10 @@ local result = {funding = rec.f, refunded = rec.c,
 
 if rec.s == 'committed' then return fail('ALREADY_COMMITTED') end
 if rec.s == 'expired' then return fail('EXPIRED', {expired_ms = rec.r}) end
+sweep()  -- also on a replay: the balance reported is the one a GetBalance at this instant shows
 if rec.s == 'released' then
   result.replayed = 1
 else
-  sweep()
   local moved = refund_hold(rec)
   resolve(rid, rec, 'released')
   ledger('release', hold_fields(rid, rec, moved))
