@@ -610,14 +610,14 @@ def format_report(audits: Sequence[AccountAudit]) -> str:
 
 
 async def audit_main(redis_url: str, *, account: str | None, all_accounts: bool, key_prefix: str,
-                     key_buckets: int) -> int:
+                     key_buckets: int, redis_mode: str = "auto") -> int:
     """Prints the report; 0 when clean, 1 on any violation. Exactly one of account / all_accounts."""
     if bool(account) == all_accounts:
         raise ValueError("audit takes exactly one of --account ID or --all")
     # Imported here: the checks above stay usable without redis installed.
     from .store import RedisStore
 
-    store = RedisStore.from_url(redis_url, key_prefix=key_prefix, key_buckets=key_buckets)
+    store = RedisStore.from_url(redis_url, redis_mode=redis_mode, key_prefix=key_prefix, key_buckets=key_buckets)
     try:
         audits = [await audit_account(store, account)] if account else await audit_all(store)
     finally:

@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from dataclasses import fields
 from datetime import datetime, timezone
@@ -193,17 +194,25 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from .server import run
+    from .workers import WORKER_ENV, decode_worker, supervise
 
-    flags = {f.name: getattr(args, f.name) for f in fields(Settings)}
+    worker: int | None = None
     try:
-        settings = Settings.from_sources(flags)
+        if os.environ.get(WORKER_ENV):
+            # A worker of `serve --workers N`: the supervisor resolved the settings for it.
+            worker, settings = decode_worker(os.environ[WORKER_ENV])
+        else:
+            settings = Settings.from_sources({f.name: getattr(args, f.name) for f in fields(Settings)})
     except QuotaError as exc:
         print(f"quota-sidecar: bad setting: {exc.message}", file=sys.stderr)
         return 2
+    tag = f"[w{worker}]" if worker is not None else ""
     logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format=f"%(asctime)s %(levelname)s %(name)s{tag}: %(message)s")
     try:
-        asyncio.run(run(settings))
+        if settings.workers > 1:
+            return supervise(settings)
+        asyncio.run(run(settings, worker=worker))
     except PlansError as exc:
         print(f"quota-sidecar: invalid plans file: {exc.message}", file=sys.stderr)
         return 2

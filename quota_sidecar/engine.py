@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import calendar
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, replace
 import re
 import hashlib
 import json
@@ -26,7 +26,7 @@ from typing import Awaitable, Callable, Mapping, Protocol, Sequence, TypeVar
 
 from .clock import Clock, RedisClock
 from .degraded import DegradedMode, DegradedReservation
-from .errors import Conflict, InvalidArgument, ResolutionConflict, Unavailable
+from .errors import BatchAborted, Conflict, InvalidArgument, QuotaError, ResolutionConflict, Unavailable
 from .ids import check_id, new_reservation_id
 from .model import (
     COST_INVALID,
@@ -188,6 +188,50 @@ def check_override(plans: Plans, override: LimitOverride) -> None:
         raise InvalidArgument(f"{field}.max_concurrent", "must be >= 0 (0 = no cap)")
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    """A validated CheckAndReserve request, priced; the zone-dependent windows come later."""
+
+    account_id: str
+    product: str
+    reservation_id: str
+    job: JobParams
+    plans: Plans
+    ttl_seconds: int
+    ttl_ms: int
+    segments: tuple[Segment, ...]
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class ReserveItem:
+    """One item of CheckAndReserveBatch: CheckAndReserve's arguments."""
+
+    account_id: str
+    product: str
+    reservation_id: str
+    job: JobParams
+    ttl_seconds: int = 0
+
+
+def _quota_error(exc: Exception) -> QuotaError:
+    """A store item's failure as reported (anything unexpected becomes an internal error)."""
+    return exc if isinstance(exc, QuotaError) else QuotaError(f"unexpected store failure: {exc!r}",
+                                                                  reason="STORE_ERROR")
+
+
+async def _caught(call: Awaitable[T]) -> T | QuotaError:
+    try:
+        return await call
+    except QuotaError as exc:
+        return exc
+
+
+def _complete(results: Sequence[T | None]) -> list[T]:
+    assert all(r is not None for r in results), "every batch item gets a result"
+    return [r for r in results if r is not None]
+
+
 class QuotaEngine:
     def __init__(self, plans: Plans, store: Store, clock: Clock | None = None, *,
                  zone_cache_entries: int = 100_000, degraded: DegradedMode | None = None) -> None:
@@ -266,8 +310,9 @@ class QuotaEngine:
 
     # -- QuotaService -----------------------------------------------------
 
-    async def check_and_reserve(self, account_id: str, product: str, reservation_id: str,
-                                job: JobParams, ttl_seconds: int = 0) -> Decision:
+    def _prepare(self, account_id: str, product: str, reservation_id: str, job: JobParams,
+                 ttl_seconds: int) -> _Prepared:
+        """Validates a CheckAndReserve request (InvalidArgument naming the field) and prices it."""
         base = self.plans
         plans = base.at(self.clock.local_now_ms())
         check_id("account_id", account_id)
@@ -275,40 +320,202 @@ class QuotaEngine:
         rid = check_id("reservation_id", reservation_id) if reservation_id else new_reservation_id()
         plans.job_cost(product, job)
         check_ttl_seconds("ttl_seconds", ttl_seconds)
-        ttl_ms = (ttl_seconds or plans.default_ttl_seconds(product)) * 1000
-        segments = self._segments(base, product, job)
-        fp = fingerprint(product, job, ttl_seconds)
-        local = self.degraded.get(account_id, rid) if self.degraded else None
+        return _Prepared(account_id=account_id, product=product, reservation_id=rid, job=job, plans=plans,
+                         ttl_seconds=ttl_seconds, ttl_ms=(ttl_seconds or plans.default_ttl_seconds(product)) * 1000,
+                         segments=self._segments(base, product, job),
+                         fingerprint=fingerprint(product, job, ttl_seconds))
+
+    def _command(self, p: _Prepared, tz: str, days: tuple[Window, ...] | None = None,
+                 weeks: tuple[Window, ...] | None = None, months: tuple[Window, ...] | None = None) -> ReserveCommand:
+        """The store command for ``p`` with the windows of zone ``tz`` (computed when not given)."""
+        approx_now_ms = self.clock.local_now_ms()
+        return ReserveCommand(
+            account_id=p.account_id, reservation_id=p.reservation_id, product=p.product,
+            fingerprint=p.fingerprint, ttl_ms=p.ttl_ms, segments=p.segments, default_plan=p.plans.default_plan,
+            time_zone=tz, windows=days if days is not None else candidate_windows(tz, approx_now_ms),
+            weeks=weeks if weeks is not None else candidate_weeks(tz, approx_now_ms),
+            months=months if months is not None else candidate_months(tz, approx_now_ms),
+            packs=p.plans.packs, free_warning_percent=p.plans.notifications.free_warning_percent,
+            stamp=self._stamp(p.plans))
+
+    def _decision(self, p: _Prepared, outcome: ReserveOutcome) -> Decision:
+        if outcome.allowed:
+            return Decision(reservation_id=p.reservation_id, outcome=outcome)
+        plans = p.plans
+        offers = plans.offers(outcome.credits_short) if outcome.denial is DenialReason.PURCHASE_REQUIRED else ()
+        return Decision(reservation_id=p.reservation_id, outcome=outcome,
+                        denial_message=denial_message(plans, p.product, p.job, outcome), offers=offers)
+
+    async def check_and_reserve(self, account_id: str, product: str, reservation_id: str,
+                                job: JobParams, ttl_seconds: int = 0) -> Decision:
+        p = self._prepare(account_id, product, reservation_id, job, ttl_seconds)
+        local = self.degraded.get(account_id, p.reservation_id) if self.degraded else None
         if local is not None and not await self.flush_degraded():
-            return self._degraded_replay(local, fp)
+            return self._degraded_replay(local, p.fingerprint)
 
         def reserve(tz: str, days: tuple[Window, ...], weeks: tuple[Window, ...],
                     months: tuple[Window, ...]) -> Awaitable[ReserveOutcome]:
-            return self.store.reserve(ReserveCommand(
-                account_id=account_id, reservation_id=rid, product=product,
-                fingerprint=fp, ttl_ms=ttl_ms, segments=segments,
-                default_plan=plans.default_plan, time_zone=tz, windows=days, weeks=weeks, months=months,
-                packs=plans.packs, free_warning_percent=plans.notifications.free_warning_percent,
-                stamp=self._stamp(plans)))
+            return self.store.reserve(self._command(p, tz, days, weeks, months))
 
         try:
             outcome = await self._in_account_zone(account_id, reserve)
         except Unavailable as exc:
-            product_rules = plans.product(product)
+            product_rules = p.plans.product(product)
             if exc.reason != "STORE_UNAVAILABLE" or product_rules.on_redis_failure != "fail_open_free" \
                     or self.degraded is None:
                 raise
             return self._degraded_reserve(DegradedReservation(
-                account_id=account_id, reservation_id=rid, product=product, fingerprint=fp,
+                account_id=account_id, reservation_id=p.reservation_id, product=product, fingerprint=p.fingerprint,
                 window_label=daily_window(self._zones.get(account_id, DEFAULT_TIME_ZONE),
                                           self.clock.local_now_ms()).label,
-                allowance=product_rules.degraded_free_per_window, at_ms=self.clock.local_now_ms(), ttl_ms=ttl_ms,
-                plans_version=plans.version), exc)
-        if outcome.allowed:
-            return Decision(reservation_id=rid, outcome=outcome)
-        offers = plans.offers(outcome.credits_short) if outcome.denial is DenialReason.PURCHASE_REQUIRED else ()
-        return Decision(reservation_id=rid, outcome=outcome,
-                        denial_message=denial_message(plans, product, job, outcome), offers=offers)
+                allowance=product_rules.degraded_free_per_window, at_ms=self.clock.local_now_ms(),
+                ttl_ms=p.ttl_ms, plans_version=p.plans.version), exc)
+        return self._decision(p, outcome)
+
+    # -- batches ----------------------------------------------------------
+    #
+    # Each item is validated and decided on its own and its failure is its QuotaError in the
+    # returned list, never raised. The valid items' scripts go to Redis in one pipelined round
+    # trip; the rare items that need more (a stale time zone, a reservation decided without
+    # Redis, a fail_open_free product while Redis is away) take the single-call path after it.
+
+    def _fails_open(self, p: _Prepared, out: object) -> bool:
+        return (isinstance(out, Unavailable) and out.reason == "STORE_UNAVAILABLE" and self.degraded is not None
+                and p.plans.product(p.product).on_redis_failure == "fail_open_free")
+
+    async def check_and_reserve_many(self, items: Sequence[ReserveItem]) -> list[Decision | QuotaError]:
+        """check_and_reserve for every item, in order for the items of one account."""
+        results: list[Decision | QuotaError | None] = [None] * len(items)
+        prepared: dict[int, _Prepared] = {}
+        single: list[int] = []
+        for i, item in enumerate(items):
+            try:
+                p = self._prepare(item.account_id, item.product, item.reservation_id, item.job, item.ttl_seconds)
+            except QuotaError as exc:
+                results[i] = exc
+                continue
+            if self.degraded is not None and self.degraded.get(item.account_id, p.reservation_id):
+                single.append(i)  # decided without Redis: the single path replays it
+            else:
+                prepared[i] = p
+        pending = list(prepared)
+        for _ in range(3):
+            if not pending:
+                break
+            cmds = [self._command(prepared[i], self._zones.get(prepared[i].account_id, DEFAULT_TIME_ZONE))
+                    for i in pending]
+            stale = []
+            for i, cmd, out in zip(pending, cmds, await self.store.reserve_many(cmds)):
+                p = prepared[i]
+                if isinstance(out, StaleTimeZone):
+                    # Nothing written; every item of that account comes back, so their order holds.
+                    self._remember_zone(p.account_id, out.time_zone)
+                    stale.append(i)
+                elif self._fails_open(p, out):
+                    single.append(i)
+                elif isinstance(out, Exception):
+                    results[i] = _quota_error(out)
+                else:
+                    self._remember_zone(p.account_id, cmd.time_zone)
+                    results[i] = self._decision(p, out)
+            pending = stale
+        for i in pending:
+            results[i] = Unavailable("the account's time zone kept changing; retry", reason="ZONE_CHANGING")
+        for i in sorted(single):
+            item = items[i]
+            results[i] = await _caught(self.check_and_reserve(item.account_id, item.product,
+                                                              prepared[i].reservation_id if i in prepared
+                                                              else item.reservation_id, item.job,
+                                                              item.ttl_seconds))
+        return _complete(results)
+
+    async def check_and_reserve_all(self, items: Sequence[ReserveItem]) -> list[Decision | QuotaError]:
+        """Items of ONE account: every one allowed and held, or none held (reserve_all.lua).
+
+        A refused batch reports each refused item's denial or error, and BatchAborted for the
+        items that would have been allowed. An invalid item refuses the batch undecided.
+        Raises InvalidArgument("all_or_nothing") when the items are of several accounts."""
+        if len({item.account_id for item in items}) > 1:
+            raise InvalidArgument("all_or_nothing", "only for items of one account_id")
+        errors: dict[int, QuotaError] = {}
+        prepared: list[_Prepared] = []
+        for i, item in enumerate(items):
+            try:
+                p = self._prepare(item.account_id, item.product, item.reservation_id, item.job, item.ttl_seconds)
+            except QuotaError as exc:
+                errors[i] = exc
+                continue
+            if any(q.reservation_id == p.reservation_id for q in prepared):
+                errors[i] = InvalidArgument("reservation_id", "used by another item of this all_or_nothing batch")
+            prepared.append(p)
+        if errors:
+            aborted = BatchAborted("not decided: another item of this all_or_nothing batch is invalid")
+            return [errors.get(i, aborted) for i in range(len(items))]
+        if not prepared:
+            return []
+
+        def reserve_all(tz: str, days: tuple[Window, ...], weeks: tuple[Window, ...],
+                        months: tuple[Window, ...]) -> Awaitable[list[ReserveOutcome | Exception]]:
+            return self.store.reserve_all([self._command(p, tz, days, weeks, months) for p in prepared])
+
+        try:
+            outcomes = await self._in_account_zone(prepared[0].account_id, reserve_all)
+        except QuotaError as exc:
+            return [exc for _ in prepared]
+        return [_quota_error(o) if isinstance(o, Exception) else self._decision(p, o)
+                for p, o in zip(prepared, outcomes)]
+
+    async def commit_many(self, items: Sequence[tuple[str, str, JobParams | None]]) -> list[CommitResult | QuotaError]:
+        """commit for every (account_id, reservation_id, actual params or None)."""
+        results: list[CommitResult | QuotaError | None] = [None] * len(items)
+        sent: list[tuple[int, dict[tuple[str, str], int], dict[tuple[str, str], InvalidArgument]]] = []
+        single: list[int] = []
+        for i, (account_id, reservation_id, actual) in enumerate(items):
+            try:
+                check_id("account_id", account_id)
+                check_id("reservation_id", reservation_id)
+                costs, errors = self._actual_costs(actual)
+            except QuotaError as exc:
+                results[i] = exc
+                continue
+            if self.degraded is not None and self.degraded.get(account_id, reservation_id):
+                single.append(i)
+            else:
+                sent.append((i, costs, errors))
+        if sent:
+            stamp = self._stamp()
+            outs = await self.store.commit_many([(items[i][0], items[i][1], costs, stamp) for i, costs, _ in sent])
+            for (i, _, errors), out in zip(sent, outs):
+                if isinstance(out, ParamsInvalidForProduct):
+                    results[i] = errors[(out.pv, out.product)]
+                else:
+                    results[i] = _quota_error(out) if isinstance(out, Exception) else out
+        for i in single:
+            results[i] = await _caught(self.commit(*items[i]))
+        return _complete(results)
+
+    async def release_many(self, items: Sequence[tuple[str, str]]) -> list[ReleaseResult | QuotaError]:
+        """release for every (account_id, reservation_id)."""
+        results: list[ReleaseResult | QuotaError | None] = [None] * len(items)
+        sent: list[int] = []
+        single: list[int] = []
+        for i, (account_id, reservation_id) in enumerate(items):
+            try:
+                check_id("account_id", account_id)
+                check_id("reservation_id", reservation_id)
+            except QuotaError as exc:
+                results[i] = exc
+                continue
+            degraded = self.degraded is not None and self.degraded.get(account_id, reservation_id)
+            (single if degraded else sent).append(i)
+        if sent:
+            stamp = self._stamp()
+            outs = await self.store.release_many([(items[i][0], items[i][1], stamp) for i in sent])
+            for i, out in zip(sent, outs):
+                results[i] = _quota_error(out) if isinstance(out, Exception) else out
+        for i in single:
+            results[i] = await _caught(self.release(*items[i]))
+        return _complete(results)
 
     # -- degraded mode ------------------------------------------------------
 

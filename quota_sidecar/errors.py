@@ -12,6 +12,8 @@ nowhere else.
     ├── ResolutionConflict   reservation already resolved, cost
     │                        above the hold, plan gone             -> FAILED_PRECONDITION
     ├── Unavailable          Redis unreachable or busy             -> UNAVAILABLE
+    ├── BatchAborted         an item of an all_or_nothing batch
+    │                        not held because another was refused  -> ABORTED (batch item only)
     └── PlansError           the plans file is invalid (start-up, CLI)
 """
 
@@ -66,6 +68,16 @@ class Unavailable(QuotaError):
     def __init__(self, message: str, *, retry_after_ms: int = 200, reason: str | None = None) -> None:
         super().__init__(message, reason=reason)
         self.retry_after_ms = retry_after_ms
+
+
+class BatchAborted(QuotaError):
+    """An item of an all_or_nothing batch that would have been allowed, not held because
+    another item of the batch was not allowed. Only ever an item's result, never raised."""
+
+    reason = "ALL_OR_NOTHING_ABORTED"
+
+    def __init__(self, message: str = "not held: another item of this all_or_nothing batch was not allowed") -> None:
+        super().__init__(message)
 
 
 class PlansError(QuotaError):

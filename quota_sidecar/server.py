@@ -18,7 +18,7 @@ import logging
 import os
 import signal
 import uuid
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -46,13 +46,26 @@ ADMIN_NAME = quota_pb2.DESCRIPTOR.services_by_name["QuotaAdmin"].full_name
 HEALTH_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
-def _options(settings: Settings) -> list[tuple[str, int]]:
+def _options(settings: Settings, *, reuse_port: bool = False) -> list[tuple[str, int]]:
     return [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", 4 * 1024 * 1024),
-        # Two sidecars must never silently share one port (gRPC's default allows it).
-        ("grpc.so_reuseport", 0),
+        # Two sidecars must never silently share one port (gRPC's default allows it); the
+        # workers of one `serve --workers N` share theirs on purpose (quota_sidecar.workers).
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
     ]
+
+
+class CallCounter(grpc.aio.ServerInterceptor):
+    """Counts the calls a worker received, so its stop log says how much of the load it took."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+                                handler_call_details: grpc.HandlerCallDetails) -> Any:
+        self.calls += 1
+        return await continuation(handler_call_details)
 
 
 def _bind(server: grpc.aio.Server, addresses: tuple[str, ...],
@@ -73,8 +86,9 @@ def _new_server(settings: Settings, addresses: tuple[str, ...], service_name: st
                 add_servicer: Callable[[grpc.aio.Server], None],
                 health: HealthServicer | None, *,
                 interceptors: tuple[grpc.aio.ServerInterceptor, ...] = (),
-                credentials: grpc.ServerCredentials | None = None) -> tuple[grpc.aio.Server, int]:
-    server = grpc.aio.server(options=_options(settings), interceptors=interceptors or None)
+                credentials: grpc.ServerCredentials | None = None,
+                reuse_port: bool = False) -> tuple[grpc.aio.Server, int]:
+    server = grpc.aio.server(options=_options(settings, reuse_port=reuse_port), interceptors=interceptors or None)
     add_servicer(server)
     health_pb2_grpc.add_HealthServicer_to_server(health or HealthServicer(), server)
     reflection.enable_server_reflection((service_name, HEALTH_NAME, reflection.SERVICE_NAME), server)
@@ -82,11 +96,16 @@ def _new_server(settings: Settings, addresses: tuple[str, ...], service_name: st
 
 
 def create_server(settings: Settings, engine: QuotaEngine, *, health: HealthServicer | None = None,
-                  metrics: Metrics | None = None) -> tuple[grpc.aio.Server, int]:
-    """The worker-facing server (QuotaService, health, reflection); not started."""
+                  metrics: Metrics | None = None, reuse_port: bool = False,
+                  interceptors: tuple[grpc.aio.ServerInterceptor, ...] = ()) -> tuple[grpc.aio.Server, int]:
+    """The worker-facing server (QuotaService, health, reflection); not started.
+
+    ``reuse_port``: bind with SO_REUSEPORT, for the workers of ``serve --workers N`` only.
+    """
+    service = QuotaService(engine, metrics, max_batch_items=settings.max_batch_items)
     return _new_server(settings, settings.listen, SERVICE_NAME,
-                       lambda s: quota_pb2_grpc.add_QuotaServiceServicer_to_server(QuotaService(engine, metrics), s),
-                       health)
+                       lambda s: quota_pb2_grpc.add_QuotaServiceServicer_to_server(service, s),
+                       health, interceptors=interceptors, reuse_port=reuse_port)
 
 
 def create_admin_server(settings: Settings, engine: QuotaEngine, *, health: HealthServicer | None = None,
@@ -171,8 +190,12 @@ def start_embedded_redis(settings: Settings) -> RedisServerProcess:
 
 
 async def run(settings: Settings, *, clock: Clock | None = None,
-              on_ready: Callable[[dict[str, int]], Awaitable[None] | None] | None = None) -> None:
+              on_ready: Callable[[dict[str, int]], Awaitable[None] | None] | None = None,
+              worker: int | None = None) -> None:
     """Serve until SIGTERM/SIGINT; then stop gracefully. SIGHUP reloads the plans file.
+
+    ``worker``: this process is worker K of ``serve --workers N`` (quota_sidecar.workers): the
+    listen ports are bound with SO_REUSEPORT and the start and stop are logged with K.
 
     The signal handlers come first: a SIGTERM during start-up still stops
     gracefully (and stops the embedded Redis) once start-up is done, and a
@@ -198,6 +221,7 @@ async def run(settings: Settings, *, clock: Clock | None = None,
     try:
         redis_url = settings.redis_url or (embedded.url if embedded else "")
         store = RedisStore.from_url(redis_url, timeout_seconds=settings.redis_timeout_ms / 1000,
+                                    redis_mode=settings.redis_mode if settings.redis_url else "single",
                                     key_prefix=settings.key_prefix, key_buckets=settings.key_buckets,
                                     retention_ms=settings.retention_seconds * 1000,
                                     ledger_retention_ms=settings.ledger_retention_days * 86_400_000,
@@ -208,7 +232,7 @@ async def run(settings: Settings, *, clock: Clock | None = None,
             await store.ping()
             engine = QuotaEngine(plans, store, clock, degraded=DegradedMode(settings.degraded_journal))
             await _serve(settings, engine, store, stop, on_ready, admin_auth,
-                         plans_source=plans_source, metrics=metrics, hangup=hangup)
+                         plans_source=plans_source, metrics=metrics, hangup=hangup, worker=worker)
         finally:
             await store.close()
     finally:
@@ -245,10 +269,13 @@ async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
 
 
 async def _start_servers(settings: Settings, engine: QuotaEngine, health: HealthServicer,
-                         admin_auth: AdminAuth | None,
-                         metrics: Metrics | None = None) -> tuple[list[grpc.aio.Server], dict[str, int], str]:
-    """Binds and starts the worker server (and the admin one); returns them, their ports and the admin log text."""
-    server, port = create_server(settings, engine, health=health, metrics=metrics)
+                         admin_auth: AdminAuth | None, metrics: Metrics | None = None,
+                         counter: CallCounter | None = None) -> tuple[list[grpc.aio.Server], dict[str, int], str]:
+    """Binds and starts the worker server (and the admin one); returns them, their ports and the admin log text.
+
+    With a ``counter`` (a worker of ``serve --workers N``), the listen ports are shared (SO_REUSEPORT)."""
+    server, port = create_server(settings, engine, health=health, metrics=metrics, reuse_port=counter is not None,
+                                 interceptors=(counter,) if counter is not None else ())
     servers = [server]
     ports = {"listen": port}
     admin_text = ""
@@ -269,18 +296,21 @@ async def _start_servers(settings: Settings, engine: QuotaEngine, health: Health
 async def _serve(settings: Settings, engine: QuotaEngine, store: RedisStore, stop: asyncio.Event,
                  on_ready: Callable[[dict[str, int]], Awaitable[None] | None] | None,
                  admin_auth: AdminAuth | None = None, *, plans_source: PlansSource, metrics: Metrics,
-                 hangup: asyncio.Event) -> None:
+                 hangup: asyncio.Event, worker: int | None = None) -> None:
     # Metrics first: an address in use fails the start before any gRPC port is bound.
     metrics_http = MetricsHTTPServer(metrics, settings.metrics_listen) if settings.metrics_listen else None
     try:
         health = HealthServicer()
-        servers, ports, admin_text = await _start_servers(settings, engine, health, admin_auth, metrics)
+        counter = CallCounter() if worker is not None else None
+        servers, ports, admin_text = await _start_servers(settings, engine, health, admin_auth, metrics, counter)
         if metrics_http is not None:
             ports["metrics"] = metrics_http.port
         for name in HEALTH_NAMES:
             await health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving QuotaService on %s%s (plans %s)", ", ".join(settings.listen), admin_text,
                  plans_source.version)
+        if worker is not None:
+            log.info("worker %d (pid %d) serving", worker, os.getpid())
 
         tasks = _plans_tasks(settings, plans_source, stop, hangup)
         tasks.append(asyncio.create_task(replay_degraded_forever(engine), name="degraded-replay"))
@@ -302,6 +332,8 @@ async def _serve(settings: Settings, engine: QuotaEngine, store: RedisStore, sto
             # Plans stop changing before the last calls finish; they finish with the plans they read.
             await _cancel(tasks)
         await asyncio.gather(*(s.stop(settings.shutdown_grace_seconds) for s in servers))
+        if counter is not None:
+            log.info("worker %d (pid %d) stopped after %d call(s)", worker, os.getpid(), counter.calls)
     finally:
         if metrics_http is not None:
             await metrics_http.aclose()

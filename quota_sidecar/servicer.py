@@ -9,7 +9,11 @@ with google.rpc details here and nowhere else:
     Conflict            -> ALREADY_EXISTS       + ErrorInfo(reason)
     ResolutionConflict  -> FAILED_PRECONDITION  + ErrorInfo(reason)
     Unavailable         -> UNAVAILABLE          + ErrorInfo(reason), RetryInfo(retry_delay)
+    BatchAborted        -> ABORTED              (batch items only)
     other QuotaError    -> INTERNAL             + ErrorInfo(reason)
+
+A batch item's error is a quota.v1.ItemError with the same code (by name),
+message and reason, the field prefixed with the item's place (items[3].params...).
 """
 
 from __future__ import annotations
@@ -26,9 +30,9 @@ from grpc_status import rpc_status
 
 from ._proto.quota.v1 import quota_pb2 as pb
 from ._proto.quota.v1 import quota_pb2_grpc as pb_grpc
-from .engine import QuotaEngine
+from .engine import QuotaEngine, ReserveItem
 from .metrics import Metrics
-from .errors import Conflict, InvalidArgument, NotFound, QuotaError, ResolutionConflict, Unavailable
+from .errors import BatchAborted, Conflict, InvalidArgument, NotFound, QuotaError, ResolutionConflict, Unavailable
 from .model import (
     Account,
     AutoTopUp,
@@ -36,6 +40,7 @@ from .model import (
     CreditSource,
     CreditTotals,
     Decision,
+    CommitResult,
     Funding,
     JobParams,
     LedgerEntry,
@@ -46,6 +51,7 @@ from .model import (
     Lot,
     Money,
     Offer,
+    ReleaseResult,
 )
 
 log = logging.getLogger("quota_sidecar.servicer")
@@ -78,28 +84,46 @@ def _packed(message: Any) -> any_pb2.Any:
     return packed
 
 
+_ERROR_CODES = ((InvalidArgument, code_pb2.INVALID_ARGUMENT), (NotFound, code_pb2.NOT_FOUND),
+                (Conflict, code_pb2.ALREADY_EXISTS), (ResolutionConflict, code_pb2.FAILED_PRECONDITION),
+                (Unavailable, code_pb2.UNAVAILABLE), (BatchAborted, code_pb2.ABORTED))
+# Errors that are the caller's business, not worth a warning in the log.
+_CLIENT_ERRORS = (InvalidArgument, NotFound, Conflict, ResolutionConflict, BatchAborted)
+
+
+def error_code(exc: QuotaError) -> int:
+    """The google.rpc.Code of a domain error."""
+    for kind, code in _ERROR_CODES:
+        if isinstance(exc, kind):
+            return code
+    return code_pb2.INTERNAL
+
+
 def error_status(exc: QuotaError) -> grpc.Status:
     """The gRPC status (with google.rpc details) for a domain error."""
-    info = error_details_pb2.ErrorInfo(reason=exc.reason, domain=ERROR_DOMAIN)
-    details = [_packed(info)]
+    code = error_code(exc)
+    details = [_packed(error_details_pb2.ErrorInfo(reason=exc.reason, domain=ERROR_DOMAIN))]
     if isinstance(exc, InvalidArgument):
-        code = code_pb2.INVALID_ARGUMENT
         violation = error_details_pb2.BadRequest.FieldViolation(field=exc.field, description=exc.description)
         details = [_packed(error_details_pb2.BadRequest(field_violations=[violation]))]
-    elif isinstance(exc, NotFound):
-        code = code_pb2.NOT_FOUND
-    elif isinstance(exc, Conflict):
-        code = code_pb2.ALREADY_EXISTS
-    elif isinstance(exc, ResolutionConflict):
-        code = code_pb2.FAILED_PRECONDITION
     elif isinstance(exc, Unavailable):
-        code = code_pb2.UNAVAILABLE
         delay = duration_pb2.Duration()
         delay.FromMilliseconds(exc.retry_after_ms)
         details.append(_packed(error_details_pb2.RetryInfo(retry_delay=delay)))
-    else:
-        code = code_pb2.INTERNAL
     return rpc_status.to_status(status_pb2.Status(code=code, message=exc.message, details=details))
+
+
+def item_error(exc: QuotaError, index: int) -> pb.ItemError:
+    """A batch item's error: the single call's code, message and reason; the field as items[index].<field>."""
+    error = pb.ItemError(code=code_pb2.Code.Name(error_code(exc)), reason=exc.reason)
+    if isinstance(exc, InvalidArgument):
+        error.field = f"items[{index}].{exc.field}"
+        error.message = f"{error.field}: {exc.description}"
+    else:
+        error.message = exc.message
+    if isinstance(exc, Unavailable):
+        error.retry_after_ms = exc.retry_after_ms
+    return error
 
 
 def _rpc(method: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
@@ -120,7 +144,7 @@ def _rpc(method: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
                                 "the call's deadline passed before Redis answered; retrying with the same ids is safe")
             raise AssertionError("abort returned")  # pragma: no cover
         except QuotaError as exc:
-            if not isinstance(exc, (InvalidArgument, NotFound, Conflict, ResolutionConflict)):
+            if not isinstance(exc, _CLIENT_ERRORS):
                 log.warning("%s failed: %s (%s)", method.__name__, exc.message, exc.reason)
             await context.abort_with_status(error_status(exc))
             raise AssertionError("abort_with_status returned")  # pragma: no cover
@@ -245,38 +269,98 @@ def balance_response(b: Balance) -> pb.GetBalanceResponse:
     )
 
 
+def commit_response(r: CommitResult) -> pb.CommitResponse:
+    return pb.CommitResponse(credits_charged=r.credits_charged, credits_refunded=r.credits_refunded,
+                             free_charged=r.free_charged, funding=_FUNDING[r.funding],
+                             credit_balance=r.credit_balance, replayed=r.replayed, degraded=r.degraded)
+
+
+def release_response(r: ReleaseResult) -> pb.ReleaseResponse:
+    return pb.ReleaseResponse(credits_refunded=r.credits_refunded, free_refunded=r.free_refunded,
+                              funding=_FUNDING[r.funding], credit_balance=r.credit_balance,
+                              replayed=r.replayed, degraded=r.degraded)
+
+
+def _log_item_errors(method: str, results: list[Any]) -> None:
+    failed = [r for r in results if isinstance(r, QuotaError) and not isinstance(r, _CLIENT_ERRORS)]
+    if failed:
+        log.warning("%s: %d item(s) failed, first: %s (%s)", method, len(failed), failed[0].message, failed[0].reason)
+
+
 class QuotaService(pb_grpc.QuotaServiceServicer):
-    def __init__(self, engine: QuotaEngine, metrics: Metrics | None = None) -> None:
+    def __init__(self, engine: QuotaEngine, metrics: Metrics | None = None, *, max_batch_items: int = 100) -> None:
         self._engine = engine
         self._metrics = metrics
+        self._max_batch_items = max_batch_items
+
+    def _observe(self, product: str, decision: Decision) -> None:
+        outcome = decision.outcome
+        if self._metrics is not None and not outcome.replayed:
+            if outcome.shadow_limits:
+                self._metrics.shadow_decision(product, outcome.shadow_limits)
+            if outcome.degraded:
+                self._metrics.degraded_decision(product)
+
+    def _check_batch_size(self, items: Any) -> None:
+        if len(items) > self._max_batch_items:
+            raise InvalidArgument("items", f"at most {self._max_batch_items} items per batch, got {len(items)}")
 
     @_rpc
     async def CheckAndReserve(self, request: pb.CheckAndReserveRequest, context: Any) -> pb.CheckAndReserveResponse:
         decision = await self._engine.check_and_reserve(
             request.account_id, request.product, request.reservation_id, job_params(request.params),
             request.ttl_seconds)
-        outcome = decision.outcome
-        if self._metrics is not None and not outcome.replayed:
-            if outcome.shadow_limits:
-                self._metrics.shadow_decision(request.product, outcome.shadow_limits)
-            if outcome.degraded:
-                self._metrics.degraded_decision(request.product)
+        self._observe(request.product, decision)
         return decision_response(decision)
 
     @_rpc
     async def Commit(self, request: pb.CommitRequest, context: Any) -> pb.CommitResponse:
         actual = job_params(request.params) if request.HasField("params") else None
-        r = await self._engine.commit(request.account_id, request.reservation_id, actual)
-        return pb.CommitResponse(credits_charged=r.credits_charged, credits_refunded=r.credits_refunded,
-                                 free_charged=r.free_charged, funding=_FUNDING[r.funding],
-                                 credit_balance=r.credit_balance, replayed=r.replayed, degraded=r.degraded)
+        return commit_response(await self._engine.commit(request.account_id, request.reservation_id, actual))
 
     @_rpc
     async def Release(self, request: pb.ReleaseRequest, context: Any) -> pb.ReleaseResponse:
-        r = await self._engine.release(request.account_id, request.reservation_id)
-        return pb.ReleaseResponse(credits_refunded=r.credits_refunded, free_refunded=r.free_refunded,
-                                  funding=_FUNDING[r.funding], credit_balance=r.credit_balance,
-                                  replayed=r.replayed, degraded=r.degraded)
+        return release_response(await self._engine.release(request.account_id, request.reservation_id))
+
+    @_rpc
+    async def CheckAndReserveBatch(self, request: pb.CheckAndReserveBatchRequest,
+                                   context: Any) -> pb.CheckAndReserveBatchResponse:
+        self._check_batch_size(request.items)
+        items = [ReserveItem(account_id=r.account_id, product=r.product, reservation_id=r.reservation_id,
+                             job=job_params(r.params), ttl_seconds=r.ttl_seconds) for r in request.items]
+        if request.all_or_nothing:
+            results = await self._engine.check_and_reserve_all(items)
+        else:
+            results = await self._engine.check_and_reserve_many(items)
+        _log_item_errors("CheckAndReserveBatch", results)
+        out = []
+        for i, (item, r) in enumerate(zip(items, results)):
+            if isinstance(r, QuotaError):
+                out.append(pb.BatchReserveResult(error=item_error(r, i)))
+            else:
+                self._observe(item.product, r)
+                out.append(pb.BatchReserveResult(response=decision_response(r)))
+        return pb.CheckAndReserveBatchResponse(results=out)
+
+    @_rpc
+    async def CommitBatch(self, request: pb.CommitBatchRequest, context: Any) -> pb.CommitBatchResponse:
+        self._check_batch_size(request.items)
+        results = await self._engine.commit_many([
+            (r.account_id, r.reservation_id, job_params(r.params) if r.HasField("params") else None)
+            for r in request.items])
+        _log_item_errors("CommitBatch", results)
+        return pb.CommitBatchResponse(results=[
+            pb.BatchCommitResult(error=item_error(r, i)) if isinstance(r, QuotaError)
+            else pb.BatchCommitResult(response=commit_response(r)) for i, r in enumerate(results)])
+
+    @_rpc
+    async def ReleaseBatch(self, request: pb.ReleaseBatchRequest, context: Any) -> pb.ReleaseBatchResponse:
+        self._check_batch_size(request.items)
+        results = await self._engine.release_many([(r.account_id, r.reservation_id) for r in request.items])
+        _log_item_errors("ReleaseBatch", results)
+        return pb.ReleaseBatchResponse(results=[
+            pb.BatchReleaseResult(error=item_error(r, i)) if isinstance(r, QuotaError)
+            else pb.BatchReleaseResult(response=release_response(r)) for i, r in enumerate(results)])
 
     @_rpc
     async def ExtendReservation(self, request: pb.ExtendReservationRequest, context: Any) -> pb.ExtendReservationResponse:

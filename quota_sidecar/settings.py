@@ -40,7 +40,12 @@ class Settings:
         "", "PEM CA bundle: admin clients must present a certificate signed by it (mTLS; needs --admin-tls-cert "
             "and --admin-tls-key); with --admin-token-file both are required", "FILE")
     redis_url: str = _setting(
-        "", "Redis URL (redis://, rediss://, unix://); empty = start an embedded development redis-server", "URL")
+        "", "Redis URL: redis://, rediss://, unix:// (one Redis), redis+cluster://h1:p1,h2:p2 (Redis Cluster), "
+            "redis+sentinel://h1:p1,h2:p2/MASTER (Sentinel); empty = start an embedded development redis-server",
+        "URL")
+    redis_mode: str = _setting(
+        "auto", "auto (from the --redis-url scheme), single, cluster (a redis:// URL names one startup node) "
+                "or sentinel", "MODE")
     redis_timeout_ms: int = _setting(2000, "deadline of each Redis call and connection attempt, milliseconds", "MS")
     plans: str = _setting(
         "", "plans file (YAML); empty = the plans shipped in the package; reloaded on SIGHUP and when it changes "
@@ -77,10 +82,17 @@ class Settings:
         "", "HOST:PORT ([IPv6]:PORT) of the Prometheus metrics endpoint (HTTP, /metrics); empty = off",
         "HOST:PORT")
     log_level: str = _setting("INFO", "logging level (DEBUG, INFO, WARNING, ERROR)", "LEVEL")
+    workers: int = _setting(
+        1, "server processes sharing the --listen TCP ports (SO_REUSEPORT), each with its own Redis connections; "
+           "worker 0 alone serves --admin-listen and --metrics-listen and runs the sweeper; > 1 needs TCP "
+           "--listen addresses with fixed ports (no unix:, no port 0)", "N")
+    max_batch_items: int = _setting(
+        100, "most items in one CheckAndReserveBatch, CommitBatch or ReleaseBatch request", "N")
 
     def __post_init__(self) -> None:
         if not self.listen:
             raise InvalidArgument("listen", "at least one address is required")
+        self._check_redis_url()
         if self.redis_timeout_ms <= 0:
             raise InvalidArgument("redis_timeout_ms", "must be positive")
         if self.retention_seconds < 86_400:
@@ -108,7 +120,35 @@ class Settings:
             raise InvalidArgument("key_buckets", "must be between 1 and 16384")
         if self.max_message_bytes < 1024:
             raise InvalidArgument("max_message_bytes", "must be at least 1024")
+        if not 1 <= self.max_batch_items <= 10_000:
+            raise InvalidArgument("max_batch_items", "must be between 1 and 10000")
+        self._check_workers()
         self._check_admin_auth()
+
+    def _check_workers(self) -> None:
+        if not 1 <= self.workers <= 256:
+            raise InvalidArgument("workers", "must be between 1 and 256")
+        if self.workers == 1:
+            return
+        for address in self.listen:
+            # A unix socket cannot be shared: each worker would unlink and re-create it.
+            if address.startswith("unix:"):
+                raise InvalidArgument("listen", f"{address}: workers > 1 need TCP addresses (a unix socket "
+                                                "cannot be shared between processes)")
+            # Port 0 would give every worker a port of its own: nothing would be shared.
+            if address.rsplit(":", 1)[-1] == "0":
+                raise InvalidArgument("listen", f"{address}: workers > 1 need a fixed port, not 0")
+
+    def _check_redis_url(self) -> None:
+        from .redis_connect import MODES, parse_url  # redis is imported only when settings are built
+
+        if self.redis_url:
+            parse_url(self.redis_url, self.redis_mode)
+        elif self.redis_mode not in MODES:
+            raise InvalidArgument("redis_mode", f"must be one of {', '.join(MODES)}, not {self.redis_mode!r}")
+        elif self.redis_mode not in ("auto", "single"):
+            raise InvalidArgument("redis_mode", f"{self.redis_mode} needs a redis_url (the embedded Redis is one "
+                                                "server)")
 
     def _check_metrics_listen(self) -> None:
         from .metrics import split_host_port  # prometheus_client is imported only when metrics are asked for

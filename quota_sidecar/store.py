@@ -16,17 +16,18 @@ pages, the audit's view of an account) are plain commands.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import zlib
 from importlib import resources
 from typing import Any, Iterable, Mapping, Sequence
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff
 from redis import exceptions as redis_errors
+from redis.asyncio.cluster import ClusterNode, PipelineCommand, RedisCluster
 
-from .errors import Conflict, InvalidArgument, NotFound, QuotaError, ResolutionConflict, Unavailable
+from . import redis_connect
+from .errors import BatchAborted, Conflict, InvalidArgument, NotFound, QuotaError, ResolutionConflict, Unavailable
 from .model import (
     AccountChanges,
     Allowance,
@@ -63,7 +64,10 @@ from .model import (
 KEY_SUFFIXES = ("acct", "free", "lots", "lotrem", "lotexp", "holds", "res", "resdone", "ledger", "notes", "spend",
                 "rolling", "inflight")
 SCRIPT_NAMES = ("reserve", "commit", "release", "extend", "grant", "revoke", "refund_job", "set_account",
-                "balance", "sweep", "degraded")
+                "balance", "sweep", "degraded", "reserve_all")
+# Shared pieces prepended (after _prelude.lua) to the scripts that use them: reserve_all
+# runs reserve's whole decision once per item.
+_SCRIPT_LIBRARIES = {"reserve": ("_reserve",), "reserve_all": ("_reserve",)}
 DEFAULT_KEY_BUCKETS = 256
 
 # Redis replies that mean "not now" rather than "never".
@@ -92,9 +96,10 @@ _TOTAL_FIELDS = {"g": "granted", "s": "spent", "x": "expired", "v": "revoked", "
 
 def load_script_source(name: str) -> str:
     lua = resources.files("quota_sidecar").joinpath("lua")
-    prelude = lua.joinpath("_prelude.lua").read_text(encoding="utf-8")
-    body = lua.joinpath(f"{name}.lua").read_text(encoding="utf-8")
-    return f"{prelude}\n-- ==== {name}.lua ====\n{body}"
+    parts = [lua.joinpath("_prelude.lua").read_text(encoding="utf-8")]
+    for piece in (*_SCRIPT_LIBRARIES.get(name, ()), name):
+        parts.append(f"-- ==== {piece}.lua ====\n" + lua.joinpath(f"{piece}.lua").read_text(encoding="utf-8"))
+    return "\n".join(parts)
 
 
 def key_bucket(account_id: str, buckets: int) -> int:
@@ -152,12 +157,23 @@ def _script_error(reply: Mapping[str, Any]) -> Exception:
     return QuotaError(f"unexpected script reply {code}", reason="STORE_ERROR")
 
 
+# redis-py strips the code of these replies from the message, so they are known by type.
+_TRANSIENT_TYPES = (redis_errors.BusyLoadingError, redis_errors.ReadOnlyError, redis_errors.TryAgainError,
+                    redis_errors.OutOfMemoryError,
+                    # CLUSTERDOWN, MASTERDOWN, and redirections or TRYAGAIN past redis-py's limit
+                    # ("TTL exhausted") while a slot moves or a replica is promoted.
+                    redis_errors.ClusterError,
+                    # No node serves the slot in redis-py's map (a failover in progress).
+                    redis_errors.SlotNotCoveredError)
+
+
 def _redis_error(exc: redis_errors.RedisError) -> QuotaError:
     if isinstance(exc, (redis_errors.ConnectionError, redis_errors.TimeoutError)):
         return Unavailable(f"redis unreachable: {exc}")
     text = str(exc)
-    if text.startswith(_TRANSIENT_PREFIXES):
-        return Unavailable(f"redis cannot answer now: {text}")
+    if isinstance(exc, _TRANSIENT_TYPES) or text.startswith(_TRANSIENT_PREFIXES):
+        code = getattr(exc, "status_code", None) or type(exc).__name__
+        return Unavailable(f"redis cannot answer now: {code} {text}")
     return QuotaError(f"redis error: {text}", reason="STORE_ERROR")
 
 
@@ -219,6 +235,36 @@ def _reserve_outcome(r: Mapping[str, Any]) -> ReserveOutcome:
     )
 
 
+def _reserve_args(cmd: ReserveCommand) -> list[Any]:
+    """reserve.lua's arguments after the header (reserve_all.lua reads them once per item)."""
+    args: list[Any] = [cmd.reservation_id, cmd.product, cmd.fingerprint, cmd.ttl_ms,
+                       cmd.default_plan, cmd.time_zone, cmd.free_warning_percent]
+    args += _windows(cmd.windows) + _windows(cmd.weeks) + _windows(cmd.months)
+    args.append(len(cmd.segments))
+    for seg in cmd.segments:
+        args += [seg.from_ms, seg.cost_credits, seg.plans_version]
+        args += _block([(r.plan, 1 if r.entitled else 0, r.credits_low, r.max_concurrent,
+                         1 if r.concurrency_shadow else 0, _limits_json(r.limits)) for r in seg.plan_rows])
+    args += _block([(p.pack_id, p.credits, p.price.minor_units, p.price.currency_code) for p in cmd.packs])
+    return args
+
+
+def _commit_args(reservation_id: str, costs: Mapping[tuple[str, str], int]) -> list[Any]:
+    return [reservation_id, *_block([(pv, product, cost) for (pv, product), cost in costs.items()])]
+
+
+def _commit_result(r: Mapping[str, Any]) -> CommitResult:
+    return CommitResult(funding=Funding(r["funding"]), credits_charged=int(r["charged"]),
+                        credits_refunded=int(r["refunded"]), free_charged=int(r["free_charged"]),
+                        credit_balance=int(r["balance"]), replayed=bool(r["replayed"]))
+
+
+def _release_result(r: Mapping[str, Any]) -> ReleaseResult:
+    return ReleaseResult(funding=Funding(r["funding"]), credits_refunded=int(r["refunded"]),
+                         free_refunded=int(r["free_refunded"]), credit_balance=int(r["balance"]),
+                         replayed=bool(r["replayed"]))
+
+
 def _allowance(row: list[Any], default_resets_ms: int) -> Allowance:
     statuses = _limit_statuses(row[1])
     used, limit, resets_ms = headline(statuses, default_resets_ms)
@@ -267,10 +313,10 @@ def ledger_entry(entry_id: str, raw: Mapping[str, str]) -> LedgerEntry:
 class RedisStore:
     """Quota state in one Redis (or one Redis Cluster slot per account bucket)."""
 
-    def __init__(self, client: aioredis.Redis, *, key_prefix: str = "qs", key_buckets: int = DEFAULT_KEY_BUCKETS,
-                 retention_ms: int = 7 * 86_400_000, ledger_retention_ms: int = 400 * 86_400_000,
-                 events_max_entries: int = 100_000, grant_min_replicas: int = 0,
-                 grant_wait_timeout_ms: int = 1000) -> None:
+    def __init__(self, client: redis_connect.RedisClient, *, key_prefix: str = "qs",
+                 key_buckets: int = DEFAULT_KEY_BUCKETS, retention_ms: int = 7 * 86_400_000,
+                 ledger_retention_ms: int = 400 * 86_400_000, events_max_entries: int = 100_000,
+                 grant_min_replicas: int = 0, grant_wait_timeout_ms: int = 1000) -> None:
         assert key_prefix and "{" not in key_prefix and "}" not in key_prefix
         assert 1 <= key_buckets <= 16384
         self._client = client
@@ -282,19 +328,13 @@ class RedisStore:
         self._grant_min_replicas = grant_min_replicas
         self._grant_wait_timeout_ms = grant_wait_timeout_ms
         self._scripts = {name: client.register_script(load_script_source(name)) for name in SCRIPT_NAMES}
+        self._cluster = isinstance(client, RedisCluster)
 
     @classmethod
-    def from_url(cls, url: str, *, timeout_seconds: float = 2.0, **kwargs: Any) -> "RedisStore":
-        # One quick retry: a pooled connection to a restarted Redis fails once and the retry
-        # reconnects. Every script is idempotent, so re-sending one is safe; longer outages
-        # surface as UNAVAILABLE at once instead of stalling the call (redis-py's default
-        # retries three times with backoff of up to seconds).
-        retry = Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.1), retries=1)
-        client = aioredis.from_url(
-            url, socket_timeout=timeout_seconds, socket_connect_timeout=timeout_seconds, decode_responses=True,
-            retry=retry, retry_on_error=[redis_errors.ConnectionError, redis_errors.TimeoutError],
-        )
-        return cls(client, **kwargs)
+    def from_url(cls, url: str, *, timeout_seconds: float = 2.0, redis_mode: str = "auto",
+                 **kwargs: Any) -> "RedisStore":
+        """One Redis, a Redis Cluster or a Sentinel-managed master; see quota_sidecar.redis_connect."""
+        return cls(redis_connect.connect(url, mode=redis_mode, timeout_seconds=timeout_seconds), **kwargs)
 
     @property
     def key_prefix(self) -> str:
@@ -308,7 +348,7 @@ class RedisStore:
         return account_key(self._prefix, self._buckets, account_id, suffix)
 
     async def close(self) -> None:
-        await self._client.aclose()
+        await redis_connect.close(self._client)
 
     async def ping(self) -> None:
         try:
@@ -328,6 +368,13 @@ class RedisStore:
                 raw, acked = await self._scripts[name](keys=keys, args=header + list(args)), 0
         except redis_errors.RedisError as exc:
             raise _redis_error(exc) from exc
+        except (AttributeError, TypeError) as exc:
+            if not self._cluster:
+                raise
+            # redis-py's cluster client can tear down a connection another call is using
+            # (CLUSTERDOWN handling closes them all) and that call then fails inside asyncio's
+            # transport. The script is idempotent: report it as retryable.
+            raise Unavailable(f"redis connection reset while in use: {exc!r}") from exc
         reply = json.loads(raw)
         if "error" in reply:
             raise _script_error(reply)
@@ -340,40 +387,75 @@ class RedisStore:
 
     async def _run_and_wait(self, name: str, keys: list[str], args: list[Any], min_replicas: int) -> tuple[Any, int]:
         """The script, then WAIT on the same connection (WAIT covers that connection's writes)."""
+        if self._cluster:
+            return await self._cluster_run_and_wait(name, keys, args, min_replicas)
         async with self._client.pipeline(transaction=False) as pipe:
             await self._scripts[name](keys=keys, args=args, client=pipe)
             pipe.wait(min_replicas, self._grant_wait_timeout_ms)
-            raw, acked = await pipe.execute()
+            raw, acked = await pipe.execute(raise_on_error=False)
+        if isinstance(raw, Exception):
+            raise raw
+        if isinstance(acked, Exception):
+            # "WAIT cannot be used with replica instances": the connection reached a master
+            # demoted by a Sentinel failover. Transient, like the READONLY it stands for.
+            raise redis_errors.ReadOnlyError(str(acked))
         return raw, int(acked)
+
+    async def _cluster_run_and_wait(self, name: str, keys: list[str], args: list[Any],
+                                    min_replicas: int) -> tuple[Any, int]:
+        """EVALSHA and WAIT pipelined on one connection to the master of the account's slot.
+
+        redis-py's cluster client sends WAIT to a default node and its pipelines may use
+        different connections, so this follows MOVED / ASK and reloads the script (NOSCRIPT)
+        itself, a bounded number of times.
+        """
+        client = self._client
+        assert isinstance(client, RedisCluster)
+        await client.initialize()
+        script = self._scripts[name]
+        node: ClusterNode = client.get_node_from_key(keys[0])
+        asking = False
+        for _ in range(5):
+            commands = [PipelineCommand(0, "ASKING")] if asking else []
+            commands += [PipelineCommand(len(commands), "EVALSHA", script.sha, len(keys), *keys, *args),
+                         PipelineCommand(len(commands) + 1, "WAIT", min_replicas, self._grant_wait_timeout_ms)]
+            try:
+                await node.execute_pipeline(commands)
+            except (redis_errors.ConnectionError, redis_errors.TimeoutError):
+                # A failover? Re-read the slot map for the next call; redis-py's refresh marks
+                # connections for reconnection rather than closing ones in use (aclose would).
+                with contextlib.suppress(redis_errors.RedisError):
+                    await client.nodes_manager.initialize()
+                raise
+            result, acked = commands[-2].result, commands[-1].result
+            asking = False
+            if isinstance(result, redis_errors.NoScriptError):
+                await node.execute_command("SCRIPT", "LOAD", script.script)
+            elif isinstance(result, redis_errors.MovedError):
+                await client.nodes_manager.move_slot(result)
+                node = client.get_node_from_key(keys[0])
+            elif isinstance(result, redis_errors.AskError):
+                node, asking = client.get_node(host=result.host, port=result.port) or node, True
+            elif isinstance(result, Exception):
+                raise result
+            elif isinstance(acked, Exception):
+                raise acked
+            else:
+                return result, int(acked)
+        raise redis_errors.ClusterError("too many redirections running a script with WAIT")
 
     # -- decisions and movements -----------------------------------------
 
     async def reserve(self, cmd: ReserveCommand) -> ReserveOutcome:
-        args: list[Any] = [cmd.reservation_id, cmd.product, cmd.fingerprint, cmd.ttl_ms,
-                           cmd.default_plan, cmd.time_zone, cmd.free_warning_percent]
-        args += _windows(cmd.windows) + _windows(cmd.weeks) + _windows(cmd.months)
-        args.append(len(cmd.segments))
-        for seg in cmd.segments:
-            args += [seg.from_ms, seg.cost_credits, seg.plans_version]
-            args += _block([(r.plan, 1 if r.entitled else 0, r.credits_low, r.max_concurrent,
-                             1 if r.concurrency_shadow else 0, _limits_json(r.limits)) for r in seg.plan_rows])
-        args += _block([(p.pack_id, p.credits, p.price.minor_units, p.price.currency_code) for p in cmd.packs])
-        return _reserve_outcome(await self._run("reserve", cmd.account_id, cmd.stamp, args))
+        return _reserve_outcome(await self._run("reserve", cmd.account_id, cmd.stamp, _reserve_args(cmd)))
 
     async def commit(self, account_id: str, reservation_id: str, costs: Mapping[tuple[str, str], int],
                      stamp: Stamp) -> CommitResult:
         """``costs``: (plans version or "*" for the current plans, product) -> actual cost."""
-        rows = [(pv, product, cost) for (pv, product), cost in costs.items()]
-        r = await self._run("commit", account_id, stamp, [reservation_id, *_block(rows)])
-        return CommitResult(funding=Funding(r["funding"]), credits_charged=int(r["charged"]),
-                            credits_refunded=int(r["refunded"]), free_charged=int(r["free_charged"]),
-                            credit_balance=int(r["balance"]), replayed=bool(r["replayed"]))
+        return _commit_result(await self._run("commit", account_id, stamp, _commit_args(reservation_id, costs)))
 
     async def release(self, account_id: str, reservation_id: str, stamp: Stamp) -> ReleaseResult:
-        r = await self._run("release", account_id, stamp, [reservation_id])
-        return ReleaseResult(funding=Funding(r["funding"]), credits_refunded=int(r["refunded"]),
-                             free_refunded=int(r["free_refunded"]), credit_balance=int(r["balance"]),
-                             replayed=bool(r["replayed"]))
+        return _release_result(await self._run("release", account_id, stamp, [reservation_id]))
 
     async def extend(self, account_id: str, reservation_id: str, ttl_ms: int, stamp: Stamp) -> int:
         r = await self._run("extend", account_id, stamp, [reservation_id, ttl_ms])
@@ -512,3 +594,112 @@ class RedisStore:
             return bool(await self._client.set(f"{self._prefix}:lock:{name}", owner, nx=True, px=ttl_ms))
         except redis_errors.RedisError as exc:
             raise _redis_error(exc) from exc
+
+    # -- batches (CheckAndReserveBatch, CommitBatch, ReleaseBatch) ----------
+    #
+    # One pipelined round trip per batch (redis-py's cluster pipeline splits it per node
+    # itself); never a transaction (MULTI would fail across slots). Each item's script
+    # stays atomic and idempotent on its own; an item's error does not fail the others.
+
+    async def _run_many(self, calls: Sequence[tuple[str, str, Stamp, list[Any]]]) -> list[Any]:
+        """(script, account, stamp, args) each -> its reply dict, or the QuotaError it failed with."""
+        sent = []
+        for name, account_id, stamp, args in calls:
+            header = [stamp.now_ms, account_id, self._retention_ms, self._ledger_retention_ms, self._events_max,
+                      stamp.plans_version]
+            sent.append((name, account_keys(self._prefix, self._buckets, account_id), header + list(args)))
+        try:
+            raws = await self._pipeline(sent)
+            missing = [i for i, raw in enumerate(raws) if isinstance(raw, redis_errors.NoScriptError)]
+            if missing:
+                # After a SCRIPT FLUSH or a restart. Those items did not run at all, so sending
+                # them again (in order, after loading their scripts) is safe.
+                for name in {sent[i][0] for i in missing}:
+                    await self._client.script_load(self._scripts[name].script)
+                for i, raw in zip(missing, await self._pipeline([sent[i] for i in missing])):
+                    raws[i] = raw
+        except redis_errors.RedisError as exc:
+            error = _redis_error(exc)
+            return [error for _ in calls]
+        return [self._reply(raw) for raw in raws]
+
+    async def _pipeline(self, sent: Sequence[tuple[str, list[str], list[Any]]]) -> list[Any]:
+        if self._cluster:
+            return await self._cluster_batch(sent)
+        async with self._client.pipeline(transaction=False) as pipe:
+            for name, keys, args in sent:
+                # Plain EVALSHA: redis-py's script-aware pipelines add a SCRIPT EXISTS round trip.
+                pipe.evalsha(self._scripts[name].sha, len(keys), *keys, *args)
+            return list(await pipe.execute(raise_on_error=False))
+
+    async def _cluster_batch(self, sent: Sequence[tuple[str, list[str], list[Any]]]) -> list[Any]:
+        """What _pipeline returns, on a cluster: redis-py refuses EVALSHA in cluster pipelines.
+
+        The items of one account run in order, the accounts concurrently, each call routed by
+        the cluster client (which follows MOVED / ASK). Errors are returned, not raised.
+        """
+        results: list[Any] = [None] * len(sent)
+        by_account: dict[str, list[int]] = {}
+        for i, (_, keys, _) in enumerate(sent):
+            by_account.setdefault(keys[0], []).append(i)
+
+        async def run(indexes: list[int]) -> None:
+            for i in indexes:
+                name, keys, args = sent[i]
+                try:
+                    results[i] = await self._client.evalsha(self._scripts[name].sha, len(keys), *keys, *args)
+                except redis_errors.RedisError as exc:
+                    results[i] = exc
+                except (AttributeError, TypeError) as exc:  # a connection torn down in use, see _run
+                    results[i] = redis_errors.ConnectionError(f"redis connection reset while in use: {exc!r}")
+
+        await asyncio.gather(*(run(indexes) for indexes in by_account.values()))
+        return results
+
+    @staticmethod
+    def _reply(raw: Any) -> Any:
+        if isinstance(raw, redis_errors.RedisError):
+            return _redis_error(raw)
+        if isinstance(raw, Exception):
+            return QuotaError(f"redis error: {raw}", reason="STORE_ERROR")
+        reply = json.loads(raw)
+        return _script_error(reply) if "error" in reply else reply
+
+    async def reserve_many(self, cmds: Sequence[ReserveCommand]) -> list[ReserveOutcome | Exception]:
+        """Each command decided on its own, as reserve() would; in order for commands of one account.
+        A failed item is its exception (StaleTimeZone included), not raised."""
+        replies = await self._run_many([("reserve", c.account_id, c.stamp, _reserve_args(c)) for c in cmds])
+        return [r if isinstance(r, Exception) else _reserve_outcome(r) for r in replies]
+
+    async def commit_many(self, items: Sequence[tuple[str, str, Mapping[tuple[str, str], int], Stamp]]
+                          ) -> list[CommitResult | Exception]:
+        """(account, reservation, costs, stamp) each, as commit() would apply it."""
+        replies = await self._run_many([("commit", account_id, stamp, _commit_args(rid, costs))
+                                        for account_id, rid, costs, stamp in items])
+        return [r if isinstance(r, Exception) else _commit_result(r) for r in replies]
+
+    async def release_many(self, items: Sequence[tuple[str, str, Stamp]]) -> list[ReleaseResult | Exception]:
+        """(account, reservation, stamp) each, as release() would apply it."""
+        replies = await self._run_many([("release", a, stamp, [rid]) for a, rid, stamp in items])
+        return [r if isinstance(r, Exception) else _release_result(r) for r in replies]
+
+    async def reserve_all(self, cmds: Sequence[ReserveCommand]) -> list[ReserveOutcome | Exception]:
+        """Commands of ONE account, all held or none (reserve_all.lua), in one script run.
+
+        Raises StaleTimeZone (nothing written) when the account's zone is not cmds' zone. An item
+        whose hold was undone because another was refused is BatchAborted."""
+        first = cmds[0]
+        assert all(c.account_id == first.account_id and c.time_zone == first.time_zone for c in cmds)
+        args: list[Any] = [first.time_zone, first.default_plan, len(cmds)]
+        for cmd in cmds:
+            args += _reserve_args(cmd)
+        reply = await self._run("reserve_all", first.account_id, first.stamp, args)
+        results: list[ReserveOutcome | Exception] = []
+        for r in _as_list(reply["results"]):
+            if "error" in r:
+                results.append(_script_error(r))
+            elif r.get("aborted"):
+                results.append(BatchAborted())
+            else:
+                results.append(_reserve_outcome(r))
+        return results

@@ -121,8 +121,11 @@ end
 
 -- Every movement is appended with the totals after it, so the ledger can be
 -- checked link by link even after old entries are trimmed.
+-- The XADD arguments are built apart from the XADD so reserve_all.lua can
+-- hold an entry back (with the totals of the moment it was made) until it
+-- knows whether its batch stands.
 local ledger_trim_id = nil
-local function ledger(kind, fields)
+local function ledger_args(kind, fields)
   ledger_trim_id = ledger_trim_id or (redis_time_ms() - LEDGER_RETENTION_MS)
   local totals = redis.call('HMGET', K_ACCT, unpack(TOTALS))
   local args = {K_LEDGER, 'MINID', '~', ledger_trim_id, '*', 'type', kind, 't', now_ms}
@@ -132,13 +135,19 @@ local function ledger(kind, fields)
     args[#args + 1] = short[i]
     args[#args + 1] = totals[i] or '0'
   end
-  redis.call('XADD', unpack(args))
+  return args
+end
+local function ledger(kind, fields)
+  redis.call('XADD', unpack(ledger_args(kind, fields)))
 end
 
-local function emit(kind, fields)
+local function emit_args(kind, fields)
   local args = {K_EVENTS, 'MAXLEN', '~', EVENTS_MAX, '*', 'type', kind, 'account', ACCOUNT_ID, 't', now_ms}
   for i = 1, #fields do args[#args + 1] = fields[i] end
-  redis.call('XADD', unpack(args))
+  return args
+end
+local function emit(kind, fields)
+  redis.call('XADD', unpack(emit_args(kind, fields)))
 end
 
 -- Each event once per account and scope (window, month, lot, crossing).

@@ -564,3 +564,79 @@ class ListLedgerResponse(_message.Message):
     entries: _containers.RepeatedCompositeFieldContainer[LedgerEntry]
     next_page_token: str
     def __init__(self, entries: _Optional[_Iterable[_Union[LedgerEntry, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class ItemError(_message.Message):
+    __slots__ = ("code", "message", "field", "reason", "retry_after_ms")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    FIELD_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
+    code: str
+    message: str
+    field: str
+    reason: str
+    retry_after_ms: int
+    def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ..., field: _Optional[str] = ..., reason: _Optional[str] = ..., retry_after_ms: _Optional[int] = ...) -> None: ...
+
+class CheckAndReserveBatchRequest(_message.Message):
+    __slots__ = ("items", "all_or_nothing")
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    ALL_OR_NOTHING_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[CheckAndReserveRequest]
+    all_or_nothing: bool
+    def __init__(self, items: _Optional[_Iterable[_Union[CheckAndReserveRequest, _Mapping]]] = ..., all_or_nothing: _Optional[bool] = ...) -> None: ...
+
+class BatchReserveResult(_message.Message):
+    __slots__ = ("response", "error")
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    response: CheckAndReserveResponse
+    error: ItemError
+    def __init__(self, response: _Optional[_Union[CheckAndReserveResponse, _Mapping]] = ..., error: _Optional[_Union[ItemError, _Mapping]] = ...) -> None: ...
+
+class CheckAndReserveBatchResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[BatchReserveResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[BatchReserveResult, _Mapping]]] = ...) -> None: ...
+
+class CommitBatchRequest(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[CommitRequest]
+    def __init__(self, items: _Optional[_Iterable[_Union[CommitRequest, _Mapping]]] = ...) -> None: ...
+
+class BatchCommitResult(_message.Message):
+    __slots__ = ("response", "error")
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    response: CommitResponse
+    error: ItemError
+    def __init__(self, response: _Optional[_Union[CommitResponse, _Mapping]] = ..., error: _Optional[_Union[ItemError, _Mapping]] = ...) -> None: ...
+
+class CommitBatchResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[BatchCommitResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[BatchCommitResult, _Mapping]]] = ...) -> None: ...
+
+class ReleaseBatchRequest(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[ReleaseRequest]
+    def __init__(self, items: _Optional[_Iterable[_Union[ReleaseRequest, _Mapping]]] = ...) -> None: ...
+
+class BatchReleaseResult(_message.Message):
+    __slots__ = ("response", "error")
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    response: ReleaseResponse
+    error: ItemError
+    def __init__(self, response: _Optional[_Union[ReleaseResponse, _Mapping]] = ..., error: _Optional[_Union[ItemError, _Mapping]] = ...) -> None: ...
+
+class ReleaseBatchResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[BatchReleaseResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[BatchReleaseResult, _Mapping]]] = ...) -> None: ...

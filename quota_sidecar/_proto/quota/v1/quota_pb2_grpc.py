@@ -60,6 +60,21 @@ class QuotaServiceStub:
                 request_serializer=quota_dot_v1_dot_quota__pb2.GetBalanceRequest.SerializeToString,
                 response_deserializer=quota_dot_v1_dot_quota__pb2.GetBalanceResponse.FromString,
                 _registered_method=True)
+        self.CheckAndReserveBatch = channel.unary_unary(
+                '/quota.v1.QuotaService/CheckAndReserveBatch',
+                request_serializer=quota_dot_v1_dot_quota__pb2.CheckAndReserveBatchRequest.SerializeToString,
+                response_deserializer=quota_dot_v1_dot_quota__pb2.CheckAndReserveBatchResponse.FromString,
+                _registered_method=True)
+        self.CommitBatch = channel.unary_unary(
+                '/quota.v1.QuotaService/CommitBatch',
+                request_serializer=quota_dot_v1_dot_quota__pb2.CommitBatchRequest.SerializeToString,
+                response_deserializer=quota_dot_v1_dot_quota__pb2.CommitBatchResponse.FromString,
+                _registered_method=True)
+        self.ReleaseBatch = channel.unary_unary(
+                '/quota.v1.QuotaService/ReleaseBatch',
+                request_serializer=quota_dot_v1_dot_quota__pb2.ReleaseBatchRequest.SerializeToString,
+                response_deserializer=quota_dot_v1_dot_quota__pb2.ReleaseBatchResponse.FromString,
+                _registered_method=True)
 
 
 class QuotaServiceServicer:
@@ -105,6 +120,38 @@ class QuotaServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CheckAndReserveBatch(self, request, context):
+        """CheckAndReserve for many jobs at once (bulk jobs), any mix of accounts:
+        one result per item, in the items' order. Each item is validated and
+        decided on its own, exactly as CheckAndReserve would decide it, in the
+        items' order for items of one account; an item's error does not affect
+        the others. The decisions of one request are sent to Redis in one
+        pipelined round trip. Idempotent per item, like CheckAndReserve.
+        The call itself fails only when the request as a whole is wrong (more
+        than --max-batch-items items: INVALID_ARGUMENT on field "items";
+        all_or_nothing with several accounts: INVALID_ARGUMENT on field
+        "all_or_nothing") or its deadline passes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CommitBatch(self, request, context):
+        """Commit for many reservations at once, any mix of accounts: one result
+        per item, in order; each item is applied on its own, as Commit would.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseBatch(self, request, context):
+        """Release for many reservations at once, any mix of accounts: one result
+        per item, in order; each item is applied on its own, as Release would.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_QuotaServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -132,6 +179,21 @@ def add_QuotaServiceServicer_to_server(servicer, server):
                     servicer.GetBalance,
                     request_deserializer=quota_dot_v1_dot_quota__pb2.GetBalanceRequest.FromString,
                     response_serializer=quota_dot_v1_dot_quota__pb2.GetBalanceResponse.SerializeToString,
+            ),
+            'CheckAndReserveBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckAndReserveBatch,
+                    request_deserializer=quota_dot_v1_dot_quota__pb2.CheckAndReserveBatchRequest.FromString,
+                    response_serializer=quota_dot_v1_dot_quota__pb2.CheckAndReserveBatchResponse.SerializeToString,
+            ),
+            'CommitBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.CommitBatch,
+                    request_deserializer=quota_dot_v1_dot_quota__pb2.CommitBatchRequest.FromString,
+                    response_serializer=quota_dot_v1_dot_quota__pb2.CommitBatchResponse.SerializeToString,
+            ),
+            'ReleaseBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseBatch,
+                    request_deserializer=quota_dot_v1_dot_quota__pb2.ReleaseBatchRequest.FromString,
+                    response_serializer=quota_dot_v1_dot_quota__pb2.ReleaseBatchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -270,6 +332,87 @@ class QuotaService:
             '/quota.v1.QuotaService/GetBalance',
             quota_dot_v1_dot_quota__pb2.GetBalanceRequest.SerializeToString,
             quota_dot_v1_dot_quota__pb2.GetBalanceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckAndReserveBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/quota.v1.QuotaService/CheckAndReserveBatch',
+            quota_dot_v1_dot_quota__pb2.CheckAndReserveBatchRequest.SerializeToString,
+            quota_dot_v1_dot_quota__pb2.CheckAndReserveBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CommitBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/quota.v1.QuotaService/CommitBatch',
+            quota_dot_v1_dot_quota__pb2.CommitBatchRequest.SerializeToString,
+            quota_dot_v1_dot_quota__pb2.CommitBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/quota.v1.QuotaService/ReleaseBatch',
+            quota_dot_v1_dot_quota__pb2.ReleaseBatchRequest.SerializeToString,
+            quota_dot_v1_dot_quota__pb2.ReleaseBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

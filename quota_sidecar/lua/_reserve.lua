@@ -1,0 +1,235 @@
+-- CheckAndReserve's decision, as a function: reserve.lua runs it once,
+-- reserve_all.lua once per item of an all_or_nothing batch. It reads its
+-- arguments with next_arg() (all of them before any return) and returns the
+-- encoded reply.
+--
+-- The whole decision in one atomic step.
+--
+-- Order: replay of a known reservation_id; time-zone agreement; lazy expiry
+-- of this account's lots and holds; entitlement; the concurrency cap; one
+-- free unit of every limit of the product when all enforced limits have
+-- room; else the full cost in credits (within the monthly spend cap),
+-- soonest-expiring lots first; else a denial. A job is funded wholly by one
+-- or the other. Limits in shadow mode are evaluated and reported but never
+-- refuse anything. Denials are not recorded: they hold nothing, so a retry
+-- decides again.
+--
+-- The reservation record (res hash): s = state ("held", "committed",
+-- "released", "expired"), p = product, fp = request fingerprint, f = funding
+-- ("free" or "credits"), fw = free units taken ("h<field>" / "z<member>"),
+-- c = credits held, l = flat {lot_id, credits, lot_expires_ms} triples the
+-- credits came from, m = spend month, pv = plans version, cr = created_ms,
+-- e = expires_ms, ttl = ttl_ms, ch = credits charged, rf = credits returned
+-- at commit, rj = credits given back by RefundJob (set once), r =
+-- resolved_ms, d = the decision to replay.
+--
+-- Times are in milliseconds; credits are integers.
+local function reserve_one()
+  local rid           = next_arg()
+  local product       = next_arg()
+  local fingerprint   = next_arg()
+  local ttl_ms        = tonumber(next_arg())
+  local default_plan  = next_arg()
+  local expected_tz   = next_arg()
+  local warn_percent  = tonumber(next_arg())
+  local days          = next_block(3)  -- {label, start_ms, end_ms}
+  local weeks         = next_block(3)
+  local months        = next_block(3)
+  -- Segments: the plans in force from from_ms on (a change scheduled near now
+  -- gives two). Each: from_ms, the job's cost, the plans version, then rows
+  -- {plan, entitled 0|1, credits_low, max_concurrent, concurrency shadow 0|1, limits JSON}.
+  -- The last segment begun by Redis' now decides, so every sidecar switches at once.
+  local cost_credits, plans_version, plan_rows = nil, nil, nil
+  for _ = 1, tonumber(next_arg()) do
+    local from_ms, cost, version = tonumber(next_arg()), tonumber(next_arg()), next_arg()
+    local rows = next_block(6)
+    if from_ms <= now_ms then cost_credits, plans_version, plan_rows = cost, version, rows end
+  end
+  local packs         = next_block(4)  -- {pack_id, credits, price minor units, currency}
+
+  local existing = load_record(rid)
+  if existing then
+    if existing.fp ~= fingerprint then return fail('RESERVATION_PARAMS_MISMATCH') end
+    existing.d.replayed = 1
+    return reply(existing.d)
+  end
+
+  local plan, tz = account(default_plan)
+  -- The sidecar computed windows for the zone it believed; it retries with ours.
+  if tz ~= expected_tz then return fail('TZ_MISMATCH', {tz = tz, plan = plan}) end
+
+  local row = nil
+  for _, r in ipairs(plan_rows) do if r[1] == plan then row = r end end
+  if row == nil then return fail('UNKNOWN_PLAN', {plan = plan}) end
+  local entitled, credits_low = row[2] == '1', tonumber(row[3])
+  local label, window_end_ms = pick_window(days)
+  local week_label, week_end_ms = pick_window(weeks)
+  local month = pick_window(months)
+  if label == nil or week_label == nil or month == nil then return fail('CLOCK_SKEW', {now_ms = now_ms}) end
+
+  -- An account's own override (an enterprise contract) replaces the plan's limits.
+  local limits, max_concurrent, concurrency_shadow = cjson.decode(row[6]), tonumber(row[4]), row[5] == '1'
+  local override = redis.call('HGET', K_ACCT, 'ovr|' .. product)
+  if override then
+    local o = cjson.decode(override)
+    limits, max_concurrent, concurrency_shadow = o.limits, o.max_concurrent, false
+  end
+
+  sweep()
+
+  -- Every limit's state; the most constrained enforced one is the headline.
+  local statuses, room, shadow_hits = {}, true, {}
+  local headline = nil
+  for i, limit in ipairs(limits) do
+    local used, resets_ms, key = limit_state(product, limit, {label, window_end_ms}, {week_label, week_end_ms})
+    local st = {id = limit.id, kind = limit.kind, hours = limit.hours, used = used, limit = limit.free,
+                resets_ms = resets_ms, shadow = limit.shadow, key = key}
+    statuses[i] = st
+    if used >= limit.free then
+      if limit.shadow == 1 then shadow_hits[#shadow_hits + 1] = limit.id else room = false end
+    end
+    if limit.shadow ~= 1 and (headline == nil or limit.free - used < headline.limit - headline.used) then
+      headline = st
+    end
+  end
+  headline = headline or {used = 0, limit = 0, resets_ms = window_end_ms}
+
+  local lots, balance = live_lots()
+  local inflight = tonumber(redis.call('HGET', K_INFLIGHT, product) or '0')
+  local decision = {
+    allowed = 0, plan = plan, tz = tz, cost = cost_credits, free_used = headline.used,
+    free_limit = headline.limit, resets_ms = headline.resets_ms, balance = balance,
+    held = 0, expires_ms = 0, now_ms = now_ms, replayed = 0, pv = plans_version,
+  }
+
+  local function report_limits(taken)
+    local out = {}
+    for i, st in ipairs(statuses) do
+      out[i] = {st.id, st.kind, st.hours, st.used + (taken and 1 or 0), st.limit, st.resets_ms, st.shadow}
+    end
+    decision.limits = out
+    if taken then decision.free_used = headline.used + (headline.limit > 0 and 1 or 0) end
+    if #shadow_hits > 0 then decision.shadow = shadow_hits end
+  end
+
+  if not entitled then
+    report_limits(false)
+    decision.denial = 'NOT_ENTITLED'
+    return reply(decision)
+  end
+  if max_concurrent > 0 and inflight >= max_concurrent then
+    if not concurrency_shadow then
+      report_limits(false)
+      decision.denial = 'CONCURRENCY_LIMIT'
+      decision.in_flight, decision.max_concurrent = inflight, max_concurrent
+      return reply(decision)
+    end
+    shadow_hits[#shadow_hits + 1] = 'concurrency'
+  end
+
+  local function offers_json(short)
+    local offers = {}
+    for _, p in ipairs(packs) do
+      local quantity = math.ceil(short / tonumber(p[2]))
+      offers[#offers + 1] = {pack_id = p[1], credits = tonumber(p[2]), quantity = quantity,
+                             total_minor = quantity * tonumber(p[3]), currency = p[4]}
+    end
+    return cjson.encode(offers)
+  end
+
+  local rec = {s = 'held', p = product, fp = fingerprint, c = 0, l = {}, fw = {}, m = '', pv = plans_version,
+               cr = now_ms, e = now_ms + ttl_ms, ttl = ttl_ms}
+
+  local function hold_free()
+    if headline.used == 0 then prune_old_windows(days[1][1], weeks[1][1], months[1][1]) end
+    local units = {}
+    for i, st in ipairs(statuses) do
+      rec.fw[i] = take_free_unit(st.key, rid)
+      units[i] = {k = rec.fw[i], u = st.used + 1, l = st.limit, s = st.shadow}
+    end
+    rec.f = 'free'
+    report_limits(true)
+    local scope = product .. '|' .. label
+    local usage = {'product', product, 'window', label, 'used', decision.free_used, 'limit', headline.limit}
+    if headline.limit > 0 and decision.free_used * 100 >= warn_percent * headline.limit then
+      emit_once('free_warning|' .. scope, 'free_warning', usage)
+    end
+    if headline.limit > 0 and decision.free_used == headline.limit then
+      emit_once('free_exhausted|' .. scope, 'free_exhausted', usage)
+    end
+    return cjson.encode(units)
+  end
+
+  -- Soonest expiry (then promo before purchase) first, as live_lots orders them.
+  local function hold_credits()
+    local need = cost_credits
+    for i = 1, #lots, 3 do
+      if need == 0 then break end
+      local lot_id, left = lots[i], lots[i + 1]
+      local take = math.min(left, need)
+      redis.call('HINCRBY', K_LOTREM, lot_id, -take)
+      if take == left then redis.call('ZREM', K_LOTEXP, lot_id) end
+      local taken = rec.l
+      taken[#taken + 1] = lot_id
+      taken[#taken + 1] = take
+      taken[#taken + 1] = lots[i + 2]
+      need = need - take
+    end
+    rec.f, rec.c, rec.m = 'credits', cost_credits, month
+    redis.call('HINCRBY', K_SPEND, month, cost_credits)
+    incr('credits_held', cost_credits)
+    decision.held = cost_credits
+    decision.balance = balance - cost_credits
+    report_limits(false)
+  end
+
+  local function after_balance_drop(new_balance)
+    if credits_low > 0 and new_balance < credits_low then
+      emit_once('credits_low', 'credits_low', {'balance', new_balance, 'threshold', credits_low, 'plan', plan})
+    end
+    local at = redis.call('HMGET', K_ACCT, 'at_on', 'at_thr', 'at_pack')
+    if at[1] == '1' and new_balance < tonumber(at[2]) then
+      emit_once('auto_topup', 'auto_topup_requested', {'balance', new_balance, 'threshold', at[2], 'pack_id', at[3]})
+    end
+  end
+
+  local free_units = '[]'
+  if room then
+    free_units = hold_free()
+  elseif balance >= cost_credits then
+    local cap = tonumber(redis.call('HGET', K_ACCT, 'cap') or '0')
+    local month_spend = tonumber(redis.call('HGET', K_SPEND, month) or '0')
+    if cap > 0 and month_spend + cost_credits > cap then
+      report_limits(false)
+      decision.month_spend, decision.cap = month_spend, cap
+      decision.denial = 'BUDGET_EXCEEDED'
+      emit_once('budget_reached|' .. month, 'budget_reached', {'month', month, 'cap', cap, 'spend', month_spend})
+      return reply(decision)
+    end
+    hold_credits()
+    if cap > 0 and month_spend + cost_credits == cap then
+      emit_once('budget_reached|' .. month, 'budget_reached', {'month', month, 'cap', cap, 'spend', cap})
+    end
+    after_balance_drop(decision.balance)
+  else
+    report_limits(false)
+    decision.short = cost_credits - balance
+    decision.denial = 'PURCHASE_REQUIRED'
+    emit_once('purchase_required|' .. product .. '|' .. label, 'purchase_required',
+              {'product', product, 'window', label, 'credits_short', decision.short, 'cost', cost_credits,
+               'offers', offers_json(decision.short)})
+    return reply(decision)
+  end
+
+  decision.allowed = 1
+  decision.funding = rec.f
+  decision.expires_ms = rec.e
+  rec.d = decision
+  save_record(rid, rec)
+  redis.call('ZADD', K_HOLDS, rec.e, rid)
+  redis.call('HINCRBY', K_INFLIGHT, product, 1)
+  ledger('hold', hold_fields(rid, rec, {'credits', rec.c, 'free', rec.f == 'free' and 1 or 0, 'window', label,
+                                        'free_units', free_units, 'month', rec.m, 'lots', lots_text(rec.l),
+                                        'cost', cost_credits}))
+  return reply(decision)
+end
