@@ -483,3 +483,46 @@ async def test_master_failover_the_sidecar_recovers(engine: QuotaEngine, store: 
     assert sorted(ledger_ids(entries, "commit")) == sorted(acked["committed"] | {f"free-{i}" for i in range(5)})
     assert (await engine.grant(account, 1, "after-failover")).credit_balance > 0  # WAIT on the new master
     assert (await audit_account(store, account)).ok
+
+
+async def test_moving_one_redis_to_a_cluster_keeps_every_account(cluster: Cluster, tmp_path: Path) -> None:
+    """The README's migration: drain the sidecars, `redis-cli --cluster import --cluster-copy`, point
+    them at the cluster. Keys of an account share one slot, so each moves whole."""
+    prefix = "m" + uuid.uuid4().hex[:10]
+    single = RedisServerProcess(find_redis_server(), tmp_path / "single")
+    single.start()
+    clock = ManualClock(T0_MS)
+    before: dict[str, tuple[int, int, int]] = {}
+    try:
+        old = RedisStore.from_url(single.url, key_prefix=prefix)
+        engine = QuotaEngine(load_plans(), old, clock)
+        for a in range(12):
+            account = f"move-{a}"
+            await engine.grant(account, 10 + a, f"order-{a}")
+            await use_free(engine, account, 3)
+            await engine.check_and_reserve(account, "sora", "open-hold", JobParams(duration_seconds=10,
+                                                                                    resolution="720p"))
+            b = await engine.balance(account)
+            before[account] = (b.credit_balance, b.allowances[0].free_used, len(b.holds))
+        await old.close()
+        subprocess.run([_redis_cli(single.binary), "--cluster", "import", f"127.0.0.1:{cluster.nodes[0].port}",
+                        "--cluster-from", f"127.0.0.1:{single.port}", "--cluster-copy"],
+                       check=True, capture_output=True, timeout=120)
+    finally:
+        single.stop()
+
+    new = RedisStore.from_url(cluster.url, key_prefix=prefix)
+    try:
+        moved = QuotaEngine(load_plans(), new, clock)
+        for account, (credits, free_used, holds) in before.items():
+            b = await moved.balance(account)
+            assert (b.credit_balance, b.allowances[0].free_used, len(b.holds)) == (credits, free_used, holds)
+            assert (await moved.commit(account, "open-hold")).free_charged == 1  # the hold moved too
+            d = await moved.check_and_reserve(account, "sora", "after-move", JobParams(duration_seconds=10,
+                                                                                        resolution="720p"))
+            assert d.outcome.free_used == free_used + 1
+        audits = [await audit_account(new, account) for account in before]
+        assert [a for a in audits if a.violations] == [] and all(a.entries_checked > 0 for a in audits)
+        assert len({await owner_of(new, account) for account in before}) >= 2  # spread over the masters
+    finally:
+        await new.close()
