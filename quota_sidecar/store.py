@@ -633,27 +633,44 @@ class RedisStore:
             return list(await pipe.execute(raise_on_error=False))
 
     async def _cluster_batch(self, sent: Sequence[tuple[str, list[str], list[Any]]]) -> list[Any]:
-        """What _pipeline returns, on a cluster: redis-py refuses EVALSHA in cluster pipelines.
+        """What _pipeline returns, on a cluster: one pipeline round trip per master.
 
-        The items of one account run in order, the accounts concurrently, each call routed by
-        the cluster client (which follows MOVED / ASK). Errors are returned, not raised.
+        redis-py refuses EVALSHA in cluster pipelines, so the items are grouped by the master
+        of their slot and sent on that node's connection. Items redirected meanwhile (a slot
+        moving: MOVED / ASK) run again one by one through the cluster client, which follows
+        redirections. Errors are returned, not raised.
         """
+        client = self._client
+        assert isinstance(client, RedisCluster)
+        await client.initialize()
         results: list[Any] = [None] * len(sent)
-        by_account: dict[str, list[int]] = {}
+        by_node: dict[str, tuple[ClusterNode, list[int]]] = {}
         for i, (_, keys, _) in enumerate(sent):
-            by_account.setdefault(keys[0], []).append(i)
+            node = client.get_node_from_key(keys[0])
+            by_node.setdefault(node.name, (node, []))[1].append(i)
 
-        async def run(indexes: list[int]) -> None:
-            for i in indexes:
+        async def on_node(node: ClusterNode, indexes: list[int]) -> None:
+            commands = [PipelineCommand(j, "EVALSHA", self._scripts[sent[i][0]].sha, len(sent[i][1]), *sent[i][1],
+                                        *sent[i][2]) for j, i in enumerate(indexes)]
+            try:
+                await node.execute_pipeline(commands)
+            except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
+                with contextlib.suppress(redis_errors.RedisError):
+                    await client.nodes_manager.initialize()
+                for i in indexes:
+                    results[i] = exc
+                return
+            for i, command in zip(indexes, commands):
+                results[i] = command.result
+
+        await asyncio.gather(*(on_node(node, indexes) for node, indexes in by_node.values()))
+        for i, result in enumerate(results):
+            if isinstance(result, (redis_errors.MovedError, redis_errors.AskError)):
                 name, keys, args = sent[i]
                 try:
-                    results[i] = await self._client.evalsha(self._scripts[name].sha, len(keys), *keys, *args)
+                    results[i] = await client.evalsha(self._scripts[name].sha, len(keys), *keys, *args)
                 except redis_errors.RedisError as exc:
                     results[i] = exc
-                except (AttributeError, TypeError) as exc:  # a connection torn down in use, see _run
-                    results[i] = redis_errors.ConnectionError(f"redis connection reset while in use: {exc!r}")
-
-        await asyncio.gather(*(run(indexes) for indexes in by_account.values()))
         return results
 
     @staticmethod
