@@ -383,18 +383,28 @@ class QuotaEngine:
         return (isinstance(out, Unavailable) and out.reason == "STORE_UNAVAILABLE" and self.degraded is not None
                 and p.plans.product(p.product).on_redis_failure == "fail_open_free")
 
+    def _prepare_items(self, items: Sequence[ReserveItem]) -> list[_Prepared | QuotaError]:
+        """Each item validated and priced on its own; an invalid one yields its error."""
+        prepared: list[_Prepared | QuotaError] = []
+        for item in items:
+            try:
+                prepared.append(self._prepare(item.account_id, item.product, item.reservation_id, item.job,
+                                              item.ttl_seconds))
+            except QuotaError as exc:
+                prepared.append(exc)
+        return prepared
+
     async def check_and_reserve_many(self, items: Sequence[ReserveItem]) -> list[Decision | QuotaError]:
         """check_and_reserve for every item, in order for the items of one account."""
         results: list[Decision | QuotaError | None] = [None] * len(items)
         prepared: dict[int, _Prepared] = {}
         single: list[int] = []
-        for i, item in enumerate(items):
-            try:
-                p = self._prepare(item.account_id, item.product, item.reservation_id, item.job, item.ttl_seconds)
-            except QuotaError as exc:
-                results[i] = exc
+        for i, p_or_error in enumerate(self._prepare_items(items)):
+            if isinstance(p_or_error, QuotaError):
+                results[i] = p_or_error
                 continue
-            if self.degraded is not None and self.degraded.get(item.account_id, p.reservation_id):
+            p = p_or_error
+            if self.degraded is not None and self.degraded.get(p.account_id, p.reservation_id):
                 single.append(i)  # decided without Redis: the single path replays it
             else:
                 prepared[i] = p
@@ -439,11 +449,9 @@ class QuotaEngine:
             raise InvalidArgument("all_or_nothing", "only for items of one account_id")
         errors: dict[int, QuotaError] = {}
         prepared: list[_Prepared] = []
-        for i, item in enumerate(items):
-            try:
-                p = self._prepare(item.account_id, item.product, item.reservation_id, item.job, item.ttl_seconds)
-            except QuotaError as exc:
-                errors[i] = exc
+        for i, p in enumerate(self._prepare_items(items)):
+            if isinstance(p, QuotaError):
+                errors[i] = p
                 continue
             if any(q.reservation_id == p.reservation_id for q in prepared):
                 errors[i] = InvalidArgument("reservation_id", "used by another item of this all_or_nothing batch")

@@ -356,10 +356,14 @@ class RedisStore:
         except redis_errors.RedisError as exc:
             raise _redis_error(exc) from exc
 
+    def _header(self, account_id: str, stamp: Stamp) -> list[Any]:
+        """The ARGV every script starts with (see _prelude.lua)."""
+        return [stamp.now_ms, account_id, self._retention_ms, self._ledger_retention_ms, self._events_max,
+                stamp.plans_version]
+
     async def _run(self, name: str, account_id: str, stamp: Stamp, args: Iterable[Any], *,
                    min_replicas: int = 0) -> dict[str, Any]:
-        header = [stamp.now_ms, account_id, self._retention_ms, self._ledger_retention_ms, self._events_max,
-                  stamp.plans_version]
+        header = self._header(account_id, stamp)
         keys = account_keys(self._prefix, self._buckets, account_id)
         try:
             if min_replicas:
@@ -605,9 +609,8 @@ class RedisStore:
         """(script, account, stamp, args) each -> its reply dict, or the QuotaError it failed with."""
         sent = []
         for name, account_id, stamp, args in calls:
-            header = [stamp.now_ms, account_id, self._retention_ms, self._ledger_retention_ms, self._events_max,
-                      stamp.plans_version]
-            sent.append((name, account_keys(self._prefix, self._buckets, account_id), header + list(args)))
+            sent.append((name, account_keys(self._prefix, self._buckets, account_id),
+                         self._header(account_id, stamp) + list(args)))
         try:
             raws = await self._pipeline(sent)
             missing = [i for i, raw in enumerate(raws) if isinstance(raw, redis_errors.NoScriptError)]
