@@ -76,6 +76,23 @@ local function next_arg()
   cursor = cursor + 1
   return ARGV[cursor]
 end
+-- Skips a count followed by that many rows of `width` arguments; returns the
+-- count's ARGV index. The decision then reads only the rows it needs: turning
+-- every argument into tables cost more Redis CPU than the decision itself.
+local function skip_block(width)
+  local at = cursor + 1
+  cursor = at + tonumber(ARGV[at]) * width
+  return at
+end
+-- The ARGV index of the first field of the row (of the block at `at`) whose
+-- first field is `name`, or nil.
+local function find_row(at, width, name)
+  for i = 1, tonumber(ARGV[at]) do
+    local first = at + 1 + (i - 1) * width
+    if ARGV[first] == name then return first end
+  end
+  return nil
+end
 -- A count followed by that many rows of `width` arguments.
 local function next_block(width)
   local rows = {}
@@ -126,7 +143,8 @@ end
 -- knows whether its batch stands.
 local ledger_trim_id = nil
 local function ledger_args(kind, fields)
-  ledger_trim_id = ledger_trim_id or (redis_time_ms() - LEDGER_RETENTION_MS)
+  -- Trimming follows Redis' real clock even when a test pins now_ms.
+  ledger_trim_id = ledger_trim_id or ((PINNED_MS > 0 and redis_time_ms() or now_ms) - LEDGER_RETENTION_MS)
   local totals = redis.call('HMGET', K_ACCT, unpack(TOTALS))
   local args = {K_LEDGER, 'MINID', '~', ledger_trim_id, '*', 'type', kind, 't', now_ms}
   for i = 1, #fields do args[#args + 1] = fields[i] end
@@ -291,7 +309,15 @@ local function load_settled_record(rid)
   return rec
 end
 
+-- Whether a sorted set's lowest score is at or below max_score. Nothing is due
+-- on most calls, and this look costs a fraction of the range query it saves.
+local function head_due(key, max_score)
+  local head = redis.call('ZRANGE', key, '0', '0', 'WITHSCORES')
+  return head[2] ~= nil and tonumber(head[2]) <= max_score
+end
+
 local function expire_lots()
+  if not head_due(K_LOTEXP, expired_score_max()) then return end
   local ids = redis.call('ZRANGEBYSCORE', K_LOTEXP, '-inf', expired_score_max(), 'LIMIT', 0, EXPIRE_BATCH)
   for _, lot_id in ipairs(ids) do
     local left = tonumber(redis.call('HGET', K_LOTREM, lot_id) or '0')
@@ -309,6 +335,7 @@ local function expire_lots()
 end
 
 local function expire_holds()
+  if not head_due(K_HOLDS, now_ms) then return 0 end
   local rids = redis.call('ZRANGEBYSCORE', K_HOLDS, '-inf', now_ms, 'LIMIT', 0, EXPIRE_BATCH)
   for _, rid in ipairs(rids) do
     local rec = load_record(rid)
@@ -319,6 +346,7 @@ end
 
 -- Resolved records are kept RETENTION_MS for idempotent retries, then dropped.
 local function prune_records()
+  if not head_due(K_RESDONE, now_ms - RETENTION_MS) then return end
   local rids = redis.call('ZRANGEBYSCORE', K_RESDONE, '-inf', now_ms - RETENTION_MS, 'LIMIT', 0, PRUNE_BATCH)
   for _, rid in ipairs(rids) do
     redis.call('HDEL', K_RES, rid)
@@ -385,6 +413,16 @@ end
 local function pick_window(rows)
   for _, row in ipairs(rows) do
     if tonumber(row[2]) <= now_ms and now_ms < tonumber(row[3]) then return row[1], tonumber(row[3]) end
+  end
+  return nil, nil
+end
+-- pick_window over the {label, start_ms, end_ms} rows of the block at ARGV index `at`.
+local function window_at(at)
+  for i = 1, tonumber(ARGV[at]) do
+    local first = at + 1 + (i - 1) * 3
+    if tonumber(ARGV[first + 1]) <= now_ms and now_ms < tonumber(ARGV[first + 2]) then
+      return ARGV[first], tonumber(ARGV[first + 2])
+    end
   end
   return nil, nil
 end

@@ -21,7 +21,7 @@
 -- credits came from, m = spend month, pv = plans version, cr = created_ms,
 -- e = expires_ms, ttl = ttl_ms, ch = credits charged, rf = credits returned
 -- at commit, rj = credits given back by RefundJob (set once), r =
--- resolved_ms, d = the decision to replay.
+-- resolved_ms, d = the decision to replay (its JSON reply, as a string).
 --
 -- Times are in milliseconds; credits are integers.
 local function reserve_one()
@@ -32,44 +32,45 @@ local function reserve_one()
   local default_plan  = next_arg()
   local expected_tz   = next_arg()
   local warn_percent  = tonumber(next_arg())
-  local days          = next_block(3)  -- {label, start_ms, end_ms}
-  local weeks         = next_block(3)
-  local months        = next_block(3)
+  -- Blocks of {label, start_ms, end_ms}: read in place (see skip_block).
+  local days_at, weeks_at, months_at = skip_block(3), skip_block(3), skip_block(3)
   -- Segments: the plans in force from from_ms on (a change scheduled near now
   -- gives two). Each: from_ms, the job's cost, the plans version, then rows
   -- {plan, entitled 0|1, credits_low, max_concurrent, concurrency shadow 0|1, limits JSON}.
   -- The last segment begun by Redis' now decides, so every sidecar switches at once.
-  local cost_credits, plans_version, plan_rows = nil, nil, nil
+  local cost_credits, plans_version, rows_at = nil, nil, nil
   for _ = 1, tonumber(next_arg()) do
     local from_ms, cost, version = tonumber(next_arg()), tonumber(next_arg()), next_arg()
-    local rows = next_block(6)
-    if from_ms <= now_ms then cost_credits, plans_version, plan_rows = cost, version, rows end
+    local at = skip_block(6)
+    if from_ms <= now_ms then cost_credits, plans_version, rows_at = cost, version, at end
   end
-  local packs         = next_block(4)  -- {pack_id, credits, price minor units, currency}
+  local packs_at      = skip_block(4)  -- {pack_id, credits, price minor units, currency}
 
   local existing = load_record(rid)
   if existing then
     if existing.fp ~= fingerprint then return fail('RESERVATION_PARAMS_MISMATCH') end
-    existing.d.replayed = 1
-    return reply(existing.d)
+    -- d is the decision's reply as sent (a table in records written before 2026-11-21).
+    local d = type(existing.d) == 'string' and cjson.decode(existing.d) or existing.d
+    d.replayed = 1
+    return reply(d)
   end
 
-  local plan, tz = account(default_plan)
+  local acct = redis.call('HMGET', K_ACCT, 'plan', 'tz', 'ovr|' .. product)
+  local plan, tz, override = acct[1] or default_plan, acct[2] or 'UTC', acct[3]
   -- The sidecar computed windows for the zone it believed; it retries with ours.
   if tz ~= expected_tz then return fail('TZ_MISMATCH', {tz = tz, plan = plan}) end
 
-  local row = nil
-  for _, r in ipairs(plan_rows) do if r[1] == plan then row = r end end
+  local row = find_row(rows_at, 6, plan)  -- {plan, entitled, credits_low, max_concurrent, shadow, limits}
   if row == nil then return fail('UNKNOWN_PLAN', {plan = plan}) end
-  local entitled, credits_low = row[2] == '1', tonumber(row[3])
-  local label, window_end_ms = pick_window(days)
-  local week_label, week_end_ms = pick_window(weeks)
-  local month = pick_window(months)
+  local entitled, credits_low = ARGV[row + 1] == '1', tonumber(ARGV[row + 2])
+  local label, window_end_ms = window_at(days_at)
+  local week_label, week_end_ms = window_at(weeks_at)
+  local month = window_at(months_at)
   if label == nil or week_label == nil or month == nil then return fail('CLOCK_SKEW', {now_ms = now_ms}) end
 
   -- An account's own override (an enterprise contract) replaces the plan's limits.
-  local limits, max_concurrent, concurrency_shadow = cjson.decode(row[6]), tonumber(row[4]), row[5] == '1'
-  local override = redis.call('HGET', K_ACCT, 'ovr|' .. product)
+  local limits, max_concurrent = cjson.decode(ARGV[row + 5]), tonumber(ARGV[row + 3])
+  local concurrency_shadow = ARGV[row + 4] == '1'
   if override then
     local o = cjson.decode(override)
     limits, max_concurrent, concurrency_shadow = o.limits, o.max_concurrent, false
@@ -129,10 +130,12 @@ local function reserve_one()
 
   local function offers_json(short)
     local offers = {}
-    for _, p in ipairs(packs) do
-      local quantity = math.ceil(short / tonumber(p[2]))
-      offers[#offers + 1] = {pack_id = p[1], credits = tonumber(p[2]), quantity = quantity,
-                             total_minor = quantity * tonumber(p[3]), currency = p[4]}
+    for i = 1, tonumber(ARGV[packs_at]) do
+      local p = packs_at + 1 + (i - 1) * 4
+      local credits = tonumber(ARGV[p + 1])
+      local quantity = math.ceil(short / credits)
+      offers[#offers + 1] = {pack_id = ARGV[p], credits = credits, quantity = quantity,
+                             total_minor = quantity * tonumber(ARGV[p + 2]), currency = ARGV[p + 3]}
     end
     return cjson.encode(offers)
   end
@@ -141,7 +144,8 @@ local function reserve_one()
                cr = now_ms, e = now_ms + ttl_ms, ttl = ttl_ms}
 
   local function hold_free()
-    if headline.used == 0 then prune_old_windows(days[1][1], weeks[1][1], months[1][1]) end
+    -- The oldest candidate of each block is its first row.
+    if headline.used == 0 then prune_old_windows(ARGV[days_at + 1], ARGV[weeks_at + 1], ARGV[months_at + 1]) end
     local units = {}
     for i, st in ipairs(statuses) do
       rec.fw[i] = take_free_unit(st.key, rid)
@@ -224,12 +228,15 @@ local function reserve_one()
   decision.allowed = 1
   decision.funding = rec.f
   decision.expires_ms = rec.e
-  rec.d = decision
+  -- Encoded once: the reply, and what a replay answers (a string in the record, so
+  -- commits and releases do not decode and re-encode it).
+  local answer = reply(decision)
+  rec.d = answer
   save_record(rid, rec)
   redis.call('ZADD', K_HOLDS, rec.e, rid)
   redis.call('HINCRBY', K_INFLIGHT, product, 1)
   ledger('hold', hold_fields(rid, rec, {'credits', rec.c, 'free', rec.f == 'free' and 1 or 0, 'window', label,
                                         'free_units', free_units, 'month', rec.m, 'lots', lots_text(rec.l),
                                         'cost', cost_credits}))
-  return reply(decision)
+  return answer
 end
