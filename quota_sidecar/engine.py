@@ -22,7 +22,7 @@ import hashlib
 import json
 from collections import OrderedDict
 from datetime import datetime, timezone
-from typing import Awaitable, Callable, Mapping, Protocol, Sequence, TypeVar
+from typing import Any, Awaitable, Callable, Mapping, Protocol, Sequence, TypeVar
 
 from .clock import Clock, RedisClock
 from .degraded import DegradedMode, DegradedReservation
@@ -62,7 +62,7 @@ from .model import (
     Window,
 )
 from .plans import MAX_ROLLING_HOURS, Plans
-from .windows import candidate_months, candidate_weeks, candidate_windows, daily_window, time_zone
+from .windows import candidates, daily_window, time_zone
 
 MAX_TTL_SECONDS = 86_400
 MAX_GRANT_CREDITS = 1_000_000_000
@@ -74,6 +74,8 @@ DEFAULT_LEDGER_PAGE = 100
 DEFAULT_TIME_ZONE = "UTC"
 PLANS_VERSIONS_KEPT = 16
 DAY_MS = 86_400_000
+# Distinct (product, job size) pricings kept; beyond it the cache starts again.
+SEGMENTS_CACHE_ENTRIES = 4096
 _STREAM_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
 
 T = TypeVar("T")
@@ -111,6 +113,10 @@ def fingerprint(product: str, job: JobParams, ttl_seconds: int) -> str:
         separators=(",", ":"),
     )
     return hashlib.blake2b(canonical.encode(), digest_size=16).hexdigest()
+
+
+def _job_key(job: JobParams) -> tuple[Any, ...]:
+    return (job.duration_seconds, job.resolution, job.model, job.units, tuple(sorted(job.extra.items())))
 
 
 def add_months_ms(at_ms: int, months: int) -> int:
@@ -244,6 +250,8 @@ class QuotaEngine:
         # Recent plans (and their scheduled variants) by version: a reservation is committed
         # at the prices it was made with.
         self._plans_by_version: OrderedDict[str, Plans] = OrderedDict()
+        # (product, job, schedule span) -> (the plans they were priced under, segments); see _segments.
+        self._segments_cache: dict[tuple[Any, ...], tuple[Plans, tuple[Segment, ...]]] = {}
         self.set_plans(plans)
         # Reservations decided without Redis (fail_open_free); None: every product fails closed.
         self.degraded = degraded
@@ -263,9 +271,25 @@ class QuotaEngine:
 
     def _segments(self, plans: Plans, product: str, job: JobParams) -> tuple[Segment, ...]:
         """The plans in force a day either side of this sidecar's clock: one segment, or more when
-        a scheduled change falls in between; the script picks by Redis' clock."""
+        a scheduled change falls in between; the script picks by Redis' clock.
+
+        Cached: the same job under the same plans gives the same segments until a scheduled
+        change enters or leaves that two-day span, and the store reuses their encoding."""
         approx_now_ms = self.clock.local_now_ms()
         starts = (0, *plans.switches_between(approx_now_ms - DAY_MS, approx_now_ms + DAY_MS))
+        key = (product, _job_key(job), starts, id(plans.at(approx_now_ms - DAY_MS)), id(plans.at(approx_now_ms)))
+        cached = self._segments_cache.get(key)
+        if cached is not None and cached[0] is plans:
+            return cached[1]
+        segments = self._price_segments(plans, product, job, starts, approx_now_ms)
+        if len(self._segments_cache) >= SEGMENTS_CACHE_ENTRIES:
+            self._segments_cache.clear()
+        self._segments_cache[key] = (plans, segments)
+        return segments
+
+    @staticmethod
+    def _price_segments(plans: Plans, product: str, job: JobParams, starts: tuple[int, ...],
+                        approx_now_ms: int) -> tuple[Segment, ...]:
         segments = []
         for from_ms in starts:
             variant = plans.at(max(from_ms, approx_now_ms - DAY_MS))
@@ -299,8 +323,8 @@ class QuotaEngine:
         for _ in range(3):
             approx_now_ms = self.clock.local_now_ms()
             try:
-                result = await call(tz, candidate_windows(tz, approx_now_ms), candidate_weeks(tz, approx_now_ms),
-                                    candidate_months(tz, approx_now_ms))
+                windows = candidates(tz, approx_now_ms)
+                result = await call(tz, windows.days, windows.weeks, windows.months)
             except StaleTimeZone as stale:
                 tz = stale.time_zone
                 continue
@@ -328,13 +352,13 @@ class QuotaEngine:
     def _command(self, p: _Prepared, tz: str, days: tuple[Window, ...] | None = None,
                  weeks: tuple[Window, ...] | None = None, months: tuple[Window, ...] | None = None) -> ReserveCommand:
         """The store command for ``p`` with the windows of zone ``tz`` (computed when not given)."""
-        approx_now_ms = self.clock.local_now_ms()
+        computed = candidates(tz, self.clock.local_now_ms())
         return ReserveCommand(
             account_id=p.account_id, reservation_id=p.reservation_id, product=p.product,
             fingerprint=p.fingerprint, ttl_ms=p.ttl_ms, segments=p.segments, default_plan=p.plans.default_plan,
-            time_zone=tz, windows=days if days is not None else candidate_windows(tz, approx_now_ms),
-            weeks=weeks if weeks is not None else candidate_weeks(tz, approx_now_ms),
-            months=months if months is not None else candidate_months(tz, approx_now_ms),
+            time_zone=tz, windows=days if days is not None else computed.days,
+            weeks=weeks if weeks is not None else computed.weeks,
+            months=months if months is not None else computed.months,
             packs=p.plans.packs, free_warning_percent=p.plans.notifications.free_warning_percent,
             stamp=self._stamp(p.plans))
 

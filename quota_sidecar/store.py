@@ -18,15 +18,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import zlib
 from importlib import resources
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from redis import exceptions as redis_errors
 from redis.asyncio.cluster import ClusterNode, PipelineCommand, RedisCluster
 
-from . import redis_connect
+from . import redis_connect, redis_mux
 from .errors import BatchAborted, Conflict, InvalidArgument, NotFound, QuotaError, ResolutionConflict, Unavailable
 from .model import (
     AccountChanges,
@@ -40,6 +41,7 @@ from .model import (
     AutoTopUp,
     BalanceSnapshot,
     CommitResult,
+    CreditPack,
     CreditSource,
     CreditTotals,
     DenialReason,
@@ -54,6 +56,7 @@ from .model import (
     ReserveCommand,
     ReserveOutcome,
     RevokeResult,
+    Segment,
     Stamp,
     StaleTimeZone,
     Window,
@@ -94,6 +97,10 @@ _MESSAGES = {
 _TOTAL_FIELDS = {"g": "granted", "s": "spent", "x": "expired", "v": "revoked", "r": "refunded", "h": "held"}
 
 
+# Before the one retry of a script whose connection dropped (a restarted Redis).
+_RECONNECT_PAUSE_SECONDS = 0.01
+
+
 def load_script_source(name: str) -> str:
     lua = resources.files("quota_sidecar").joinpath("lua")
     parts = [lua.joinpath("_prelude.lua").read_text(encoding="utf-8")]
@@ -128,8 +135,23 @@ def events_key(key_prefix: str, bucket: int) -> str:
 
 
 def account_keys(key_prefix: str, buckets: int, account_id: str) -> list[str]:
+    return list(_script_keys(key_prefix, buckets, account_id))
+
+
+class _ScriptKeys(tuple):  # type: ignore[type-arg]
+    """An account's KEYS[], with their encoding for the multiplexed connection."""
+
+    packed: redis_mux.Packed
+
+
+@functools.lru_cache(maxsize=65_536)
+def _script_keys(key_prefix: str, buckets: int, account_id: str) -> _ScriptKeys:
+    """KEYS[] of every script of an account (cached for the accounts in recent use)."""
     keys = [account_key(key_prefix, buckets, account_id, suffix) for suffix in KEY_SUFFIXES]
-    return keys + [events_key(key_prefix, key_bucket(account_id, buckets))]
+    keys.append(events_key(key_prefix, key_bucket(account_id, buckets)))
+    script_keys = _ScriptKeys(keys)
+    script_keys.packed = redis_mux.Packed(keys)
+    return script_keys
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -235,18 +257,49 @@ def _reserve_outcome(r: Mapping[str, Any]) -> ReserveOutcome:
     )
 
 
-def _reserve_args(cmd: ReserveCommand) -> list[Any]:
-    """reserve.lua's arguments after the header (reserve_all.lua reads them once per item)."""
-    args: list[Any] = [cmd.reservation_id, cmd.product, cmd.fingerprint, cmd.ttl_ms,
-                       cmd.default_plan, cmd.time_zone, cmd.free_warning_percent]
-    args += _windows(cmd.windows) + _windows(cmd.weeks) + _windows(cmd.months)
-    args.append(len(cmd.segments))
-    for seg in cmd.segments:
+class _PackedBlocks:
+    """Packed argument blocks keyed by the identity of the immutable values they encode.
+
+    A decision's windows (the same objects all day for a zone, see windows.candidates) and
+    prices (cached per job by the engine) repeat call after call; encoding them once saves
+    most of the cost of sending its ~90 arguments. Holding the values keeps their ids
+    from being reused while an entry lives."""
+
+    def __init__(self, max_entries: int) -> None:
+        self._entries: dict[tuple[int, ...], tuple[tuple[Any, ...], redis_mux.Packed]] = {}
+        self._max_entries = max_entries
+
+    def get(self, values: tuple[Any, ...], build: Callable[[], list[Any]]) -> redis_mux.Packed:
+        key = tuple(map(id, values))
+        hit = self._entries.get(key)
+        if hit is not None and all(a is b for a, b in zip(hit[0], values)):
+            return hit[1]
+        packed = redis_mux.Packed(build())
+        if len(self._entries) >= self._max_entries:
+            self._entries.clear()
+        self._entries[key] = (values, packed)
+        return packed
+
+
+_PACKED_BLOCKS = _PackedBlocks(4096)
+
+
+def _plan_args(segments: Sequence[Segment], packs: Sequence[CreditPack]) -> list[Any]:
+    args: list[Any] = [len(segments)]
+    for seg in segments:
         args += [seg.from_ms, seg.cost_credits, seg.plans_version]
         args += _block([(r.plan, 1 if r.entitled else 0, r.credits_low, r.max_concurrent,
                          1 if r.concurrency_shadow else 0, _limits_json(r.limits)) for r in seg.plan_rows])
-    args += _block([(p.pack_id, p.credits, p.price.minor_units, p.price.currency_code) for p in cmd.packs])
-    return args
+    return args + _block([(p.pack_id, p.credits, p.price.minor_units, p.price.currency_code) for p in packs])
+
+
+def _reserve_args(cmd: ReserveCommand) -> list[Any]:
+    """reserve.lua's arguments after the header (reserve_all.lua reads them once per item)."""
+    windows = _PACKED_BLOCKS.get((cmd.windows, cmd.weeks, cmd.months),
+                                 lambda: _windows(cmd.windows) + _windows(cmd.weeks) + _windows(cmd.months))
+    plan = _PACKED_BLOCKS.get((cmd.segments, cmd.packs), lambda: _plan_args(cmd.segments, cmd.packs))
+    return [cmd.reservation_id, cmd.product, cmd.fingerprint, cmd.ttl_ms, cmd.default_plan, cmd.time_zone,
+            cmd.free_warning_percent, windows, plan]
 
 
 def _commit_args(reservation_id: str, costs: Mapping[tuple[str, str], int]) -> list[Any]:
@@ -316,7 +369,8 @@ class RedisStore:
     def __init__(self, client: redis_connect.RedisClient, *, key_prefix: str = "qs",
                  key_buckets: int = DEFAULT_KEY_BUCKETS, retention_ms: int = 7 * 86_400_000,
                  ledger_retention_ms: int = 400 * 86_400_000, events_max_entries: int = 100_000,
-                 grant_min_replicas: int = 0, grant_wait_timeout_ms: int = 1000) -> None:
+                 grant_min_replicas: int = 0, grant_wait_timeout_ms: int = 1000, timeout_seconds: float = 2.0,
+                 multiplex: bool = True) -> None:
         assert key_prefix and "{" not in key_prefix and "}" not in key_prefix
         assert 1 <= key_buckets <= 16384
         self._client = client
@@ -329,12 +383,16 @@ class RedisStore:
         self._grant_wait_timeout_ms = grant_wait_timeout_ms
         self._scripts = {name: client.register_script(load_script_source(name)) for name in SCRIPT_NAMES}
         self._cluster = isinstance(client, RedisCluster)
+        # Scripts go over one multiplexed connection when Redis is a plain single server
+        # (see redis_mux); everything else, and TLS, Sentinel and Cluster, use redis-py.
+        self._mux = redis_mux.MuxConnection.for_client(client, timeout_seconds=timeout_seconds) if multiplex else None
 
     @classmethod
     def from_url(cls, url: str, *, timeout_seconds: float = 2.0, redis_mode: str = "auto",
                  **kwargs: Any) -> "RedisStore":
         """One Redis, a Redis Cluster or a Sentinel-managed master; see quota_sidecar.redis_connect."""
-        return cls(redis_connect.connect(url, mode=redis_mode, timeout_seconds=timeout_seconds), **kwargs)
+        return cls(redis_connect.connect(url, mode=redis_mode, timeout_seconds=timeout_seconds),
+                   timeout_seconds=timeout_seconds, **kwargs)
 
     @property
     def key_prefix(self) -> str:
@@ -348,6 +406,8 @@ class RedisStore:
         return account_key(self._prefix, self._buckets, account_id, suffix)
 
     async def close(self) -> None:
+        if self._mux is not None:
+            await self._mux.aclose()
         await redis_connect.close(self._client)
 
     async def ping(self) -> None:
@@ -364,10 +424,16 @@ class RedisStore:
     async def _run(self, name: str, account_id: str, stamp: Stamp, args: Iterable[Any], *,
                    min_replicas: int = 0) -> dict[str, Any]:
         header = self._header(account_id, stamp)
-        keys = account_keys(self._prefix, self._buckets, account_id)
+        keys = _script_keys(self._prefix, self._buckets, account_id)
+        if self._mux is None or min_replicas:
+            args = redis_mux.flatten(args)
         try:
             if min_replicas:
                 raw, acked = await self._run_and_wait(name, keys, header + list(args), min_replicas)
+            elif self._mux is not None:
+                raw, acked = (await self._mux_scripts([(name, keys, header + list(args))]))[0], 0
+                if isinstance(raw, Exception):
+                    raise raw
             else:
                 raw, acked = await self._scripts[name](keys=keys, args=header + list(args)), 0
         except redis_errors.RedisError as exc:
@@ -609,8 +675,8 @@ class RedisStore:
         """(script, account, stamp, args) each -> its reply dict, or the QuotaError it failed with."""
         sent = []
         for name, account_id, stamp, args in calls:
-            sent.append((name, account_keys(self._prefix, self._buckets, account_id),
-                         self._header(account_id, stamp) + list(args)))
+            sent.append((name, _script_keys(self._prefix, self._buckets, account_id),
+                         self._header(account_id, stamp) + (list(args) if self._mux else redis_mux.flatten(args))))
         try:
             raws = await self._pipeline(sent)
             missing = [i for i, raw in enumerate(raws) if isinstance(raw, redis_errors.NoScriptError)]
@@ -629,11 +695,36 @@ class RedisStore:
     async def _pipeline(self, sent: Sequence[tuple[str, list[str], list[Any]]]) -> list[Any]:
         if self._cluster:
             return await self._cluster_batch(sent)
+        if self._mux is not None:
+            return await self._mux_scripts(sent)
         async with self._client.pipeline(transaction=False) as pipe:
             for name, keys, args in sent:
                 # Plain EVALSHA: redis-py's script-aware pipelines add a SCRIPT EXISTS round trip.
                 pipe.evalsha(self._scripts[name].sha, len(keys), *keys, *args)
             return list(await pipe.execute(raise_on_error=False))
+
+    async def _mux_scripts(self, sent: Sequence[tuple[str, _ScriptKeys, list[Any]]]) -> list[Any]:
+        """Each (script, keys, args) as one EVALSHA, written together in order: replies or errors.
+
+        Scripts Redis lost (NOSCRIPT: a restart, SCRIPT FLUSH) are loaded and those items sent
+        again; they did not run. A dropped connection is retried once, as redis-py's client is
+        configured to: every script is idempotent, so re-sending one that did run is safe."""
+        mux = self._mux
+        assert mux is not None
+        packed = [redis_mux.pack_command(["EVALSHA", self._scripts[name].sha, len(keys), keys.packed, *args])
+                  for name, keys, args in sent]
+        try:
+            replies = await mux.execute_many(packed)
+        except (redis_errors.ConnectionError, redis_errors.TimeoutError):
+            await asyncio.sleep(_RECONNECT_PAUSE_SECONDS)
+            replies = await mux.execute_many(packed)
+        missing = [i for i, raw in enumerate(replies) if isinstance(raw, redis_errors.NoScriptError)]
+        if missing:
+            for name in {sent[i][0] for i in missing}:
+                await mux.execute("SCRIPT", "LOAD", self._scripts[name].script)
+            for i, raw in zip(missing, await mux.execute_many([packed[i] for i in missing])):
+                replies[i] = raw
+        return replies
 
     async def _cluster_batch(self, sent: Sequence[tuple[str, list[str], list[Any]]]) -> list[Any]:
         """What _pipeline returns, on a cluster: one pipeline round trip per master.

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import functools
 import re
+from collections import OrderedDict
+from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, timezone
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -144,6 +146,35 @@ def candidate_months(tz: str, approx_now_ms: int) -> tuple[Window, Window, Windo
     """The months before, of, and after approx_now's local month (see candidate_windows)."""
     current = monthly_window(tz, approx_now_ms)
     return monthly_window(tz, current.start_ms - 1), current, monthly_window(tz, current.end_ms)
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """The day, week and month windows a decision offers Redis (see candidate_windows)."""
+
+    days: tuple[Window, Window, Window]
+    weeks: tuple[Window, Window, Window]
+    months: tuple[Window, Window, Window]
+
+
+# Zone -> the candidates of its current local day. They change only when that day ends, and
+# computing them (nine zoneinfo conversions) is a large share of a decision's CPU.
+_candidates_cache: OrderedDict[str, Candidates] = OrderedDict()
+_CANDIDATES_CACHE_ZONES = 1024
+
+
+def candidates(tz: str, approx_now_ms: int) -> Candidates:
+    """candidate_windows, _weeks and _months of ``tz`` at ``approx_now_ms``, cached per local day."""
+    cached = _candidates_cache.get(tz)
+    if cached is not None and cached.days[1].start_ms <= approx_now_ms < cached.days[1].end_ms:
+        return cached
+    fresh = Candidates(days=candidate_windows(tz, approx_now_ms), weeks=candidate_weeks(tz, approx_now_ms),
+                       months=candidate_months(tz, approx_now_ms))
+    _candidates_cache[tz] = fresh
+    _candidates_cache.move_to_end(tz)
+    if len(_candidates_cache) > _CANDIDATES_CACHE_ZONES:
+        _candidates_cache.popitem(last=False)
+    return fresh
 
 
 def _window_of_date(zone: ZoneInfo, day: date) -> Window:

@@ -1,0 +1,181 @@
+"""The multiplexed Redis connection of the decision path, on a real Redis.
+
+Coalescing, reply order, error classes, connection loss, overdue replies,
+auth and database selection, and which clients get one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+import redis.asyncio as aioredis
+from redis import exceptions as redis_errors
+
+from fault_proxy import FaultProxy
+from quota_sidecar import redis_connect
+from quota_sidecar.redis_mux import CLIENT_NAME, MuxConnection, Packed, flatten, pack_command
+from quota_sidecar.redis_server import RedisServerProcess
+from quota_sidecar.store import RedisStore
+
+
+def test_pack_command_is_resp_and_splices_packed_blocks() -> None:
+    block = Packed(["b", 2])
+    assert pack_command(["SET", "k", 7]) == b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\n7\r\n"
+    assert pack_command(["a", block, "c"]) == pack_command(["a", "b", 2, "c"])
+    assert flatten(["a", block, "c"]) == ["a", "b", 2, "c"]
+    assert pack_command(["é"]) == b"*1\r\n$2\r\n\xc3\xa9\r\n"  # lengths count bytes
+    with pytest.raises(TypeError):
+        pack_command([None])
+
+
+def _mux(server: RedisServerProcess, **kwargs: object) -> MuxConnection:
+    return MuxConnection(host="127.0.0.1", port=server.port, timeout_seconds=2.0, **kwargs)  # type: ignore[arg-type]
+
+
+async def _mux_clients(client: aioredis.Redis) -> list[dict[str, object]]:
+    return [c for c in await client.client_list() if c.get("name") == CLIENT_NAME]
+
+
+async def test_concurrent_callers_share_one_connection_and_get_their_own_replies(
+        redis_server: RedisServerProcess, redis_client: aioredis.Redis) -> None:
+    mux = _mux(redis_server)
+    before = len(await _mux_clients(redis_client))
+    try:
+        values = [uuid.uuid4().hex for _ in range(300)]
+        replies = await asyncio.gather(*(mux.execute("ECHO", v) for v in values))
+        assert replies == values
+        assert len(await _mux_clients(redis_client)) == before + 1
+        # One batch: commands written together, applied in order.
+        key = "mux:" + uuid.uuid4().hex
+        packed = [pack_command(["RPUSH", key, i]) for i in range(50)]
+        assert await mux.execute_many(packed) == list(range(1, 51))
+        assert await redis_client.lrange(key, 0, -1) == [str(i) for i in range(50)]
+        await redis_client.delete(key)
+    finally:
+        await mux.aclose()
+
+
+async def test_error_replies_are_redis_py_classes_and_leave_the_connection_usable(
+        redis_server: RedisServerProcess, redis_client: aioredis.Redis) -> None:
+    mux = _mux(redis_server)
+    key = "mux:" + uuid.uuid4().hex
+    try:
+        await redis_client.set(key, "x")
+        replies = await mux.execute_many([pack_command(["EVALSHA", "0" * 40, 0]), pack_command(["HGET", key, "f"]),
+                                          pack_command(["GET", key])])
+        assert isinstance(replies[0], redis_errors.NoScriptError)
+        assert isinstance(replies[1], redis_errors.ResponseError) and "WRONGTYPE" in str(replies[1])
+        assert replies[2] == "x"
+        with pytest.raises(redis_errors.ResponseError):
+            await mux.execute("NOSUCHCOMMAND")
+        assert await mux.execute("GET", key) == "x"
+    finally:
+        await redis_client.delete(key)
+        await mux.aclose()
+
+
+async def test_a_killed_connection_fails_its_calls_and_the_next_call_reconnects(
+        redis_server: RedisServerProcess, redis_client: aioredis.Redis) -> None:
+    mux = _mux(redis_server)
+    try:
+        assert await mux.execute("PING") == "PONG"
+        # A blocking command keeps a call in flight while the connection is killed under it.
+        in_flight = asyncio.ensure_future(mux.execute("BLPOP", "mux:" + uuid.uuid4().hex, 1))
+        await asyncio.sleep(0.05)
+        assert not in_flight.done()
+        for c in await _mux_clients(redis_client):
+            await redis_client.client_kill_filter(_id=c["id"])
+        with pytest.raises(redis_errors.ConnectionError):
+            await in_flight
+        assert await mux.execute("PING") == "PONG"
+    finally:
+        await mux.aclose()
+
+
+async def test_an_overdue_reply_fails_the_call_with_timeout_then_recovers(redis_server: RedisServerProcess) -> None:
+    async with FaultProxy("127.0.0.1", redis_server.port) as proxy:
+        mux = MuxConnection(host="127.0.0.1", port=proxy.port, timeout_seconds=0.3)
+        try:
+            assert await mux.execute("PING") == "PONG"
+            # A reply that is late but arrives: the call times out; no later call gets its reply.
+            await proxy.delay(600)
+            with pytest.raises(redis_errors.TimeoutError):
+                await mux.execute("ECHO", "late")
+            await proxy.delay(0)
+            assert await mux.execute("ECHO", "fresh") == "fresh"
+        finally:
+            await mux.aclose()
+
+
+async def test_unreachable_redis_is_a_connection_error(redis_server: RedisServerProcess) -> None:
+    async with FaultProxy("127.0.0.1", redis_server.port) as proxy:
+        await proxy.refuse()
+        mux = MuxConnection(host="127.0.0.1", port=proxy.port, timeout_seconds=0.5)
+        with pytest.raises(redis_errors.ConnectionError):
+            await mux.execute("PING")
+        await mux.aclose()
+        with pytest.raises(redis_errors.ConnectionError):
+            await mux.execute("PING")  # closed for good
+
+
+async def test_auth_and_database_come_from_the_url(redis_server: RedisServerProcess,
+                                                   redis_client: aioredis.Redis) -> None:
+    user, password, key = "mux" + uuid.uuid4().hex[:8], uuid.uuid4().hex, "mux:" + uuid.uuid4().hex
+    await redis_client.execute_command("ACL", "SETUSER", user, "on", f">{password}", "~*", "+@all")
+    client = redis_connect.connect(f"redis://{user}:{password}@127.0.0.1:{redis_server.port}/3", timeout_seconds=2)
+    bad = redis_connect.connect(f"redis://{user}:wrong@127.0.0.1:{redis_server.port}/3", timeout_seconds=2)
+    mux = MuxConnection.for_client(client, timeout_seconds=2)
+    bad_mux = MuxConnection.for_client(bad, timeout_seconds=2)
+    assert mux is not None and bad_mux is not None
+    try:
+        await mux.execute("SET", key, "in-db-3")
+        db3 = aioredis.from_url(f"redis://127.0.0.1:{redis_server.port}/3", decode_responses=True)
+        assert await db3.get(key) == "in-db-3"
+        assert await redis_client.get(key) is None  # not db 0
+        await db3.delete(key)
+        await db3.aclose()
+        with pytest.raises(redis_errors.RedisError):
+            await bad_mux.execute("PING")
+    finally:
+        await mux.aclose()
+        await bad_mux.aclose()
+        await client.aclose()
+        await bad.aclose()
+        await redis_client.execute_command("ACL", "DELUSER", user)
+
+
+def test_only_plain_single_redis_clients_get_a_multiplexed_connection(tmp_path: object) -> None:
+    single = redis_connect.connect("redis://127.0.0.1:1/0", timeout_seconds=1)
+    unix = redis_connect.connect("unix:///tmp/redis.sock", timeout_seconds=1)
+    tls = redis_connect.connect("rediss://127.0.0.1:1/0", timeout_seconds=1)
+    cluster = redis_connect.connect("redis+cluster://127.0.0.1:1", timeout_seconds=1)
+    sentinel = redis_connect.connect("redis+sentinel://127.0.0.1:1/mymaster", timeout_seconds=1)
+    assert MuxConnection.for_client(single, timeout_seconds=1) is not None
+    assert MuxConnection.for_client(unix, timeout_seconds=1) is not None
+    for other in (tls, cluster, sentinel):
+        assert MuxConnection.for_client(other, timeout_seconds=1) is None
+    assert RedisStore(single)._mux is not None
+    assert RedisStore(single, multiplex=False)._mux is None
+
+
+async def test_the_store_sends_decisions_over_the_multiplexed_connection(
+        redis_server: RedisServerProcess, redis_client: aioredis.Redis, key_prefix: str) -> None:
+    from quota_sidecar.engine import QuotaEngine
+    from quota_sidecar.model import JobParams
+    from quota_sidecar.plans import load_plans
+
+    store = RedisStore.from_url(redis_server.url, key_prefix=key_prefix)
+    engine = QuotaEngine(load_plans(), store)
+    try:
+        await redis_client.script_flush()  # NOSCRIPT on the first call: loaded and sent again
+        job = JobParams(duration_seconds=10, resolution="720p")
+        decisions = await asyncio.gather(*(engine.check_and_reserve(f"acct{i % 4}", "sora", f"r{i}", job)
+                                           for i in range(40)))
+        assert all(d.outcome.allowed for d in decisions)
+        assert [c for c in await _mux_clients(redis_client)]
+        replay = await engine.check_and_reserve("acct0", "sora", "r0", job)
+        assert replay.outcome.replayed and replay.outcome.expires_ms == decisions[0].outcome.expires_ms
+    finally:
+        await store.close()
