@@ -7,7 +7,7 @@ Needs nothing but grpcio, so it runs in a throwaway venv holding an older or
 newer release: a no-op unary server (generic handler, raw bytes of the size of
 a CheckAndReserve exchange) in one process, a closed-loop grpc.aio client in
 another, on 127.0.0.1. Prints RPC/s and the server's CPU per RPC. Bounded by
---seconds.
+--seconds. GRPCIO_FLOOR_UVLOOP=1 runs both sides on uvloop (when installed).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import asyncio
 import multiprocessing
 import os
 import time
+from typing import Any
 
 import grpc
 
@@ -43,7 +44,15 @@ def _serve(port_queue: "multiprocessing.Queue[int]", stop: "multiprocessing.Even
             await asyncio.sleep(0.05)
         await server.stop(0.5)
 
-    asyncio.run(main())
+    _run(main())
+
+
+def _run(coro: Any) -> Any:
+    if os.environ.get("GRPCIO_FLOOR_UVLOOP"):
+        import uvloop
+
+        return uvloop.run(coro)
+    return asyncio.run(coro)
 
 
 async def _load(port: int, seconds: float, concurrency: int) -> int:
@@ -74,11 +83,12 @@ def main() -> None:
     server.start()
     try:
         port = queue.get(timeout=30)
-        asyncio.run(_load(port, min(1.0, ns.seconds), ns.concurrency))  # warm-up
+        _run(_load(port, min(1.0, ns.seconds), ns.concurrency))  # warm-up
         cpu_before = _cpu_seconds(server.pid)
-        count = asyncio.run(_load(port, ns.seconds, ns.concurrency))
+        count = _run(_load(port, ns.seconds, ns.concurrency))
         server_cpu = _cpu_seconds(server.pid) - cpu_before
-        print(f"grpcio {grpc.__version__}: {count / ns.seconds:.0f} RPC/s, "
+        loop = "uvloop" if os.environ.get("GRPCIO_FLOOR_UVLOOP") else "asyncio"
+        print(f"grpcio {grpc.__version__} on {loop}: {count / ns.seconds:.0f} RPC/s, "
               f"server {server_cpu / count * 1e6:.0f} µs CPU/RPC ({ns.concurrency} callers, {ns.seconds:g} s)")
     finally:
         stop.set()

@@ -193,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .server import run
+    from .server import run, run_until_complete
     from .workers import WORKER_ENV, decode_worker, supervise
 
     worker: int | None = None
@@ -212,7 +212,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         if settings.workers > 1:
             return supervise(settings)
-        asyncio.run(run(settings, worker=worker))
+        run_until_complete(run(settings, worker=worker), settings.event_loop)
     except PlansError as exc:
         print(f"quota-sidecar: invalid plans file: {exc.message}", file=sys.stderr)
         return 2

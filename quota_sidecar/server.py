@@ -18,7 +18,7 @@ import logging
 import os
 import signal
 import uuid
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Coroutine
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -44,6 +44,20 @@ log = logging.getLogger("quota_sidecar.server")
 SERVICE_NAME = quota_pb2.DESCRIPTOR.services_by_name["QuotaService"].full_name
 ADMIN_NAME = quota_pb2.DESCRIPTOR.services_by_name["QuotaAdmin"].full_name
 HEALTH_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+
+
+def run_until_complete(main: Coroutine[Any, Any, Any], event_loop: str = "auto") -> Any:
+    """Runs ``main`` on the event loop ``event_loop`` names (see Settings.event_loop)."""
+    if event_loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if event_loop == "uvloop":
+                main.close()
+                raise RuntimeError("--event-loop uvloop: uvloop is not installed") from None
+        else:
+            return uvloop.run(main)
+    return asyncio.run(main)
 
 
 def _options(settings: Settings, *, reuse_port: bool = False) -> list[tuple[str, int]]:

@@ -15,6 +15,9 @@ from typing import Any, Mapping
 from .errors import InvalidArgument
 
 
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")
+
+
 def _setting(default: Any, help: str, metavar: str = "") -> Any:
     if isinstance(default, tuple):
         return field(default=default, metadata={"help": help, "metavar": metavar or "ADDR", "repeat": True})
@@ -88,6 +91,9 @@ class Settings:
            "--listen addresses with fixed ports (no unix:, no port 0)", "N")
     max_batch_items: int = _setting(
         100, "most items in one CheckAndReserveBatch, CommitBatch or ReleaseBatch request", "N")
+    event_loop: str = _setting(
+        "auto", "event loop of each server process: auto (uvloop when installed, else asyncio's), uvloop or "
+                "asyncio; uvloop took 10-15 percent less CPU per call in benchmarks/", "LOOP")
 
     def __post_init__(self) -> None:
         if not self.listen:
@@ -122,6 +128,8 @@ class Settings:
             raise InvalidArgument("max_message_bytes", "must be at least 1024")
         if not 1 <= self.max_batch_items <= 10_000:
             raise InvalidArgument("max_batch_items", "must be between 1 and 10000")
+        if self.event_loop not in EVENT_LOOPS:
+            raise InvalidArgument("event_loop", f"must be one of {', '.join(EVENT_LOOPS)}, not {self.event_loop!r}")
         self._check_workers()
         self._check_admin_auth()
 
