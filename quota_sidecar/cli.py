@@ -13,6 +13,7 @@
     quota-sidecar account --account A / ledger --account A              (admin address)
     quota-sidecar audit   (--account A | --all) --redis-url URL
     quota-sidecar check-plans FILE
+    quota-sidecar loadtest [--concurrency N | --rate R] [--duration S | --requests N] [--plot FILE] ...
 
 Client verbs print readable text, or the response as JSON with --json; a gRPC
 error prints its code, message and details and exits 1. Admin verbs also take
@@ -173,7 +174,87 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check-plans", help="validate a plans file and print a summary")
     p.add_argument("file")
+    _loadtest_parser(sub)
     return parser
+
+
+def _loadtest_parser(sub: Any) -> None:
+    p = sub.add_parser("loadtest", help="load-test a running sidecar and report latency and throughput", description=(
+        "Drive a running sidecar's worker API with CheckAndReserve decisions and their follow-ups "
+        "(commit, release, extend, or abandon) and report throughput, latency percentiles (HDR histogram), "
+        "statuses, denials and fundings. Closed loop by default (--concurrency callers, one job in flight each); "
+        "--rate is an open loop that measures latency from each call's intended send time (corrects for "
+        "coordinated omission). Exit 0 on success, 1 when a call failed with any status but OK (unless "
+        "--allow-errors), the --audit found a violation or the target could not be reached, 2 on bad flags."))
+    p.add_argument("--target", default=None, metavar="ADDR", help=(
+        f"the sidecar's --listen address, host:port or unix:/path [env QUOTA_TARGET; default: {DEFAULT_TARGET}]"))
+    loop = p.add_mutually_exclusive_group()
+    loop.add_argument("--concurrency", type=int, default=16, metavar="N", help=(
+        "closed loop: N callers, each with one job (reserve + follow-up) in flight [default: 16]"))
+    loop.add_argument("--rate", type=float, default=0.0, metavar="R", help=(
+        "open loop: R decisions per second on a fixed schedule (with --batch, R/K batches per second), "
+        "latency measured from the intended send time [default: 0 = closed loop]"))
+    p.add_argument("--max-inflight", type=int, default=10000, metavar="N", help=(
+        "open loop: most jobs in flight; a scheduled decision that finds them all busy is dropped and "
+        "counted [default: 10000]"))
+    stop = p.add_mutually_exclusive_group()
+    stop.add_argument("--duration", type=float, default=None, metavar="S",
+                      help="measure for S seconds after the warm-up [default: 10]")
+    stop.add_argument("--requests", type=int, default=0, metavar="N", help=(
+        "stop after N measured decisions instead (open loop: N scheduled, sent or dropped) [default: 0 = "
+        "use --duration]"))
+    p.add_argument("--warmup", type=float, default=1.0, metavar="S",
+                   help="calls started in the first S seconds are made but not recorded [default: 1]")
+    p.add_argument("--accounts", type=int, default=1000, metavar="N",
+                   help="accounts PREFIX-0 .. PREFIX-(N-1) the decisions are spread over [default: 1000]")
+    p.add_argument("--account-prefix", default="lt", metavar="PREFIX", help="account ids are PREFIX-<i> [default: lt]")
+    p.add_argument("--zipf", type=float, default=0.0, metavar="S", help=(
+        "Zipf exponent of the account draw: account i has weight 1/(i+1)^S, so PREFIX-0 is the hottest "
+        "[default: 0 = uniform]"))
+    p.add_argument("--seed", type=int, default=0, metavar="N",
+                   help="seed of the account, job and follow-up draws; same seed, same sequence [default: 0]")
+    p.add_argument("--product", default="sora", metavar="NAME", help="the product every job asks for [default: sora]")
+    p.add_argument("--job", action="append", default=None, metavar="SPEC", help=(
+        "a job size of the mix, repeatable: key=value pairs of duration, resolution, model, units, weight "
+        "(e.g. duration=10,resolution=720p,weight=2), or a built-in mix by product kind: video (5/10/15 s at "
+        "480p/720p) or task (1..5 units) [default: the product's built-in mix: sora video, codex task]"))
+    p.add_argument("--mix", default="commit=0.8,release=0.1,abandon=0.05,extend=0.05", metavar="SPEC", help=(
+        "follow-up weights of an allowed reservation: commit, release, abandon (nothing; the hold expires "
+        "by its TTL), extend (ExtendReservation, then Commit) [default: commit=0.8,release=0.1,abandon=0.05,"
+        "extend=0.05]"))
+    p.add_argument("--ttl", type=int, default=0, metavar="S",
+                   help="hold lifetime in seconds, 1 to 86400 [default: 0 = the product's default]")
+    p.add_argument("--batch", type=int, default=0, metavar="K", help=(
+        "K decisions per CheckAndReserveBatch, follow-ups by CommitBatch/ReleaseBatch [default: 0 = single "
+        "calls]"))
+    p.add_argument("--max-batch-items", type=int, default=100, metavar="N",
+                   help="the sidecar's --max-batch-items; --batch may not exceed it [default: 100]")
+    p.add_argument("--channels", type=int, default=1, metavar="N",
+                   help="gRPC channels (connections) the calls are spread over [default: 1]")
+    p.add_argument("--timeout", type=float, default=5.0, metavar="S",
+                   help="deadline of every call, seconds [default: 5]")
+    p.add_argument("--admin-target", default=None, metavar="ADDR", help=(
+        "the sidecar's --admin-listen address, for --credits-per-account [env QUOTA_ADMIN_TARGET; default: "
+        f"{DEFAULT_ADMIN_TARGET}]"))
+    p.add_argument("--credits-per-account", type=int, default=0, metavar="N", help=(
+        "before the run, GrantCredits N to every account with purchase id loadtest-N-<account>, so a "
+        "re-run does not grant again [default: 0 = no grants]"))
+    _admin_credentials(p)
+    p.add_argument("--audit", action="store_true", help=(
+        "after the run, run the conservation audit (as `audit`) over every account the run reserved for or "
+        "granted credits to (needs --redis-url); exit 1 on a violation"))
+    p.add_argument("--redis-url", default=None, metavar="URL",
+                   help="the Redis the sidecar uses, for --audit (read only)")
+    p.add_argument("--key-prefix", default="qs", metavar="PREFIX", help="as the sidecar's --key-prefix [default: qs]")
+    p.add_argument("--key-buckets", type=int, default=256, metavar="N",
+                   help="as the sidecar's --key-buckets [default: 256]")
+    p.add_argument("--plot", default=None, metavar="FILE", help=(
+        "write a latency plot: a self-contained HTML file (percentile curve, throughput and p99 per second), "
+        "or a PNG when FILE ends in .png and matplotlib is installed"))
+    p.add_argument("--json", action="store_true", help="print the report as JSON (shape: quota_sidecar/loadtest.py)")
+    p.add_argument("--quiet", action="store_true", help="no live progress on stderr")
+    p.add_argument("--allow-errors", action="store_true",
+                   help="exit 0 even when calls failed (they are still counted and reported)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -187,6 +268,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return asyncio.run(audit_main(args.redis_url, account=args.account, all_accounts=args.all,
                                       key_prefix=args.key_prefix, key_buckets=args.key_buckets))
+    if args.verb == "loadtest":
+        from .loadtest import cli_main
+
+        return cli_main(args)
     from . import cli_client  # grpc client code only when a client verb runs
 
     return cli_client.run_verb(args)
