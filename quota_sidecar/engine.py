@@ -74,7 +74,7 @@ DEFAULT_LEDGER_PAGE = 100
 DEFAULT_TIME_ZONE = "UTC"
 PLANS_VERSIONS_KEPT = 16
 DAY_MS = 86_400_000
-# Distinct (product, job size) pricings kept; beyond it the cache starts again.
+# Distinct (product, job size) pricings and fingerprints kept; beyond it a cache starts again.
 SEGMENTS_CACHE_ENTRIES = 4096
 _STREAM_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
 
@@ -252,6 +252,7 @@ class QuotaEngine:
         self._plans_by_version: OrderedDict[str, Plans] = OrderedDict()
         # (product, job, schedule span) -> (the plans they were priced under, segments); see _segments.
         self._segments_cache: dict[tuple[Any, ...], tuple[Plans, tuple[Segment, ...]]] = {}
+        self._fingerprints: dict[tuple[Any, ...], str] = {}
         self.set_plans(plans)
         # Reservations decided without Redis (fail_open_free); None: every product fails closed.
         self.degraded = degraded
@@ -303,6 +304,16 @@ class QuotaEngine:
                                     plan_rows=rows))
         return tuple(segments)
 
+    def _fingerprint(self, product: str, job: JobParams, ttl_seconds: int) -> str:
+        """fingerprint(), remembered: workers send the same few job sizes over and over."""
+        key = (product, _job_key(job), ttl_seconds)
+        cached = self._fingerprints.get(key)
+        if cached is None:
+            if len(self._fingerprints) >= SEGMENTS_CACHE_ENTRIES:
+                self._fingerprints.clear()
+            cached = self._fingerprints[key] = fingerprint(product, job, ttl_seconds)
+        return cached
+
     def plans_versions(self) -> tuple[str, ...]:
         """Versions kept for pricing commits, oldest first."""
         return tuple(self._plans_by_version)
@@ -347,7 +358,7 @@ class QuotaEngine:
         return _Prepared(account_id=account_id, product=product, reservation_id=rid, job=job, plans=plans,
                          ttl_seconds=ttl_seconds, ttl_ms=(ttl_seconds or plans.default_ttl_seconds(product)) * 1000,
                          segments=self._segments(base, product, job),
-                         fingerprint=fingerprint(product, job, ttl_seconds))
+                         fingerprint=self._fingerprint(product, job, ttl_seconds))
 
     def _command(self, p: _Prepared, tz: str, days: tuple[Window, ...] | None = None,
                  weeks: tuple[Window, ...] | None = None, months: tuple[Window, ...] | None = None) -> ReserveCommand:

@@ -41,10 +41,17 @@ CLIENT_NAME = "quota-sidecar-mux"
 
 
 def _encode(arg: Any) -> bytes:
-    if isinstance(arg, bytes):
-        return arg
-    if isinstance(arg, str):
+    kind = type(arg)  # exact types first: this runs for every argument of every command
+    if kind is str:
         return arg.encode()
+    if kind is bytes:
+        return arg
+    if kind is int:
+        return b"%d" % arg
+    if isinstance(arg, bytes):
+        return bytes(arg)
+    if isinstance(arg, str):
+        return str(arg).encode()
     if isinstance(arg, int) and not isinstance(arg, bool):
         return b"%d" % arg
     if isinstance(arg, float):
@@ -83,7 +90,7 @@ def pack_command(args: Iterable[Any]) -> bytes:
     """A RESP array of bulk strings."""
     count, parts = 0, []
     for arg in args:
-        if isinstance(arg, Packed):
+        if type(arg) is Packed:
             count += len(arg.args)
             parts.append(arg.data)
         else:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import sys
 from typing import Any, Awaitable, Callable, TypeVar
 
 import grpc
@@ -126,6 +127,17 @@ def item_error(exc: QuotaError, index: int) -> pb.ItemError:
     return error
 
 
+if sys.version_info >= (3, 11):
+    async def _within(call: Awaitable[R], seconds: float) -> R:
+        # Cancels this task at the deadline: no extra task per call, as wait_for makes
+        # before 3.12 (a tenth of a decision's CPU in profiles).
+        async with asyncio.timeout(seconds):
+            return await call
+else:  # pragma: no cover - Python 3.10
+    async def _within(call: Awaitable[R], seconds: float) -> R:
+        return await asyncio.wait_for(call, seconds)
+
+
 def _rpc(method: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
     """Turns domain errors raised by a servicer method into gRPC status."""
 
@@ -138,7 +150,7 @@ def _rpc(method: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
                 return await method(self, request, context)
             if remaining <= 0:
                 raise asyncio.TimeoutError
-            return await asyncio.wait_for(method(self, request, context), remaining)
+            return await _within(method(self, request, context), remaining)
         except asyncio.TimeoutError:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
                                 "the call's deadline passed before Redis answered; retrying with the same ids is safe")
