@@ -1,0 +1,180 @@
+"""Instructions per reserve script call, counted by callgrind: a Redis cost that ignores noise.
+
+    .venv/bin/python benchmarks/lua_cost.py [--calls 200] [--redis-server PATH]
+
+Timings on a shared 2-core VM move by tens of percent between runs; instruction
+counts do not. This runs a redis-server (persistence off) under
+``valgrind --tool=callgrind`` on a free 127.0.0.1 port in a temporary folder,
+makes decisions through the real engine and store, and reads the instructions
+Redis executed per call (``callgrind_control -z`` before, ``-d`` after), for:
+
+  free      decisions funded by the daily free allowance
+  credits   decisions funded by credits (the allowance already used up)
+  baseline  a script that only returns 1, sent the same KEYS and ARGV
+
+Needs valgrind (Debian: apt-get install valgrind). Counts include Redis' own
+work per command (reading the request, the reply), not the client's. Roughly
+4-6k instructions are a microsecond on the machines of benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import glob
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import redis  # noqa: E402
+import redis.asyncio as aioredis  # noqa: E402
+
+from quota_sidecar.engine import QuotaEngine  # noqa: E402
+from quota_sidecar.model import JobParams  # noqa: E402
+from quota_sidecar.plans import load_plans  # noqa: E402
+from quota_sidecar.redis_server import find_redis_server  # noqa: E402
+from quota_sidecar.store import RedisStore, _reserve_args, _script_keys  # noqa: E402
+from quota_sidecar import redis_mux  # noqa: E402
+
+JOB = JobParams(duration_seconds=10, resolution="720p")
+ACCOUNTS = 20
+START_TIMEOUT_SECONDS = 60.0
+
+
+class CallgrindRedis:
+    """A redis-server under callgrind, with counters that can be zeroed and read."""
+
+    def __init__(self, binary: str, workdir: Path) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.workdir = workdir
+        self.proc = subprocess.Popen(
+            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={workdir}/cg.out.%p", binary,
+             "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_SECONDS
+        while time.monotonic() < deadline:
+            try:
+                redis.Redis(port=self.port, socket_timeout=5).ping()
+                return
+            except redis.RedisError:
+                time.sleep(0.2)
+        raise RuntimeError("redis-server under callgrind did not answer in time")
+
+    def zero(self) -> None:
+        subprocess.run(["callgrind_control", "-z", str(self.proc.pid)], check=True, capture_output=True)
+
+    def instructions(self) -> int:
+        """Instructions since the last zero()."""
+        subprocess.run(["callgrind_control", "-d", str(self.proc.pid)], check=True, capture_output=True)
+        newest = max(glob.glob(f"{self.workdir}/cg.out.*"), key=os.path.getmtime)
+        match = re.search(r"^(?:summary|totals): (\d+)", Path(newest).read_text(), re.MULTILINE)
+        assert match, f"no totals in {newest}"
+        return int(match.group(1))
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+async def _engine(url: str) -> tuple[QuotaEngine, RedisStore]:
+    store = RedisStore.from_url(url, key_prefix="cost", timeout_seconds=60)
+    await store._client.flushall()
+    return QuotaEngine(load_plans(), store), store
+
+
+async def _prepare_accounts(engine: QuotaEngine, credits_path: bool) -> list[str]:
+    accounts = [f"acct{i}" for i in range(ACCOUNTS)]
+    for account in accounts:
+        await engine.grant(account, 1_000_000, "buy-" + account)
+        # The first decision of the day also prunes old windows: outside the count.
+        for _ in range(30 if credits_path else 1):
+            rid = uuid.uuid4().hex
+            await engine.check_and_reserve(account, "sora", rid, JOB)
+            await engine.commit(account, rid)
+    return accounts
+
+
+async def _decisions(server: CallgrindRedis, calls: int, credits_path: bool) -> float:
+    engine, store = await _engine(server.url)
+    try:
+        accounts = await _prepare_accounts(engine, credits_path)
+        server.zero()
+        for i in range(calls):
+            decision = await engine.check_and_reserve(accounts[i % ACCOUNTS], "sora", uuid.uuid4().hex, JOB)
+            funding = decision.outcome.funding
+            assert decision.outcome.allowed and funding is not None
+            assert funding.value == ("credits" if credits_path else "free"), funding
+        return server.instructions() / calls
+    finally:
+        await store.close()
+
+
+async def _baseline(server: CallgrindRedis, calls: int) -> float:
+    """'return 1' sent the KEYS and ARGV of a real decision."""
+    engine, store = await _engine(server.url)
+    captured: dict[str, Any] = {}
+    original = store.reserve
+
+    async def capture(cmd: Any) -> Any:
+        captured["cmd"] = cmd
+        return await original(cmd)
+
+    store.reserve = capture  # type: ignore[method-assign]
+    await engine.check_and_reserve("acct0", "sora", "capture", JOB)
+    cmd = captured["cmd"]
+    keys = list(_script_keys("cost", 256, cmd.account_id))
+    args = store._header(cmd.account_id, cmd.stamp) + redis_mux.flatten(_reserve_args(cmd))
+    client = aioredis.from_url(server.url, decode_responses=True)
+    try:
+        sha = await client.script_load("return 1")
+        server.zero()
+        for _ in range(calls):
+            await client.evalsha(sha, len(keys), *keys, *args)
+        return server.instructions() / calls
+    finally:
+        await client.aclose()
+        await store.close()
+
+
+async def main(calls: int, binary: str) -> None:
+    if not shutil.which("valgrind") or not shutil.which("callgrind_control"):
+        raise SystemExit("lua_cost: valgrind is not installed (Debian: apt-get install valgrind)")
+    with tempfile.TemporaryDirectory(prefix="qs-lua-cost-") as tmp:
+        server = CallgrindRedis(binary, Path(tmp))
+        try:
+            results = {"free": await _decisions(server, calls, credits_path=False),
+                       "credits": await _decisions(server, calls, credits_path=True),
+                       "baseline": await _baseline(server, calls)}
+        finally:
+            server.stop()
+    print(f"redis-server {binary}, {calls} calls each, instructions per reserve EVALSHA:")
+    for name, per_call in results.items():
+        print(f"  {name:9s} {per_call / 1000:8.1f} k")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=200, help="decisions per scenario (bounded)")
+    parser.add_argument("--redis-server", default="", help="redis-server binary (default: the newest found)")
+    ns = parser.parse_args()
+    asyncio.run(main(ns.calls, find_redis_server(ns.redis_server)))
