@@ -73,27 +73,57 @@ def _limit_text(limit: Any) -> str:
     return f"{limit.limit_id} ({window})"
 
 
+def table(headers: list[str], rows: list[list[Any]]) -> list[str]:
+    """Aligned columns; numbers right-aligned, text left-aligned; two spaces between columns."""
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(row[i]) for row in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    numeric = [bool(rows) and all(isinstance(row[i], int) for row in rows) for i in range(len(headers))]
+
+    def line(values: list[str]) -> str:
+        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)).rstrip()
+
+    return [line(headers), *(line(row) for row in cells)]
+
+
+def _limit_rows(r: pb.GetBalanceResponse, tz: str) -> list[list[Any]]:
+    rows: list[list[Any]] = []
+    for a in r.allowances:
+        notes = ([f"in flight {a.jobs_in_flight}/{a.max_concurrent}"] if a.max_concurrent else []) + \
+                (["account override"] if a.overridden else [])
+        for st in a.limits or [None]:
+            if st is None:  # a product the plan gives no free allowance for
+                rows.append([a.product, "-", a.free_used, a.free_limit, format_time(_ms(a.free_resets_at), tz),
+                             ", ".join(notes)])
+                continue
+            rows.append([a.product, _limit_text(st), st.used, st.limit, format_time(_ms(st.resets_at), tz),
+                         ", ".join(notes + (["shadow"] if st.shadow else []))])
+    return rows
+
+
 def _print_balance(r: pb.GetBalanceResponse) -> None:
     tz = r.time_zone or "UTC"
     print(f"account {r.account_id}  plan {r.plan}  time zone {tz}")
+    print(f"credits available {r.credit_balance}, held {r.credits_held}")
+    print()
+    for row in table(["PRODUCT", "FREE LIMIT", "USED", "OF", "RESETS", "NOTE"], _limit_rows(r, tz)):
+        print(row)
     for a in r.allowances:
-        print(f"  {a.product:<8} free {a.free_used}/{a.free_limit}  resets {format_time(_ms(a.free_resets_at), tz)}"
-              + (f"  in flight {a.jobs_in_flight}/{a.max_concurrent}" if a.max_concurrent else "")
-              + ("  (account override)" if a.overridden else ""))
-        if len(a.limits) > 1 or any(st.shadow for st in a.limits):
-            for st in a.limits:
-                print(f"           {_limit_text(st)}: {st.used}/{st.limit}, a unit frees "
-                      f"{format_time(_ms(st.resets_at), tz)}" + ("  [shadow]" if st.shadow else ""))
         for change in a.upcoming:
             limits = ", ".join(f"{_limit_text(x)} {x.free}" for x in change.limits)
-            print(f"           from {format_time(_ms(change.effective_from), tz)}: {limits}")
-    print(f"  credits available {r.credit_balance}, held {r.credits_held}")
-    for lot in r.lots:
-        print(f"    lot {lot.lot_id}: {lot.credits_left}/{lot.credits_granted} left, "
-              f"expires {format_time(_ms(lot.expires_at), tz)}")
-    for h in r.holds:
-        held = "1 free unit" if h.funding == pb.FUNDING_FREE_QUOTA else f"{h.credits_held} credit(s)"
-        print(f"    hold {h.reservation_id} ({h.product}): {held} until {format_time(_ms(h.expires_at), tz)}")
+            print(f"  {a.product} from {format_time(_ms(change.effective_from), tz)}: {limits}")
+    if r.lots:
+        print()
+        for row in table(["LOT", "LEFT", "GRANTED", "SOURCE", "EXPIRES"], [
+                [lot.lot_id, lot.credits_left, lot.credits_granted,
+                 pb.CreditSource.Name(lot.source).removeprefix("CREDIT_SOURCE_").lower(),
+                 format_time(_ms(lot.expires_at), tz)] for lot in r.lots]):
+            print(row)
+    if r.holds:
+        print()
+        for row in table(["HOLD", "PRODUCT", "FUNDED BY", "CREDITS", "EXPIRES"], [
+                [h.reservation_id, h.product, _FUNDING_TEXT.get(h.funding, "?"), h.credits_held,
+                 format_time(_ms(h.expires_at), tz)] for h in r.holds]):
+            print(row)
 
 
 def _read_client_file(path: str, flag: str) -> bytes:

@@ -244,10 +244,12 @@ def test_readme_walkthrough_via_cli(sidecar: Sidecar) -> None:
 
     out = _ok(cli("balance", "--account", account, "--target", sidecar.target))
     assert f"account {account}  plan free  time zone UTC" in out, out
-    assert "sora     free 30/30" in out, out
     assert "credits available 9, held 0" in out, out
-    assert "lot pay-1: 9/10 left" in out, out
-    assert "hold " not in out, out  # everything was committed
+    # Tables: each limit with its reset time in the account's zone, the lots, the holds.
+    assert re.search(r"^PRODUCT +FREE LIMIT +USED +OF +RESETS +NOTE$", out, re.MULTILINE), out
+    assert re.search(r"^sora +daily \(per day\) +30 +30 +\d{4}-\d\d-\d\d 00:00:00 UTC$", out, re.MULTILINE), out
+    assert re.search(r"^pay-1 +9 +10 +purchase +\d{4}-", out, re.MULTILINE), out
+    assert "HOLD" not in out, out  # everything was committed
 
     data = json.loads(_ok(cli("balance", "--account", account, "--json", "--target", sidecar.target)))
     # proto3 JSON: int64 as strings, proto field names, zero values printed too.
@@ -260,6 +262,17 @@ def test_readme_walkthrough_via_cli(sidecar: Sidecar) -> None:
 
 
 # --------------------------------------------------------------------------- 2. CLI errors
+
+
+def test_table_aligns_text_left_and_numbers_right() -> None:
+    from quota_sidecar.cli_client import table
+
+    assert table(["LOT", "LEFT", "SOURCE"], [["a", 9, "purchase"], ["longer-id", 10, "promo"]]) == [
+        "LOT        LEFT  SOURCE",
+        "a             9  purchase",
+        "longer-id    10  promo",
+    ]
+    assert table(["HOLD", "CREDITS"], []) == ["HOLD  CREDITS"]
 
 
 def test_cli_error_output(sidecar: Sidecar) -> None:
@@ -491,7 +504,7 @@ def test_embedded_redis_persists_across_restarts(short_dir: str) -> None:
         assert "development only" in sc.serve.stderr
         out = _ok(cli("balance", "--account", account, "--target", sc.target))
         assert "credits available 10, held 0" in out, out
-        assert "lot pay-e: 10/10 left" in out, out
+        assert re.search(r"^pay-e +10 +10 +purchase ", out, re.MULTILINE), out
         match2 = _EMBEDDED_RE.search(sc.serve.stderr)
         assert match2, sc.serve.stderr
         assert sc.serve.terminate() == 0, sc.serve.stderr
