@@ -32,19 +32,18 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import redis  # noqa: E402
-import redis.asyncio as aioredis  # noqa: E402
+import redis_probes  # noqa: E402  (benchmarks/)
 
 from quota_sidecar.engine import QuotaEngine  # noqa: E402
 from quota_sidecar.model import JobParams  # noqa: E402
 from quota_sidecar.plans import load_plans  # noqa: E402
 from quota_sidecar.redis_server import find_redis_server  # noqa: E402
-from quota_sidecar.store import RedisStore, _reserve_args, _script_keys  # noqa: E402
-from quota_sidecar import redis_mux  # noqa: E402
+from quota_sidecar.store import RedisStore  # noqa: E402
 
 JOB = JobParams(duration_seconds=10, resolution="720p")
 ACCOUNTS = 20
@@ -129,31 +128,18 @@ async def _decisions(server: CallgrindRedis, calls: int, credits_path: bool) -> 
         await store.close()
 
 
-async def _baseline(server: CallgrindRedis, calls: int) -> float:
+def _baseline(server: CallgrindRedis, calls: int) -> float:
     """'return 1' sent the KEYS and ARGV of a real decision."""
-    engine, store = await _engine(server.url)
-    captured: dict[str, Any] = {}
-    original = store.reserve
-
-    async def capture(cmd: Any) -> Any:
-        captured["cmd"] = cmd
-        return await original(cmd)
-
-    store.reserve = capture  # type: ignore[method-assign]
-    await engine.check_and_reserve("acct0", "sora", "capture", JOB)
-    cmd = captured["cmd"]
-    keys = list(_script_keys("cost", 256, cmd.account_id))
-    args = store._header(cmd.account_id, cmd.stamp) + redis_mux.flatten(_reserve_args(cmd))
-    client = aioredis.from_url(server.url, decode_responses=True)
+    call = redis_probes.capture_reserve_call(server.url, "acct0")  # EVALSHA sha numkeys KEYS... ARGV...
+    client = redis.Redis(port=server.port)
     try:
-        sha = await client.script_load("return 1")
+        call[1] = client.script_load("return 1")
         server.zero()
         for _ in range(calls):
-            await client.evalsha(sha, len(keys), *keys, *args)
+            client.execute_command(*call)
         return server.instructions() / calls
     finally:
-        await client.aclose()
-        await store.close()
+        client.close()
 
 
 async def main(calls: int, binary: str) -> None:
@@ -164,7 +150,7 @@ async def main(calls: int, binary: str) -> None:
         try:
             results = {"free": await _decisions(server, calls, credits_path=False),
                        "credits": await _decisions(server, calls, credits_path=True),
-                       "baseline": await _baseline(server, calls)}
+                       "baseline": await asyncio.to_thread(_baseline, server, calls)}
         finally:
             server.stop()
     print(f"redis-server {binary}, {calls} calls each, instructions per reserve EVALSHA:")

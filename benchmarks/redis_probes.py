@@ -31,6 +31,7 @@ import redis.asyncio as aioredis
 from quota_sidecar.engine import QuotaEngine
 from quota_sidecar.model import JobParams
 from quota_sidecar.plans import load_plans
+from quota_sidecar import redis_mux
 from quota_sidecar.store import SCRIPT_NAMES, RedisStore, account_keys, load_script_source
 
 MONITOR_MAX_LINES = 500_000
@@ -273,11 +274,6 @@ def capture_reserve_call(url: str, account: str) -> list[Any]:
     return asyncio.run(_capture_async(url, account, f"capture-{uuid.uuid4().hex}"))
 
 
-def _bulk(value: Any) -> bytes:
-    data = value if isinstance(value, bytes) else str(value).encode()
-    return b"$%d\r\n%s\r\n" % (len(data), data)
-
-
 class ReserveTemplate:
     """A captured reserve EVALSHA, re-targeted at any account and reservation id.
 
@@ -296,22 +292,21 @@ class ReserveTemplate:
         # The header's account id (see store._header) and the reservation id follow the keys.
         self.account_at = 3 + numkeys + argv.index(account)
         self.rid_at = next(i for i, a in enumerate(self.call) if isinstance(a, str) and a.startswith("capture-"))
-        self._packed: dict[str, tuple[bytes, bytes]] = {}
+        self._packed: dict[str, tuple[redis_mux.Packed, redis_mux.Packed]] = {}
 
-    def _parts(self, account: str) -> tuple[bytes, bytes]:
+    def _parts(self, account: str) -> tuple[redis_mux.Packed, redis_mux.Packed]:
         parts = self._packed.get(account)
         if parts is None:
             call = list(self.call)
             call[self.keys_at] = account_keys(self.prefix, self.buckets, account)
             call[self.account_at] = account
-            head = b"*%d\r\n" % len(call) + b"".join(_bulk(a) for a in call[:self.rid_at])
-            parts = (head, b"".join(_bulk(a) for a in call[self.rid_at + 1:]))
+            parts = (redis_mux.Packed(call[:self.rid_at]), redis_mux.Packed(call[self.rid_at + 1:]))
             self._packed[account] = parts
         return parts
 
     def command(self, account: str, reservation_id: str) -> bytes:
         head, tail = self._parts(account)
-        return head + _bulk(reservation_id) + tail
+        return redis_mux.pack_command([head, reservation_id, tail])
 
 
 def raw_reserve(url: str, template: ReserveTemplate, accounts: Sequence[str], *, depth: int,

@@ -363,13 +363,13 @@ class QuotaEngine:
     def _command(self, p: _Prepared, tz: str, days: tuple[Window, ...] | None = None,
                  weeks: tuple[Window, ...] | None = None, months: tuple[Window, ...] | None = None) -> ReserveCommand:
         """The store command for ``p`` with the windows of zone ``tz`` (computed when not given)."""
-        computed = candidates(tz, self.clock.local_now_ms())
+        if days is None or weeks is None or months is None:
+            computed = candidates(tz, self.clock.local_now_ms())
+            days, weeks, months = computed.days, computed.weeks, computed.months
         return ReserveCommand(
             account_id=p.account_id, reservation_id=p.reservation_id, product=p.product,
             fingerprint=p.fingerprint, ttl_ms=p.ttl_ms, segments=p.segments, default_plan=p.plans.default_plan,
-            time_zone=tz, windows=days if days is not None else computed.days,
-            weeks=weeks if weeks is not None else computed.weeks,
-            months=months if months is not None else computed.months,
+            time_zone=tz, windows=days, weeks=weeks, months=months,
             packs=p.plans.packs, free_warning_percent=p.plans.notifications.free_warning_percent,
             stamp=self._stamp(p.plans))
 

@@ -144,6 +144,10 @@ class _ScriptKeys(tuple):  # type: ignore[type-arg]
     packed: redis_mux.Packed
 
 
+# Scripts to send together: (script name, its KEYS, its ARGV) each.
+_Sent = Sequence[tuple[str, _ScriptKeys, list[Any]]]
+
+
 @functools.lru_cache(maxsize=65_536)
 def _script_keys(key_prefix: str, buckets: int, account_id: str) -> _ScriptKeys:
     """KEYS[] of every script of an account (cached for the accounts in recent use)."""
@@ -431,7 +435,7 @@ class RedisStore:
             if min_replicas:
                 raw, acked = await self._run_and_wait(name, keys, header + list(args), min_replicas)
             elif self._mux is not None:
-                raw, acked = (await self._mux_scripts([(name, keys, header + list(args))]))[0], 0
+                raw, acked = (await self._pipeline([(name, keys, header + list(args))]))[0], 0
                 if isinstance(raw, Exception):
                     raise raw
             else:
@@ -679,54 +683,58 @@ class RedisStore:
                          self._header(account_id, stamp) + (list(args) if self._mux else redis_mux.flatten(args))))
         try:
             raws = await self._pipeline(sent)
-            missing = [i for i, raw in enumerate(raws) if isinstance(raw, redis_errors.NoScriptError)]
-            if missing:
-                # After a SCRIPT FLUSH or a restart. Those items did not run at all, so sending
-                # them again (in order, after loading their scripts) is safe.
-                for name in {sent[i][0] for i in missing}:
-                    await self._client.script_load(self._scripts[name].script)
-                for i, raw in zip(missing, await self._pipeline([sent[i] for i in missing])):
-                    raws[i] = raw
         except redis_errors.RedisError as exc:
             error = _redis_error(exc)
             return [error for _ in calls]
         return [self._reply(raw) for raw in raws]
 
-    async def _pipeline(self, sent: Sequence[tuple[str, list[str], list[Any]]]) -> list[Any]:
+    async def _pipeline(self, sent: _Sent) -> list[Any]:
+        """Each (script, keys, args) as one EVALSHA, sent together in order: replies or errors.
+
+        Items whose script Redis lost (NOSCRIPT: a restart, SCRIPT FLUSH) did not run at all, so
+        they are sent again, in order, once their scripts are loaded."""
+        raws = await self._send(sent)
+        missing = [i for i, raw in enumerate(raws) if isinstance(raw, redis_errors.NoScriptError)]
+        if missing:
+            for name in {sent[i][0] for i in missing}:
+                await self._load_script(name)
+            for i, raw in zip(missing, await self._send([sent[i] for i in missing])):
+                raws[i] = raw
+        return raws
+
+    async def _load_script(self, name: str) -> None:
+        if self._mux is not None:
+            await self._mux.execute("SCRIPT", "LOAD", self._scripts[name].script)
+        else:
+            await self._client.script_load(self._scripts[name].script)
+
+    async def _send(self, sent: _Sent) -> list[Any]:
         if self._cluster:
             return await self._cluster_batch(sent)
         if self._mux is not None:
-            return await self._mux_scripts(sent)
+            return await self._mux_send(sent)
         async with self._client.pipeline(transaction=False) as pipe:
             for name, keys, args in sent:
                 # Plain EVALSHA: redis-py's script-aware pipelines add a SCRIPT EXISTS round trip.
                 pipe.evalsha(self._scripts[name].sha, len(keys), *keys, *args)
             return list(await pipe.execute(raise_on_error=False))
 
-    async def _mux_scripts(self, sent: Sequence[tuple[str, _ScriptKeys, list[Any]]]) -> list[Any]:
-        """Each (script, keys, args) as one EVALSHA, written together in order: replies or errors.
+    async def _mux_send(self, sent: _Sent) -> list[Any]:
+        """_send over the multiplexed connection (keys are _ScriptKeys: their encoding is cached).
 
-        Scripts Redis lost (NOSCRIPT: a restart, SCRIPT FLUSH) are loaded and those items sent
-        again; they did not run. A dropped connection is retried once, as redis-py's client is
-        configured to: every script is idempotent, so re-sending one that did run is safe."""
+        A dropped connection is retried once, as redis-py's client is configured to: every
+        script is idempotent, so re-sending one that did run is safe."""
         mux = self._mux
         assert mux is not None
         packed = [redis_mux.pack_command(["EVALSHA", self._scripts[name].sha, len(keys), keys.packed, *args])
                   for name, keys, args in sent]
         try:
-            replies = await mux.execute_many(packed)
+            return await mux.execute_many(packed)
         except (redis_errors.ConnectionError, redis_errors.TimeoutError):
             await asyncio.sleep(_RECONNECT_PAUSE_SECONDS)
-            replies = await mux.execute_many(packed)
-        missing = [i for i, raw in enumerate(replies) if isinstance(raw, redis_errors.NoScriptError)]
-        if missing:
-            for name in {sent[i][0] for i in missing}:
-                await mux.execute("SCRIPT", "LOAD", self._scripts[name].script)
-            for i, raw in zip(missing, await mux.execute_many([packed[i] for i in missing])):
-                replies[i] = raw
-        return replies
+            return await mux.execute_many(packed)
 
-    async def _cluster_batch(self, sent: Sequence[tuple[str, list[str], list[Any]]]) -> list[Any]:
+    async def _cluster_batch(self, sent: _Sent) -> list[Any]:
         """What _pipeline returns, on a cluster: one pipeline round trip per master.
 
         redis-py refuses EVALSHA in cluster pipelines, so the items are grouped by the master
