@@ -141,6 +141,18 @@ def create_admin_server(settings: Settings, engine: QuotaEngine, *, health: Heal
 HEALTH_NAMES = ("", SERVICE_NAME, ADMIN_NAME)
 
 
+def create_health_server(settings: Settings, health: HealthServicer) -> tuple[grpc.aio.Server, int]:
+    """grpc.health.v1 alone on --health-listen (TCP), sharing ``health`` with the other servers; not started.
+
+    Kubernetes' gRPC probes dial the pod IP, so they cannot reach a worker API on a
+    unix socket; this server lets them see its status without exposing QuotaService.
+    """
+    assert settings.health_listen, "health server needs health_listen"
+    server = grpc.aio.server(options=_options(settings))
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    return server, _bind(server, (settings.health_listen,))
+
+
 async def watch_redis_health(store: RedisStore, health: HealthServicer, unhealthy_after_seconds: float, *,
                              probe_interval_seconds: float = 1.0, metrics: Metrics | None = None) -> None:
     """Health follows Redis: NOT_SERVING once it has been unreachable for longer than the
@@ -313,12 +325,22 @@ async def _serve(settings: Settings, engine: QuotaEngine, store: RedisStore, sto
                  hangup: asyncio.Event, worker: int | None = None) -> None:
     # Metrics first: an address in use fails the start before any gRPC port is bound.
     metrics_http = MetricsHTTPServer(metrics, settings.metrics_listen) if settings.metrics_listen else None
+    health = HealthServicer()
+    health_server: grpc.aio.Server | None = None
     try:
-        health = HealthServicer()
+        if settings.health_listen:
+            # Started first and stopped last: probes see NOT_SERVING until the servers are up and
+            # through the whole drain, never a refused port.
+            for name in HEALTH_NAMES:
+                await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+            health_server, health_port = create_health_server(settings, health)
+            await health_server.start()
         counter = CallCounter() if worker is not None else None
         servers, ports, admin_text = await _start_servers(settings, engine, health, admin_auth, metrics, counter)
         if metrics_http is not None:
             ports["metrics"] = metrics_http.port
+        if health_server is not None:
+            ports["health"] = health_port
         for name in HEALTH_NAMES:
             await health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving QuotaService on %s%s (plans %s)", ", ".join(settings.listen), admin_text,
@@ -349,6 +371,8 @@ async def _serve(settings: Settings, engine: QuotaEngine, store: RedisStore, sto
         if counter is not None:
             log.info("worker %d (pid %d) stopped after %d call(s)", worker, os.getpid(), counter.calls)
     finally:
+        if health_server is not None:
+            await health_server.stop(0)
         if metrics_http is not None:
             await metrics_http.aclose()
     log.info("stopped")

@@ -84,11 +84,14 @@ class Settings:
     metrics_listen: str = _setting(
         "", "HOST:PORT ([IPv6]:PORT) of the Prometheus metrics endpoint (HTTP, /metrics); empty = off",
         "HOST:PORT")
+    health_listen: str = _setting(
+        "", "HOST:PORT ([IPv6]:PORT) of a plain-TCP gRPC server with only grpc.health.v1 (same status as the "
+            "main server), for Kubernetes gRPC probes while --listen is a unix socket; empty = off", "HOST:PORT")
     log_level: str = _setting("INFO", "logging level (DEBUG, INFO, WARNING, ERROR)", "LEVEL")
     workers: int = _setting(
         1, "server processes sharing the --listen TCP ports (SO_REUSEPORT), each with its own Redis connections; "
-           "worker 0 alone serves --admin-listen and --metrics-listen and runs the sweeper; > 1 needs TCP "
-           "--listen addresses with fixed ports (no unix:, no port 0)", "N")
+           "worker 0 alone serves --admin-listen, --metrics-listen and --health-listen and runs the sweeper; "
+           "> 1 needs TCP --listen addresses with fixed ports (no unix:, no port 0)", "N")
     max_batch_items: int = _setting(
         100, "most items in one CheckAndReserveBatch, CommitBatch or ReleaseBatch request", "N")
     event_loop: str = _setting(
@@ -114,8 +117,9 @@ class Settings:
         if not (self.plans_reload_interval_seconds == 0 or 0.1 <= self.plans_reload_interval_seconds <= 86_400):
             # Also refuses NaN; below 0.1 s the poll would keep a core busy re-reading the file.
             raise InvalidArgument("plans_reload_interval_seconds", "must be 0 (off) or between 0.1 and 86400")
-        if self.metrics_listen:
-            self._check_metrics_listen()
+        for name in ("metrics_listen", "health_listen"):
+            if getattr(self, name):
+                self._check_host_port(name)
         if not self.key_prefix or any(c in self.key_prefix for c in "{}"):
             raise InvalidArgument("key_prefix", "must be non-empty and without braces")
         if self.ledger_retention_days < 1:
@@ -158,13 +162,13 @@ class Settings:
             raise InvalidArgument("redis_mode", f"{self.redis_mode} needs a redis_url (the embedded Redis is one "
                                                 "server)")
 
-    def _check_metrics_listen(self) -> None:
-        from .metrics import split_host_port  # prometheus_client is imported only when metrics are asked for
+    def _check_host_port(self, name: str) -> None:
+        from .metrics import split_host_port  # prometheus_client is imported only when an address is given
 
         try:
-            split_host_port(self.metrics_listen)
+            split_host_port(getattr(self, name))
         except ValueError as exc:
-            raise InvalidArgument("metrics_listen", str(exc)) from None
+            raise InvalidArgument(name, str(exc)) from None
 
     def _check_admin_auth(self) -> None:
         """Consistency of the admin auth flags; the files themselves are read at start-up (auth.py)."""

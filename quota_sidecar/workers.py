@@ -9,10 +9,11 @@ the WORKER_ENV variable, and then only relays signals and watches:
   spreads new connections over them) and has its own Redis connections,
   engine and plans reloader (each reloads the plans file itself; SIGHUP is
   forwarded to all).
-- Worker 0 alone serves --admin-listen and --metrics-listen (so those may be
-  unix sockets, and metrics describe worker 0 only) and runs the sweeper (it
-  runs under a Redis lease anyway). Each worker K > 0 has its own degraded
-  journal, ``<--degraded-journal>.w<K>``: a journal is one process's file.
+- Worker 0 alone serves --admin-listen, --metrics-listen and --health-listen
+  (so those need no shared port; metrics describe worker 0 only, its health
+  reflects the shared Redis) and runs the sweeper (it runs under a Redis
+  lease anyway). Each worker K > 0 has its own degraded journal,
+  ``<--degraded-journal>.w<K>``: a journal is one process's file.
 - SIGTERM/SIGINT are forwarded to every worker; each stops gracefully within
   --shutdown-grace-seconds. The parent waits for them all (then kills what
   is left after a margin) and exits 0 when every worker exited 0.
@@ -53,7 +54,7 @@ def worker_settings(settings: Settings, index: int, redis_url: str) -> Settings:
     """What worker ``index`` runs with (see the module docstring for who does what)."""
     changes: dict[str, Any] = {"workers": 1, "redis_url": redis_url}
     if index > 0:
-        changes.update(admin_listen=(), metrics_listen="", sweep_interval_seconds=0,
+        changes.update(admin_listen=(), metrics_listen="", health_listen="", sweep_interval_seconds=0,
                        degraded_journal=f"{settings.degraded_journal}.w{index}")
     return settings.with_(**changes)
 
