@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import os
 import sys
 from dataclasses import fields
@@ -278,6 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from .logs import configure as configure_logging, mask_credentials
     from .server import run, run_until_complete
     from .workers import WORKER_ENV, decode_worker, supervise
 
@@ -289,11 +289,9 @@ def _serve(args: argparse.Namespace) -> int:
         else:
             settings = Settings.from_sources({f.name: getattr(args, f.name) for f in fields(Settings)})
     except QuotaError as exc:
-        print(f"quota-sidecar: bad setting: {exc.message}", file=sys.stderr)
+        print(f"quota-sidecar: bad setting: {mask_credentials(exc.message)}", file=sys.stderr)
         return 2
-    tag = f"[w{worker}]" if worker is not None else ""
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format=f"%(asctime)s %(levelname)s %(name)s{tag}: %(message)s")
+    configure_logging(settings.log_level, settings.log_format, worker)
     try:
         if settings.workers > 1:
             return supervise(settings)
@@ -303,7 +301,7 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     except (QuotaError, RuntimeError, OSError) as exc:
         # Start-up failures (Redis unreachable, no redis-server binary, address in use): say what, not a traceback.
-        print(f"quota-sidecar: cannot start: {exc}", file=sys.stderr)
+        print(f"quota-sidecar: cannot start: {mask_credentials(str(exc))}", file=sys.stderr)
         return 1
     return 0
 

@@ -26,18 +26,20 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from ._proto.quota.v1 import quota_pb2, quota_pb2_grpc
+from . import __version__
 from .auth import AdminAuth, load_admin_auth
 from .clock import Clock
 from .degraded import DegradedMode
 from .engine import QuotaEngine
 from .errors import QuotaError
-from .metrics import Metrics, MetricsHTTPServer
+from .metrics import Metrics, MetricsHTTPServer, SweepResult
 from .plans import Plans
 from .plans_source import PlansSource
 from .redis_server import RedisServerProcess, find_redis_server
 from .servicer import QuotaAdmin, QuotaService
 from .settings import Settings
 from .store import RedisStore
+from .telemetry import Telemetry, Tracing
 
 log = logging.getLogger("quota_sidecar.server")
 
@@ -111,19 +113,22 @@ def _new_server(settings: Settings, addresses: tuple[str, ...], service_name: st
 
 def create_server(settings: Settings, engine: QuotaEngine, *, health: HealthServicer | None = None,
                   metrics: Metrics | None = None, reuse_port: bool = False,
-                  interceptors: tuple[grpc.aio.ServerInterceptor, ...] = ()) -> tuple[grpc.aio.Server, int]:
+                  interceptors: tuple[grpc.aio.ServerInterceptor, ...] = (),
+                  tracer: Any = None) -> tuple[grpc.aio.Server, int]:
     """The worker-facing server (QuotaService, health, reflection); not started.
 
     ``reuse_port``: bind with SO_REUSEPORT, for the workers of ``serve --workers N`` only.
+    ``tracer``: an OpenTelemetry tracer (quota_sidecar.telemetry.Tracing) or None.
     """
-    service = QuotaService(engine, metrics, max_batch_items=settings.max_batch_items)
+    service = QuotaService(engine, metrics, max_batch_items=settings.max_batch_items, tracer=tracer)
     return _new_server(settings, settings.listen, SERVICE_NAME,
                        lambda s: quota_pb2_grpc.add_QuotaServiceServicer_to_server(service, s),
                        health, interceptors=interceptors, reuse_port=reuse_port)
 
 
 def create_admin_server(settings: Settings, engine: QuotaEngine, *, health: HealthServicer | None = None,
-                        auth: AdminAuth | None = None) -> tuple[grpc.aio.Server, int]:
+                        auth: AdminAuth | None = None, metrics: Metrics | None = None,
+                        tracer: Any = None) -> tuple[grpc.aio.Server, int]:
     """The billing-side server (QuotaAdmin, health, reflection) on --admin-listen; not started.
 
     QuotaAdmin calls need a bearer token when settings.admin_token_file is set
@@ -134,7 +139,8 @@ def create_admin_server(settings: Settings, engine: QuotaEngine, *, health: Heal
     assert settings.admin_listen, "admin server needs admin_listen"
     auth = auth or load_admin_auth(settings)
     return _new_server(settings, settings.admin_listen, ADMIN_NAME,
-                       lambda s: quota_pb2_grpc.add_QuotaAdminServicer_to_server(QuotaAdmin(engine), s), health,
+                       lambda s: quota_pb2_grpc.add_QuotaAdminServicer_to_server(
+                           QuotaAdmin(engine, metrics, tracer=tracer), s), health,
                        interceptors=auth.interceptors, credentials=auth.credentials)
 
 
@@ -190,19 +196,30 @@ async def replay_degraded_forever(engine: QuotaEngine, interval_seconds: float =
         await asyncio.sleep(interval_seconds)
 
 
-async def sweep_forever(engine: QuotaEngine, store: RedisStore, interval_seconds: float) -> None:
+async def sweep_forever(engine: QuotaEngine, store: RedisStore, interval_seconds: float,
+                        metrics: Metrics | None = None) -> None:
     """Refunds expired holds of idle accounts; one sidecar of a fleet per interval (a Redis lease)."""
     owner = uuid.uuid4().hex
     lease_ms = max(1000, int(interval_seconds * 1000 * 0.9))
     while True:
         await asyncio.sleep(interval_seconds)
-        try:
-            if await store.try_lock("sweeper", owner, lease_ms):
-                expired = await engine.sweep()
-                if expired:
-                    log.info("sweeper refunded %d expired hold(s)", expired)
-        except QuotaError as exc:
-            log.warning("sweeper skipped a round: %s", exc.message)
+        result, expired = await sweep_once(engine, store, owner, lease_ms)
+        if metrics is not None:
+            metrics.sweep_pass(result, expired)
+
+
+async def sweep_once(engine: QuotaEngine, store: RedisStore, owner: str, lease_ms: int) -> tuple[SweepResult, int]:
+    """One sweeper pass, if this sidecar gets the lease: (result, holds expired)."""
+    try:
+        if not await store.try_lock("sweeper", owner, lease_ms):
+            return "not_leader", 0
+        expired = await engine.sweep()
+    except QuotaError as exc:
+        log.warning("sweeper skipped a round: %s", exc.message)
+        return "error", 0
+    if expired:
+        log.info("sweeper refunded %d expired hold(s)", expired)
+    return "ok", expired
 
 
 def start_embedded_redis(settings: Settings) -> RedisServerProcess:
@@ -243,6 +260,7 @@ async def run(settings: Settings, *, clock: Clock | None = None,
 
     plans_source = PlansSource(settings.plans or None, use_plans, metrics=metrics)
     plans = plans_source.load_initial()
+    tracing = Tracing(settings.tracing, service_version=__version__)
     embedded = None if settings.redis_url else start_embedded_redis(settings)
     try:
         redis_url = settings.redis_url or (embedded.url if embedded else "")
@@ -253,15 +271,18 @@ async def run(settings: Settings, *, clock: Clock | None = None,
                                     ledger_retention_ms=settings.ledger_retention_days * 86_400_000,
                                     events_max_entries=settings.events_max_entries,
                                     grant_min_replicas=settings.grant_min_replicas,
-                                    grant_wait_timeout_ms=settings.grant_wait_timeout_ms)
+                                    grant_wait_timeout_ms=settings.grant_wait_timeout_ms,
+                                    telemetry=Telemetry(metrics, tracing.tracer))
         try:
             await store.ping()
             engine = QuotaEngine(plans, store, clock, degraded=DegradedMode(settings.degraded_journal))
             await _serve(settings, engine, store, stop, on_ready, admin_auth,
-                         plans_source=plans_source, metrics=metrics, hangup=hangup, worker=worker)
+                         plans_source=plans_source, metrics=metrics, hangup=hangup, worker=worker,
+                         tracer=tracing.tracer)
         finally:
             await store.close()
     finally:
+        tracing.shutdown()
         if embedded is not None:
             embedded.stop()
 
@@ -296,18 +317,20 @@ async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
 
 async def _start_servers(settings: Settings, engine: QuotaEngine, health: HealthServicer,
                          admin_auth: AdminAuth | None, metrics: Metrics | None = None,
-                         counter: CallCounter | None = None) -> tuple[list[grpc.aio.Server], dict[str, int], str]:
+                         counter: CallCounter | None = None,
+                         tracer: Any = None) -> tuple[list[grpc.aio.Server], dict[str, int], str]:
     """Binds and starts the worker server (and the admin one); returns them, their ports and the admin log text.
 
     With a ``counter`` (a worker of ``serve --workers N``), the listen ports are shared (SO_REUSEPORT)."""
     server, port = create_server(settings, engine, health=health, metrics=metrics, reuse_port=counter is not None,
-                                 interceptors=(counter,) if counter is not None else ())
+                                 interceptors=(counter,) if counter is not None else (), tracer=tracer)
     servers = [server]
     ports = {"listen": port}
     admin_text = ""
     if settings.admin_listen:
         admin_auth = admin_auth or load_admin_auth(settings)
-        admin, admin_port = create_admin_server(settings, engine, health=health, auth=admin_auth)
+        admin, admin_port = create_admin_server(settings, engine, health=health, auth=admin_auth, metrics=metrics,
+                                                tracer=tracer)
         if not admin_auth.interceptors and not admin_auth.mtls:
             log.warning("QuotaAdmin on %s accepts calls without credentials (allowed on loopback and unix "
                         "sockets only); set --admin-token-file and/or mTLS", ", ".join(settings.admin_listen))
@@ -322,7 +345,7 @@ async def _start_servers(settings: Settings, engine: QuotaEngine, health: Health
 async def _serve(settings: Settings, engine: QuotaEngine, store: RedisStore, stop: asyncio.Event,
                  on_ready: Callable[[dict[str, int]], Awaitable[None] | None] | None,
                  admin_auth: AdminAuth | None = None, *, plans_source: PlansSource, metrics: Metrics,
-                 hangup: asyncio.Event, worker: int | None = None) -> None:
+                 hangup: asyncio.Event, worker: int | None = None, tracer: Any = None) -> None:
     # Metrics first: an address in use fails the start before any gRPC port is bound.
     metrics_http = MetricsHTTPServer(metrics, settings.metrics_listen) if settings.metrics_listen else None
     health = HealthServicer()
@@ -336,7 +359,8 @@ async def _serve(settings: Settings, engine: QuotaEngine, store: RedisStore, sto
             health_server, health_port = create_health_server(settings, health)
             await health_server.start()
         counter = CallCounter() if worker is not None else None
-        servers, ports, admin_text = await _start_servers(settings, engine, health, admin_auth, metrics, counter)
+        servers, ports, admin_text = await _start_servers(settings, engine, health, admin_auth, metrics, counter,
+                                                          tracer)
         if metrics_http is not None:
             ports["metrics"] = metrics_http.port
         if health_server is not None:
@@ -354,7 +378,7 @@ async def _serve(settings: Settings, engine: QuotaEngine, store: RedisStore, sto
             tasks.append(asyncio.create_task(watch_redis_health(
                 store, health, settings.redis_unhealthy_after_seconds, metrics=metrics), name="redis-health"))
         if settings.sweep_interval_seconds:
-            tasks.append(asyncio.create_task(sweep_forever(engine, store, settings.sweep_interval_seconds),
+            tasks.append(asyncio.create_task(sweep_forever(engine, store, settings.sweep_interval_seconds, metrics),
                                              name="sweeper"))
         try:
             if on_ready is not None:

@@ -54,6 +54,7 @@ from .model import (
     Offer,
     ReleaseResult,
 )
+from .telemetry import Telemetry
 
 log = logging.getLogger("quota_sidecar.servicer")
 
@@ -139,29 +140,43 @@ else:  # pragma: no cover - Python 3.10
 
 
 def _rpc(method: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
-    """Turns domain errors raised by a servicer method into gRPC status."""
+    """Turns domain errors raised by a servicer method into gRPC status; times and traces the call."""
+    name = method.__name__
 
     @functools.wraps(method)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> R:
-        try:
-            # The caller's deadline bounds the work: past it, the answer would be thrown away.
-            remaining = context.time_remaining()
-            if remaining is None:
-                return await method(self, request, context)
-            if remaining <= 0:
-                raise asyncio.TimeoutError
-            return await _within(method(self, request, context), remaining)
-        except asyncio.TimeoutError:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                "the call's deadline passed before Redis answered; retrying with the same ids is safe")
-            raise AssertionError("abort returned")  # pragma: no cover
-        except QuotaError as exc:
-            if not isinstance(exc, _CLIENT_ERRORS):
-                log.warning("%s failed: %s (%s)", method.__name__, exc.message, exc.reason)
-            await context.abort_with_status(error_status(exc))
-            raise AssertionError("abort_with_status returned")  # pragma: no cover
+        telemetry: Telemetry = self._telemetry
+        with telemetry.rpc(self.SERVICE, name, context.invocation_metadata() if telemetry.tracer else None) as call:
+            try:
+                # The caller's deadline bounds the work: past it, the answer would be thrown away.
+                remaining = context.time_remaining()
+                if remaining is None:
+                    return await method(self, request, context)
+                if remaining <= 0:
+                    raise asyncio.TimeoutError
+                return await _within(method(self, request, context), remaining)
+            except asyncio.TimeoutError:
+                call.code = "DEADLINE_EXCEEDED"
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the call's deadline passed before Redis "
+                                    "answered; retrying with the same ids is safe")
+                raise AssertionError("abort returned")  # pragma: no cover
+            except QuotaError as exc:
+                call.code = code_pb2.Code.Name(error_code(exc))
+                if not isinstance(exc, _CLIENT_ERRORS):
+                    _log_failure(name, request, exc)
+                await context.abort_with_status(error_status(exc))
+                raise AssertionError("abort_with_status returned")  # pragma: no cover
 
     return wrapper
+
+
+def _log_failure(method: str, request: Any, exc: QuotaError) -> None:
+    account_id = getattr(request, "account_id", "")
+    reservation_id = getattr(request, "reservation_id", "")
+    log.warning("%s failed for account %r reservation %r: %s (%s)", method, account_id, reservation_id,
+                exc.message, exc.reason,
+                extra={"method": method, "account_id": account_id, "reservation_id": reservation_id,
+                       "reason": exc.reason})
 
 
 def job_params(params: pb.JobParams) -> JobParams:
@@ -293,6 +308,17 @@ def release_response(r: ReleaseResult) -> pb.ReleaseResponse:
                               replayed=r.replayed, degraded=r.degraded)
 
 
+def _log_decision(account_id: str, product: str, decision: Decision) -> None:
+    o = decision.outcome
+    fields = {"account_id": account_id, "reservation_id": decision.reservation_id,
+              "product": product, "allowed": o.allowed, "funding": o.funding.value if o.funding else "none",
+              "denial": o.denial.value if o.denial else "none", "credits_held": o.credits_held,
+              "cost_credits": o.cost_credits, "replayed": o.replayed, "degraded": o.degraded,
+              "plans_version": o.plans_version}
+    log.debug("decision %s/%s for account %r: %s", product, decision.reservation_id, account_id,
+              "allowed" if o.allowed else f"denied ({fields['denial']})", extra=fields)
+
+
 def _log_item_errors(method: str, results: list[Any]) -> None:
     failed = [r for r in results if isinstance(r, QuotaError) and not isinstance(r, _CLIENT_ERRORS)]
     if failed:
@@ -300,14 +326,24 @@ def _log_item_errors(method: str, results: list[Any]) -> None:
 
 
 class QuotaService(pb_grpc.QuotaServiceServicer):
-    def __init__(self, engine: QuotaEngine, metrics: Metrics | None = None, *, max_batch_items: int = 100) -> None:
+    SERVICE = pb.DESCRIPTOR.services_by_name["QuotaService"].full_name
+
+    def __init__(self, engine: QuotaEngine, metrics: Metrics | None = None, *, max_batch_items: int = 100,
+                 tracer: Any = None) -> None:
         self._engine = engine
         self._metrics = metrics
+        self._telemetry = Telemetry(metrics, tracer)
         self._max_batch_items = max_batch_items
 
-    def _observe(self, product: str, decision: Decision) -> None:
+    def _observe(self, account_id: str, product: str, decision: Decision) -> None:
         outcome = decision.outcome
-        if self._metrics is not None and not outcome.replayed:
+        if log.isEnabledFor(logging.DEBUG):
+            _log_decision(account_id, product, decision)
+        if self._metrics is None:
+            return
+        self._metrics.decision(product, outcome.allowed, outcome.funding.value if outcome.funding else "none",
+                               outcome.denial.value if outcome.denial else "none", outcome.replayed)
+        if not outcome.replayed:
             if outcome.shadow_limits:
                 self._metrics.shadow_decision(product, outcome.shadow_limits)
             if outcome.degraded:
@@ -322,7 +358,7 @@ class QuotaService(pb_grpc.QuotaServiceServicer):
         decision = await self._engine.check_and_reserve(
             request.account_id, request.product, request.reservation_id, job_params(request.params),
             request.ttl_seconds)
-        self._observe(request.product, decision)
+        self._observe(request.account_id, request.product, decision)
         return decision_response(decision)
 
     @_rpc
@@ -350,7 +386,7 @@ class QuotaService(pb_grpc.QuotaServiceServicer):
             if isinstance(r, QuotaError):
                 out.append(pb.BatchReserveResult(error=item_error(r, i)))
             else:
-                self._observe(item.product, r)
+                self._observe(item.account_id, item.product, r)
                 out.append(pb.BatchReserveResult(response=decision_response(r)))
         return pb.CheckAndReserveBatchResponse(results=out)
 
@@ -385,8 +421,11 @@ class QuotaService(pb_grpc.QuotaServiceServicer):
 
 
 class QuotaAdmin(pb_grpc.QuotaAdminServicer):
-    def __init__(self, engine: QuotaEngine) -> None:
+    SERVICE = pb.DESCRIPTOR.services_by_name["QuotaAdmin"].full_name
+
+    def __init__(self, engine: QuotaEngine, metrics: Metrics | None = None, *, tracer: Any = None) -> None:
         self._engine = engine
+        self._telemetry = Telemetry(metrics, tracer)
 
     @_rpc
     async def GrantCredits(self, request: pb.GrantCreditsRequest, context: Any) -> pb.GrantCreditsResponse:

@@ -16,6 +16,8 @@ from .errors import InvalidArgument
 
 
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
+LOG_FORMATS = ("text", "json")
+TRACING_MODES = ("off", "otlp", "console")
 
 
 def _setting(default: Any, help: str, metavar: str = "") -> Any:
@@ -87,7 +89,14 @@ class Settings:
     health_listen: str = _setting(
         "", "HOST:PORT ([IPv6]:PORT) of a plain-TCP gRPC server with only grpc.health.v1 (same status as the "
             "main server), for Kubernetes gRPC probes while --listen is a unix socket; empty = off", "HOST:PORT")
-    log_level: str = _setting("INFO", "logging level (DEBUG, INFO, WARNING, ERROR)", "LEVEL")
+    log_level: str = _setting(
+        "INFO", "logging level (DEBUG, INFO, WARNING, ERROR); DEBUG logs one line per decision", "LEVEL")
+    log_format: str = _setting(
+        "text", "text (human) or json (one JSON object per line, with account_id, reservation_id and the other "
+                "fields of the event as keys); credentials in URLs are masked in both", "FORMAT")
+    tracing: str = _setting(
+        "off", "OpenTelemetry tracing of RPCs and Redis round trips: off, otlp (to a collector, configured by the "
+               "standard OTEL_EXPORTER_OTLP_* variables) or console (spans on stdout); needs the otel extra", "MODE")
     workers: int = _setting(
         1, "server processes sharing the --listen TCP ports (SO_REUSEPORT), each with its own Redis connections; "
            "worker 0 alone serves --admin-listen, --metrics-listen and --health-listen and runs the sweeper; "
@@ -132,6 +141,10 @@ class Settings:
             raise InvalidArgument("max_message_bytes", "must be at least 1024")
         if not 1 <= self.max_batch_items <= 10_000:
             raise InvalidArgument("max_batch_items", "must be between 1 and 10000")
+        if self.log_format not in LOG_FORMATS:
+            raise InvalidArgument("log_format", f"must be one of {', '.join(LOG_FORMATS)}, not {self.log_format!r}")
+        if self.tracing not in TRACING_MODES:
+            raise InvalidArgument("tracing", f"must be one of {', '.join(TRACING_MODES)}, not {self.tracing!r}")
         if self.event_loop not in EVENT_LOOPS:
             raise InvalidArgument("event_loop", f"must be one of {', '.join(EVENT_LOOPS)}, not {self.event_loop!r}")
         self._check_workers()

@@ -61,6 +61,7 @@ from .model import (
     StaleTimeZone,
     Window,
 )
+from .telemetry import Telemetry
 
 # Order matters: it is the KEYS[] order of _prelude.lua. The last key is the
 # bucket's events stream, shared by the bucket's accounts.
@@ -374,7 +375,7 @@ class RedisStore:
                  key_buckets: int = DEFAULT_KEY_BUCKETS, retention_ms: int = 7 * 86_400_000,
                  ledger_retention_ms: int = 400 * 86_400_000, events_max_entries: int = 100_000,
                  grant_min_replicas: int = 0, grant_wait_timeout_ms: int = 1000, timeout_seconds: float = 2.0,
-                 multiplex: bool = True) -> None:
+                 multiplex: bool = True, telemetry: Telemetry | None = None) -> None:
         assert key_prefix and "{" not in key_prefix and "}" not in key_prefix
         assert 1 <= key_buckets <= 16384
         self._client = client
@@ -387,6 +388,8 @@ class RedisStore:
         self._grant_wait_timeout_ms = grant_wait_timeout_ms
         self._scripts = {name: client.register_script(load_script_source(name)) for name in SCRIPT_NAMES}
         self._cluster = isinstance(client, RedisCluster)
+        # Latency and errors of each script round trip (metrics; spans when tracing is on).
+        self._telemetry = telemetry or Telemetry()
         # Scripts go over one multiplexed connection when Redis is a plain single server
         # (see redis_mux); everything else, and TLS, Sentinel and Cluster, use redis-py.
         self._mux = redis_mux.MuxConnection.for_client(client, timeout_seconds=timeout_seconds) if multiplex else None
@@ -431,24 +434,8 @@ class RedisStore:
         keys = _script_keys(self._prefix, self._buckets, account_id)
         if self._mux is None or min_replicas:
             args = redis_mux.flatten(args)
-        try:
-            if min_replicas:
-                raw, acked = await self._run_and_wait(name, keys, header + list(args), min_replicas)
-            elif self._mux is not None:
-                raw, acked = (await self._pipeline([(name, keys, header + list(args))]))[0], 0
-                if isinstance(raw, Exception):
-                    raise raw
-            else:
-                raw, acked = await self._scripts[name](keys=keys, args=header + list(args)), 0
-        except redis_errors.RedisError as exc:
-            raise _redis_error(exc) from exc
-        except (AttributeError, TypeError) as exc:
-            if not self._cluster:
-                raise
-            # redis-py's cluster client can tear down a connection another call is using
-            # (CLUSTERDOWN handling closes them all) and that call then fails inside asyncio's
-            # transport. The script is idempotent: report it as retryable.
-            raise Unavailable(f"redis connection reset while in use: {exc!r}") from exc
+        with self._telemetry.redis_call(name):
+            raw, acked = await self._call_script(name, keys, header + list(args), min_replicas)
         reply = json.loads(raw)
         if "error" in reply:
             raise _script_error(reply)
@@ -458,6 +445,28 @@ class RedisStore:
             raise Unavailable(f"the change reached {acked} of {min_replicas} required replica(s) within "
                               f"{self._grant_wait_timeout_ms} ms; retry with the same id", reason="REPLICAS_BEHIND")
         return reply
+
+    async def _call_script(self, name: str, keys: _ScriptKeys, args: list[Any], min_replicas: int) -> tuple[Any, int]:
+        """One script call (then WAIT when ``min_replicas``): its raw reply and the replicas that
+        acknowledged it; Redis errors raised as domain errors."""
+        try:
+            if min_replicas:
+                return await self._run_and_wait(name, keys, args, min_replicas)
+            if self._mux is not None:
+                raw = (await self._pipeline([(name, keys, args)]))[0]
+                if isinstance(raw, Exception):
+                    raise raw
+                return raw, 0
+            return await self._scripts[name](keys=keys, args=args), 0
+        except redis_errors.RedisError as exc:
+            raise _redis_error(exc) from exc
+        except (AttributeError, TypeError) as exc:
+            if not self._cluster:
+                raise
+            # redis-py's cluster client can tear down a connection another call is using
+            # (CLUSTERDOWN handling closes them all) and that call then fails inside asyncio's
+            # transport. The script is idempotent: report it as retryable.
+            raise Unavailable(f"redis connection reset while in use: {exc!r}") from exc
 
     async def _run_and_wait(self, name: str, keys: list[str], args: list[Any], min_replicas: int) -> tuple[Any, int]:
         """The script, then WAIT on the same connection (WAIT covers that connection's writes)."""
@@ -682,9 +691,12 @@ class RedisStore:
             sent.append((name, _script_keys(self._prefix, self._buckets, account_id),
                          self._header(account_id, stamp) + (list(args) if self._mux else redis_mux.flatten(args))))
         try:
-            raws = await self._pipeline(sent)
-        except redis_errors.RedisError as exc:
-            error = _redis_error(exc)
+            with self._telemetry.redis_call(calls[0][0] if calls else "", len(calls)):
+                try:
+                    raws = await self._pipeline(sent)
+                except redis_errors.RedisError as exc:
+                    raise _redis_error(exc) from exc
+        except QuotaError as error:
             return [error for _ in calls]
         return [self._reply(raw) for raw in raws]
 
