@@ -42,6 +42,8 @@ DEFAULT_ATTEMPTS = 4
 # Every product's default hold lifetime is 15 minutes or more; extending every minute keeps a
 # hold alive with a wide margin when the caller does not say how long its holds last.
 DEFAULT_EXTEND_EVERY_SECONDS = 60.0
+# How long close() waits for commits and releases still being retried in the background.
+DEFAULT_SETTLE_TIMEOUT_SECONDS = 30.0
 # Codes after which the same request may be sent again: the sidecar documents that
 # retrying with the same reservation_id is always safe (CANCELLED: grpc/grpc#41785).
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
@@ -284,6 +286,7 @@ class QuotaClient:
         self.max_backoff = max_backoff
         self.extend_every = extend_every
         self._sleep = sleep
+        self._settlements: set[asyncio.Task[None]] = set()
         self._channel = grpc.aio.insecure_channel(target)
         self._stub = pb_grpc.QuotaServiceStub(self._channel)
 
@@ -293,8 +296,53 @@ class QuotaClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def close(self) -> None:
+    async def close(self, settle_timeout: float = DEFAULT_SETTLE_TIMEOUT_SECONDS) -> None:
+        """Waits up to ``settle_timeout`` seconds for background settlements (see drain), then closes."""
+        await self.drain(settle_timeout)
+        for task in self._settlements:
+            task.cancel()
+        await asyncio.gather(*self._settlements, return_exceptions=True)
         await self._channel.close()
+
+    @property
+    def pending_settlements(self) -> int:
+        """Jobs whose commit or release is still being retried in the background."""
+        return len(self._settlements)
+
+    async def drain(self, timeout: float | None = None) -> bool:
+        """Waits until every background settlement has ended (True) or ``timeout`` seconds passed (False).
+
+        A job's commit or release that failed through every attempt with UNAVAILABLE is retried in
+        the background (``job.settlement_pending``) until it lands, the server refuses it for good
+        (``job.settlement_error``), or the hold's expiry has passed."""
+        if not self._settlements:
+            return True
+        _, pending = await asyncio.wait(set(self._settlements), timeout=timeout)
+        return not pending
+
+    def _settle_in_background(self, run: "_JobRun", failed: bool) -> None:
+        task = asyncio.get_running_loop().create_task(self._settle(run, failed), name=f"settle-{run.reservation_id}")
+        self._settlements.add(task)
+        task.add_done_callback(self._settlements.discard)
+
+    async def _settle(self, run: "_JobRun", failed: bool) -> None:
+        job = run.job
+        assert job is not None
+        while True:
+            await self._sleep(self.max_backoff)
+            try:
+                await run.settle(failed)
+            except Unavailable as exc:
+                expires_at = job.expires_at or job.reservation.expires_at
+                if expires_at is not None and datetime.now(timezone.utc) > expires_at:
+                    job.settlement_error = exc  # the hold has expired: the server refunds it itself
+                    break
+                continue
+            except QuotaClientError as exc:
+                job.settlement_error = exc
+                break
+            break
+        job.settlement_pending = False
 
     async def _call(self, method: str, request: Any, timeout: float | None = None) -> Any:
         """One RPC with bounded retries; the request (and so its ids) is the same on every attempt."""
@@ -366,6 +414,10 @@ class Job:
     expires_at: datetime | None = None
     commit_result: CommitResult | None = None
     release_result: ReleaseResult | None = None
+    # True while the commit (or release) that ended the block is still being retried in the
+    # background because the sidecar stayed unreachable through every attempt; see QuotaClient.drain.
+    settlement_pending: bool = False
+    settlement_error: "QuotaClientError | None" = None
 
     @property
     def reservation_id(self) -> str:
@@ -436,10 +488,22 @@ class _JobRun:
 
     async def _resolve(self, failed: bool) -> None:
         assert self.job is not None
-        job = self.job
         if self._extender is not None:
             self._extender.cancel()
             await asyncio.gather(self._extender, return_exceptions=True)
+        try:
+            await self.settle(failed)
+        except Unavailable:
+            # The job is over either way; its hold must not be left to expire (a commit lost would
+            # make the job free, a release lost would block the allowance until the TTL). Keep
+            # trying while this process lives, and tell the caller through the job.
+            self.job.settlement_pending = True
+            self.client._settle_in_background(self, failed)
+
+    async def settle(self, failed: bool) -> None:
+        """The commit (or, after a failure, the release) that ends the job; records its result."""
+        assert self.job is not None
+        job = self.job
         if failed:
             job.release_result = await self.client.release(self.account_id, self.reservation_id)
         else:
@@ -487,15 +551,23 @@ class SyncQuotaClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def close(self) -> None:
+    def close(self, settle_timeout: float = DEFAULT_SETTLE_TIMEOUT_SECONDS) -> None:
         if self._closed:
             return
         self._closed = True
-        self._run(self._client.close())
+        self._run(self._client.close(settle_timeout))
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
         if not self._thread.is_alive():
             self._loop.close()
+
+    @property
+    def pending_settlements(self) -> int:
+        return self._client.pending_settlements
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """As QuotaClient.drain: waits for commits and releases being retried in the background."""
+        return self._run(self._client.drain(timeout))
 
     def reserve(self, account_id: str, product: str, params: Mapping[str, Any], **kw: Any) -> Reservation:
         return self._run(self._client.reserve(account_id, product, params, **kw))

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -169,6 +170,54 @@ async def test_sync_client_commits_and_releases_from_a_thread(sidecar: Sidecar) 
             return b.free["sora"][0], len(b.holds)
 
     assert await asyncio.to_thread(work) == (1, 0)
+
+
+async def test_sync_client_extends_while_the_callers_thread_is_busy(sidecar: Sidecar) -> None:
+    def work() -> tuple[int, bool]:
+        with SyncQuotaClient(target(sidecar), extend_every=0.02) as client:
+            with client.job("ian", "sora", VIDEO, ttl_seconds=60) as job:
+                # The caller's thread is busy (here: polling); the client's own thread extends.
+                deadline = time.monotonic() + 10
+                while job.extensions < 2 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                extensions = job.extensions
+            return extensions, job.commit_result is not None
+
+    extensions, committed = await asyncio.to_thread(work)
+    assert extensions >= 2 and committed
+
+
+async def test_unconfirmed_commit_is_retried_in_the_background_until_it_lands(sidecar: Sidecar) -> None:
+    """The sidecar is unreachable through every attempt of the commit that ends the job: the block
+    still ends normally, the job says its settlement is pending, and the client commits it as
+    soon as the sidecar answers again instead of leaving the hold to expire."""
+    back = asyncio.Event()
+    never = asyncio.Event()
+
+    async def sleep(seconds: float) -> None:
+        # By what is asked: the extender's tick (extend_every) never comes, the retries of the
+        # commit itself (backoff 0.01) run at once, the background retry (max_backoff) waits for `back`.
+        if seconds == 600:
+            await never.wait()
+        elif seconds == 5:
+            await back.wait()
+
+    async with FaultProxy("127.0.0.1", sidecar.port) as proxy:
+        async with QuotaClient(f"127.0.0.1:{proxy.port}", attempts=2, timeout=2, sleep=sleep, backoff=0.01,
+                               max_backoff=5, extend_every=600) as client:
+            async with client.job("jan", "sora", VIDEO) as job:
+                await proxy.refuse()
+                await proxy.cut()
+            assert job.settlement_pending and job.commit_result is None and client.pending_settlements == 1
+            assert len((await sidecar.engine.balance("jan")).holds) == 1  # not committed, not expired
+            assert not await client.drain(timeout=0.05)
+            await proxy.refuse(False)
+            back.set()
+            assert await client.drain(timeout=10)
+    assert not job.settlement_pending and job.settlement_error is None
+    assert job.commit_result is not None and job.commit_result.free_charged == 1
+    balance = await sidecar.engine.balance("jan")
+    assert balance.holds == () and balance.allowances[0].free_used == 1
 
 
 WORKER = """
