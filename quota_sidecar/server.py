@@ -145,6 +145,9 @@ def create_admin_server(settings: Settings, engine: QuotaEngine, *, health: Heal
 
 
 HEALTH_NAMES = ("", SERVICE_NAME, ADMIN_NAME)
+# A health name for liveness probes: SERVING while the process answers, whatever Redis does (the
+# names above follow Redis, right for readiness, wrong for restarts); NOT_SERVING only while stopping.
+LIVENESS_NAME = "liveness"
 
 
 def create_health_server(settings: Settings, health: HealthServicer) -> tuple[grpc.aio.Server, int]:
@@ -339,7 +342,18 @@ async def _start_servers(settings: Settings, engine: QuotaEngine, health: Health
         admin_text = f"; QuotaAdmin on {', '.join(settings.admin_listen)} ({admin_auth.describe()})"
     for s in servers:
         await s.start()
+    _chmod_sockets(settings)
     return servers, ports, admin_text
+
+
+def _chmod_sockets(settings: Settings) -> None:
+    mode = settings.socket_mode()
+    if mode is None:
+        return
+    for address in settings.listen + settings.admin_listen:
+        if address.startswith("unix:"):
+            path = address[len("unix:"):]
+            os.chmod(path[2:] if path.startswith("//") else path, mode)
 
 
 async def _serve(settings: Settings, engine: QuotaEngine, store: RedisStore, stop: asyncio.Event,
@@ -354,7 +368,7 @@ async def _serve(settings: Settings, engine: QuotaEngine, store: RedisStore, sto
         if settings.health_listen:
             # Started first and stopped last: probes see NOT_SERVING until the servers are up and
             # through the whole drain, never a refused port.
-            for name in HEALTH_NAMES:
+            for name in (*HEALTH_NAMES, LIVENESS_NAME):
                 await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
             health_server, health_port = create_health_server(settings, health)
             await health_server.start()
@@ -365,7 +379,7 @@ async def _serve(settings: Settings, engine: QuotaEngine, store: RedisStore, sto
             ports["metrics"] = metrics_http.port
         if health_server is not None:
             ports["health"] = health_port
-        for name in HEALTH_NAMES:
+        for name in (*HEALTH_NAMES, LIVENESS_NAME):
             await health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving QuotaService on %s%s (plans %s)", ", ".join(settings.listen), admin_text,
                  plans_source.version)

@@ -86,6 +86,10 @@ class Settings:
     metrics_listen: str = _setting(
         "", "HOST:PORT ([IPv6]:PORT) of the Prometheus metrics endpoint (HTTP, /metrics); empty = off",
         "HOST:PORT")
+    unix_socket_mode: str = _setting(
+        "", "permissions (octal, e.g. 0660 or 0666) given to the unix: sockets of --listen and --admin-listen once "
+            "bound, so a worker running as another user can connect; empty = as created (umask), usually "
+            "writable by this user only", "MODE")
     health_listen: str = _setting(
         "", "HOST:PORT ([IPv6]:PORT) of a plain-TCP gRPC server with only grpc.health.v1 (same status as the "
             "main server), for Kubernetes gRPC probes while --listen is a unix socket; empty = off", "HOST:PORT")
@@ -141,6 +145,8 @@ class Settings:
             raise InvalidArgument("max_message_bytes", "must be at least 1024")
         if not 1 <= self.max_batch_items <= 10_000:
             raise InvalidArgument("max_batch_items", "must be between 1 and 10000")
+        if self.unix_socket_mode and self.socket_mode() is None:
+            raise InvalidArgument("unix_socket_mode", f"must be octal permissions 0..0777, not {self.unix_socket_mode!r}")
         if self.log_format not in LOG_FORMATS:
             raise InvalidArgument("log_format", f"must be one of {', '.join(LOG_FORMATS)}, not {self.log_format!r}")
         if self.tracing not in TRACING_MODES:
@@ -149,6 +155,14 @@ class Settings:
             raise InvalidArgument("event_loop", f"must be one of {', '.join(EVENT_LOOPS)}, not {self.event_loop!r}")
         self._check_workers()
         self._check_admin_auth()
+
+    def socket_mode(self) -> int | None:
+        """unix_socket_mode as an int; None when empty or malformed."""
+        try:
+            mode = int(self.unix_socket_mode, 8)
+        except ValueError:
+            return None
+        return mode if 0 <= mode <= 0o777 else None
 
     def _check_workers(self) -> None:
         if not 1 <= self.workers <= 256:

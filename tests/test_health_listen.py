@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import stat
 import time
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -22,7 +23,7 @@ from fault_proxy import FaultProxy
 from quota_sidecar._proto.quota.v1 import quota_pb2 as pb, quota_pb2_grpc as pb_grpc
 from quota_sidecar.errors import InvalidArgument
 from quota_sidecar.redis_server import RedisServerProcess
-from quota_sidecar.server import HEALTH_NAMES, run
+from quota_sidecar.server import HEALTH_NAMES, LIVENESS_NAME, run
 from quota_sidecar.settings import Settings
 from quota_sidecar.workers import worker_settings
 
@@ -107,6 +108,8 @@ async def test_health_port_follows_redis_and_serves_nothing_else(
         await proxy.refuse()
         await proxy.cut()
         await running.wait_status(NOT_SERVING)
+        # Liveness does not follow Redis: an outage takes pods out of rotation, it does not restart them.
+        assert await running.status(LIVENESS_NAME) == SERVING
         await proxy.refuse(False)
         await running.wait_status(SERVING)
     finally:
@@ -135,6 +138,7 @@ async def test_health_port_says_not_serving_through_the_drain(
             assert proxy.stats.bytes_up > sent_before
             os.kill(os.getpid(), signal.SIGTERM)
             await running.wait_status(NOT_SERVING)
+            assert await running.status(LIVENESS_NAME) == NOT_SERVING
             assert not call.done(), "the in-flight call should still be running during the drain"
             reply = await call
             assert reply.allowed
@@ -156,3 +160,21 @@ def test_only_worker_0_binds_the_health_port() -> None:
     settings = Settings(listen=("127.0.0.1:50051",), workers=3, health_listen="0.0.0.0:8081")
     assert worker_settings(settings, 0, "redis://r").health_listen == "0.0.0.0:8081"
     assert worker_settings(settings, 1, "redis://r").health_listen == ""
+
+
+async def test_unix_socket_mode_lets_another_user_connect(tmp_path: Path, proxy: FaultProxy, key_prefix: str) -> None:
+    running = Running(_settings(tmp_path, proxy, key_prefix, unix_socket_mode="0666"))
+    try:
+        await running.ports()
+        assert stat.S_IMODE(os.stat(tmp_path / "q.sock").st_mode) == 0o666
+    finally:
+        await running.stop()
+
+
+def test_unix_socket_mode_setting() -> None:
+    assert Settings().socket_mode() is None
+    assert Settings(unix_socket_mode="660").socket_mode() == 0o660
+    for bad in ("rw", "0999", "1777", "-1"):
+        with pytest.raises(InvalidArgument) as info:
+            Settings(unix_socket_mode=bad)
+        assert info.value.field == "unix_socket_mode", bad
