@@ -278,6 +278,7 @@ async def run(settings: Settings, *, clock: Clock | None = None,
                                     telemetry=Telemetry(metrics, tracing.tracer))
         try:
             await store.ping()
+            await store.load_scripts()
             engine = QuotaEngine(plans, store, clock, degraded=DegradedMode(settings.degraded_journal))
             await _serve(settings, engine, store, stop, on_ready, admin_auth,
                          plans_source=plans_source, metrics=metrics, hangup=hangup, worker=worker,

@@ -388,6 +388,7 @@ class RedisStore:
         self._grant_wait_timeout_ms = grant_wait_timeout_ms
         self._scripts = {name: client.register_script(load_script_source(name)) for name in SCRIPT_NAMES}
         self._cluster = isinstance(client, RedisCluster)
+        self._loading: dict[str, asyncio.Future[None]] = {}  # script name -> its SCRIPT LOAD in flight
         # Latency and errors of each script round trip (metrics; spans when tracing is on).
         self._telemetry = telemetry or Telemetry()
         # Scripts go over one multiplexed connection when Redis is a plain single server
@@ -714,7 +715,25 @@ class RedisStore:
                 raws[i] = raw
         return raws
 
+    async def load_scripts(self) -> None:
+        """Loads every script (at start-up), so the first calls do not each meet NOSCRIPT."""
+        try:
+            for name in SCRIPT_NAMES:
+                await self._load_script(name)
+        except redis_errors.RedisError as exc:
+            raise _redis_error(exc) from exc
+
     async def _load_script(self, name: str) -> None:
+        """SCRIPT LOAD, shared by every caller that needs it meanwhile: after a Redis restart,
+        the calls in flight all meet NOSCRIPT at once and would each load the script."""
+        loading = self._loading.get(name)
+        if loading is None:
+            loading = self._loading[name] = asyncio.ensure_future(self._send_script_load(name))
+            loading.add_done_callback(lambda _: self._loading.pop(name, None))
+        # Shielded: one caller's cancellation must not cancel the load the others wait for.
+        await asyncio.shield(loading)
+
+    async def _send_script_load(self, name: str) -> None:
         if self._mux is not None:
             await self._mux.execute("SCRIPT", "LOAD", self._scripts[name].script)
         else:

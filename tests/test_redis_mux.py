@@ -179,3 +179,34 @@ async def test_the_store_sends_decisions_over_the_multiplexed_connection(
         assert replay.outcome.replayed and replay.outcome.expires_ms == decisions[0].outcome.expires_ms
     finally:
         await store.close()
+
+
+async def _script_loads(client: aioredis.Redis) -> int:
+    """SCRIPT LOAD calls Redis has served ('script|load' on Redis 7; all of SCRIPT on 6.2, whose
+    other subcommands this test's store never sends)."""
+    stats = await client.info("commandstats")
+    entry = stats.get("cmdstat_script|load") or stats.get("cmdstat_script") or {"calls": 0}
+    return int(entry["calls"])
+
+
+@pytest.mark.parametrize("multiplex", [True, False], ids=["mux", "redis-py"])
+async def test_concurrent_noscript_shares_one_script_load(
+        redis_server: RedisServerProcess, redis_client: aioredis.Redis, key_prefix: str, multiplex: bool) -> None:
+    from quota_sidecar.engine import QuotaEngine
+    from quota_sidecar.model import JobParams
+    from quota_sidecar.plans import load_plans
+
+    store = RedisStore.from_url(redis_server.url, key_prefix=key_prefix, multiplex=multiplex)
+    engine = QuotaEngine(load_plans(), store)
+    try:
+        await store.load_scripts()
+        job = JobParams(duration_seconds=10, resolution="720p")
+        await engine.check_and_reserve("warm", "sora", "w", job)
+        await redis_client.script_flush()  # as after a Redis restart: every call in flight meets NOSCRIPT
+        before = await _script_loads(redis_client)
+        decisions = await asyncio.gather(*(engine.check_and_reserve(f"acct{i}", "sora", f"r{i}", job)
+                                           for i in range(30)))
+        assert all(d.outcome.allowed for d in decisions)
+        assert await _script_loads(redis_client) - before == 1  # not one per call
+    finally:
+        await store.close()
