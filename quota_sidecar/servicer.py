@@ -163,20 +163,24 @@ def _rpc(method: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
             except QuotaError as exc:
                 call.code = code_pb2.Code.Name(error_code(exc))
                 if not isinstance(exc, _CLIENT_ERRORS):
-                    _log_failure(name, request, exc)
+                    _log_failure(logging.WARNING, name, request, exc)
+                elif log.isEnabledFor(logging.DEBUG):
+                    # The caller's mistake: answered, and logged only when debugging (a client
+                    # retrying a bad request must not flood the log).
+                    _log_failure(logging.DEBUG, name, request, exc)
                 await context.abort_with_status(error_status(exc))
                 raise AssertionError("abort_with_status returned")  # pragma: no cover
 
     return wrapper
 
 
-def _log_failure(method: str, request: Any, exc: QuotaError) -> None:
+def _log_failure(level: int, method: str, request: Any, exc: QuotaError) -> None:
     account_id = getattr(request, "account_id", "")
     reservation_id = getattr(request, "reservation_id", "")
-    log.warning("%s failed for account %r reservation %r: %s (%s)", method, account_id, reservation_id,
-                exc.message, exc.reason,
-                extra={"method": method, "account_id": account_id, "reservation_id": reservation_id,
-                       "reason": exc.reason})
+    log.log(level, "%s failed for account %r reservation %r: %s (%s)", method, account_id, reservation_id,
+            exc.message, exc.reason,
+            extra={"method": method, "account_id": account_id, "reservation_id": reservation_id,
+                   "reason": exc.reason})
 
 
 def job_params(params: pb.JobParams) -> JobParams:

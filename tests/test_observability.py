@@ -144,8 +144,14 @@ async def _known_sequence(rig: Rig, proxy: FaultProxy) -> None:
     await proxy.refuse(False)
 
 
-async def test_metrics_after_a_known_sequence_of_calls(rig: Rig, proxy: FaultProxy) -> None:
-    await _known_sequence(rig, proxy)
+async def test_metrics_after_a_known_sequence_of_calls(rig: Rig, proxy: FaultProxy,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="quota_sidecar.servicer"):
+        await _known_sequence(rig, proxy)
+    # One warning, for the server-side failure, with the ids as fields (JSON logs keep them as keys).
+    (warning,) = [r for r in caplog.records if r.name == "quota_sidecar.servicer"]
+    assert (getattr(warning, "account_id"), getattr(warning, "reservation_id"), getattr(warning, "reason")) == (
+        "acct", "u1", "STORE_UNAVAILABLE")
     http = MetricsHTTPServer(rig.metrics, "127.0.0.1:0")
     try:
         samples = await asyncio.to_thread(scrape, http.port)
@@ -329,6 +335,10 @@ def test_serve_json_logs_have_ids_and_no_secrets(secret_redis: RedisServerProces
 
     def calls(directory: str) -> None:
         _reserve_over(directory, "json-acct", "json-r1")
+        with grpc.insecure_channel(f"unix:{directory}/q.sock") as channel:
+            with pytest.raises(grpc.RpcError):  # the caller's mistake: logged at DEBUG with its ids
+                pb_grpc.QuotaServiceStub(channel).Commit(
+                    pb.CommitRequest(account_id="json-acct", reservation_id="no-such-job"), timeout=10)
         with grpc.insecure_channel(f"unix:{directory}/a.sock") as channel:
             with pytest.raises(grpc.RpcError):  # a wrong token is logged (without the token)
                 pb_grpc.QuotaAdminStub(channel).GetAccount(
@@ -345,6 +355,9 @@ def test_serve_json_logs_have_ids_and_no_secrets(secret_redis: RedisServerProces
     assert decisions[0]["account_id"] == "json-acct" and decisions[0]["allowed"] is True
     assert decisions[0]["funding"] == "free" and decisions[0]["logger"] == "quota_sidecar.servicer"
     assert any("rejected" in x["msg"] and x["level"] == "WARNING" for x in lines)
+    (failed,) = [x for x in lines if x.get("reservation_id") == "no-such-job"]
+    assert (failed["level"], failed["method"], failed["account_id"], failed["reason"]) == (
+        "DEBUG", "Commit", "json-acct", "RESERVATION_NOT_FOUND")
 
 
 @pytest.mark.slow
