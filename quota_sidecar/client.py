@@ -332,16 +332,15 @@ class QuotaClient:
             await self._sleep(self.max_backoff)
             try:
                 await run.settle(failed)
+                break
             except Unavailable as exc:
                 expires_at = job.expires_at or job.reservation.expires_at
                 if expires_at is not None and datetime.now(timezone.utc) > expires_at:
                     job.settlement_error = exc  # the hold has expired: the server refunds it itself
                     break
-                continue
             except QuotaClientError as exc:
                 job.settlement_error = exc
                 break
-            break
         job.settlement_pending = False
 
     async def _call(self, method: str, request: Any, timeout: float | None = None) -> Any:

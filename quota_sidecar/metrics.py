@@ -64,6 +64,7 @@ class Metrics:
             "refused, or a concurrency cap hit) had it been enforced, by product and limit id",
             ["product", "limit"], registry=self.registry)
 
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         self._init_decisions()
         self._init_transport()
 
@@ -98,20 +99,29 @@ class Metrics:
             "READONLY, NOSCRIPT after reload...) by script and the error's reason", ["script", "reason"],
             registry=self.registry)
 
+    def _child(self, metric: Any, values: tuple[str, ...]) -> Any:
+        """``metric.labels(*values)`` without its ~3 us of validation and locking on every call: the
+        label values of the per-call metrics come from small fixed sets (methods, codes, scripts,
+        the plans' products)."""
+        child = self._children.get((metric, values))
+        if child is None:
+            child = self._children[(metric, values)] = metric.labels(*values)
+        return child
+
     def decision(self, product: str, allowed: bool, funding: str, reason: str, replayed: bool) -> None:
         """One CheckAndReserve answer; ``funding`` and ``reason`` are the model's values or ``none``."""
         if replayed:
-            _child(self._replays, (product,)).inc()
+            self._child(self._replays, (product,)).inc()
         else:
-            _child(self._decisions, (product, "allowed" if allowed else "denied", funding, reason)).inc()
+            self._child(self._decisions, (product, "allowed" if allowed else "denied", funding, reason)).inc()
 
     def rpc_handled(self, service: str, method: str, code: str, seconds: float) -> None:
-        _child(self._rpc_seconds, (service, method, code)).observe(seconds)
+        self._child(self._rpc_seconds, (service, method, code)).observe(seconds)
 
     def redis_call(self, script: str, seconds: float, error_reason: str = "") -> None:
-        _child(self._redis_seconds, (script,)).observe(seconds)
+        self._child(self._redis_seconds, (script,)).observe(seconds)
         if error_reason:
-            _child(self._redis_errors, (script, error_reason)).inc()
+            self._child(self._redis_errors, (script, error_reason)).inc()
 
     def sweep_pass(self, result: SweepResult, holds_expired: int = 0) -> None:
         self._sweeps.labels(result=result).inc()
@@ -142,16 +152,6 @@ class Metrics:
     def exposition(self) -> bytes:
         """The Prometheus text format of every metric, as the HTTP endpoint serves it."""
         return generate_latest(self.registry)
-
-
-def _child(metric: Any, values: tuple[str, ...]) -> Any:
-    """``metric.labels(*values)``, without its ~3 us of validation and locking on every call: every
-    label value here comes from a small fixed set (methods, codes, scripts, plans' products)."""
-    cache = metric.__dict__.setdefault("_quota_children", {})
-    child = cache.get(values)
-    if child is None:
-        child = cache[values] = metric.labels(*values)
-    return child
 
 
 def split_host_port(listen: str) -> tuple[str, int]:

@@ -335,7 +335,6 @@ class QuotaService(pb_grpc.QuotaServiceServicer):
     def __init__(self, engine: QuotaEngine, metrics: Metrics | None = None, *, max_batch_items: int = 100,
                  tracer: Any = None) -> None:
         self._engine = engine
-        self._metrics = metrics
         self._telemetry = Telemetry(metrics, tracer)
         self._max_batch_items = max_batch_items
 
@@ -343,15 +342,16 @@ class QuotaService(pb_grpc.QuotaServiceServicer):
         outcome = decision.outcome
         if log.isEnabledFor(logging.DEBUG):
             _log_decision(account_id, product, decision)
-        if self._metrics is None:
+        metrics = self._telemetry.metrics
+        if metrics is None:
             return
-        self._metrics.decision(product, outcome.allowed, outcome.funding.value if outcome.funding else "none",
+        metrics.decision(product, outcome.allowed, outcome.funding.value if outcome.funding else "none",
                                outcome.denial.value if outcome.denial else "none", outcome.replayed)
         if not outcome.replayed:
             if outcome.shadow_limits:
-                self._metrics.shadow_decision(product, outcome.shadow_limits)
+                metrics.shadow_decision(product, outcome.shadow_limits)
             if outcome.degraded:
-                self._metrics.degraded_decision(product)
+                metrics.degraded_decision(product)
 
     def _check_batch_size(self, items: Any) -> None:
         if len(items) > self._max_batch_items:

@@ -19,6 +19,7 @@ unless tracing is on: the hot path pays for one ``if`` per call without it.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from typing import TYPE_CHECKING, Any, Sequence
@@ -58,7 +59,7 @@ class RpcCall:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         seconds = time.perf_counter() - self._started
         if exc is not None and self.code == "OK":
-            self.code = "CANCELLED" if _is_cancellation(exc) else "UNKNOWN"
+            self.code = "CANCELLED" if isinstance(exc, asyncio.CancelledError) else "UNKNOWN"
         if self._span is not None:
             self._scope.__exit__(None, None, None)
             _end_rpc_span(self._span, self.code)
@@ -151,12 +152,6 @@ def _end_redis_span(span: Any, error: str) -> None:
         span.set_attribute("error.type", error)
         span.set_status(Status(StatusCode.ERROR, error))
     span.end()
-
-
-def _is_cancellation(exc: BaseException) -> bool:
-    import asyncio
-
-    return isinstance(exc, asyncio.CancelledError)
 
 
 class Tracing:

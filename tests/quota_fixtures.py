@@ -6,9 +6,10 @@ test can assert exactly which keys it wrote.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import datetime, timezone
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
 import grpc
 import pytest
@@ -17,6 +18,7 @@ import redis.asyncio as aioredis
 from quota_sidecar._proto.quota.v1 import quota_pb2_grpc
 from quota_sidecar.clock import ManualClock
 from quota_sidecar.engine import QuotaEngine
+from quota_sidecar.errors import Unavailable
 from quota_sidecar.plans import load_plans
 from quota_sidecar.redis_server import RedisServerProcess
 from quota_sidecar.server import create_admin_server, create_server
@@ -97,3 +99,17 @@ async def sidecar(engine: QuotaEngine) -> AsyncIterator[Sidecar]:
         await sc.admin_channel.close()
         await server.stop(None)
         await admin.stop(None)
+
+
+T = TypeVar("T")
+
+
+async def retrying(call: Callable[[], Awaitable[T]], *, attempts: int = 100, pause: float = 0.05) -> T:
+    """Retries UNAVAILABLE with the same arguments (so the same ids), as a worker does; bounded by
+    ``attempts`` (~attempts x pause seconds)."""
+    for _ in range(attempts - 1):
+        try:
+            return await call()
+        except Unavailable:
+            await asyncio.sleep(pause)
+    return await call()

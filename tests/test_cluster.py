@@ -17,7 +17,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator, Awaitable, Callable, Iterator, TypeVar
+from typing import AsyncIterator, Callable, Iterator
 
 import grpc
 import pytest
@@ -39,12 +39,11 @@ from quota_sidecar.server import create_admin_server
 from quota_sidecar.redis_connect import parse_url
 from quota_sidecar.store import RedisStore, _redis_error, key_bucket
 
-from quota_fixtures import T0_MS
+from quota_fixtures import T0_MS, retrying
 
 pytestmark = pytest.mark.slow
 
 V10 = JobParams(duration_seconds=10, resolution="720p")  # 1 credit
-T = TypeVar("T")
 _SETTLE_SECONDS = 30.0
 
 
@@ -189,16 +188,6 @@ async def accounts_on_distinct_masters(store: RedisStore, count: int) -> list[st
         if len(found) == count:
             return list(found.values())
     raise AssertionError(f"accounts landed on only {len(found)} masters")
-
-
-async def retrying(call: Callable[[], Awaitable[T]], *, attempts: int = 100, pause: float = 0.05) -> T:
-    """Retries UNAVAILABLE with the same arguments (so the same ids): what a worker does."""
-    for _ in range(attempts - 1):
-        try:
-            return await call()
-        except Unavailable:
-            await asyncio.sleep(pause)
-    return await call()
 
 
 async def use_free(engine: QuotaEngine, account: str, n: int) -> None:

@@ -7,13 +7,12 @@ asynchronous, and a hard kill of the master could lose the last writes.
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import subprocess
 import time
 import uuid
 from pathlib import Path
-from typing import AsyncIterator, Awaitable, Callable, Iterator, TypeVar
+from typing import AsyncIterator, Callable, Iterator
 
 import pytest
 import redis
@@ -21,18 +20,18 @@ import redis
 from quota_sidecar.audit import audit_account
 from quota_sidecar.clock import ManualClock
 from quota_sidecar.engine import QuotaEngine
-from quota_sidecar.errors import Unavailable
 from quota_sidecar.model import Funding, JobParams
 from quota_sidecar.plans import load_plans
 from quota_sidecar.redis_server import RedisServerProcess, find_redis_server
 from quota_sidecar.store import RedisStore
 
-from quota_fixtures import T0_MS
+from quota_fixtures import T0_MS, retrying
 
 pytestmark = pytest.mark.slow
 
 V10 = JobParams(duration_seconds=10, resolution="720p")  # 1 credit
-T = TypeVar("T")
+# Retries of a call made during a failover: ~10 s at retrying()'s 50 ms pause.
+FAILOVER_ATTEMPTS = 200
 MASTER = "mymaster"
 _SETTLE_SECONDS = 30.0
 
@@ -146,23 +145,14 @@ async def store(topology: Topology) -> AsyncIterator[RedisStore]:
     await s.close()
 
 
-async def retrying(call: Callable[[], Awaitable[T]], *, attempts: int = 200, pause: float = 0.05) -> T:
-    """Retries UNAVAILABLE with the same ids, as a worker does; bounded (~10 s)."""
-    for _ in range(attempts - 1):
-        try:
-            return await call()
-        except Unavailable:
-            await asyncio.sleep(pause)
-    return await call()
-
-
 async def jobs(engine: QuotaEngine, account: str, prefix: str, n: int) -> set[str]:
     done = set()
     for i in range(n):
         rid = f"{prefix}-{i}"
-        d = await retrying(lambda: engine.check_and_reserve(account, "sora", rid, V10))
+        d = await retrying(lambda: engine.check_and_reserve(account, "sora", rid, V10),
+                           attempts=FAILOVER_ATTEMPTS)
         assert d.outcome.allowed, d
-        await retrying(lambda: engine.commit(account, rid))
+        await retrying(lambda: engine.commit(account, rid), attempts=FAILOVER_ATTEMPTS)
         done.add(rid)
     return done
 
@@ -187,9 +177,9 @@ async def test_sentinel_failover_the_sidecar_follows_and_keeps_every_decision(to
     # The sidecar's pooled connections still point at the old master: the first calls may fail
     # (READONLY becomes a reconnect through the sentinels); the retries land on the new master.
     after = await jobs(engine, "s", "after", 5)
-    b = await retrying(lambda: engine.balance("s"))
+    b = await retrying(lambda: engine.balance("s"), attempts=FAILOVER_ATTEMPTS)
     assert (b.allowances[0].free_used, b.credit_balance, b.holds) == (30, 30 - 10, ())
-    assert (await retrying(lambda: engine.grant("s", 1, "p2"))).credit_balance == 21
+    assert (await retrying(lambda: engine.grant("s", 1, "p2"), attempts=FAILOVER_ATTEMPTS)).credit_balance == 21
     entries, _ = await engine.ledger("s", page_size=1000)
     assert sorted(e.fields["rid"] for e in entries if e.type == "hold") == sorted(before | after)
     assert sorted(e.fields["rid"] for e in entries if e.type == "commit") == sorted(before | after)
