@@ -1,7 +1,8 @@
 """Authentication of the QuotaAdmin API: bearer tokens and (m)TLS.
 
 Two independent layers, both optional on loopback and at least one required
-elsewhere (see ``admin_auth_problem``):
+elsewhere (see ``admin_auth_problem``) and on a unix socket other users may
+open (``admin_socket_mode_problem``):
 
 - a bearer token in the ``authorization`` metadata (``Bearer <token>``),
   checked by ``AdminAuthInterceptor`` against the tokens of
@@ -82,6 +83,22 @@ def admin_auth_problem(settings: Settings) -> str:
         return ""
     return (f"{', '.join(exposed)} is not loopback or a unix socket: QuotaAdmin there needs authentication "
             "(set admin_token_file and/or admin_tls_cert + admin_tls_key + admin_client_ca)")
+
+
+def admin_socket_mode_problem(settings: Settings) -> str:
+    """Why --admin-unix-socket-mode may not be used ('' when it may).
+
+    A unix socket's mode is its access control: one that lets the group or
+    other users connect exposes QuotaAdmin to them like a network address
+    would, so it needs the same credentials.
+    """
+    mode = settings.admin_socket_mode()
+    sockets = [a for a in settings.admin_listen if a.startswith("unix:")]
+    if mode is None or not mode & 0o077 or not sockets or settings.admin_token_file or settings.admin_client_ca:
+        return ""
+    return (f"--admin-unix-socket-mode {settings.admin_unix_socket_mode} would let other local users call "
+            f"QuotaAdmin on {', '.join(sockets)} without credentials; set --admin-token-file and/or mTLS "
+            "(--admin-client-ca), or keep the admin socket owner-only (0600)")
 
 
 # --------------------------------------------------------------------------- tokens
@@ -255,6 +272,9 @@ def load_admin_auth(settings: Settings) -> AdminAuth:
     problem = admin_auth_problem(settings)
     if problem:
         raise InvalidArgument("admin_listen", problem)
+    problem = admin_socket_mode_problem(settings)
+    if problem:
+        raise InvalidArgument("admin_unix_socket_mode", problem)
     tokens = load_tokens(settings.admin_token_file) if settings.admin_token_file else ()
     interceptors = (AdminAuthInterceptor(TokenChecker(tokens)),) if tokens else ()
     return AdminAuth(interceptors=interceptors, credentials=server_credentials(settings),

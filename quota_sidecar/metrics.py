@@ -64,6 +64,13 @@ class Metrics:
             "refused, or a concurrency cap hit) had it been enforced, by product and limit id",
             ["product", "limit"], registry=self.registry)
 
+        self._open_fds = Gauge(
+            "quota_open_fds", "File descriptors open in this process (connections, Redis, files), counted "
+            "every second on Linux", registry=self.registry)
+        self._max_fds = Gauge(
+            "quota_max_fds", "The process's open-file limit (soft RLIMIT_NOFILE, raised to the hard limit at "
+            "start-up)", registry=self.registry)
+
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         self._init_decisions()
         self._init_transport()
@@ -132,6 +139,13 @@ class Metrics:
 
     def redis_reachable(self, reachable: bool) -> None:
         self._redis_up.set(1 if reachable else 0)
+
+    def file_descriptors(self, open_count: int | None = None, limit: int | None = None) -> None:
+        """The open descriptors and/or the limit, whichever is given."""
+        if open_count is not None:
+            self._open_fds.set(open_count)
+        if limit is not None:
+            self._max_fds.set(limit)
 
     def shadow_decision(self, product: str, limit_ids: Iterable[str]) -> None:
         for limit_id in limit_ids:

@@ -8,17 +8,24 @@ credentials); the worker-facing one has no admin methods to protect. ``run`` is 
 store, engine, servers, sweeper, plans reloading (file watcher and SIGHUP,
 quota_sidecar.plans_source), the metrics endpoint, and SIGTERM handling (stop
 accepting, let in-flight calls finish within the grace period, exit 0).
+
+Every server closes connections that never finish their handshake, stay idle or
+grow old (Settings' connection limits), and ``run`` raises the open-file limit
+and watches the descriptors in use, so silent connections cannot starve the
+workers' calls unnoticed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
+import time
 import uuid
-from typing import Any, Awaitable, Callable, Coroutine
+from typing import Any, Awaitable, Callable, Coroutine, Iterator
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -27,7 +34,7 @@ from grpc_reflection.v1alpha import reflection
 
 from ._proto.quota.v1 import quota_pb2, quota_pb2_grpc
 from . import __version__
-from .auth import AdminAuth, load_admin_auth
+from .auth import AdminAuth, is_loopback_address, load_admin_auth
 from .clock import Clock
 from .degraded import DegradedMode
 from .engine import QuotaEngine
@@ -63,13 +70,24 @@ def run_until_complete(main: Coroutine[Any, Any, Any], event_loop: str = "auto")
 
 
 def _options(settings: Settings, *, reuse_port: bool = False) -> list[tuple[str, int]]:
-    return [
+    options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", 4 * 1024 * 1024),
         # Two sidecars must never silently share one port (gRPC's default allows it); the
         # workers of one `serve --workers N` share theirs on purpose (quota_sidecar.workers).
         ("grpc.so_reuseport", 1 if reuse_port else 0),
+        # Connections that never finish their handshake are closed, so they cannot hold the
+        # process's file descriptors (and with them every worker's calls) for gRPC's default 120 s.
+        ("grpc.server_handshake_timeout_ms", settings.server_handshake_timeout_ms),
+        ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
     ]
+    # 0 = never: gRPC's own default (no option) is "infinite".
+    if settings.max_connection_idle_ms:
+        options.append(("grpc.max_connection_idle_ms", settings.max_connection_idle_ms))
+    if settings.max_connection_age_ms:
+        options += [("grpc.max_connection_age_ms", settings.max_connection_age_ms),
+                    ("grpc.max_connection_age_grace_ms", settings.max_connection_age_grace_ms)]
+    return options
 
 
 class CallCounter(grpc.aio.ServerInterceptor):
@@ -84,13 +102,31 @@ class CallCounter(grpc.aio.ServerInterceptor):
         return await continuation(handler_call_details)
 
 
+@contextlib.contextmanager
+def _umask(mask: int | None) -> Iterator[None]:
+    """Sets the process umask for the block (None: leaves it alone)."""
+    if mask is None:
+        yield
+        return
+    previous = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
 def _bind(server: grpc.aio.Server, addresses: tuple[str, ...],
-          credentials: grpc.ServerCredentials | None = None) -> int:
-    """Binds every address (TLS when credentials are given); returns the first TCP port (0 when only unix sockets)."""
+          credentials: grpc.ServerCredentials | None = None, *, owner_only: bool = False) -> int:
+    """Binds every address (TLS when credentials are given); returns the first TCP port (0 when only unix sockets).
+
+    ``owner_only``: unix sockets are created 0600 (gRPC binds them here). A chmod after the bind
+    would come too late: a connection made in between stays open whatever the mode becomes.
+    """
     first_port = 0
     for address in addresses:
-        port = (server.add_secure_port(address, credentials) if credentials is not None
-                else server.add_insecure_port(address))
+        with _umask(0o177 if owner_only and address.startswith("unix:") else None):
+            port = (server.add_secure_port(address, credentials) if credentials is not None
+                    else server.add_insecure_port(address))
         if not address.startswith("unix:"):
             if port == 0:
                 raise OSError(f"cannot listen on {address}")
@@ -103,12 +139,12 @@ def _new_server(settings: Settings, addresses: tuple[str, ...], service_name: st
                 health: HealthServicer | None, *,
                 interceptors: tuple[grpc.aio.ServerInterceptor, ...] = (),
                 credentials: grpc.ServerCredentials | None = None,
-                reuse_port: bool = False) -> tuple[grpc.aio.Server, int]:
+                reuse_port: bool = False, owner_only: bool = False) -> tuple[grpc.aio.Server, int]:
     server = grpc.aio.server(options=_options(settings, reuse_port=reuse_port), interceptors=interceptors or None)
     add_servicer(server)
     health_pb2_grpc.add_HealthServicer_to_server(health or HealthServicer(), server)
     reflection.enable_server_reflection((service_name, HEALTH_NAME, reflection.SERVICE_NAME), server)
-    return server, _bind(server, addresses, credentials)
+    return server, _bind(server, addresses, credentials, owner_only=owner_only)
 
 
 def create_server(settings: Settings, engine: QuotaEngine, *, health: HealthServicer | None = None,
@@ -135,13 +171,15 @@ def create_admin_server(settings: Settings, engine: QuotaEngine, *, health: Heal
     (health and reflection never do); the addresses speak TLS, and with a
     client CA demand a client certificate, when settings.admin_tls_cert is set.
     ``auth`` is what ``load_admin_auth(settings)`` returns; loaded here when not given.
+    Its unix sockets are created owner-only (0600); ``_chmod_sockets`` then applies
+    settings.admin_unix_socket_mode once the server is started.
     """
     assert settings.admin_listen, "admin server needs admin_listen"
     auth = auth or load_admin_auth(settings)
     return _new_server(settings, settings.admin_listen, ADMIN_NAME,
                        lambda s: quota_pb2_grpc.add_QuotaAdminServicer_to_server(
                            QuotaAdmin(engine, metrics, tracer=tracer), s), health,
-                       interceptors=auth.interceptors, credentials=auth.credentials)
+                       interceptors=auth.interceptors, credentials=auth.credentials, owner_only=True)
 
 
 HEALTH_NAMES = ("", SERVICE_NAME, ADMIN_NAME)
@@ -162,32 +200,112 @@ def create_health_server(settings: Settings, health: HealthServicer) -> tuple[gr
     return server, _bind(server, (settings.health_listen,))
 
 
-async def watch_redis_health(store: RedisStore, health: HealthServicer, unhealthy_after_seconds: float, *,
-                             probe_interval_seconds: float = 1.0, metrics: Metrics | None = None) -> None:
-    """Health follows Redis: NOT_SERVING once it has been unreachable for longer than the
-    grace period (a blip does not flap readiness), SERVING again at the first answer."""
-    loop = asyncio.get_running_loop()
-    last_ok = loop.time()
-    serving = True
-    while True:
-        try:
-            await store.ping()
-            last_ok, reachable = loop.time(), True
-        except QuotaError:
-            reachable = False
-        if metrics is not None:
-            metrics.redis_reachable(reachable)
-        healthy = reachable or loop.time() - last_ok <= unhealthy_after_seconds
-        if healthy != serving:
-            serving = healthy
+# How often the Redis health verdict is re-judged: NOT_SERVING comes at most this late after the grace period.
+HEALTH_JUDGE_INTERVAL_SECONDS = 0.25
+
+
+class RedisHealthJudge:
+    """Whether Redis counts as healthy, from the time of its last answer alone.
+
+    Kept apart from the probing so that a ping that hangs (a stopped Redis, a
+    black-holed network: up to the Redis deadline, twice with the retry) cannot
+    delay the verdict: the judge looks at the clock, not at the ping.
+    """
+
+    def __init__(self, unhealthy_after_seconds: float, now_seconds: float) -> None:
+        self.unhealthy_after_seconds = unhealthy_after_seconds
+        self.last_ok_seconds = now_seconds  # a grace period from the start, as after an answer
+
+    def observe_ok(self, now_seconds: float) -> None:
+        self.last_ok_seconds = max(self.last_ok_seconds, now_seconds)
+
+    def judge(self, now_seconds: float) -> bool:
+        """True (healthy) unless Redis last answered longer than the grace period ago."""
+        return now_seconds - self.last_ok_seconds <= self.unhealthy_after_seconds
+
+
+class RedisHealthWatch:
+    """Pings Redis and publishes the judge's verdict on the health service.
+
+    Two loops: one pings (and records each answer), one re-judges on a timer
+    independently of any ping in flight. Either publishes a change at once:
+    NOT_SERVING as soon as the last answer is older than the grace period,
+    SERVING at the first answer after that. ``monotonic`` (seconds) is the
+    judge's clock, injectable for tests; the loops themselves sleep in real time.
+    """
+
+    def __init__(self, store: RedisStore, health: HealthServicer, unhealthy_after_seconds: float, *,
+                 metrics: Metrics | None = None, monotonic: Callable[[], float] | None = None) -> None:
+        self._store = store
+        self._health = health
+        self._metrics = metrics
+        self._monotonic = monotonic or asyncio.get_running_loop().time
+        self.judge = RedisHealthJudge(unhealthy_after_seconds, self._monotonic())
+        self.serving = True  # what the health service says; the servers start SERVING
+        self.pinging = False  # a ping is in flight (tests look)
+        self.judgements = 0  # verdicts reached so far (tests look)
+        self._lock = asyncio.Lock()
+
+    async def refresh(self) -> None:
+        """Judges now and publishes a change; the verdict is taken under the lock, so two
+        callers cannot publish their verdicts in the wrong order."""
+        async with self._lock:
+            healthy = self.judge.judge(self._monotonic())
+            self.judgements += 1
+            if not healthy and self._metrics is not None:
+                self._metrics.redis_reachable(False)  # no answer within the grace period
+            if healthy == self.serving:
+                return
+            self.serving = healthy
             status = health_pb2.HealthCheckResponse.SERVING if healthy else health_pb2.HealthCheckResponse.NOT_SERVING
             for name in HEALTH_NAMES:
-                await health.set(name, status)
-            if healthy:
-                log.warning("redis answers again: health SERVING")
-            else:
-                log.warning("redis unreachable for over %.1f s: health NOT_SERVING", unhealthy_after_seconds)
-        await asyncio.sleep(probe_interval_seconds)
+                await self._health.set(name, status)
+        if healthy:
+            log.warning("redis answers again: health SERVING")
+        else:
+            log.warning("redis has not answered for over %.1f s: health NOT_SERVING",
+                        self.judge.unhealthy_after_seconds)
+
+    async def ping_forever(self, interval_seconds: float) -> None:
+        while True:
+            self.pinging = True
+            try:
+                await self._store.ping()
+                ok = True
+            except QuotaError:
+                ok = False
+            except Exception:  # noqa: BLE001 - a bug in one probe must not end the probing
+                log.exception("redis health probe failed")
+                ok = False
+            finally:
+                self.pinging = False
+            if self._metrics is not None:
+                self._metrics.redis_reachable(ok)
+            if ok:
+                self.judge.observe_ok(self._monotonic())
+                await self.refresh()
+            await asyncio.sleep(interval_seconds)
+
+    async def run(self, probe_interval_seconds: float = 1.0,
+                  judge_interval_seconds: float = HEALTH_JUDGE_INTERVAL_SECONDS) -> None:
+        """Until cancelled."""
+        pinger = asyncio.create_task(self.ping_forever(probe_interval_seconds), name="redis-health-ping")
+        try:
+            while True:
+                await asyncio.sleep(judge_interval_seconds)
+                await self.refresh()
+        finally:
+            await _cancel([pinger])
+
+
+async def watch_redis_health(store: RedisStore, health: HealthServicer, unhealthy_after_seconds: float, *,
+                             probe_interval_seconds: float = 1.0, metrics: Metrics | None = None,
+                             monotonic: Callable[[], float] | None = None) -> None:
+    """Health follows Redis: NOT_SERVING once it has not answered for longer than the grace
+    period (a blip does not flap readiness), even while a ping still hangs; SERVING again at
+    the first answer. See RedisHealthWatch."""
+    watch = RedisHealthWatch(store, health, unhealthy_after_seconds, metrics=metrics, monotonic=monotonic)
+    await watch.run(probe_interval_seconds, min(probe_interval_seconds, HEALTH_JUDGE_INTERVAL_SECONDS))
 
 
 async def replay_degraded_forever(engine: QuotaEngine, interval_seconds: float = 1.0) -> None:
@@ -225,6 +343,86 @@ async def sweep_once(engine: QuotaEngine, store: RedisStore, owner: str, lease_m
     return "ok", expired
 
 
+# A warning once the process holds this share of its open-file limit, repeated at most every
+# FD_WARN_EVERY_SECONDS while it stays there (an attack or a leak would otherwise flood the log).
+FD_WARN_FRACTION = 0.9
+FD_WARN_EVERY_SECONDS = 60.0
+# Counting /proc/self/fd costs ~0.1 ms per thousand descriptors: once a second is cheap.
+FD_CHECK_INTERVAL_SECONDS = 1.0
+# Where the hard limit is "unlimited", setrlimit refuses that as a soft limit: aim at this instead.
+_NOFILE_CEILING = 1 << 20
+
+
+def raise_open_file_limit() -> int | None:
+    """Raises the soft RLIMIT_NOFILE to the hard limit (logged); returns the soft limit in force.
+
+    Every connection is a descriptor; distributions' default soft limit (often 1024) is
+    a fraction of what the hard limit allows an unprivileged process. None where there is
+    no such limit (unlimited, or not a Unix).
+    """
+    try:
+        import resource
+    except ImportError:
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        log.info("open-file limit (RLIMIT_NOFILE): unlimited")
+        return None
+    target = _NOFILE_CEILING if hard == resource.RLIM_INFINITY else hard
+    if soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, target, exc)
+        else:
+            log.info("raised the open-file limit (soft RLIMIT_NOFILE) from %d to the hard limit %d", soft, target)
+            return target
+    log.info("open-file limit (RLIMIT_NOFILE): %d", soft)
+    return soft
+
+
+def count_open_fds(limit: int) -> int | None:
+    """The process's open descriptors (Linux /proc, or /dev/fd); None where they cannot be listed.
+
+    Listing the folder takes a descriptor itself: at the limit that fails with EMFILE,
+    which means the count is the limit.
+    """
+    for folder in ("/proc/self/fd", "/dev/fd"):
+        try:
+            return len(os.listdir(folder)) - 1  # less the descriptor of the listing itself
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                return limit
+    return None
+
+
+async def watch_open_fds(metrics: Metrics | None, limit: int, *,
+                         interval_seconds: float = FD_CHECK_INTERVAL_SECONDS,
+                         monotonic: Callable[[], float] = time.monotonic) -> None:
+    """Until cancelled: the open descriptors as a gauge, and a rate-limited WARNING near the limit.
+
+    At the limit new connections wait in the kernel's accept queue and their calls
+    time out without a word from gRPC: this says why.
+    """
+    if count_open_fds(limit) is None:
+        return  # nothing to count on this platform
+    if metrics is not None:
+        metrics.file_descriptors(limit=limit)
+    warned_at: float | None = None
+    while True:
+        count = count_open_fds(limit) or 0
+        if metrics is not None:
+            metrics.file_descriptors(open_count=count)
+        now = monotonic()
+        if count >= FD_WARN_FRACTION * limit and (warned_at is None or now - warned_at >= FD_WARN_EVERY_SECONDS):
+            warned_at = now
+            log.warning("%d of %d file descriptors open (%.0f%% of the open-file limit): new connections will "
+                        "wait or fail; raise the limit (ulimit -n, LimitNOFILE) or lower "
+                        "--server-handshake-timeout-ms / --max-connection-idle-ms if idle connections pile up",
+                        count, limit, 100 * count / limit)
+        await asyncio.sleep(interval_seconds)
+
+
 def start_embedded_redis(settings: Settings) -> RedisServerProcess:
     binary = find_redis_server(settings.redis_server)
     process = RedisServerProcess(binary, os.path.abspath(settings.data_dir), appendonly=True, appendfsync="everysec")
@@ -256,6 +454,7 @@ async def run(settings: Settings, *, clock: Clock | None = None,
     loop.add_signal_handler(signal.SIGHUP, hangup.set)
     # Token and certificate files first: a bad one fails before Redis is started or anything is bound.
     admin_auth = load_admin_auth(settings) if settings.admin_listen else None
+    fd_limit = raise_open_file_limit()
     metrics = Metrics()
 
     def use_plans(new: Plans) -> None:
@@ -282,7 +481,7 @@ async def run(settings: Settings, *, clock: Clock | None = None,
             engine = QuotaEngine(plans, store, clock, degraded=DegradedMode(settings.degraded_journal))
             await _serve(settings, engine, store, stop, on_ready, admin_auth,
                          plans_source=plans_source, metrics=metrics, hangup=hangup, worker=worker,
-                         tracer=tracing.tracer)
+                         tracer=tracing.tracer, fd_limit=fd_limit)
         finally:
             await store.close()
     finally:
@@ -308,6 +507,21 @@ def _plans_tasks(settings: Settings, plans_source: PlansSource, stop: asyncio.Ev
     if plans_source.path is not None and settings.plans_reload_interval_seconds:
         tasks.append(asyncio.create_task(plans_source.watch(settings.plans_reload_interval_seconds, stop),
                                          name="plans-watcher"))
+    return tasks
+
+
+def _watch_tasks(settings: Settings, engine: QuotaEngine, store: RedisStore, health: HealthServicer,
+                 metrics: Metrics, fd_limit: int | None) -> list[asyncio.Task[None]]:
+    """The running server's timers: degraded replay, Redis health, sweeper, file descriptors."""
+    tasks = [asyncio.create_task(replay_degraded_forever(engine), name="degraded-replay")]
+    if settings.redis_unhealthy_after_seconds:
+        tasks.append(asyncio.create_task(watch_redis_health(
+            store, health, settings.redis_unhealthy_after_seconds, metrics=metrics), name="redis-health"))
+    if settings.sweep_interval_seconds:
+        tasks.append(asyncio.create_task(sweep_forever(engine, store, settings.sweep_interval_seconds, metrics),
+                                         name="sweeper"))
+    if fd_limit:
+        tasks.append(asyncio.create_task(watch_open_fds(metrics, fd_limit), name="fd-watcher"))
     return tasks
 
 
@@ -341,6 +555,10 @@ async def _start_servers(settings: Settings, engine: QuotaEngine, health: Health
         servers.append(admin)
         ports["admin"] = admin_port
         admin_text = f"; QuotaAdmin on {', '.join(settings.admin_listen)} ({admin_auth.describe()})"
+    exposed = [a for a in settings.listen if not is_loopback_address(a)]
+    if exposed:  # only with --listen-on-private-network (settings refuse it otherwise)
+        log.warning("QuotaService on %s is reachable from the network and authenticates nobody: anyone who "
+                    "reaches it can spend any account's credits (--listen-on-private-network)", ", ".join(exposed))
     for s in servers:
         await s.start()
     _chmod_sockets(settings)
@@ -348,19 +566,23 @@ async def _start_servers(settings: Settings, engine: QuotaEngine, health: Health
 
 
 def _chmod_sockets(settings: Settings) -> None:
-    mode = settings.socket_mode()
-    if mode is None:
-        return
-    for address in settings.listen + settings.admin_listen:
-        if address.startswith("unix:"):
-            path = address[len("unix:"):]
-            os.chmod(path[2:] if path.startswith("//") else path, mode)
+    """--unix-socket-mode on the worker sockets (when set), --admin-unix-socket-mode on the admin ones.
+
+    The admin ones never take the worker mode: a worker socket opened to every local user
+    must not open QuotaAdmin to them too."""
+    for addresses, mode in ((settings.listen, settings.socket_mode()),
+                            (settings.admin_listen, settings.admin_socket_mode())):
+        for address in addresses:
+            if mode is not None and address.startswith("unix:"):
+                path = address[len("unix:"):]
+                os.chmod(path[2:] if path.startswith("//") else path, mode)
 
 
 async def _serve(settings: Settings, engine: QuotaEngine, store: RedisStore, stop: asyncio.Event,
                  on_ready: Callable[[dict[str, int]], Awaitable[None] | None] | None,
                  admin_auth: AdminAuth | None = None, *, plans_source: PlansSource, metrics: Metrics,
-                 hangup: asyncio.Event, worker: int | None = None, tracer: Any = None) -> None:
+                 hangup: asyncio.Event, worker: int | None = None, tracer: Any = None,
+                 fd_limit: int | None = None) -> None:
     # Metrics first: an address in use fails the start before any gRPC port is bound.
     metrics_http = MetricsHTTPServer(metrics, settings.metrics_listen) if settings.metrics_listen else None
     health = HealthServicer()
@@ -387,14 +609,8 @@ async def _serve(settings: Settings, engine: QuotaEngine, store: RedisStore, sto
         if worker is not None:
             log.info("worker %d (pid %d) serving", worker, os.getpid())
 
-        tasks = _plans_tasks(settings, plans_source, stop, hangup)
-        tasks.append(asyncio.create_task(replay_degraded_forever(engine), name="degraded-replay"))
-        if settings.redis_unhealthy_after_seconds:
-            tasks.append(asyncio.create_task(watch_redis_health(
-                store, health, settings.redis_unhealthy_after_seconds, metrics=metrics), name="redis-health"))
-        if settings.sweep_interval_seconds:
-            tasks.append(asyncio.create_task(sweep_forever(engine, store, settings.sweep_interval_seconds, metrics),
-                                             name="sweeper"))
+        tasks = _plans_tasks(settings, plans_source, stop, hangup) + _watch_tasks(
+            settings, engine, store, health, metrics, fd_limit)
         try:
             if on_ready is not None:
                 maybe = on_ready(ports)

@@ -16,8 +16,33 @@ from .errors import InvalidArgument
 
 
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
+_TRUE_WORDS = ("true", "yes", "on", "1")
+_FALSE_WORDS = ("false", "no", "off", "0")
 LOG_FORMATS = ("text", "json")
 TRACING_MODES = ("off", "otlp", "console")
+
+
+class Boolean(int):
+    """The value of a yes/no setting: 0 or 1, whose constructor also reads text (true/false,
+    yes/no, on/off, 1/0, any case).
+
+    ``serve``'s flags are built from ``type(default)`` (quota_sidecar.cli), and ``bool("false")``
+    is True: a setting declared with a Boolean default reads ``--flag false`` and
+    ``QUOTA_FLAG=false`` as false and refuses anything else. Settings holds a plain bool.
+    """
+
+    def __new__(cls, value: object = False) -> "Boolean":
+        if isinstance(value, str):
+            text = value.strip().lower()
+            if text not in _TRUE_WORDS + _FALSE_WORDS:
+                raise ValueError(f"expected true or false, not {value!r}")
+            value = text in _TRUE_WORDS
+        return super().__new__(cls, bool(value))
+
+    def __repr__(self) -> str:
+        return "true" if self else "false"
+
+    __str__ = __repr__
 
 
 def _setting(default: Any, help: str, metavar: str = "") -> Any:
@@ -29,7 +54,14 @@ def _setting(default: Any, help: str, metavar: str = "") -> Any:
 @dataclass(frozen=True)
 class Settings:
     listen: tuple[str, ...] = _setting(
-        ("127.0.0.1:50051",), "worker-facing QuotaService address, host:port or unix:/path (repeatable); loopback by default")
+        ("127.0.0.1:50051",), "worker-facing QuotaService address, host:port or unix:/path (repeatable); an address "
+        "other than loopback (127.0.0.0/8, ::1, localhost) or unix: is refused unless --listen-on-private-network "
+        "is true")
+    # QuotaService spends credits without authentication: whoever reaches it can use any account.
+    listen_on_private_network: bool = _setting(
+        Boolean(False), "true or false: allow --listen addresses other than loopback or unix: (QuotaService has no "
+                        "authentication: only on a network that only trusted workers reach); logged as a warning",
+        "BOOL")
     admin_listen: tuple[str, ...] = _setting(
         (), "QuotaAdmin address (GrantCredits, SetAccount, ...), repeatable; none = admin API off; an address "
             "other than loopback or unix: is refused unless --admin-token-file or --admin-client-ca is set")
@@ -80,16 +112,44 @@ class Settings:
         0, "a grant is acknowledged only once this many replicas have it (Redis WAIT); 0 = the master's AOF", "N")
     grant_wait_timeout_ms: int = _setting(1000, "how long a grant waits for those replicas, milliseconds", "MS")
     redis_unhealthy_after_seconds: float = _setting(
-        5.0, "health turns NOT_SERVING once Redis has been unreachable this long, seconds; 0 = never", "S")
+        5.0, "health turns NOT_SERVING once Redis has not answered a probe for this long, even while a probe "
+             "still hangs, and SERVING at the next answer, seconds; 0 = never", "S")
     shutdown_grace_seconds: float = _setting(10.0, "on SIGTERM, time in-flight calls get to finish, seconds", "S")
     max_message_bytes: int = _setting(64 * 1024, "largest gRPC request accepted, bytes", "BYTES")
+    # gRPC's own default is 120 s: connections that never speak then hold a file descriptor each
+    # for two minutes, and enough of them exhaust the process's descriptors (every call then
+    # waits in the accept queue). A loopback or pod-network handshake takes milliseconds.
+    server_handshake_timeout_ms: int = _setting(
+        10_000, "a new connection must finish its TLS (admin) and HTTP/2 handshake within this, or it is closed, "
+                "milliseconds (gRPC's default is 120000)", "MS")
+    # A worker's channel reconnects on its next call (microseconds on a unix socket); an idle
+    # connection left open forever is a file descriptor nobody uses.
+    max_connection_idle_ms: int = _setting(
+        300_000, "a connection without a call in flight for this long is closed (GOAWAY; clients reconnect on "
+                 "their next call), milliseconds; 0 = never", "MS")
+    # Bounds the life of every connection, however busy, so none holds its resources forever.
+    max_connection_age_ms: int = _setting(
+        3_600_000, "a connection is closed (GOAWAY) after this long, give or take 10 percent; clients reconnect, "
+                   "milliseconds; 0 = never", "MS")
+    # Every RPC is a short unary call (bounded by the Redis deadlines): 30 s is ample.
+    max_connection_age_grace_ms: int = _setting(
+        30_000, "time the calls in flight on a connection closed by --max-connection-age-ms get to finish, "
+                "milliseconds", "MS")
+    # Bounds what one connection can make the server hold at once; a client beyond it queues.
+    max_concurrent_streams: int = _setting(
+        1_000, "most calls in flight on one connection; further calls wait in the client", "N")
     metrics_listen: str = _setting(
         "", "HOST:PORT ([IPv6]:PORT) of the Prometheus metrics endpoint (HTTP, /metrics); empty = off",
         "HOST:PORT")
     unix_socket_mode: str = _setting(
-        "", "permissions (octal, e.g. 0660 or 0666) given to the unix: sockets of --listen and --admin-listen once "
-            "bound, so a worker running as another user can connect; empty = as created (umask), usually "
-            "writable by this user only", "MODE")
+        "", "permissions (octal, e.g. 0660 or 0666) given to the unix: sockets of --listen once bound, so a worker "
+            "running as another user can connect; empty = as created (umask), usually writable by this user only; "
+            "never applies to --admin-listen (see --admin-unix-socket-mode)", "MODE")
+    # Separate from unix_socket_mode: a worker socket opened to every local user must not open the
+    # admin one too, which grants credits and, without a token, authenticates nobody.
+    admin_unix_socket_mode: str = _setting(
+        "0600", "permissions (octal) of the unix: sockets of --admin-listen, which are created owner-only; a mode "
+                "giving group or others access needs --admin-token-file or --admin-client-ca", "MODE")
     health_listen: str = _setting(
         "", "HOST:PORT ([IPv6]:PORT) of a plain-TCP gRPC server with only grpc.health.v1 (same status as the "
             "main server), for Kubernetes gRPC probes while --listen is a unix socket; empty = off", "HOST:PORT")
@@ -147,6 +207,10 @@ class Settings:
             raise InvalidArgument("max_batch_items", "must be between 1 and 10000")
         if self.unix_socket_mode and self.socket_mode() is None:
             raise InvalidArgument("unix_socket_mode", f"must be octal permissions 0..0777, not {self.unix_socket_mode!r}")
+        if self.admin_socket_mode() is None:
+            raise InvalidArgument("admin_unix_socket_mode",
+                                  f"must be octal permissions 0..0777, not {self.admin_unix_socket_mode!r}")
+        self._check_connection_limits()
         if self.log_format not in LOG_FORMATS:
             raise InvalidArgument("log_format", f"must be one of {', '.join(LOG_FORMATS)}, not {self.log_format!r}")
         if self.tracing not in TRACING_MODES:
@@ -154,15 +218,45 @@ class Settings:
         if self.event_loop not in EVENT_LOOPS:
             raise InvalidArgument("event_loop", f"must be one of {', '.join(EVENT_LOOPS)}, not {self.event_loop!r}")
         self._check_workers()
+        self._check_listen()
         self._check_admin_auth()
 
     def socket_mode(self) -> int | None:
         """unix_socket_mode as an int; None when empty or malformed."""
+        return _octal_mode(self.unix_socket_mode)
+
+    def admin_socket_mode(self) -> int | None:
+        """admin_unix_socket_mode as an int; None when malformed."""
+        return _octal_mode(self.admin_unix_socket_mode)
+
+    def _check_connection_limits(self) -> None:
+        if not 100 <= self.server_handshake_timeout_ms <= 600_000:
+            raise InvalidArgument("server_handshake_timeout_ms", "must be between 100 and 600000")
+        for name in ("max_connection_idle_ms", "max_connection_age_ms"):
+            # Below a second, connections would churn faster than a worker's calls.
+            if not (getattr(self, name) == 0 or 1000 <= getattr(self, name) <= 2**31 - 1):
+                raise InvalidArgument(name, "must be 0 (never) or between 1000 and 2147483647")
+        if not 0 <= self.max_connection_age_grace_ms <= 2**31 - 1:
+            raise InvalidArgument("max_connection_age_grace_ms", "must be between 0 and 2147483647")
+        if not 1 <= self.max_concurrent_streams <= 2**31 - 1:
+            raise InvalidArgument("max_concurrent_streams", "must be between 1 and 2147483647")
+
+    def _check_listen(self) -> None:
+        """The worker API authenticates nobody: off loopback only when the operator says the network is private."""
+        from .auth import is_loopback_address  # grpc is imported only when settings are built
+
+        # Normalised here: flags and QUOTA_* give a Boolean, Python callers a bool, the workers' JSON true/false.
         try:
-            mode = int(self.unix_socket_mode, 8)
-        except ValueError:
-            return None
-        return mode if 0 <= mode <= 0o777 else None
+            private = bool(Boolean(self.listen_on_private_network))
+        except ValueError as exc:
+            raise InvalidArgument("listen_on_private_network", str(exc)) from None
+        object.__setattr__(self, "listen_on_private_network", private)
+        exposed = [a for a in self.listen if not is_loopback_address(a)]
+        if exposed and not private:
+            raise InvalidArgument("listen", f"{', '.join(exposed)} is not loopback (127.0.0.0/8, ::1, localhost) or a "
+                                            "unix: socket, and QuotaService spends credits without authentication; "
+                                            "on a private network only, set --listen-on-private-network true "
+                                            "(QUOTA_LISTEN_ON_PRIVATE_NETWORK=true)")
 
     def _check_workers(self) -> None:
         if not 1 <= self.workers <= 256:
@@ -199,7 +293,8 @@ class Settings:
 
     def _check_admin_auth(self) -> None:
         """Consistency of the admin auth flags; the files themselves are read at start-up (auth.py)."""
-        from .auth import admin_auth_problem  # grpc is imported only when settings are built
+        # grpc is imported only when settings are built
+        from .auth import admin_auth_problem, admin_socket_mode_problem
 
         if bool(self.admin_tls_cert) != bool(self.admin_tls_key):
             raise InvalidArgument("admin_tls_key" if self.admin_tls_cert else "admin_tls_cert",
@@ -209,6 +304,9 @@ class Settings:
         problem = admin_auth_problem(self)
         if problem:
             raise InvalidArgument("admin_listen", problem)
+        problem = admin_socket_mode_problem(self)
+        if problem:
+            raise InvalidArgument("admin_unix_socket_mode", problem)
 
     @classmethod
     def from_sources(cls, flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -232,8 +330,19 @@ def env_name(field_name: str) -> str:
     return f"QUOTA_{field_name.upper()}"
 
 
+def _octal_mode(text: str) -> int | None:
+    """Octal permissions 0..0777 as an int; None when empty or malformed."""
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        return None
+    return mode if 0 <= mode <= 0o777 else None
+
+
 def _parse(name: str, default: Any, raw: str) -> Any:
     try:
+        if isinstance(default, Boolean):  # before int: a Boolean is an int
+            return Boolean(raw)
         if isinstance(default, tuple):
             return tuple(part.strip() for part in raw.split(",") if part.strip())
         if isinstance(default, int):
