@@ -326,7 +326,9 @@ def format_time(ms: int, tz: str = "UTC") -> str:
 
 
 def print_json(obj: Any, write: Callable[[str], Any] = sys.stdout.write) -> None:
-    write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    # ensure_ascii: every non-ASCII character as \uXXXX, so text from the server (C1 controls,
+    # bidi overrides) never reaches the terminal raw; json.loads gives it back unchanged.
+    write(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=True) + "\n")
 
 
 if __name__ == "__main__":  # pragma: no cover

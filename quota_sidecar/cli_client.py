@@ -30,6 +30,24 @@ from .cli import (
 )
 
 _FUNDING_TEXT = {pb.FUNDING_FREE_QUOTA: "free allowance", pb.FUNDING_CREDITS: "credits"}
+_PLAIN_ESCAPES = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
+def visible(value: object) -> str:
+    """``value`` as text with every character str.isprintable() refuses shown as an escape
+    (\\x9b, \\u202e, \\U000e0001, \\t): text from the server (ids, reasons, messages, possibly
+    stored before the server refused such characters) must not drive the terminal (a C1 CSI
+    starts an escape sequence) or reorder the line (bidi overrides)."""
+    text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else _PLAIN_ESCAPES.get(c) or c.encode("unicode_escape").decode("ascii")
+                   for c in text)
+
+
+def _say(line: str = "", *, err: bool = False) -> None:
+    """print() for every human-readable line of this module, through visible()."""
+    print(visible(line), file=sys.stderr if err else sys.stdout)
 
 
 def _job(args: argparse.Namespace) -> pb.JobParams | None:
@@ -52,19 +70,19 @@ def _print_decision(r: pb.CheckAndReserveResponse) -> None:
     resets = format_time(_ms(r.free_resets_at))
     if r.allowed:
         held = "1 free unit" if r.funding == pb.FUNDING_FREE_QUOTA else f"{r.credits_held} credit(s)"
-        print(f"ALLOWED  reservation {r.reservation_id}")
-        print(f"  funded by {_FUNDING_TEXT[r.funding]}: {held} held until {format_time(_ms(r.expires_at))}")
+        _say(f"ALLOWED  reservation {r.reservation_id}")
+        _say(f"  funded by {_FUNDING_TEXT[r.funding]}: {held} held until {format_time(_ms(r.expires_at))}")
     else:
         reason = pb.DenialReason.Name(r.denial.reason).removeprefix("DENIAL_REASON_")
-        print(f"DENIED   {reason}: {r.denial.message}")
+        _say(f"DENIED   {reason}: {r.denial.message}")
         for offer in r.denial.offers:
-            print(f"  offer: {offer.quantity} x {offer.pack_id} ({offer.credits} credits, {_money(offer.price)}) "
-                  f"= {_money(offer.total_price)}")
-    print(f"  free today: {r.free_used}/{r.free_limit}, resets {resets}")
+            _say(f"  offer: {offer.quantity} x {offer.pack_id} ({offer.credits} credits, {_money(offer.price)}) "
+                 f"= {_money(offer.total_price)}")
+    _say(f"  free today: {r.free_used}/{r.free_limit}, resets {resets}")
     if r.shadow_limits:
-        print(f"  shadow limits that would have applied: {', '.join(r.shadow_limits)}")
-    print(f"  job cost: {r.job_cost_credits} credit(s); credits available: {r.credit_balance}"
-          + ("  (replayed earlier decision)" if r.replayed else ""))
+        _say(f"  shadow limits that would have applied: {', '.join(r.shadow_limits)}")
+    _say(f"  job cost: {r.job_cost_credits} credit(s); credits available: {r.credit_balance}"
+         + ("  (replayed earlier decision)" if r.replayed else ""))
 
 
 def _limit_text(limit: Any) -> str:
@@ -75,7 +93,9 @@ def _limit_text(limit: Any) -> str:
 
 def table(headers: list[str], rows: list[list[Any]]) -> list[str]:
     """Aligned columns; numbers right-aligned, text left-aligned; two spaces between columns."""
-    cells = [[str(c) for c in row] for row in rows]
+    # Escaped before measuring, so an escape widens its column instead of breaking the alignment.
+    headers = [visible(h) for h in headers]
+    cells = [[visible(c) for c in row] for row in rows]
     widths = [max(len(h), *(len(row[i]) for row in cells)) if cells else len(h) for i, h in enumerate(headers)]
     numeric = [bool(rows) and all(isinstance(row[i], int) for row in rows) for i in range(len(headers))]
 
@@ -102,28 +122,28 @@ def _limit_rows(r: pb.GetBalanceResponse, tz: str) -> list[list[Any]]:
 
 def _print_balance(r: pb.GetBalanceResponse) -> None:
     tz = r.time_zone or "UTC"
-    print(f"account {r.account_id}  plan {r.plan}  time zone {tz}")
-    print(f"credits available {r.credit_balance}, held {r.credits_held}")
-    print()
+    _say(f"account {r.account_id}  plan {r.plan}  time zone {tz}")
+    _say(f"credits available {r.credit_balance}, held {r.credits_held}")
+    _say()
     for row in table(["PRODUCT", "FREE LIMIT", "USED", "OF", "RESETS", "NOTE"], _limit_rows(r, tz)):
-        print(row)
+        _say(row)
     for a in r.allowances:
         for change in a.upcoming:
             limits = ", ".join(f"{_limit_text(x)} {x.free}" for x in change.limits)
-            print(f"  {a.product} from {format_time(_ms(change.effective_from), tz)}: {limits}")
+            _say(f"  {a.product} from {format_time(_ms(change.effective_from), tz)}: {limits}")
     if r.lots:
-        print()
+        _say()
         for row in table(["LOT", "LEFT", "GRANTED", "SOURCE", "EXPIRES"], [
                 [lot.lot_id, lot.credits_left, lot.credits_granted,
                  pb.CreditSource.Name(lot.source).removeprefix("CREDIT_SOURCE_").lower(),
                  format_time(_ms(lot.expires_at), tz)] for lot in r.lots]):
-            print(row)
+            _say(row)
     if r.holds:
-        print()
+        _say()
         for row in table(["HOLD", "PRODUCT", "FUNDED BY", "CREDITS", "EXPIRES"], [
                 [h.reservation_id, h.product, _FUNDING_TEXT.get(h.funding, "?"), h.credits_held,
                  format_time(_ms(h.expires_at), tz)] for h in r.holds]):
-            print(row)
+            _say(row)
 
 
 def _read_client_file(path: str, flag: str) -> bytes:
@@ -259,30 +279,31 @@ def _print_account(r: pb.GetAccountResponse) -> None:
     _print_balance(r.balance)
     tz = r.balance.time_zone or "UTC"
     cap = f"{r.monthly_spend_cap_credits}" if r.monthly_spend_cap_credits else "none"
-    print(f"  monthly cap {cap}; spent or held this month {r.month_spend_credits}, "
-          f"month resets {format_time(_ms(r.month_resets_at), tz)}")
+    _say(f"  monthly cap {cap}; spent or held this month {r.month_spend_credits}, "
+         f"month resets {format_time(_ms(r.month_resets_at), tz)}")
     t = r.totals
-    print(f"  totals: granted {t.granted}, spent {t.spent}, expired {t.expired}, revoked {t.revoked}, "
-          f"refunded {t.refunded}, held {t.held}, available {t.available}")
+    _say(f"  totals: granted {t.granted}, spent {t.spent}, expired {t.expired}, revoked {t.revoked}, "
+         f"refunded {t.refunded}, held {t.held}, available {t.available}")
     topup = r.auto_topup
     if topup.enabled:
-        print(f"  auto top-up: {topup.pack_id} when below {topup.threshold_credits} credits")
+        _say(f"  auto top-up: {topup.pack_id} when below {topup.threshold_credits} credits")
     for lot in r.all_lots:
         source = pb.CreditSource.Name(lot.source).removeprefix("CREDIT_SOURCE_").lower()
         state = " REVOKED" if lot.revoked else ""
-        print(f"    lot {lot.lot_id} ({source}){state}: {lot.credits_left}/{lot.credits_granted} left, "
-              f"expires {format_time(_ms(lot.expires_at), tz)}")
+        _say(f"    lot {lot.lot_id} ({source}){state}: {lot.credits_left}/{lot.credits_granted} left, "
+             f"expires {format_time(_ms(lot.expires_at), tz)}")
 
 
 def _print_ledger(r: pb.ListLedgerResponse) -> None:
     for e in r.entries:
         who = e.reservation_id or e.purchase_id
         amount = f"{e.credits} credit(s)" if e.credits else (f"{e.free_units} free unit(s)" if e.free_units else "")
-        print(f"{e.id}  {format_time(_ms(e.at))}  {e.type:<10} {who:<24} {amount:<16} "
-              f"available {e.totals_after.available}, held {e.totals_after.held}"
-              + (f"  [{e.reason}]" if e.reason else ""))
+        # Escaped before padding, so the columns stay aligned.
+        _say(f"{visible(e.id)}  {format_time(_ms(e.at))}  {visible(e.type):<10} {visible(who):<24} "
+             f"{amount:<16} available {e.totals_after.available}, held {e.totals_after.held}"
+             + (f"  [{e.reason}]" if e.reason else ""))
     if r.next_page_token:
-        print(f"more: --page-token {r.next_page_token}")
+        _say(f"more: --page-token {r.next_page_token}")
 
 
 _PRINTERS: dict[str, Callable[[Any], None]] = {
@@ -290,24 +311,24 @@ _PRINTERS: dict[str, Callable[[Any], None]] = {
     "balance": _print_balance,
     "account": _print_account,
     "ledger": _print_ledger,
-    "commit": lambda r: print(
+    "commit": lambda r: _say(
         f"COMMITTED  charged {r.credits_charged} credit(s), {r.free_charged} free unit(s); refunded "
         f"{r.credits_refunded}; credits available {r.credit_balance}" + _replay(r, "already committed")),
-    "release": lambda r: print(
+    "release": lambda r: _say(
         f"RELEASED  refunded {r.credits_refunded} credit(s), {r.free_refunded} free unit(s); "
         f"credits available {r.credit_balance}" + _replay(r, "already released")),
-    "extend": lambda r: print(f"EXTENDED  hold now expires {format_time(_ms(r.expires_at))}"),
-    "grant": lambda r: print(
+    "extend": lambda r: _say(f"EXTENDED  hold now expires {format_time(_ms(r.expires_at))}"),
+    "grant": lambda r: _say(
         f"GRANTED  lot {r.lot.lot_id}: {r.lot.credits_granted} credit(s), expires "
         f"{format_time(_ms(r.lot.expires_at))}; credits available {r.credit_balance}"
         + _replay(r, "already granted")),
-    "revoke": lambda r: print(
+    "revoke": lambda r: _say(
         f"REVOKED  {r.credits_revoked} credit(s) removed; {r.credits_spent} already spent, {r.credits_held} "
         f"in holds; credits available {r.credit_balance}" + _replay(r, "already revoked")),
-    "refund": lambda r: print(
+    "refund": lambda r: _say(
         f"REFUNDED  {r.credits_refunded} credit(s), {r.free_refunded} free unit(s) given back; "
         f"credits available {r.credit_balance}" + _replay(r, "already refunded")),
-    "set-account": lambda r: print(
+    "set-account": lambda r: _say(
         f"ACCOUNT  plan {r.plan}, time zone {r.time_zone}, monthly cap "
         f"{r.monthly_spend_cap_credits or 'none'}"
         + (f", auto top-up {r.auto_topup.pack_id} below {r.auto_topup.threshold_credits}"
@@ -324,14 +345,15 @@ def _print(args: argparse.Namespace, r: Any) -> None:
 
 
 def _print_error(err: grpc.RpcError) -> None:
-    print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
+    _say(f"error: {err.code().name}: {err.details()}", err=True)
     status = rpc_status.from_call(err)
     for detail in status.details if status else ():
         for kind in (error_details_pb2.BadRequest, error_details_pb2.ErrorInfo, error_details_pb2.RetryInfo):
             if detail.Is(kind.DESCRIPTOR):
                 msg = kind()
                 detail.Unpack(msg)
-                print(f"  {kind.DESCRIPTOR.name}: {json_format.MessageToJson(msg, indent=None)}", file=sys.stderr)
+                _say(f"  {kind.DESCRIPTOR.name}: {json_format.MessageToJson(msg, indent=None, ensure_ascii=True)}",
+                     err=True)
 
 
 def run_verb(args: argparse.Namespace) -> int:
@@ -341,7 +363,7 @@ def run_verb(args: argparse.Namespace) -> int:
         _print_error(err)
         return 1
     except ValueError as exc:  # e.g. a malformed --expires-at
-        print(f"error: {exc}", file=sys.stderr)
+        _say(f"error: {exc}", err=True)
         return 2
     _print(args, response)
     return 0

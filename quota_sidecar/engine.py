@@ -19,8 +19,9 @@ import logging
 from dataclasses import dataclass, replace
 import re
 import hashlib
+import unicodedata
 import json
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from datetime import datetime, timezone
 from typing import Any, Awaitable, Callable, Mapping, Protocol, Sequence, TypeVar
 
@@ -145,18 +146,58 @@ def denial_message(plans: Plans, product: str, job: JobParams, outcome: ReserveO
             f"{outcome.credits_short} more credit(s) needed for this job ({outcome.cost_credits} credits)")
 
 
+_REFUSED_TEXT = ("control characters (C0 such as tab and newline, DEL, C1), format characters (bidi "
+                 "overrides, embeddings and isolates, zero-width characters), line and paragraph separators, "
+                 "spaces other than the ASCII space, surrogates, private-use and unassigned code points")
+
+
+def check_text(field: str, text: str, max_chars: int) -> str:
+    """``text`` if a terminal, a log line or a ledger reader can show it as it is: at most
+    ``max_chars`` characters, each one str.isprintable() accepts. Stored free text must not be
+    able to move a cursor, reorder a line (bidi) or hide characters when someone reads it later."""
+    if len(text) > max_chars:
+        raise InvalidArgument(field, f"is {len(text)} characters long; at most {max_chars} allowed")
+    if not text.isprintable():
+        at, char = next((i, c) for i, c in enumerate(text) if not c.isprintable())
+        # The code point, never the character itself: this message is printed and logged.
+        raise InvalidArgument(field, f"character {at} is U+{ord(char):04X} (Unicode category "
+                                     f"{unicodedata.category(char)}), which is not printable; refused: "
+                                     f"{_REFUSED_TEXT}")
+    return text
+
+
 def check_reason(reason: str) -> str:
-    if len(reason) > MAX_REASON_CHARS or any(ord(c) < 32 for c in reason):
-        raise InvalidArgument("reason", f"at most {MAX_REASON_CHARS} printable characters")
-    return reason
+    return check_text("reason", reason, MAX_REASON_CHARS)
 
 
 def check_auto_topup(plans: Plans, topup: AutoTopUp | None) -> None:
-    if topup is None or not topup.enabled:
+    """Every field is checked whatever ``enabled`` says: a disabled top-up is stored as given,
+    read back by every GetAccount and may be enabled later with the same pack."""
+    if topup is None:
         return
-    if not 1 <= topup.threshold_credits <= MAX_GRANT_CREDITS:
-        raise InvalidArgument("auto_topup.threshold_credits", f"must be between 1 and {MAX_GRANT_CREDITS}")
-    plans.pack(topup.pack_id, "auto_topup.pack_id")
+    # Disabled, 0 is fine: there is nothing to trigger.
+    low = 1 if topup.enabled else 0
+    if not low <= topup.threshold_credits <= MAX_GRANT_CREDITS:
+        raise InvalidArgument("auto_topup.threshold_credits",
+                              f"must be between {low} and {MAX_GRANT_CREDITS} when auto top-up is "
+                              f"{'enabled' if topup.enabled else 'disabled'}")
+    if topup.enabled and not topup.pack_id:
+        raise InvalidArgument("auto_topup.pack_id", "is required when auto top-up is enabled")
+    if topup.pack_id:
+        plans.pack(topup.pack_id, "auto_topup.pack_id")
+
+
+_STREAM_ID_PART_MAX = 2**64 - 1
+
+
+def _valid_page_token(token: str) -> bool:
+    """A ledger entry id Redis accepts as an exclusive XRANGE start: both parts unsigned 64-bit,
+    and not the largest id (nothing can come after it, and Redis refuses the range)."""
+    if not _STREAM_ID.fullmatch(token):
+        return False
+    ms, seq = (int(part) for part in token.split("-"))
+    return ms <= _STREAM_ID_PART_MAX and seq <= _STREAM_ID_PART_MAX and (ms, seq) != (
+        _STREAM_ID_PART_MAX, _STREAM_ID_PART_MAX)
 
 
 # (time zone, candidate days, weeks, months) -> the store call
@@ -177,7 +218,9 @@ def plan_rows(plans: Plans, product: str, job: JobParams) -> tuple[PlanRow, ...]
 
 
 def check_override(plans: Plans, override: LimitOverride) -> None:
-    plans.product(override.product)
+    if override.product not in plans.products:
+        # plans.product() would name the request's field "product", which SetAccount does not have.
+        raise InvalidArgument("overrides.product", _unknown_product(plans, override.product))
     field = f"overrides[{override.product}]"
     if not override.limits:
         raise InvalidArgument(f"{field}.limits", "at least one limit is required")
@@ -192,6 +235,31 @@ def check_override(plans: Plans, override: LimitOverride) -> None:
                                   f"1 to {MAX_ROLLING_HOURS} for rolling limits, 0 for the others")
     if not 0 <= override.max_concurrent <= MAX_GRANT_CREDITS:
         raise InvalidArgument(f"{field}.max_concurrent", "must be >= 0 (0 = no cap)")
+
+
+def _unknown_product(plans: Plans, product: str) -> str:
+    what = f"unknown product {product!r}" if product else "a product is required"
+    return f"{what}; known products: {', '.join(sorted(plans.products)) or '(none)'}"
+
+
+def check_override_products(plans: Plans, overrides: Sequence[LimitOverride],
+                            clear_overrides: Sequence[str]) -> tuple[str, ...]:
+    """The products to clear, each once. A product overridden twice, or overridden and cleared,
+    in one request is refused: the request does not say which it means (the store would apply
+    the last silently). Clearing a product twice means the same as once, so it is accepted."""
+    overridden: set[str] = set()
+    for override in overrides:
+        if override.product in overridden:
+            raise InvalidArgument("overrides", f"product {override.product!r} is overridden more than once; "
+                                               "give each product at most one override per request")
+        overridden.add(override.product)
+    for product in clear_overrides:
+        if product not in plans.products:
+            raise InvalidArgument("clear_overrides", _unknown_product(plans, product))
+        if product in overridden:
+            raise InvalidArgument("clear_overrides", f"product {product!r} is both in overrides and in "
+                                                     "clear_overrides; set it or clear it, not both")
+    return tuple(dict.fromkeys(clear_overrides))
 
 
 @dataclass(frozen=True)
@@ -749,8 +817,7 @@ class QuotaEngine:
         check_auto_topup(plans, auto_topup)
         for override in overrides:
             check_override(plans, override)
-        for product in clear_overrides:
-            plans.product(product)
+        clear_overrides = check_override_products(plans, overrides, clear_overrides)
         changes = AccountChanges(plan=plan or None, time_zone=tz or None,
                                  monthly_spend_cap_credits=monthly_spend_cap_credits, auto_topup=auto_topup,
                                  overrides=overrides, clear_overrides=clear_overrides)
@@ -771,7 +838,7 @@ class QuotaEngine:
         check_id("account_id", account_id)
         if not 0 <= page_size <= MAX_LEDGER_PAGE:
             raise InvalidArgument("page_size", f"must be 0 (default {DEFAULT_LEDGER_PAGE}) to {MAX_LEDGER_PAGE}")
-        if page_token and not _STREAM_ID.fullmatch(page_token):
+        if page_token and not _valid_page_token(page_token):
             raise InvalidArgument("page_token", "is not a token this API returned")
         size = page_size or DEFAULT_LEDGER_PAGE
         entries = await self.store.ledger_page(account_id, page_token, size + 1)

@@ -80,6 +80,23 @@ def _ts(ms: int) -> timestamp_pb2.Timestamp:
     return ts
 
 
+# google.protobuf.Timestamp's valid range, 0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999999999Z.
+_TIMESTAMP_MIN_SECONDS = -62_135_596_800
+_TIMESTAMP_MAX_SECONDS = 253_402_300_799
+_TIMESTAMP_MAX_NANOS = 999_999_999
+
+
+def _request_ms(ts: timestamp_pb2.Timestamp, field: str) -> int:
+    """A Timestamp of a request in ms. Checked here because protobuf's conversion raises
+    ValueError outside the valid range, which gRPC answers UNKNOWN with a traceback in the log."""
+    if not _TIMESTAMP_MIN_SECONDS <= ts.seconds <= _TIMESTAMP_MAX_SECONDS:
+        raise InvalidArgument(field, f"seconds must be {_TIMESTAMP_MIN_SECONDS} to {_TIMESTAMP_MAX_SECONDS} "
+                                     "(0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z)")
+    if not 0 <= ts.nanos <= _TIMESTAMP_MAX_NANOS:
+        raise InvalidArgument(field, f"nanos must be 0 to {_TIMESTAMP_MAX_NANOS}")
+    return ts.ToMilliseconds()
+
+
 def _packed(message: Any) -> any_pb2.Any:
     packed = any_pb2.Any()
     packed.Pack(message)
@@ -433,7 +450,7 @@ class QuotaAdmin(pb_grpc.QuotaAdminServicer):
 
     @_rpc
     async def GrantCredits(self, request: pb.GrantCreditsRequest, context: Any) -> pb.GrantCreditsResponse:
-        expires_ms = request.expires_at.ToMilliseconds() if request.HasField("expires_at") else None
+        expires_ms = _request_ms(request.expires_at, "expires_at") if request.HasField("expires_at") else None
         r = await self._engine.grant(request.account_id, request.credits, request.purchase_id, expires_ms,
                                      source=_source(request.source), reason=request.reason)
         return pb.GrantCreditsResponse(lot=_lot(r.lot), credit_balance=r.credit_balance, replayed=r.replayed)

@@ -154,7 +154,7 @@ async def test_account_override_replaces_the_plan_limits(engine: QuotaEngine) ->
 
 
 @pytest.mark.parametrize("override,field", [
-    (LimitOverride("dalle", (Limit("x", LimitKind.DAY, 1),)), "product"),
+    (LimitOverride("dalle", (Limit("x", LimitKind.DAY, 1),)), "overrides.product"),
     (LimitOverride("codex", ()), "overrides[codex].limits"),
     (LimitOverride("codex", (Limit("x", LimitKind.ROLLING, 1),)), "overrides[codex].limits.rolling_hours"),
     (LimitOverride("codex", (Limit("x", LimitKind.DAY, 1, hours=3),)), "overrides[codex].limits.rolling_hours"),

@@ -21,9 +21,12 @@ end
 set('plan', plan)
 set('tz', tz)
 set('cap', cap)
-set('at_on', topup_on)
-set('at_thr', topup_thr)
-set('at_pack', topup_pack)
+-- An auto top-up is set whole (topup_on '' = not given): an empty pack clears the stored one.
+if topup_on ~= '' then
+  set('at_on', topup_on)
+  set('at_thr', topup_thr)
+  if topup_pack == '' then redis.call('HDEL', K_ACCT, 'at_pack') else set('at_pack', topup_pack) end
+end
 for _, o in ipairs(overrides) do
   if o[2] == '' then
     redis.call('HDEL', K_ACCT, 'ovr|' .. o[1])
