@@ -32,7 +32,10 @@ RESOLUTIONS = frozenset({"commit", "release", "expire"})
 # Ledger fields that are amounts: a negative one is never written by a script.
 AMOUNT_FIELDS = ("credits", "returned", "to_lots", "to_expired", "to_revoked", "used", "limit", "cost")
 # The scripts' ledger types; anything else was not written by them.
-ENTRY_TYPES = frozenset({"hold", "commit", "release", "expire", "grant", "revoke", "lot_expire", "refund"})
+ENTRY_TYPES = frozenset({"hold", "commit", "release", "expire", "grant", "revoke", "lot_expire", "refund",
+                         "degraded_conflict"})
+# The lotrem field suffix that counts a lot's credits in open holds (see _prelude.lua hold_lots).
+LOT_HELD_SUFFIX = "|h"
 
 Totals = dict[str, int]
 Found = list[tuple[str, str]]  # (check, detail), wrapped into Violations by audit_state
@@ -66,6 +69,7 @@ class _Parsed:
 
     totals: Totals
     lotrem: dict[str, int]
+    lotheld: dict[str, int]  # lot -> credits in open holds, as the scripts keep it
     lots: dict[str, dict[str, Any]]
     records: dict[str, dict[str, Any]]
     holds: dict[str, float]
@@ -115,7 +119,11 @@ def _parse(state: Mapping[str, Any]) -> _Parsed:
     acct = _int_map("acct", {f"credits_{n}": v for n in TOTAL_NAMES
                              if (v := state.get("acct", {}).get(f"credits_{n}")) is not None}, found)
     totals = {n: acct.get(f"credits_{n}", 0) for n in TOTAL_NAMES}
-    return _Parsed(totals=totals, lotrem=_int_map("lotrem", state.get("lotrem", {}), found),
+    lotrem_raw = state.get("lotrem", {})
+    lotrem = {k: v for k, v in lotrem_raw.items() if not k.endswith(LOT_HELD_SUFFIX)}
+    lotheld = {k[:-len(LOT_HELD_SUFFIX)]: v for k, v in lotrem_raw.items() if k.endswith(LOT_HELD_SUFFIX)}
+    return _Parsed(totals=totals, lotrem=_int_map("lotrem", lotrem, found),
+                   lotheld=_int_map("lotrem held", lotheld, found),
                    lots=_json_map("lot", state.get("lots", {}), found),
                    records=_json_map("reservation record", state.get("res", {}), found),
                    holds=_scores(state.get("holds", [])), lotexp=_scores(state.get("lotexp", [])),
@@ -194,6 +202,22 @@ def check_lots(totals: Mapping[str, int], lots: Mapping[str, Mapping[str, Any]],
         if summed != totals[name]:
             found.append(("lot_totals", f"sum of lot {short} = {summed} but credits_{name} = {totals[name]}"))
     return found
+
+
+def check_lot_held(lotheld: Mapping[str, int], records: Mapping[str, Mapping[str, Any]]) -> Found:
+    """The per-lot held counters (what RevokeCredits reports) against the open holds' records."""
+    held = lot_held_credits(records)
+    return [("lot_held", f"lot {lot_id!r}: held counter {lotheld.get(lot_id, 0)} but open holds take "
+                         f"{held.get(lot_id, 0)} credits from it")
+            for lot_id in sorted(set(lotheld) | set(held)) if lotheld.get(lot_id, 0) != held.get(lot_id, 0)]
+
+
+def check_journal(records: Mapping[str, Mapping[str, Any]]) -> Found:
+    """Outcomes a sidecar acknowledged while Redis was away (its degraded journal) that Redis
+    could not apply because the reservation had been resolved the other way meanwhile."""
+    return [("degraded_journal", f"reservation {rid!r}: the degraded journal acknowledged {rec.get('dj')!r} at "
+                                 f"{_num(rec.get('djr'))} ms but Redis holds it {rec.get('s')!r}")
+            for rid, rec in sorted(records.items()) if rec.get("dj") is not None]
 
 
 def check_lot_index(lots: Mapping[str, Mapping[str, Any]], lotrem: Mapping[str, int],
@@ -577,6 +601,8 @@ def audit_state(account_id: str, state: Mapping[str, Any]) -> AccountAudit:
     found += check_conservation(p.totals, p.lotrem)
     found += check_lots(p.totals, p.lots, p.lotrem, p.records)
     found += check_lot_index(p.lots, p.lotrem, p.lotexp)
+    found += check_lot_held(p.lotheld, p.records)
+    found += check_journal(p.records)
     found += check_holds(p.totals, p.records, p.holds)
     chain, trimmed = check_chain(ledger, p.totals)
     found += chain

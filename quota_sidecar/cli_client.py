@@ -144,6 +144,8 @@ def _print_balance(r: pb.GetBalanceResponse) -> None:
                 [h.reservation_id, h.product, _FUNDING_TEXT.get(h.funding, "?"), h.credits_held,
                  format_time(_ms(h.expires_at), tz)] for h in r.holds]):
             _say(row)
+        if r.holds_total > len(r.holds):
+            _say(f"({len(r.holds)} soonest-expiring of {r.holds_total} open holds shown)")
 
 
 def _read_client_file(path: str, flag: str) -> bytes:

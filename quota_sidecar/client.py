@@ -120,7 +120,8 @@ class Balance:
     credits_held: int
     free: Mapping[str, tuple[int, int]]  # product -> (used, limit) of its most constrained limit
     lots: tuple[CreditLot, ...]
-    holds: tuple[Hold, ...]
+    holds: tuple[Hold, ...]  # the 100 soonest-expiring open holds at most
+    holds_total: int = 0  # all open holds
 
 
 # -- errors --------------------------------------------------------------------------------------
@@ -262,7 +263,7 @@ def _balance(r: pb.GetBalanceResponse) -> Balance:
                   for h in r.holds)
     return Balance(account_id=r.account_id, plan=r.plan, time_zone=r.time_zone, credit_balance=r.credit_balance,
                    credits_held=r.credits_held, free={a.product: (a.free_used, a.free_limit) for a in r.allowances},
-                   lots=lots, holds=holds)
+                   lots=lots, holds=holds, holds_total=r.holds_total)
 
 
 # -- async client ----------------------------------------------------------------------------------

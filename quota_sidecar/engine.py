@@ -35,6 +35,7 @@ from .model import (
     Account,
     AccountChanges,
     AccountSettings,
+    ActualCost,
     AutoTopUp,
     Balance,
     BalanceSnapshot,
@@ -87,7 +88,7 @@ class Store(Protocol):
     """What the engine needs from storage; see quota_sidecar.store.RedisStore."""
 
     async def reserve(self, cmd: ReserveCommand) -> ReserveOutcome: ...
-    async def commit(self, account_id: str, reservation_id: str, costs: Mapping[tuple[str, str], int],
+    async def commit(self, account_id: str, reservation_id: str, costs: Mapping[tuple[str, str], ActualCost],
                      stamp: Stamp) -> CommitResult: ...
     async def release(self, account_id: str, reservation_id: str, stamp: Stamp) -> ReleaseResult: ...
     async def extend(self, account_id: str, reservation_id: str, ttl_ms: int, stamp: Stamp) -> int: ...
@@ -321,6 +322,8 @@ class QuotaEngine:
         # (product, job, schedule span) -> (the plans they were priced under, segments); see _segments.
         self._segments_cache: dict[tuple[Any, ...], tuple[Plans, tuple[Segment, ...]]] = {}
         self._fingerprints: dict[tuple[Any, ...], str] = {}
+        # (plans identity, product, job) -> (those plans, the commit's ActualCost); see _actual_cost.
+        self._actual_cache: dict[tuple[Any, ...], tuple[Plans, ActualCost]] = {}
         self.set_plans(plans)
         # Reservations decided without Redis (fail_open_free); None: every product fails closed.
         self.degraded = degraded
@@ -579,7 +582,7 @@ class QuotaEngine:
     async def commit_many(self, items: Sequence[tuple[str, str, JobParams | None]]) -> list[CommitResult | QuotaError]:
         """commit for every (account_id, reservation_id, actual params or None)."""
         results: list[CommitResult | QuotaError | None] = [None] * len(items)
-        sent: list[tuple[int, dict[tuple[str, str], int], dict[tuple[str, str], InvalidArgument]]] = []
+        sent: list[tuple[int, dict[tuple[str, str], ActualCost], dict[tuple[str, str], InvalidArgument]]] = []
         single: list[int] = []
         for i, (account_id, reservation_id, actual) in enumerate(items):
             try:
@@ -651,26 +654,37 @@ class QuotaEngine:
         if res.fingerprint != fp:
             raise Conflict("reservation_id was already used with different parameters",
                            reason="RESERVATION_PARAMS_MISMATCH")
+        if res.state != "held":
+            # As in Redis: a resolved reservation never replays as allowed (see _reserve.lua).
+            reason = "ALREADY_COMMITTED" if res.state == "committed" else "ALREADY_RELEASED"
+            raise ResolutionConflict(f"the reservation is already {res.state}", reason=reason)
         return self._degraded_outcome(res, replayed=True)
 
     async def flush_degraded(self) -> bool:
         """Writes reservations decided without Redis into it; True when none is left."""
         if self.degraded is None:
             return True
-        written = []
+        written: list[DegradedReservation] = []
+        outcomes: Counter[str] = Counter()
         try:
             for res in self.degraded.pending:
-                await self.store.replay_degraded(
+                outcome, state = await self.store.replay_degraded(
                     res.account_id, res.reservation_id, product=res.product, fingerprint=res.fingerprint,
                     window_label=res.window_label, allowance=res.allowance, ttl_ms=res.ttl_ms, state=res.state,
                     resolved_ms=res.resolved_ms, stamp=Stamp(now_ms=res.at_ms, plans_version=res.plans_version))
+                outcomes[outcome] += 1
+                if outcome == "conflict":
+                    # Kept on the record and in the ledger for the audit; support must settle it.
+                    log.error("degraded: %s/%s was acknowledged %s without Redis but Redis has it %s; "
+                              "recorded for the audit", res.account_id, res.reservation_id, res.state, state)
                 written.append(res)
         except Unavailable:
             return False
         finally:
             if written:
                 self.degraded.written(written)
-                log.warning("degraded: wrote %d reservation(s) decided without Redis", len(written))
+                log.warning("degraded: journal replayed to Redis: %s",
+                            ", ".join(f"{n} {outcome}" for outcome, n in sorted(outcomes.items())))
         return not self.degraded.pending
 
     async def _resolve_locally(self, account_id: str, reservation_id: str, state: str) -> DegradedReservation | None:
@@ -698,23 +712,37 @@ class QuotaEngine:
         except ParamsInvalidForProduct as bad:
             raise errors[(bad.pv, bad.product)] from None
 
-    def _actual_costs(self, actual: JobParams | None) -> tuple[dict[tuple[str, str], int],
+    def _actual_costs(self, actual: JobParams | None) -> tuple[dict[tuple[str, str], ActualCost],
                                                                dict[tuple[str, str], InvalidArgument]]:
-        """Actual cost for every product under every plans version kept ("*": the current
-        plans); the script picks the reservation's version and product."""
+        """Actual cost and entitled plans for every product under every plans version kept
+        ("*": the current plans); the script picks the reservation's version and product."""
         if actual is None:
             return {}, {}
         versions = [("*", self._current())] + list(self._plans_by_version.items())
-        costs: dict[tuple[str, str], int] = {}
+        costs: dict[tuple[str, str], ActualCost] = {}
         errors: dict[tuple[str, str], InvalidArgument] = {}
         for version, plans in versions:
             for name in plans.products:
                 try:
-                    costs[(version, name)] = plans.job_cost(name, actual)
+                    costs[(version, name)] = self._actual_cost(plans, name, actual)
                 except InvalidArgument as exc:
-                    costs[(version, name)], errors[(version, name)] = COST_INVALID, exc
-        assert COST_WHOLE_HOLD not in costs.values()
+                    costs[(version, name)], errors[(version, name)] = ActualCost(COST_INVALID), exc
+        assert all(c.cost_credits != COST_WHOLE_HOLD for c in costs.values())
         return costs, errors
+
+    def _actual_cost(self, plans: Plans, product: str, actual: JobParams) -> ActualCost:
+        """ActualCost of one product under one plans version, remembered: workers commit the
+        same few sizes over and over, and entitlement is checked for every plan."""
+        key = (id(plans), product, _job_key(actual))
+        cached = self._actual_cache.get(key)
+        if cached is not None and cached[0] is plans:
+            return cached[1]
+        cost = ActualCost(plans.job_cost(product, actual),
+                          tuple(name for name in plans.plans if plans.entitlement_denial(name, product, actual) is None))
+        if len(self._actual_cache) >= SEGMENTS_CACHE_ENTRIES:
+            self._actual_cache.clear()
+        self._actual_cache[key] = (plans, cost)
+        return cost
 
     async def release(self, account_id: str, reservation_id: str) -> ReleaseResult:
         check_id("account_id", account_id)
@@ -753,7 +781,8 @@ class QuotaEngine:
         allowances = tuple(a if a.overridden else replace(a, upcoming=self._upcoming(snap.plan, a.product))
                            for a in snap.allowances)
         return Balance(account_id=account_id, plan=snap.plan, time_zone=snap.time_zone, allowances=allowances,
-                       credit_balance=snap.credit_balance, lots=snap.lots, holds=snap.holds)
+                       credit_balance=snap.credit_balance, lots=snap.lots, holds=snap.holds,
+                       holds_total=snap.holds_total, credits_held=snap.totals.held)
 
     def _upcoming(self, plan: str, product: str) -> tuple[ScheduledLimits, ...]:
         """Announced changes to what ``plan`` allows for ``product``, soonest first."""
@@ -848,11 +877,17 @@ class QuotaEngine:
 
     # -- background -------------------------------------------------------
 
-    async def sweep(self) -> int:
-        """Settle expired holds and lots of accounts nobody is calling, and announce
-        lots about to expire. Returns holds expired."""
+    async def sweep(self, keep_lease: Callable[[], Awaitable[bool]] | None = None) -> int:
+        """Settle expired holds and lots of accounts nobody is calling, drop their records past
+        retention, and announce lots about to expire. Returns holds expired.
+
+        ``keep_lease`` is awaited before each account (it renews the sweeper's lease when due);
+        the pass stops when it answers False: another sidecar sweeps now."""
         expired = 0
         notice_ms = self.plans.notifications.lot_expiry_notice_days * 86_400_000
         for account_id in await self.store.accounts_to_sweep():
+            if keep_lease is not None and not await keep_lease():
+                log.warning("sweeper lost its lease mid-pass; another sidecar takes over")
+                break
             expired += await self.store.sweep_account(account_id, notice_ms, self._stamp())
         return expired

@@ -337,6 +337,7 @@ class BalanceSnapshot:
     credit_balance: int
     lots: tuple[Lot, ...]
     holds: tuple[HoldInfo, ...]
+    holds_total: int = 0
     all_lots: tuple[Lot, ...] = ()
     monthly_spend_cap_credits: int = 0
     month_spend_credits: int = 0
@@ -354,11 +355,11 @@ class Balance:
     allowances: tuple[Allowance, ...]
     credit_balance: int
     lots: tuple[Lot, ...]
+    # The soonest-expiring open holds (at most 100: see lua/balance.lua) ...
     holds: tuple[HoldInfo, ...]
-
-    @property
-    def credits_held(self) -> int:
-        return sum(h.credits_held for h in self.holds)
+    # ... and all of them: their number and the credits they hold.
+    holds_total: int = 0
+    credits_held: int = 0
 
 
 @dataclass(frozen=True)
@@ -431,6 +432,15 @@ class LedgerEntry:
 # table, or COST_WHOLE_HOLD, charges the whole hold.
 COST_WHOLE_HOLD = -1
 COST_INVALID = -2
+
+
+@dataclass(frozen=True)
+class ActualCost:
+    """A commit's actual job under one plans version and product: its cost, and the plans
+    entitled to it (the script refuses it for a reservation made under another plan)."""
+
+    cost_credits: int
+    entitled_plans: tuple[str, ...] = ()
 
 
 class ParamsInvalidForProduct(Exception):

@@ -331,10 +331,22 @@ async def sweep_forever(engine: QuotaEngine, store: RedisStore, interval_seconds
 
 async def sweep_once(engine: QuotaEngine, store: RedisStore, owner: str, lease_ms: int) -> tuple[SweepResult, int]:
     """One sweeper pass, if this sidecar gets the lease: (result, holds expired)."""
+    loop = asyncio.get_running_loop()
+    renewed_at = loop.time()
+
+    async def keep_lease() -> bool:
+        # Renewed once a third of it has passed, so a long pass never outlives it: another
+        # sidecar taking over mid-pass would sweep the same accounts at the same time.
+        nonlocal renewed_at
+        if loop.time() - renewed_at < lease_ms / 3000:
+            return True
+        renewed_at = loop.time()
+        return await store.renew_lock("sweeper", owner, lease_ms)
+
     try:
         if not await store.try_lock("sweeper", owner, lease_ms):
             return "not_leader", 0
-        expired = await engine.sweep()
+        expired = await engine.sweep(keep_lease)
     except QuotaError as exc:
         log.warning("sweeper skipped a round: %s", exc.message)
         return "error", 0
@@ -472,6 +484,8 @@ async def run(settings: Settings, *, clock: Clock | None = None,
                                     retention_ms=settings.retention_seconds * 1000,
                                     ledger_retention_ms=settings.ledger_retention_days * 86_400_000,
                                     events_max_entries=settings.events_max_entries,
+                                    max_records_per_account=settings.max_records_per_account,
+                                    max_open_holds_per_account=settings.max_open_holds_per_account,
                                     grant_min_replicas=settings.grant_min_replicas,
                                     grant_wait_timeout_ms=settings.grant_wait_timeout_ms,
                                     telemetry=Telemetry(metrics, tracing.tracer))

@@ -301,7 +301,7 @@ def ledger_entry_pb(e: LedgerEntry) -> pb.LedgerEntry:
 def balance_response(b: Balance) -> pb.GetBalanceResponse:
     return pb.GetBalanceResponse(
         account_id=b.account_id, plan=b.plan, time_zone=b.time_zone, credit_balance=b.credit_balance,
-        credits_held=b.credits_held,
+        credits_held=b.credits_held, holds_total=b.holds_total,
         allowances=[pb.ProductAllowance(product=a.product, free_used=a.free_used, free_limit=a.free_limit,
                                         free_resets_at=_ts(a.free_resets_ms),
                                         limits=[_limit_status(st) for st in a.limits],

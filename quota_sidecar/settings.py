@@ -99,6 +99,13 @@ class Settings:
         256, "hash-tag buckets accounts are spread over (Redis Cluster slots used); fixed for a deployment's life", "N")
     retention_seconds: int = _setting(
         7 * 86_400, "how long resolved reservations are remembered for idempotent retries, seconds (>= 86400)", "S")
+    max_records_per_account: int = _setting(
+        2_000, "resolved reservations remembered per account at most (the oldest go first, even before "
+               "--retention-seconds): bounds the Redis memory one account can fill; a retry of a forgotten "
+               "reservation decides again", "N")
+    max_open_holds_per_account: int = _setting(
+        1_000, "open holds per account at most, all products together; a reservation past it is denied "
+               "CONCURRENCY_LIMIT", "N")
     ledger_retention_days: int = _setting(
         400, "how long ledger entries are kept, days (>= 1); the audit checks what is kept", "DAYS")
     events_max_entries: int = _setting(
@@ -179,6 +186,10 @@ class Settings:
             raise InvalidArgument("redis_timeout_ms", "must be positive")
         if self.retention_seconds < 86_400:
             raise InvalidArgument("retention_seconds", "must be at least one day (holds live up to 24 h)")
+        if not 100 <= self.max_records_per_account <= 10_000_000:
+            raise InvalidArgument("max_records_per_account", "must be between 100 and 10000000")
+        if not 1 <= self.max_open_holds_per_account <= 10_000_000:
+            raise InvalidArgument("max_open_holds_per_account", "must be between 1 and 10000000")
         if not 0 <= self.grant_min_replicas <= 16:
             raise InvalidArgument("grant_min_replicas", "must be between 0 and 16")
         if not 1 <= self.grant_wait_timeout_ms <= 60_000:

@@ -31,6 +31,7 @@ from . import redis_connect, redis_mux
 from .errors import BatchAborted, Conflict, InvalidArgument, NotFound, QuotaError, ResolutionConflict, Unavailable
 from .model import (
     AccountChanges,
+    ActualCost,
     Allowance,
     Limit,
     LimitKind,
@@ -80,7 +81,7 @@ _TRANSIENT_PREFIXES = ("BUSY", "LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", 
 _NOT_FOUND = {"RESERVATION_NOT_FOUND", "PURCHASE_NOT_FOUND"}
 _CONFLICTS = {"RESERVATION_PARAMS_MISMATCH", "COMMIT_COST_MISMATCH", "PURCHASE_ID_CONFLICT"}
 _RESOLUTION = {"ALREADY_COMMITTED", "ALREADY_RELEASED", "EXPIRED", "COST_EXCEEDS_HOLD", "UNKNOWN_PLAN",
-               "NOT_COMMITTED"}
+               "NOT_COMMITTED", "ACTUAL_NOT_ENTITLED"}
 _MESSAGES = {
     "RESERVATION_NOT_FOUND": "no such reservation for this account",
     "PURCHASE_NOT_FOUND": "no lot was granted with this purchase_id for this account",
@@ -90,7 +91,9 @@ _MESSAGES = {
     "ALREADY_COMMITTED": "the reservation is already committed",
     "ALREADY_RELEASED": "the reservation is already released",
     "EXPIRED": "the reservation expired and its hold was refunded",
-    "COST_EXCEEDS_HOLD": "the actual cost exceeds the credits held; commit without params to charge the hold",
+    "COST_EXCEEDS_HOLD": "the actual job costs more than the one reserved (or than the credits held); commit "
+                         "without params to charge the hold",
+    "ACTUAL_NOT_ENTITLED": "the actual job is outside what the account's plan allowed when it was reserved",
     "UNKNOWN_PLAN": "the account's plan is not in the plans file",
     "NOT_COMMITTED": "only a committed reservation can be refunded",
     "CLOCK_SKEW": "this sidecar's clock is more than a day off Redis' clock",
@@ -307,8 +310,9 @@ def _reserve_args(cmd: ReserveCommand) -> list[Any]:
             cmd.free_warning_percent, windows, plan]
 
 
-def _commit_args(reservation_id: str, costs: Mapping[tuple[str, str], int]) -> list[Any]:
-    return [reservation_id, *_block([(pv, product, cost) for (pv, product), cost in costs.items()])]
+def _commit_args(reservation_id: str, costs: Mapping[tuple[str, str], ActualCost]) -> list[Any]:
+    return [reservation_id, *_block([(pv, product, c.cost_credits, "|" + "|".join(c.entitled_plans) + "|")
+                                     for (pv, product), c in costs.items()])]
 
 
 def _commit_result(r: Mapping[str, Any]) -> CommitResult:
@@ -374,6 +378,7 @@ class RedisStore:
     def __init__(self, client: redis_connect.RedisClient, *, key_prefix: str = "qs",
                  key_buckets: int = DEFAULT_KEY_BUCKETS, retention_ms: int = 7 * 86_400_000,
                  ledger_retention_ms: int = 400 * 86_400_000, events_max_entries: int = 100_000,
+                 max_records_per_account: int = 2_000, max_open_holds_per_account: int = 1_000,
                  grant_min_replicas: int = 0, grant_wait_timeout_ms: int = 1000, timeout_seconds: float = 2.0,
                  multiplex: bool = True, telemetry: Telemetry | None = None) -> None:
         assert key_prefix and "{" not in key_prefix and "}" not in key_prefix
@@ -384,9 +389,14 @@ class RedisStore:
         self._retention_ms = retention_ms
         self._ledger_retention_ms = ledger_retention_ms
         self._events_max = events_max_entries
+        assert max_records_per_account >= 1 and max_open_holds_per_account >= 1
+        self._max_records = max_records_per_account
+        self._max_holds = max_open_holds_per_account
         self._grant_min_replicas = grant_min_replicas
         self._grant_wait_timeout_ms = grant_wait_timeout_ms
         self._scripts = {name: client.register_script(load_script_source(name)) for name in SCRIPT_NAMES}
+        self._renew_lease = client.register_script(
+            resources.files("quota_sidecar").joinpath("lua", "renew_lease.lua").read_text(encoding="utf-8"))
         self._cluster = isinstance(client, RedisCluster)
         self._loading: dict[str, asyncio.Future[None]] = {}  # script name -> its SCRIPT LOAD in flight
         # Latency and errors of each script round trip (metrics; spans when tracing is on).
@@ -427,7 +437,7 @@ class RedisStore:
     def _header(self, account_id: str, stamp: Stamp) -> list[Any]:
         """The ARGV every script starts with (see _prelude.lua)."""
         return [stamp.now_ms, account_id, self._retention_ms, self._ledger_retention_ms, self._events_max,
-                stamp.plans_version]
+                stamp.plans_version, self._max_records, self._max_holds]
 
     async def _run(self, name: str, account_id: str, stamp: Stamp, args: Iterable[Any], *,
                    min_replicas: int = 0) -> dict[str, Any]:
@@ -533,7 +543,7 @@ class RedisStore:
     async def reserve(self, cmd: ReserveCommand) -> ReserveOutcome:
         return _reserve_outcome(await self._run("reserve", cmd.account_id, cmd.stamp, _reserve_args(cmd)))
 
-    async def commit(self, account_id: str, reservation_id: str, costs: Mapping[tuple[str, str], int],
+    async def commit(self, account_id: str, reservation_id: str, costs: Mapping[tuple[str, str], ActualCost],
                      stamp: Stamp) -> CommitResult:
         """``costs``: (plans version or "*" for the current plans, product) -> actual cost."""
         return _commit_result(await self._run("commit", account_id, stamp, _commit_args(reservation_id, costs)))
@@ -594,7 +604,7 @@ class RedisStore:
             plan=r["plan"], time_zone=r["tz"], now_ms=int(r["now_ms"]), free_resets_ms=int(r["resets_ms"]),
             allowances=tuple(_allowance(row, int(r["resets_ms"])) for row in _as_list(r["free"])),
             credit_balance=int(r["balance"]), lots=_live_lots(_as_list(r["lots"]), {x.lot_id: x for x in all_lots}),
-            holds=holds, all_lots=all_lots, monthly_spend_cap_credits=int(r["cap"]),
+            holds=holds, holds_total=int(r["holds_total"]), all_lots=all_lots, monthly_spend_cap_credits=int(r["cap"]),
             month_spend_credits=int(r["month_spend"]), month_resets_ms=int(r["month_resets_ms"]),
             auto_topup=_auto_topup(r), totals=_totals(r["totals"], int(r["balance"])),
             overrides=_overrides(r["overrides"]),
@@ -602,11 +612,13 @@ class RedisStore:
 
     async def replay_degraded(self, account_id: str, reservation_id: str, *, product: str, fingerprint: str,
                               window_label: str, allowance: int, ttl_ms: int, state: str, resolved_ms: int,
-                              stamp: Stamp) -> bool:
-        """Writes a reservation decided without Redis; False when it was already there."""
+                              stamp: Stamp) -> tuple[str, str]:
+        """Writes a reservation decided without Redis, or applies its journalled resolution to the
+        record Redis already holds (see degraded.lua): (outcome, the record's state now), outcome
+        one of written, resolved, present, conflict."""
         r = await self._run("degraded", account_id, stamp, [reservation_id, product, fingerprint, window_label,
                                                             allowance, ttl_ms, state, resolved_ms])
-        return not r["replayed"]
+        return str(r["outcome"]), str(r["state"])
 
     async def sweep_account(self, account_id: str, notice_ms: int, stamp: Stamp) -> int:
         r = await self._run("sweep", account_id, stamp, [notice_ms])
@@ -614,24 +626,30 @@ class RedisStore:
 
     # -- reads ------------------------------------------------------------
 
-    async def _scan_accounts(self, suffix: str, key_type: str, batch: int) -> set[str]:
-        pattern = f"{self._prefix}:{{b*}}:*:{suffix}"
+    async def _scan_accounts(self, suffixes: tuple[str, ...], batch: int) -> set[str]:
+        """Accounts with a key of one of ``suffixes``: one SCAN of the keyspace, whatever their number."""
+        pattern = f"{self._prefix}:{{b*}}:*"
         try:
-            keys = [key async for key in self._client.scan_iter(match=pattern, count=batch, _type=key_type)]
+            keys = [key async for key in self._client.scan_iter(match=pattern, count=batch)]
         except redis_errors.RedisError as exc:
             raise _redis_error(exc) from exc
-        # <prefix>:{b<n>}:<account>:<suffix>; account ids have no braces.
-        return {key[key.index("}:") + 2:-(len(suffix) + 1)] for key in keys}
+        # <prefix>:{b<n>}:<account>:<suffix>; account ids have no braces and suffixes no ':'.
+        found = set()
+        for key in keys:
+            account_and_suffix = key[key.index("}:") + 2:]
+            account, _, suffix = account_and_suffix.rpartition(":")
+            if suffix in suffixes and account:
+                found.add(account)
+        return found
 
     async def accounts_to_sweep(self, *, batch: int = 500) -> list[str]:
-        """Accounts with unresolved holds or live lots (their keys exist). O(keys) SCAN."""
-        holds = await self._scan_accounts("holds", "zset", batch)
-        lots = await self._scan_accounts("lotexp", "zset", batch)
-        return sorted(holds | lots)
+        """Accounts with unresolved holds, live lots or resolved records (retention reaches idle
+        accounts too): their keys exist. O(keys) SCAN."""
+        return sorted(await self._scan_accounts(("holds", "lotexp", "resdone"), batch))
 
     async def all_accounts(self, *, batch: int = 500) -> list[str]:
         """Every account that has a ledger. O(keys) SCAN."""
-        return sorted(await self._scan_accounts("ledger", "stream", batch))
+        return sorted(await self._scan_accounts(("ledger",), batch))
 
     async def ledger_page(self, account_id: str, after_id: str, count: int) -> list[LedgerEntry]:
         """Up to ``count`` entries after ``after_id`` ("" = from the oldest kept)."""
@@ -676,6 +694,14 @@ class RedisStore:
         """A lease so that only one sidecar of a fleet runs a periodic job at a time."""
         try:
             return bool(await self._client.set(f"{self._prefix}:lock:{name}", owner, nx=True, px=ttl_ms))
+        except redis_errors.RedisError as exc:
+            raise _redis_error(exc) from exc
+
+    async def renew_lock(self, name: str, owner: str, ttl_ms: int) -> bool:
+        """Extends a lease ``owner`` holds (try_lock) to ``ttl_ms`` from now; False when it lapsed
+        or another owner holds it. One round trip (renew_lease.lua)."""
+        try:
+            return bool(await self._renew_lease(keys=[f"{self._prefix}:lock:{name}"], args=[owner, ttl_ms]))
         except redis_errors.RedisError as exc:
             raise _redis_error(exc) from exc
 
@@ -821,7 +847,7 @@ class RedisStore:
         replies = await self._run_many([("reserve", c.account_id, c.stamp, _reserve_args(c)) for c in cmds])
         return [r if isinstance(r, Exception) else _reserve_outcome(r) for r in replies]
 
-    async def commit_many(self, items: Sequence[tuple[str, str, Mapping[tuple[str, str], int], Stamp]]
+    async def commit_many(self, items: Sequence[tuple[str, str, Mapping[tuple[str, str], ActualCost], Stamp]]
                           ) -> list[CommitResult | Exception]:
         """(account, reservation, costs, stamp) each, as commit() would apply it."""
         replies = await self._run_many([("commit", account_id, stamp, _commit_args(rid, costs))

@@ -61,6 +61,9 @@ def next_utc_midnight_ms(now_ms: int) -> int:
     return (now_ms // DAY_MS + 1) * DAY_MS
 
 
+RESOLVED_REFUSALS = {"committed": "ALREADY_COMMITTED", "released": "ALREADY_RELEASED", "expired": "EXPIRED"}
+
+
 class Refused(Exception):
     """An error answer: ``kind`` is the engine's exception class name, ``reason`` its stable reason."""
 
@@ -159,6 +162,8 @@ class Reservation:
     expires_ms: int
     ttl_ms: int
     decision: ReserveReply
+    plan: str  # the account's plan when reserved: the actual job at commit must be entitled under it
+    cost: int  # the reserved job's cost: the actual job at commit may not cost more
     state: str = "held"  # held, committed, released, expired
     charged: int = 0
     refunded: int = 0
@@ -242,7 +247,9 @@ class ReferenceModel:
         if known is not None:
             if known.params != params:
                 raise Refused("Conflict", "RESERVATION_PARAMS_MISMATCH")
-            return replace(known.decision, replayed=True)
+            if known.state != "held":  # only a live hold replays as allowed: nothing funds it otherwise
+                raise Refused("ResolutionConflict", RESOLVED_REFUSALS[known.state])
+            return replace(known.decision, replayed=True, expires_ms=known.expires_ms)
         rules, cost, day = PLANS[acct.plan], job_cost(duration, resolution), utc_day(self.now_ms)
         used, balance = acct.free_used.get(day, 0), self._balance(acct)
         answer = ReserveReply(allowed=False, plan=acct.plan, funding=None, denial=None, cost_credits=cost,
@@ -266,7 +273,8 @@ class ReferenceModel:
             return replace(answer, denial="PURCHASE_REQUIRED", credits_short=cost - balance)
         answer = replace(answer, allowed=True, funding=funding, credits_held=held, expires_ms=expires_ms)
         acct.reservations[rid] = Reservation(params=params, funding=funding, credits=held, taken=taken, day=day,
-                                             expires_ms=expires_ms, ttl_ms=ttl_ms, decision=answer)
+                                             expires_ms=expires_ms, ttl_ms=ttl_ms, decision=answer,
+                                             plan=acct.plan, cost=cost)
         return answer
 
     def _reservation(self, acct: Account, rid: str) -> Reservation:
@@ -291,7 +299,9 @@ class ReferenceModel:
             raise Refused("ResolutionConflict", "ALREADY_RELEASED")
         if res.state == "expired":
             raise Refused("ResolutionConflict", "EXPIRED")
-        if charge > res.credits:
+        if actual is not None and not entitled(res.plan, *actual):
+            raise Refused("ResolutionConflict", "ACTUAL_NOT_ENTITLED")
+        if actual is not None and job_cost(*actual) > res.cost:  # a free unit covers the reserved size only
             raise Refused("ResolutionConflict", "COST_EXCEEDS_HOLD")
         res.taken = self._give_back(acct, res.taken, res.credits - charge)
         res.state, res.charged, res.refunded = "committed", charge, res.credits - charge

@@ -130,8 +130,9 @@ async def test_monthly_spend_cap_denies_with_budget_exceeded(engine: QuotaEngine
     acct = await engine.account("a")
     assert (acct.month_spend_credits, acct.month_resets_ms) == (5, utc_ms(2026, 12, 1))
     clock.set(utc_ms(2026, 12, 1, 0, 0, 1))
-    await use_free(engine, "a")
-    assert (await engine.check_and_reserve("a", "sora", "december", V15)).outcome.allowed
+    await use_free(engine, "a", tag="dec-free")
+    december = await engine.check_and_reserve("a", "sora", "december", V15)
+    assert (december.outcome.allowed, december.outcome.funding) == (True, Funding.CREDITS)  # a new month's cap
     await engine.set_account("a", monthly_spend_cap_credits=0)  # 0 = no cap
     for i in range(4):
         assert (await engine.check_and_reserve("a", "sora", f"uncapped-{i}", V15)).outcome.allowed

@@ -17,6 +17,7 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any, Awaitable, Callable, TypeVar
 
+import pytest
 from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule, run_state_machine_as_test
 
@@ -300,5 +301,37 @@ def test_replayed_commit_and_release_report_the_balance_after_expired_holds(redi
         machine._both(lambda: machine.engine.release("acct-a", "released"),
                       lambda r: (r.replayed, r.credit_balance),
                       lambda: (True, machine.model.release("acct-a", "released").credit_balance))
+    finally:
+        machine.teardown()
+
+
+@pytest.mark.parametrize("ending", ["commit", "release", "expire"])
+def test_a_replay_after_each_ending_matches_the_model(redis_server: RedisServerProcess, ending: str) -> None:
+    """A retried CheckAndReserve after the reservation was committed, released or expired: refused
+    with the ending's reason, never allowed; a retry before the ending replays, with the expiry
+    as extended. Both funding kinds."""
+    machine = QuotaMachine(redis_server.url)
+    try:
+        machine._both(lambda: machine.engine.grant("acct-a", 10, "p1"), lambda r: r.credit_balance,
+                      lambda: machine.model.grant("acct-a", "p1", 10, machine.clock.now_ms + 365 * DAY_MS,
+                                                  "purchase").credit_balance)
+        for funding in ("free", "credits"):
+            if funding == "credits":
+                machine._use_up_free("acct-a")
+            rid = f"{ending}-{funding}"
+            machine._reserve("acct-a", rid, 10, "720p", 60)
+            machine._both(lambda: machine.engine.extend("acct-a", rid, 600), lambda ms: ms,
+                          lambda: machine.model.extend("acct-a", rid, 600))
+            machine._reserve("acct-a", rid, 10, "720p", 60)  # a live hold: replayed, extended expiry
+            if ending == "commit":
+                machine._both(lambda: machine.engine.commit("acct-a", rid), lambda r: r.credits_charged,
+                              lambda: machine.model.commit("acct-a", rid).credits_charged)
+            elif ending == "release":
+                machine._both(lambda: machine.engine.release("acct-a", rid), lambda r: r.credits_refunded,
+                              lambda: machine.model.release("acct-a", rid).credits_refunded)
+            else:
+                machine._advance_to(machine.clock.now_ms + 601_000, None)
+            machine._reserve("acct-a", rid, 10, "720p", 60)  # refused, as the model says
+            machine._check_balance("acct-a")
     finally:
         machine.teardown()

@@ -37,6 +37,8 @@
 -- arguments after it with next_arg()/next_block():
 --   1 pinned now_ms (0: Redis' clock)   2 account_id   3 record retention ms
 --   4 ledger retention ms               5 events stream max length   6 plans version
+--   7 resolved records kept per account at most (the oldest go first)
+--   8 open holds per account at most (a new hold past it is refused)
 
 -- Scripts call TIME and then write; effects replication (the default since
 -- Redis 5, the only mode in 7) keeps replicas exact. Explicit for Redis 6.2.
@@ -53,6 +55,8 @@ local PRUNE_BATCH = 16
 local RANKS = 8  -- lot score = expires_ms * RANKS + source rank
 local HOUR_MS = 3600000
 local MAX_ROLLING_MS = 168 * HOUR_MS  -- the longest rolling window a limit may have
+-- What a call that needs a live hold answers for a reservation resolved otherwise.
+local RESOLVED_REFUSALS = {committed = 'ALREADY_COMMITTED', released = 'ALREADY_RELEASED', expired = 'EXPIRED'}
 local TOTALS = {'credits_granted', 'credits_spent', 'credits_expired', 'credits_revoked',
                 'credits_refunded', 'credits_held'}
 
@@ -70,8 +74,13 @@ local RETENTION_MS = tonumber(ARGV[3])
 local LEDGER_RETENTION_MS = tonumber(ARGV[4])
 local EVENTS_MAX = tonumber(ARGV[5])
 local PLANS_VERSION = ARGV[6]
+-- What one account can make Redis hold, whatever it does: records of resolved
+-- reservations beyond MAX_RECORDS go before their retention ends (a retry of
+-- one of those decides again), and a hold beyond MAX_HOLDS is refused.
+local MAX_RECORDS = tonumber(ARGV[7])
+local MAX_HOLDS = tonumber(ARGV[8])
 
-local cursor = 6
+local cursor = 8
 local function next_arg()
   cursor = cursor + 1
   return ARGV[cursor]
@@ -179,6 +188,22 @@ local function lots_text(taken)
   return table.concat(parts, ',')
 end
 
+-- Credits of each lot in open holds, as "<lot_id>|h" fields of the lotrem hash
+-- ('|' is outside the id alphabet), so a revoke reads one field instead of
+-- every open hold. taken: flat {lot_id, credits, lot_expires_ms} triples.
+local function lot_hold_field(lot_id) return lot_id .. '|h' end
+local function hold_lots(taken)
+  for i = 1, #taken, 3 do redis.call('HINCRBY', K_LOTREM, lot_hold_field(taken[i]), taken[i + 1]) end
+end
+local function unhold_lots(taken)
+  for i = 1, #taken, 3 do
+    local field = lot_hold_field(taken[i])
+    if tonumber(redis.call('HINCRBY', K_LOTREM, field, -tonumber(taken[i + 1]))) <= 0 then
+      redis.call('HDEL', K_LOTREM, field)
+    end
+  end
+end
+
 -- Credits go back to the lot they came from. If that lot has expired or
 -- been revoked in the meantime they expire or are revoked with it: such
 -- credits are never spendable again. Returns (to lots, expired, revoked).
@@ -280,6 +305,7 @@ local function refund_hold(rec)
   end
   incr('credits_held', -rec.c)
   unspend(rec.m, rec.c)
+  unhold_lots(rec.l)
   local to_lots, to_expired, to_revoked = return_credits(rec.l)
   return {'credits', rec.c, 'to_lots', to_lots, 'to_expired', to_expired, 'to_revoked', to_revoked,
           'lots', lots_text(rec.l)}
@@ -295,6 +321,43 @@ local function expire_hold(rid, rec)
   local moved = refund_hold(rec)
   resolve(rid, rec, 'expired')
   ledger('expire', hold_fields(rid, rec, moved))
+end
+
+-- Turns a live hold into spend of `charge` credits (at most the hold; 0 for a
+-- free hold, whose unit stays spent). The unused part goes back to the lots
+-- taken last, which expire latest, so the credits spent are the ones that
+-- expire soonest. `extra`: more ledger fields. Returns the credits returned.
+local function commit_hold(rid, rec, charge, extra)
+  local refund = rec.c - charge
+  local back, kept = {}, {}
+  for i = #rec.l - 2, 1, -3 do
+    local lot_id, credits, lot_expires_ms = rec.l[i], tonumber(rec.l[i + 1]), rec.l[i + 2]
+    local give = math.min(credits, refund)
+    if give > 0 then
+      back[#back + 1] = lot_id
+      back[#back + 1] = give
+      back[#back + 1] = lot_expires_ms
+      refund = refund - give
+    end
+    if credits - give > 0 then
+      table.insert(kept, 1, lot_expires_ms)
+      table.insert(kept, 1, credits - give)
+      table.insert(kept, 1, lot_id)
+    end
+  end
+  unhold_lots(rec.l)
+  local to_lots, to_expired, to_revoked = return_credits(back)
+  incr('credits_held', -rec.c)
+  incr('credits_spent', charge)
+  unspend(rec.m, rec.c - charge)
+  rec.l = kept
+  rec.ch, rec.rf = charge, rec.c - charge
+  resolve(rid, rec, 'committed')
+  local fields = {'credits', charge, 'free', rec.f == 'free' and 1 or 0, 'returned', rec.c - charge,
+                  'to_lots', to_lots, 'to_expired', to_expired, 'to_revoked', to_revoked, 'lots', lots_text(kept)}
+  for i = 1, #extra do fields[#fields + 1] = extra[i] end
+  ledger('commit', hold_fields(rid, rec, fields))
+  return rec.c - charge
 end
 
 -- A hold past its TTL is settled before anything else looks at it, so
@@ -344,21 +407,26 @@ local function expire_holds()
   return #rids
 end
 
--- Resolved records are kept RETENTION_MS for idempotent retries, then dropped.
-local function prune_records()
-  if not head_due(K_RESDONE, now_ms - RETENTION_MS) then return end
-  local rids = redis.call('ZRANGEBYSCORE', K_RESDONE, '-inf', now_ms - RETENTION_MS, 'LIMIT', 0, PRUNE_BATCH)
-  for _, rid in ipairs(rids) do
-    redis.call('HDEL', K_RES, rid)
-    redis.call('ZREM', K_RESDONE, rid)
-  end
+-- Resolved records are kept RETENTION_MS for idempotent retries, and at most
+-- MAX_RECORDS of them, then dropped oldest first, at most `batch` per call.
+-- Each call resolves at most one reservation, so a batch above one keeps the
+-- count at its bound. Returns the records dropped.
+local function prune_records(batch)
+  local over = redis.call('ZCARD', K_RESDONE) - MAX_RECORDS
+  if over <= 0 and not head_due(K_RESDONE, now_ms - RETENTION_MS) then return 0 end
+  local due = math.max(over, redis.call('ZCOUNT', K_RESDONE, '-inf', now_ms - RETENTION_MS))
+  local n = math.min(due, batch)
+  local rids = redis.call('ZRANGE', K_RESDONE, 0, n - 1)
+  redis.call('HDEL', K_RES, unpack(rids))
+  redis.call('ZREMRANGEBYRANK', K_RESDONE, 0, n - 1)
+  return n
 end
 
 -- Lots and holds past their expiry first, so nothing below sees them.
 local function sweep()
   expire_lots()
   local expired = expire_holds()
-  prune_records()
+  prune_records(PRUNE_BATCH)
   return expired
 end
 

@@ -19,7 +19,8 @@
 -- ("free" or "credits"), fw = free units taken ("h<field>" / "z<member>"),
 -- c = credits held, l = flat {lot_id, credits, lot_expires_ms} triples the
 -- credits came from, m = spend month, pv = plans version, cr = created_ms,
--- e = expires_ms, ttl = ttl_ms, ch = credits charged, rf = credits returned
+-- e = expires_ms, ttl = ttl_ms, pl = the account's plan, rc = the reserved
+-- job's cost (a commit's actual job may not exceed it), ch = credits charged, rf = credits returned
 -- at commit, rj = credits given back by RefundJob (set once), r =
 -- resolved_ms, d = the decision to replay (its JSON reply, as a string).
 --
@@ -49,9 +50,13 @@ local function reserve_one()
   local existing = load_record(rid)
   if existing then
     if existing.fp ~= fingerprint then return fail('RESERVATION_PARAMS_MISMATCH') end
-    -- d is the decision's reply as sent (a table in records written before 2026-11-21).
-    local d = type(existing.d) == 'string' and cjson.decode(existing.d) or existing.d
-    d.replayed = 1
+    -- A replay tells the truth about the reservation now: only a live hold replays as
+    -- allowed. A retried job under a resolved id must not run: nothing funds it any more.
+    settle_if_due(rid, existing)
+    local refusal = RESOLVED_REFUSALS[existing.s]
+    if refusal then return fail(refusal, {resolved_ms = existing.r}) end
+    local d = cjson.decode(existing.d)
+    d.replayed, d.expires_ms = 1, existing.e  -- an extension moved the expiry since
     return reply(d)
   end
 
@@ -118,6 +123,14 @@ local function reserve_one()
     decision.denial = 'NOT_ENTITLED'
     return reply(decision)
   end
+  -- The account-wide bound on open holds (what one account may make Redis keep) is never in shadow.
+  local open_holds = redis.call('ZCARD', K_HOLDS)
+  if open_holds >= MAX_HOLDS then
+    report_limits(false)
+    decision.denial = 'CONCURRENCY_LIMIT'
+    decision.in_flight, decision.max_concurrent = open_holds, MAX_HOLDS
+    return reply(decision)
+  end
   if max_concurrent > 0 and inflight >= max_concurrent then
     if not concurrency_shadow then
       report_limits(false)
@@ -141,7 +154,7 @@ local function reserve_one()
   end
 
   local rec = {s = 'held', p = product, fp = fingerprint, c = 0, l = {}, fw = {}, m = '', pv = plans_version,
-               cr = now_ms, e = now_ms + ttl_ms, ttl = ttl_ms}
+               cr = now_ms, e = now_ms + ttl_ms, ttl = ttl_ms, pl = plan, rc = cost_credits}
 
   local function hold_free()
     -- The oldest candidate of each block is its first row.
@@ -180,6 +193,7 @@ local function reserve_one()
       need = need - take
     end
     rec.f, rec.c, rec.m = 'credits', cost_credits, month
+    hold_lots(rec.l)
     redis.call('HINCRBY', K_SPEND, month, cost_credits)
     incr('credits_held', cost_credits)
     decision.held = cost_credits

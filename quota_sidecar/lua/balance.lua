@@ -50,8 +50,11 @@ for i = 1, #flat, 2 do
 end
 
 local lots, balance = live_lots()
+-- The soonest-expiring holds only: an account may hold many (up to the open-holds
+-- bound), and listing them all would make the reply grow without limit.
+local HOLDS_LISTED = 100
 local holds = {}
-for _, rid in ipairs(redis.call('ZRANGE', K_HOLDS, 0, -1)) do
+for _, rid in ipairs(redis.call('ZRANGE', K_HOLDS, 0, HOLDS_LISTED - 1)) do
   local rec = load_record(rid)
   if rec then holds[#holds + 1] = {rid, rec.p, rec.f, rec.c, rec.e} end
 end
@@ -64,7 +67,8 @@ end
 
 local v = redis.call('HMGET', K_ACCT, 'cap', 'at_on', 'at_thr', 'at_pack')
 return reply({plan = plan, tz = tz, now_ms = now_ms, resets_ms = window_end_ms, free = free, overrides = overrides,
-              lots = lots, all_lots = all, holds = holds, balance = balance,
+              lots = lots, all_lots = all, holds = holds, holds_total = redis.call('ZCARD', K_HOLDS),
+              balance = balance,
               month = month, month_resets_ms = month_end_ms,
               month_spend = tonumber(redis.call('HGET', K_SPEND, month) or '0'),
               cap = tonumber(v[1] or '0'), at_on = v[2] or '0', at_thr = tonumber(v[3] or '0'),

@@ -4,20 +4,26 @@
 --
 -- Each reservation resolves once: a repeated Commit with the same outcome
 -- replays it; a Commit after Release or expiry is refused.
+--
+-- Actual params, when given, must describe a job the hold covers: one the
+-- account's plan (at reservation time) is entitled to, costing no more than
+-- what was held (credits) or than the job reserved (a free unit covers one
+-- job of up to the reserved size, not a larger one).
 -- Times are in milliseconds; credits are integers.
 local rid   = next_arg()
-local costs = next_block(3)  -- {plans version or '*', product, actual_cost}: -1 (or
-                             -- no row) charges the whole hold; -2: params invalid
+-- {plans version or '*', product, actual_cost, entitled plans as "|a|b|"}: cost
+-- -1 (or no row) charges the whole hold; -2: params invalid for the product.
+local costs = next_block(4)
 
 local rec = load_record(rid)
 if not rec then return fail('RESERVATION_NOT_FOUND') end
 
 -- Priced with the plans version the reservation was made under when the
 -- sidecar still knows it ('*' rows: the current plans).
-local actual, priced_with = -1, ''
+local actual, entitled_plans, priced_with = -1, '', ''
 for _, row in ipairs(costs) do
   if row[2] == rec.p and (row[1] == rec.pv or (row[1] == '*' and priced_with == '')) then
-    actual, priced_with = tonumber(row[3]), row[1]
+    actual, entitled_plans, priced_with = tonumber(row[3]), row[4], row[1]
   end
 end
 -- Bad input changes nothing, not even lazy expiry.
@@ -38,40 +44,18 @@ if rec.s == 'committed' then
   result.replayed, result.balance, result.refunded = 1, balance, rec.rf
   return reply(result)
 end
-if rec.s == 'released' then return fail('ALREADY_RELEASED') end
-if rec.s == 'expired' then return fail('EXPIRED', {expired_ms = rec.r}) end
-if charge > rec.c then return fail('COST_EXCEEDS_HOLD', {held = rec.c, actual = charge}) end
+local refusal = RESOLVED_REFUSALS[rec.s]
+if refusal then return fail(refusal, {resolved_ms = rec.r}) end
+-- Degraded records (dg) were allowed without a plan: nothing to check the actual job against.
+if actual >= 0 and rec.dg ~= 1 then
+  if not string.find(entitled_plans, '|' .. rec.pl .. '|', 1, true) then
+    return fail('ACTUAL_NOT_ENTITLED', {plan = rec.pl})
+  end
+  if actual > rec.rc then return fail('COST_EXCEEDS_HOLD', {held = rec.c, reserved = rec.rc, actual = actual}) end
+end
 
 sweep()
-
--- Give back the unused part from the lots taken last, which expire latest.
-local refund = rec.c - charge
-local back, kept = {}, {}
-for i = #rec.l - 2, 1, -3 do
-  local lot_id, credits, lot_expires_ms = rec.l[i], tonumber(rec.l[i + 1]), rec.l[i + 2]
-  local give = math.min(credits, refund)
-  if give > 0 then
-    back[#back + 1] = lot_id
-    back[#back + 1] = give
-    back[#back + 1] = lot_expires_ms
-    refund = refund - give
-  end
-  if credits - give > 0 then
-    table.insert(kept, 1, lot_expires_ms)
-    table.insert(kept, 1, credits - give)
-    table.insert(kept, 1, lot_id)
-  end
-end
-local to_lots, to_expired, to_revoked = return_credits(back)
-incr('credits_held', -rec.c)
-incr('credits_spent', charge)
-unspend(rec.m, rec.c - charge)
-rec.l = kept
-rec.ch, rec.rf = charge, rec.c - charge
-resolve(rid, rec, 'committed')
-ledger('commit', hold_fields(rid, rec, {'credits', charge, 'free', result.free_charged,
-                                        'returned', rec.c - charge, 'to_lots', to_lots, 'to_expired', to_expired,
-                                        'to_revoked', to_revoked, 'lots', lots_text(kept)}))
+commit_hold(rid, rec, charge, {})
 
 local _, balance = live_lots()
 result.balance = balance

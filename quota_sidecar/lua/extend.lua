@@ -5,9 +5,8 @@ local ttl_ms = tonumber(next_arg())  -- 0: the lifetime the hold was made with
 
 local rec = load_settled_record(rid)
 if not rec then return fail('RESERVATION_NOT_FOUND') end
-if rec.s == 'committed' then return fail('ALREADY_COMMITTED') end
-if rec.s == 'released' then return fail('ALREADY_RELEASED') end
-if rec.s == 'expired' then return fail('EXPIRED', {expired_ms = rec.r}) end
+local refusal = RESOLVED_REFUSALS[rec.s]
+if refusal then return fail(refusal, {resolved_ms = rec.r}) end
 
 if ttl_ms == 0 then ttl_ms = rec.ttl end
 local expires_ms = math.max(rec.e, now_ms + ttl_ms)

@@ -9,7 +9,7 @@ local result = {funding = rec.f, refunded = rec.c,
                 free_refunded = (rec.f == 'free') and 1 or 0, replayed = 0}
 
 if rec.s == 'committed' then return fail('ALREADY_COMMITTED') end
-if rec.s == 'expired' then return fail('EXPIRED', {expired_ms = rec.r}) end
+if rec.s == 'expired' then return fail('EXPIRED', {resolved_ms = rec.r}) end
 sweep()  -- also on a replay: the balance reported is the one a GetBalance at this instant shows
 if rec.s == 'released' then
   result.replayed = 1

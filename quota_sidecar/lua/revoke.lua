@@ -10,17 +10,6 @@ if not meta then return fail('PURCHASE_NOT_FOUND') end
 sweep()  -- an expired lot's credits are expired, not revoked
 meta = lot_meta(lot_id)
 
-local function held_from_lot()
-  local held = 0
-  for _, rid in ipairs(redis.call('ZRANGE', K_HOLDS, 0, -1)) do
-    local rec = load_record(rid)
-    for i = 1, rec and #rec.l or 0, 3 do
-      if rec.l[i] == lot_id then held = held + tonumber(rec.l[i + 1]) end
-    end
-  end
-  return held
-end
-
 local replayed = meta.v == 1 and 1 or 0
 if replayed == 0 then
   local left = tonumber(redis.call('HGET', K_LOTREM, lot_id) or '0')
@@ -32,7 +21,7 @@ if replayed == 0 then
   incr('credits_revoked', left)
   ledger('revoke', {'pid', lot_id, 'credits', left, 'reason', reason})
 end
-local held = held_from_lot()
+local held = tonumber(redis.call('HGET', K_LOTREM, lot_hold_field(lot_id)) or '0')
 local _, balance = live_lots()
 -- Per lot: granted = left + held + expired + revoked + spent (net of job refunds).
 local spent = meta.g - held - (meta.x or 0) - (meta.vr or 0)

@@ -342,7 +342,7 @@ class Hold(_message.Message):
     def __init__(self, reservation_id: _Optional[str] = ..., product: _Optional[str] = ..., funding: _Optional[_Union[Funding, str]] = ..., credits_held: _Optional[int] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class GetBalanceResponse(_message.Message):
-    __slots__ = ("account_id", "plan", "time_zone", "allowances", "credit_balance", "lots", "holds", "credits_held")
+    __slots__ = ("account_id", "plan", "time_zone", "allowances", "credit_balance", "lots", "holds", "credits_held", "holds_total")
     ACCOUNT_ID_FIELD_NUMBER: _ClassVar[int]
     PLAN_FIELD_NUMBER: _ClassVar[int]
     TIME_ZONE_FIELD_NUMBER: _ClassVar[int]
@@ -351,6 +351,7 @@ class GetBalanceResponse(_message.Message):
     LOTS_FIELD_NUMBER: _ClassVar[int]
     HOLDS_FIELD_NUMBER: _ClassVar[int]
     CREDITS_HELD_FIELD_NUMBER: _ClassVar[int]
+    HOLDS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     account_id: str
     plan: str
     time_zone: str
@@ -359,7 +360,8 @@ class GetBalanceResponse(_message.Message):
     lots: _containers.RepeatedCompositeFieldContainer[CreditLot]
     holds: _containers.RepeatedCompositeFieldContainer[Hold]
     credits_held: int
-    def __init__(self, account_id: _Optional[str] = ..., plan: _Optional[str] = ..., time_zone: _Optional[str] = ..., allowances: _Optional[_Iterable[_Union[ProductAllowance, _Mapping]]] = ..., credit_balance: _Optional[int] = ..., lots: _Optional[_Iterable[_Union[CreditLot, _Mapping]]] = ..., holds: _Optional[_Iterable[_Union[Hold, _Mapping]]] = ..., credits_held: _Optional[int] = ...) -> None: ...
+    holds_total: int
+    def __init__(self, account_id: _Optional[str] = ..., plan: _Optional[str] = ..., time_zone: _Optional[str] = ..., allowances: _Optional[_Iterable[_Union[ProductAllowance, _Mapping]]] = ..., credit_balance: _Optional[int] = ..., lots: _Optional[_Iterable[_Union[CreditLot, _Mapping]]] = ..., holds: _Optional[_Iterable[_Union[Hold, _Mapping]]] = ..., credits_held: _Optional[int] = ..., holds_total: _Optional[int] = ...) -> None: ...
 
 class GrantCreditsRequest(_message.Message):
     __slots__ = ("account_id", "credits", "purchase_id", "expires_at", "source", "reason")

@@ -85,7 +85,14 @@ class QuotaServiceServicer:
         """Decides whether a job may run and, if so, holds what funds it: one free
         unit of the product's daily allowance if any is left, otherwise the job's
         full cost in credits (soonest-expiring lots first). Idempotent by
-        (account_id, reservation_id).
+        (account_id, reservation_id): a retry of a live hold replays the decision
+        (replayed=true, expires_at as extended since); a retry of a reservation
+        already committed, released or expired is FAILED_PRECONDITION with
+        ErrorInfo reason ALREADY_COMMITTED, ALREADY_RELEASED or EXPIRED, never
+        "allowed": nothing funds that job any more, so it must not run (use a new
+        reservation_id to run it again). A denied reservation_id is not recorded:
+        a retry decides again. An account may have at most
+        --max-open-holds-per-account open holds: past that, CONCURRENCY_LIMIT.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
