@@ -39,11 +39,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import redis  # noqa: E402
 import redis_probes  # noqa: E402  (benchmarks/)
 
-from quota_sidecar.engine import QuotaEngine  # noqa: E402
-from quota_sidecar.model import JobParams  # noqa: E402
-from quota_sidecar.plans import load_plans  # noqa: E402
-from quota_sidecar.redis_server import find_redis_server  # noqa: E402
-from quota_sidecar.store import RedisStore  # noqa: E402
+from quota_sidecar.domain.engine import QuotaEngine  # noqa: E402
+from quota_sidecar.domain.model import JobParams  # noqa: E402
+from quota_sidecar.domain.plans import load_plans  # noqa: E402
+from quota_sidecar.storage.redis_server import find_redis_server  # noqa: E402
+from quota_sidecar.storage.store import RedisStore  # noqa: E402
 
 JOB = JobParams(duration_seconds=10, resolution="720p")
 ACCOUNTS = 20

@@ -7,9 +7,9 @@ the real sidecar by run.py (FILE: JSON of method name -> base64 of the
 serialized response), so messages have the same size and shape as the
 sidecar's; a batch answers one copy of the captured item result per request
 item. The server is built like the sidecar's worker server
-(quota_sidecar.server): the same grpc options, health and reflection
+(quota_sidecar.server.app): the same grpc options, health and reflection
 registered, one process, the event loop ``serve`` picks by default (uvloop when
-installed, through quota_sidecar.server.run_until_complete). It prints ``PORT <n>`` once it is serving, then runs until
+installed, through quota_sidecar.server.app.run_until_complete). It prints ``PORT <n>`` once it is serving, then runs until
 SIGTERM/SIGINT.
 """
 
@@ -28,10 +28,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from quota_sidecar import server as sidecar_server
+from quota_sidecar.server import app as sidecar_server
 from quota_sidecar._proto.quota.v1 import quota_pb2 as pb
 from quota_sidecar._proto.quota.v1 import quota_pb2_grpc as pb_grpc
-from quota_sidecar.settings import Settings
+from quota_sidecar.server.settings import Settings
 
 # Method -> response message class; batch methods also have their per-item result class.
 UNARY = {"CheckAndReserve": pb.CheckAndReserveResponse, "Commit": pb.CommitResponse,

@@ -32,11 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import redis.asyncio as aioredis  # noqa: E402
 
 from quota_sidecar import redis_mux  # noqa: E402
-from quota_sidecar.engine import QuotaEngine  # noqa: E402
-from quota_sidecar.model import JobParams  # noqa: E402
-from quota_sidecar.plans import load_plans  # noqa: E402
-from quota_sidecar.redis_server import RedisServerProcess, find_redis_server  # noqa: E402
-from quota_sidecar.store import RedisStore, _reserve_args, _script_keys, load_script_source  # noqa: E402
+from quota_sidecar.domain.engine import QuotaEngine  # noqa: E402
+from quota_sidecar.domain.model import JobParams  # noqa: E402
+from quota_sidecar.domain.plans import load_plans  # noqa: E402
+from quota_sidecar.storage.redis_server import RedisServerProcess, find_redis_server  # noqa: E402
+from quota_sidecar.storage.store import RedisStore, _reserve_args, _script_keys, load_script_source  # noqa: E402
 
 Call = Callable[[str], Awaitable[Any]]
 

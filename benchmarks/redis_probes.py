@@ -28,11 +28,11 @@ import hiredis
 import redis
 import redis.asyncio as aioredis
 
-from quota_sidecar.engine import QuotaEngine
-from quota_sidecar.model import JobParams
-from quota_sidecar.plans import load_plans
-from quota_sidecar import redis_mux
-from quota_sidecar.store import SCRIPT_NAMES, RedisStore, account_keys, load_script_source
+from quota_sidecar.domain.engine import QuotaEngine
+from quota_sidecar.domain.model import JobParams
+from quota_sidecar.domain.plans import load_plans
+from quota_sidecar.storage import mux as redis_mux
+from quota_sidecar.storage.store import SCRIPT_NAMES, RedisStore, account_keys, load_script_source
 
 MONITOR_MAX_LINES = 500_000
 MONITOR_STOP_TIMEOUT_SECONDS = 10.0

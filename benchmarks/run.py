@@ -70,7 +70,7 @@ import harness  # noqa: E402  (benchmarks/ modules, found through the path above
 import redis_probes  # noqa: E402
 from harness import CpuSampler, Processes  # noqa: E402
 
-from quota_sidecar.redis_server import RedisServerProcess, available_redis_servers, find_redis_server  # noqa: E402
+from quota_sidecar.storage.redis_server import RedisServerProcess, available_redis_servers, find_redis_server  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -516,7 +516,7 @@ def _cpu_model() -> str:
 def machine_info() -> dict[str, Any]:
     import importlib.util
 
-    from quota_sidecar.settings import Settings
+    from quota_sidecar.server.settings import Settings
 
     uvloop_installed = importlib.util.find_spec("uvloop") is not None
     # `serve --event-loop auto` (the default) runs on uvloop when it is installed; older sidecars never did.

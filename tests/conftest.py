@@ -12,7 +12,7 @@ from typing import Iterator
 
 import pytest
 
-from quota_sidecar.redis_server import (
+from quota_sidecar.storage.redis_server import (
     RedisServerProcess,
     available_redis_servers,
     find_redis_server,

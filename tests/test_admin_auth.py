@@ -25,12 +25,12 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from quota_sidecar._proto.quota.v1 import quota_pb2 as pb
 from quota_sidecar._proto.quota.v1 import quota_pb2_grpc as pb_grpc
-from quota_sidecar.auth import TokenChecker, bearer_token, is_loopback_address, load_admin_auth, load_tokens
-from quota_sidecar.engine import QuotaEngine
-from quota_sidecar.errors import InvalidArgument
-from quota_sidecar.redis_server import RedisServerProcess
-from quota_sidecar.server import create_admin_server
-from quota_sidecar.settings import Settings
+from quota_sidecar.server.auth import TokenChecker, bearer_token, is_loopback_address, load_admin_auth, load_tokens
+from quota_sidecar.domain.engine import QuotaEngine
+from quota_sidecar.domain.errors import InvalidArgument
+from quota_sidecar.storage.redis_server import RedisServerProcess
+from quota_sidecar.server.app import create_admin_server
+from quota_sidecar.server.settings import Settings
 
 from quota_fixtures import keys_with_prefix
 from test_serve_cli import ServeProcess, cli, running_sidecar, short_dir  # noqa: F401  (short_dir is a fixture)

@@ -15,14 +15,15 @@ import pytest
 import redis.asyncio as aioredis
 import yaml
 
-from quota_sidecar.audit import AccountAudit, audit_account, audit_all, audit_main, audit_state, format_report
-from quota_sidecar.clock import ManualClock
-from quota_sidecar.engine import QuotaEngine
-from quota_sidecar.errors import Conflict, NotFound, ResolutionConflict
-from quota_sidecar.model import CreditSource, Funding, JobParams
-from quota_sidecar.plans import Plans, parse_plans
-from quota_sidecar.redis_server import RedisServerProcess
-from quota_sidecar.store import DEFAULT_KEY_BUCKETS, RedisStore
+from quota_sidecar.domain.audit import AccountAudit, audit_account, audit_all, audit_state, format_report
+from quota_sidecar.tools.audit import audit_main
+from quota_sidecar.domain.clock import ManualClock
+from quota_sidecar.domain.engine import QuotaEngine
+from quota_sidecar.domain.errors import Conflict, NotFound, ResolutionConflict
+from quota_sidecar.domain.model import CreditSource, Funding, JobParams
+from quota_sidecar.domain.plans import Plans, parse_plans
+from quota_sidecar.storage.redis_server import RedisServerProcess
+from quota_sidecar.storage.store import DEFAULT_KEY_BUCKETS, RedisStore
 
 from quota_fixtures import key
 

@@ -11,8 +11,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from quota_sidecar._proto.quota.v1 import quota_pb2 as pb
-from quota_sidecar.audit import audit_account, format_report
-from quota_sidecar.store import RedisStore
+from quota_sidecar.domain.audit import audit_account, format_report
+from quota_sidecar.storage.store import RedisStore
 
 from quota_fixtures import Sidecar
 

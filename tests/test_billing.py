@@ -9,11 +9,11 @@ import grpc
 import pytest
 
 from quota_sidecar._proto.quota.v1 import quota_pb2 as pb
-from quota_sidecar.clock import ManualClock
-from quota_sidecar.engine import QuotaEngine
-from quota_sidecar.errors import InvalidArgument, NotFound, ResolutionConflict
-from quota_sidecar.model import AutoTopUp, CreditSource, DenialReason, Funding, JobParams
-from quota_sidecar.store import RedisStore, key_bucket
+from quota_sidecar.domain.clock import ManualClock
+from quota_sidecar.domain.engine import QuotaEngine
+from quota_sidecar.domain.errors import InvalidArgument, NotFound, ResolutionConflict
+from quota_sidecar.domain.model import AutoTopUp, CreditSource, DenialReason, Funding, JobParams
+from quota_sidecar.storage.store import RedisStore, key_bucket
 
 from quota_fixtures import T0_MS, Sidecar, utc_ms
 
@@ -292,8 +292,8 @@ async def test_refund_after_the_spend_month_was_pruned_succeeds_once(redis_serve
     # Regression: unspend() sent HINCRBY -0 when the month's spend field had been
     # pruned; Redis refused it mid-script and kept the credits already returned,
     # so each retry minted them again.
-    from quota_sidecar.audit import audit_account
-    from quota_sidecar.plans import load_plans
+    from quota_sidecar.domain.audit import audit_account
+    from quota_sidecar.domain.plans import load_plans
 
     clock = ManualClock(T0_MS)
     store = RedisStore.from_url(redis_server.url, key_prefix=key_prefix, retention_ms=90 * DAY_MS)
@@ -316,7 +316,7 @@ async def test_refund_after_the_spend_month_was_pruned_succeeds_once(redis_serve
 
 async def test_a_hold_extended_across_two_month_boundaries_expires_cleanly(engine: QuotaEngine,
                                                                            clock: ManualClock) -> None:
-    from quota_sidecar.audit import audit_account
+    from quota_sidecar.domain.audit import audit_account
 
     await use_free(engine, "a")
     await engine.grant("a", 10, "p1", T0_MS + 300 * DAY_MS)

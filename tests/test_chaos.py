@@ -33,14 +33,14 @@ from google.rpc import error_details_pb2, status_pb2
 
 from quota_sidecar._proto.quota.v1 import quota_pb2 as pb
 from quota_sidecar._proto.quota.v1 import quota_pb2_grpc
-from quota_sidecar.audit import audit_all, format_report
-from quota_sidecar.clock import RedisClock
-from quota_sidecar.engine import QuotaEngine
-from quota_sidecar.plans import load_plans
-from quota_sidecar.redis_server import RedisServerProcess, redis_server_version
-from quota_sidecar.server import create_admin_server, create_server
-from quota_sidecar.settings import Settings
-from quota_sidecar.store import RedisStore
+from quota_sidecar.domain.audit import audit_all, format_report
+from quota_sidecar.domain.clock import RedisClock
+from quota_sidecar.domain.engine import QuotaEngine
+from quota_sidecar.domain.plans import load_plans
+from quota_sidecar.storage.redis_server import RedisServerProcess, redis_server_version
+from quota_sidecar.server.app import create_admin_server, create_server
+from quota_sidecar.server.settings import Settings
+from quota_sidecar.storage.store import RedisStore
 
 from fault_proxy import FaultProxy
 

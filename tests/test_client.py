@@ -15,11 +15,11 @@ import pytest
 from fault_proxy import FaultProxy
 from quota_fixtures import Sidecar
 from quota_sidecar.client import Denied, InvalidRequest, QuotaClient, ReservationError, SyncQuotaClient
-from quota_sidecar.clock import ManualClock
-from quota_sidecar.engine import QuotaEngine
-from quota_sidecar.model import JobParams
-from quota_sidecar.server import create_server
-from quota_sidecar.settings import Settings
+from quota_sidecar.domain.clock import ManualClock
+from quota_sidecar.domain.engine import QuotaEngine
+from quota_sidecar.domain.model import JobParams
+from quota_sidecar.server.app import create_server
+from quota_sidecar.server.settings import Settings
 
 VIDEO = {"duration_seconds": 10, "resolution": "720p"}
 ROOT = Path(__file__).resolve().parent.parent

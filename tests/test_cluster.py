@@ -27,17 +27,17 @@ from redis import exceptions as redis_errors
 from redis.asyncio.cluster import RedisCluster
 
 from quota_sidecar._proto.quota.v1 import quota_pb2 as pb
-from quota_sidecar.audit import audit_account, audit_all
-from quota_sidecar.clock import ManualClock
-from quota_sidecar.engine import QuotaEngine, ReserveItem
-from quota_sidecar.errors import Conflict, InvalidArgument, Unavailable
-from quota_sidecar.model import DenialReason, Funding, JobParams
-from quota_sidecar.plans import load_plans
-from quota_sidecar.redis_server import RedisServerProcess, find_redis_server
-from quota_sidecar.settings import Settings
-from quota_sidecar.server import create_admin_server
-from quota_sidecar.redis_connect import parse_url
-from quota_sidecar.store import RedisStore, _redis_error, key_bucket
+from quota_sidecar.domain.audit import audit_account, audit_all
+from quota_sidecar.domain.clock import ManualClock
+from quota_sidecar.domain.engine import QuotaEngine, ReserveItem
+from quota_sidecar.domain.errors import Conflict, InvalidArgument, Unavailable
+from quota_sidecar.domain.model import DenialReason, Funding, JobParams
+from quota_sidecar.domain.plans import load_plans
+from quota_sidecar.storage.redis_server import RedisServerProcess, find_redis_server
+from quota_sidecar.server.settings import Settings
+from quota_sidecar.server.app import create_admin_server
+from quota_sidecar.storage.connect import parse_url
+from quota_sidecar.storage.store import RedisStore, _redis_error, key_bucket
 
 from quota_fixtures import T0_MS, retrying
 

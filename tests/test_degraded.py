@@ -13,18 +13,18 @@ import yaml
 
 from quota_sidecar._proto.quota.v1 import quota_pb2 as pb
 from quota_sidecar._proto.quota.v1 import quota_pb2_grpc
-from quota_sidecar.audit import audit_all
-from quota_sidecar.clock import ManualClock
-from quota_sidecar.degraded import DegradedMode
-from quota_sidecar.engine import QuotaEngine
-from quota_sidecar.errors import PlansError, ResolutionConflict, Unavailable
-from quota_sidecar.metrics import Metrics
-from quota_sidecar.model import Funding, JobParams
-from quota_sidecar.plans import Plans, parse_plans
-from quota_sidecar.redis_server import RedisServerProcess
-from quota_sidecar.server import create_server
-from quota_sidecar.settings import Settings
-from quota_sidecar.store import RedisStore
+from quota_sidecar.domain.audit import audit_all
+from quota_sidecar.domain.clock import ManualClock
+from quota_sidecar.domain.degraded import DegradedMode
+from quota_sidecar.domain.engine import QuotaEngine
+from quota_sidecar.domain.errors import PlansError, ResolutionConflict, Unavailable
+from quota_sidecar.server.metrics import Metrics
+from quota_sidecar.domain.model import Funding, JobParams
+from quota_sidecar.domain.plans import Plans, parse_plans
+from quota_sidecar.storage.redis_server import RedisServerProcess
+from quota_sidecar.server.app import create_server
+from quota_sidecar.server.settings import Settings
+from quota_sidecar.storage.store import RedisStore
 
 from quota_fixtures import T0_MS
 

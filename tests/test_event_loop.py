@@ -6,9 +6,9 @@ import asyncio
 
 import pytest
 
-from quota_sidecar.errors import InvalidArgument
-from quota_sidecar.server import run_until_complete
-from quota_sidecar.settings import Settings
+from quota_sidecar.domain.errors import InvalidArgument
+from quota_sidecar.server.app import run_until_complete
+from quota_sidecar.server.settings import Settings
 
 
 async def _loop_module() -> str:

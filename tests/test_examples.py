@@ -11,12 +11,12 @@ from types import ModuleType
 from typing import Awaitable, Callable
 
 from quota_fixtures import Sidecar
-from quota_sidecar.clock import ManualClock
+from quota_sidecar.domain.clock import ManualClock
 
-from quota_sidecar.engine import QuotaEngine
-from quota_sidecar.model import JobParams
-from quota_sidecar.redis_server import RedisServerProcess
-from quota_sidecar.store import RedisStore
+from quota_sidecar.domain.engine import QuotaEngine
+from quota_sidecar.domain.model import JobParams
+from quota_sidecar.storage.redis_server import RedisServerProcess
+from quota_sidecar.storage.store import RedisStore
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

@@ -12,7 +12,7 @@ from redis import exceptions as redis_errors
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from quota_sidecar.redis_server import RedisServerProcess
+from quota_sidecar.storage.redis_server import RedisServerProcess
 
 from fault_proxy import FaultProxy
 

@@ -21,11 +21,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fault_proxy import FaultProxy
 from quota_sidecar._proto.quota.v1 import quota_pb2 as pb, quota_pb2_grpc as pb_grpc
-from quota_sidecar.errors import InvalidArgument
-from quota_sidecar.redis_server import RedisServerProcess
-from quota_sidecar.server import HEALTH_NAMES, LIVENESS_NAME, run
-from quota_sidecar.settings import Settings
-from quota_sidecar.workers import worker_settings
+from quota_sidecar.domain.errors import InvalidArgument
+from quota_sidecar.storage.redis_server import RedisServerProcess
+from quota_sidecar.server.app import HEALTH_NAMES, LIVENESS_NAME, run
+from quota_sidecar.server.settings import Settings
+from quota_sidecar.server.workers import worker_settings
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

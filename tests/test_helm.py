@@ -43,9 +43,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 import quota_sidecar
 from quota_sidecar._proto.quota.v1 import quota_pb2 as pb
 from quota_sidecar._proto.quota.v1 import quota_pb2_grpc as pb_grpc
-from quota_sidecar.redis_connect import parse_url
-from quota_sidecar.redis_server import RedisServerProcess
-from quota_sidecar.server import LIVENESS_NAME
+from quota_sidecar.storage.connect import parse_url
+from quota_sidecar.storage.redis_server import RedisServerProcess
+from quota_sidecar.server.app import LIVENESS_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "helm" / "quota-sidecar"

@@ -21,7 +21,7 @@ from google.protobuf import timestamp_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from quota_sidecar._proto.quota.v1 import quota_pb2 as pb
-from quota_sidecar.model import AccountChanges, AutoTopUp, CreditSource, Stamp
+from quota_sidecar.domain.model import AccountChanges, AutoTopUp, CreditSource, Stamp
 
 from quota_fixtures import T0_MS, Sidecar, key, keys_with_prefix
 
@@ -292,7 +292,7 @@ EVIL_SHOWN = "pay\\x9b2J\\u202eevil\\x1b[31m\\u2066red\\u200b\\x85\\u2028end\\t.
 
 
 def test_visible_escapes_exactly_what_is_not_printable() -> None:
-    from quota_sidecar.cli_client import table, visible
+    from quota_sidecar.tools.cli_client import table, visible
 
     assert visible(EVIL) == EVIL_SHOWN
     assert visible("café — 日本語 ✓ a\\b") == "café — 日本語 ✓ a\\b"

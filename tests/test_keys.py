@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from redis.crc import key_slot
 
-from quota_sidecar.store import KEY_SUFFIXES, account_key, account_keys, key_bucket
+from quota_sidecar.storage.store import KEY_SUFFIXES, account_key, account_keys, key_bucket
 
 ACCOUNT = st.text(alphabet="abcXYZ019._:@+=/-", min_size=1, max_size=40)
 

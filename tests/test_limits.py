@@ -9,12 +9,12 @@ from typing import Any
 import pytest
 import yaml
 
-from quota_sidecar.clock import ManualClock
-from quota_sidecar.engine import QuotaEngine
-from quota_sidecar.errors import InvalidArgument
-from quota_sidecar.model import DenialReason, Funding, JobParams, Limit, LimitKind, LimitOverride
-from quota_sidecar.plans import Plans, parse_plans
-from quota_sidecar.store import RedisStore
+from quota_sidecar.domain.clock import ManualClock
+from quota_sidecar.domain.engine import QuotaEngine
+from quota_sidecar.domain.errors import InvalidArgument
+from quota_sidecar.domain.model import DenialReason, Funding, JobParams, Limit, LimitKind, LimitOverride
+from quota_sidecar.domain.plans import Plans, parse_plans
+from quota_sidecar.storage.store import RedisStore
 
 from quota_fixtures import T0_MS, utc_ms
 
@@ -262,9 +262,9 @@ async def test_shadow_decisions_are_counted_on_the_metrics(store: RedisStore, cl
 
     from quota_sidecar._proto.quota.v1 import quota_pb2 as pb
     from quota_sidecar._proto.quota.v1 import quota_pb2_grpc
-    from quota_sidecar.metrics import Metrics
-    from quota_sidecar.server import create_server
-    from quota_sidecar.settings import Settings
+    from quota_sidecar.server.metrics import Metrics
+    from quota_sidecar.server.app import create_server
+    from quota_sidecar.server.settings import Settings
 
     def edit(d: dict[str, Any]) -> None:
         d["plans"]["free"]["sora"] = {"limits": [{"id": "daily", "kind": "day", "free": 30},

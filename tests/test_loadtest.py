@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from quota_sidecar import cli
+from quota_sidecar.tools import cli
 from quota_sidecar._proto.quota.v1 import quota_pb2 as pb
-from quota_sidecar.loadtest import (
+from quota_sidecar.tools.loadtest import (
     BUILTIN_JOBS,
     LoadConfig,
     LoadConfigError,
@@ -32,8 +32,8 @@ from quota_sidecar.loadtest import (
     validate,
     zipf_cdf,
 )
-from quota_sidecar.loadtest_plot import check_plot_path, nice_ticks, nines, render_html, write_plot
-from quota_sidecar.redis_server import RedisServerProcess
+from quota_sidecar.tools.loadtest_plot import check_plot_path, nice_ticks, nines, render_html, write_plot
+from quota_sidecar.storage.redis_server import RedisServerProcess
 
 from quota_fixtures import Sidecar, key
 

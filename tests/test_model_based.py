@@ -21,13 +21,13 @@ import pytest
 from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule, run_state_machine_as_test
 
-from quota_sidecar.clock import ManualClock
-from quota_sidecar.engine import QuotaEngine
-from quota_sidecar.errors import QuotaError
-from quota_sidecar.model import CreditSource, Decision, JobParams
-from quota_sidecar.plans import load_plans
-from quota_sidecar.redis_server import RedisServerProcess
-from quota_sidecar.store import RedisStore
+from quota_sidecar.domain.clock import ManualClock
+from quota_sidecar.domain.engine import QuotaEngine
+from quota_sidecar.domain.errors import QuotaError
+from quota_sidecar.domain.model import CreditSource, Decision, JobParams
+from quota_sidecar.domain.plans import load_plans
+from quota_sidecar.storage.redis_server import RedisServerProcess
+from quota_sidecar.storage.store import RedisStore
 
 from reference_model import (
     BalanceView,

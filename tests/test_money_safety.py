@@ -20,16 +20,16 @@ import pytest
 import redis.asyncio as aioredis
 
 from quota_sidecar._proto.quota.v1 import quota_pb2 as pb
-from quota_sidecar.audit import audit_account
+from quota_sidecar.domain.audit import audit_account
 from quota_sidecar.client import QuotaClient, ReservationError
-from quota_sidecar.clock import ManualClock
-from quota_sidecar.degraded import DegradedMode
-from quota_sidecar.engine import QuotaEngine
-from quota_sidecar.errors import ResolutionConflict
-from quota_sidecar.model import DenialReason, Funding, JobParams
-from quota_sidecar.plans import load_plans
-from quota_sidecar.redis_server import RedisServerProcess
-from quota_sidecar.store import RedisStore, key_bucket
+from quota_sidecar.domain.clock import ManualClock
+from quota_sidecar.domain.degraded import DegradedMode
+from quota_sidecar.domain.engine import QuotaEngine
+from quota_sidecar.domain.errors import ResolutionConflict
+from quota_sidecar.domain.model import DenialReason, Funding, JobParams
+from quota_sidecar.domain.plans import load_plans
+from quota_sidecar.storage.redis_server import RedisServerProcess
+from quota_sidecar.storage.store import RedisStore, key_bucket
 
 from quota_fixtures import T0_MS, Sidecar, key
 from test_degraded import fail_open_plans

@@ -33,16 +33,16 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fault_proxy import FaultProxy
 from quota_sidecar._proto.quota.v1 import quota_pb2 as pb, quota_pb2_grpc as pb_grpc
-from quota_sidecar.clock import ManualClock
-from quota_sidecar.engine import QuotaEngine
-from quota_sidecar.logs import JsonFormatter, TextFormatter, mask_credentials
-from quota_sidecar.metrics import Metrics, MetricsHTTPServer
-from quota_sidecar.plans import Plans, parse_plans
-from quota_sidecar.redis_server import RedisServerProcess
-from quota_sidecar.server import create_admin_server, create_server, sweep_forever
-from quota_sidecar.settings import Settings
-from quota_sidecar.store import RedisStore
-from quota_sidecar.telemetry import Telemetry
+from quota_sidecar.domain.clock import ManualClock
+from quota_sidecar.domain.engine import QuotaEngine
+from quota_sidecar.server.logs import JsonFormatter, TextFormatter, mask_credentials
+from quota_sidecar.server.metrics import Metrics, MetricsHTTPServer
+from quota_sidecar.domain.plans import Plans, parse_plans
+from quota_sidecar.storage.redis_server import RedisServerProcess
+from quota_sidecar.server.app import create_admin_server, create_server, sweep_forever
+from quota_sidecar.server.settings import Settings
+from quota_sidecar.storage.store import RedisStore
+from quota_sidecar.server.telemetry import Telemetry
 from quota_fixtures import Sidecar, utc_ms
 
 T0_MS = utc_ms(2026, 11, 21, 12)
@@ -146,10 +146,10 @@ async def _known_sequence(rig: Rig, proxy: FaultProxy) -> None:
 
 async def test_metrics_after_a_known_sequence_of_calls(rig: Rig, proxy: FaultProxy,
                                                       caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="quota_sidecar.servicer"):
+    with caplog.at_level(logging.WARNING, logger="quota_sidecar.server.servicer"):
         await _known_sequence(rig, proxy)
     # One warning, for the server-side failure, with the ids as fields (JSON logs keep them as keys).
-    (warning,) = [r for r in caplog.records if r.name == "quota_sidecar.servicer"]
+    (warning,) = [r for r in caplog.records if r.name == "quota_sidecar.server.servicer"]
     assert (getattr(warning, "account_id"), getattr(warning, "reservation_id"), getattr(warning, "reason")) == (
         "acct", "u1", "STORE_UNAVAILABLE")
     http = MetricsHTTPServer(rig.metrics, "127.0.0.1:0")
@@ -269,7 +269,7 @@ def test_url_credentials_are_masked() -> None:
 
 
 def _record(msg: str, *args: Any, **extra: Any) -> logging.LogRecord:
-    record = logging.LogRecord("quota_sidecar.servicer", logging.WARNING, __file__, 1, msg, args, None)
+    record = logging.LogRecord("quota_sidecar.server.servicer", logging.WARNING, __file__, 1, msg, args, None)
     for k, v in extra.items():
         setattr(record, k, v)
     return record
@@ -278,7 +278,7 @@ def _record(msg: str, *args: Any, **extra: Any) -> logging.LogRecord:
 def test_json_lines_carry_the_events_fields() -> None:
     line = json.loads(JsonFormatter(worker=2).format(_record(
         "failed for %s", "redis://:pw@h", account_id="a1", reservation_id="r1", url="rediss://u:pw@h")))
-    assert line["level"] == "WARNING" and line["logger"] == "quota_sidecar.servicer"
+    assert line["level"] == "WARNING" and line["logger"] == "quota_sidecar.server.servicer"
     assert line["msg"] == "failed for redis://***@h"
     assert (line["account_id"], line["reservation_id"], line["worker"]) == ("a1", "r1", 2)
     assert line["url"] == "rediss://***@h"
@@ -353,7 +353,7 @@ def test_serve_json_logs_have_ids_and_no_secrets(secret_redis: RedisServerProces
     decisions = [x for x in lines if x.get("reservation_id") == "json-r1" and x["level"] == "DEBUG"]
     assert len(decisions) == 1, lines
     assert decisions[0]["account_id"] == "json-acct" and decisions[0]["allowed"] is True
-    assert decisions[0]["funding"] == "free" and decisions[0]["logger"] == "quota_sidecar.servicer"
+    assert decisions[0]["funding"] == "free" and decisions[0]["logger"] == "quota_sidecar.server.servicer"
     assert any("rejected" in x["msg"] and x["level"] == "WARNING" for x in lines)
     (failed,) = [x for x in lines if x.get("reservation_id") == "no-such-job"]
     assert (failed["level"], failed["method"], failed["account_id"], failed["reason"]) == (

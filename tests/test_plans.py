@@ -1,4 +1,4 @@
-"""Tests of quota_sidecar.plans: loading, strict validation, pricing, entitlements."""
+"""Tests of quota_sidecar.domain.plans: loading, strict validation, pricing, entitlements."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from typing import Any, Callable
 import pytest
 import yaml
 
-from quota_sidecar.errors import InvalidArgument, PlansError
-from quota_sidecar.model import Limit, LimitKind, CreditPack, JobParams, Money, Offer
-from quota_sidecar.plans import Plans, ProductRules, load_plans, parse_plans
+from quota_sidecar.domain.errors import InvalidArgument, PlansError
+from quota_sidecar.domain.model import Limit, LimitKind, CreditPack, JobParams, Money, Offer
+from quota_sidecar.domain.plans import Plans, ProductRules, load_plans, parse_plans
 
 
 @pytest.fixture(scope="module")

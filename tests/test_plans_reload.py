@@ -24,12 +24,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from quota_sidecar._proto.quota.v1 import quota_pb2 as pb
 from quota_sidecar._proto.quota.v1 import quota_pb2_grpc as pb_grpc
-from quota_sidecar.errors import InvalidArgument, PlansError
-from quota_sidecar.metrics import Metrics, MetricsHTTPServer
-from quota_sidecar.plans import Plans
-from quota_sidecar.plans_source import PlansSource
-from quota_sidecar.redis_server import RedisServerProcess
-from quota_sidecar.settings import Settings
+from quota_sidecar.domain.errors import InvalidArgument, PlansError
+from quota_sidecar.server.metrics import Metrics, MetricsHTTPServer
+from quota_sidecar.domain.plans import Plans
+from quota_sidecar.server.plans_source import PlansSource
+from quota_sidecar.storage.redis_server import RedisServerProcess
+from quota_sidecar.server.settings import Settings
 
 from quota_fixtures import Sidecar
 from test_serve_cli import DEFAULT_PLANS, running_sidecar, short_dir  # noqa: F401 - short_dir is a fixture
@@ -161,7 +161,7 @@ async def test_invalid_file_is_refused_until_fixed(tmp_path: Path, caplog: pytes
     source, recorder = source_for(path, metrics)
 
     write_atomically(path, bad_text)
-    with caplog.at_level(logging.WARNING, logger="quota_sidecar.plans"):
+    with caplog.at_level(logging.WARNING, logger="quota_sidecar.domain.plans"):
         result = await source.poll()
 
     assert result is not None and result.status == "error" and field in (result.error or "")
@@ -206,7 +206,7 @@ async def test_reverting_a_bad_file_to_the_good_one_clears_the_error(tmp_path: P
 async def test_packaged_plans_have_nothing_to_reload(caplog: pytest.LogCaptureFixture) -> None:
     metrics = Metrics()
     source, recorder = source_for(None, metrics)
-    with caplog.at_level(logging.INFO, logger="quota_sidecar.plans"):
+    with caplog.at_level(logging.INFO, logger="quota_sidecar.domain.plans"):
         result = await source.reload("SIGHUP")
     assert (result.status, result.version) == ("no_file", DEFAULT_VERSION)
     assert "no plans file" in caplog.text

@@ -14,10 +14,10 @@ import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 
 from fault_proxy import FaultProxy
-from quota_sidecar import redis_connect
-from quota_sidecar.redis_mux import CLIENT_NAME, MuxConnection, Packed, flatten, pack_command
-from quota_sidecar.redis_server import RedisServerProcess
-from quota_sidecar.store import RedisStore
+from quota_sidecar.storage import connect as redis_connect
+from quota_sidecar.storage.mux import CLIENT_NAME, MuxConnection, Packed, flatten, pack_command
+from quota_sidecar.storage.redis_server import RedisServerProcess
+from quota_sidecar.storage.store import RedisStore
 
 
 def test_pack_command_is_resp_and_splices_packed_blocks() -> None:
@@ -162,9 +162,9 @@ def test_only_plain_single_redis_clients_get_a_multiplexed_connection(tmp_path: 
 
 async def test_the_store_sends_decisions_over_the_multiplexed_connection(
         redis_server: RedisServerProcess, redis_client: aioredis.Redis, key_prefix: str) -> None:
-    from quota_sidecar.engine import QuotaEngine
-    from quota_sidecar.model import JobParams
-    from quota_sidecar.plans import load_plans
+    from quota_sidecar.domain.engine import QuotaEngine
+    from quota_sidecar.domain.model import JobParams
+    from quota_sidecar.domain.plans import load_plans
 
     store = RedisStore.from_url(redis_server.url, key_prefix=key_prefix)
     engine = QuotaEngine(load_plans(), store)
@@ -192,9 +192,9 @@ async def _script_loads(client: aioredis.Redis) -> int:
 @pytest.mark.parametrize("multiplex", [True, False], ids=["mux", "redis-py"])
 async def test_concurrent_noscript_shares_one_script_load(
         redis_server: RedisServerProcess, redis_client: aioredis.Redis, key_prefix: str, multiplex: bool) -> None:
-    from quota_sidecar.engine import QuotaEngine
-    from quota_sidecar.model import JobParams
-    from quota_sidecar.plans import load_plans
+    from quota_sidecar.domain.engine import QuotaEngine
+    from quota_sidecar.domain.model import JobParams
+    from quota_sidecar.domain.plans import load_plans
 
     store = RedisStore.from_url(redis_server.url, key_prefix=key_prefix, multiplex=multiplex)
     engine = QuotaEngine(load_plans(), store)

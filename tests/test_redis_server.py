@@ -1,4 +1,4 @@
-"""Tests of quota_sidecar.redis_server against real redis-server binaries."""
+"""Tests of quota_sidecar.storage.redis_server against real redis-server binaries."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from quota_sidecar import redis_server as rs
-from quota_sidecar.redis_server import RedisServerProcess, find_redis_server, redis_server_version
+from quota_sidecar.storage import redis_server as rs
+from quota_sidecar.storage.redis_server import RedisServerProcess, find_redis_server, redis_server_version
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -254,7 +254,7 @@ def test_redis_output_does_not_reach_our_terminal(
 def test_forgotten_server_is_stopped_at_interpreter_exit(redis_binary: str, tmp_path: Path) -> None:
     script = textwrap.dedent(
         f"""
-        from quota_sidecar.redis_server import RedisServerProcess
+        from quota_sidecar.storage.redis_server import RedisServerProcess
         server = RedisServerProcess({redis_binary!r}, {str(tmp_path)!r})
         server.start()
         print(server.pid, flush=True)

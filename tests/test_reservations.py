@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from quota_sidecar.clock import ManualClock
-from quota_sidecar.engine import QuotaEngine
-from quota_sidecar.errors import Conflict, InvalidArgument, NotFound, ResolutionConflict
-from quota_sidecar.model import DenialReason, Funding, JobParams
+from quota_sidecar.domain.clock import ManualClock
+from quota_sidecar.domain.engine import QuotaEngine
+from quota_sidecar.domain.errors import Conflict, InvalidArgument, NotFound, ResolutionConflict
+from quota_sidecar.domain.model import DenialReason, Funding, JobParams
 
 from quota_fixtures import T0_MS, key
 

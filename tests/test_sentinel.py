@@ -17,13 +17,13 @@ from typing import AsyncIterator, Callable, Iterator
 import pytest
 import redis
 
-from quota_sidecar.audit import audit_account
-from quota_sidecar.clock import ManualClock
-from quota_sidecar.engine import QuotaEngine
-from quota_sidecar.model import Funding, JobParams
-from quota_sidecar.plans import load_plans
-from quota_sidecar.redis_server import RedisServerProcess, find_redis_server
-from quota_sidecar.store import RedisStore
+from quota_sidecar.domain.audit import audit_account
+from quota_sidecar.domain.clock import ManualClock
+from quota_sidecar.domain.engine import QuotaEngine
+from quota_sidecar.domain.model import Funding, JobParams
+from quota_sidecar.domain.plans import load_plans
+from quota_sidecar.storage.redis_server import RedisServerProcess, find_redis_server
+from quota_sidecar.storage.store import RedisStore
 
 from quota_fixtures import T0_MS, retrying
 

@@ -33,8 +33,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 import quota_sidecar
 from quota_sidecar._proto.quota.v1 import quota_pb2 as pb
 from quota_sidecar._proto.quota.v1 import quota_pb2_grpc as pb_grpc
-from quota_sidecar.redis_server import RedisServerProcess
-from quota_sidecar.settings import Settings, env_name
+from quota_sidecar.storage.redis_server import RedisServerProcess
+from quota_sidecar.server.settings import Settings, env_name
 
 from quota_fixtures import key
 
@@ -265,7 +265,7 @@ def test_readme_walkthrough_via_cli(sidecar: Sidecar) -> None:
 
 
 def test_table_aligns_text_left_and_numbers_right() -> None:
-    from quota_sidecar.cli_client import table
+    from quota_sidecar.tools.cli_client import table
 
     assert table(["LOT", "LEFT", "SOURCE"], [["a", 9, "purchase"], ["longer-id", 10, "promo"]]) == [
         "LOT        LEFT  SOURCE",
@@ -631,7 +631,7 @@ def test_json_output_prints_zero_fields(sidecar: Sidecar) -> None:
 
 async def test_audit_verb_exits_1_with_a_report_on_corruption(engine, redis_server: RedisServerProcess,
                                                               key_prefix: str, redis_client) -> None:
-    from quota_sidecar.model import JobParams
+    from quota_sidecar.domain.model import JobParams
 
     await engine.grant("acct-audit", 10, "p1")
     for i in range(31):

@@ -28,12 +28,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
 from quota_sidecar._proto.quota.v1 import quota_pb2_grpc as pb_grpc
-from quota_sidecar.errors import InvalidArgument
-from quota_sidecar.metrics import Metrics
-from quota_sidecar.redis_server import RedisServerProcess
-from quota_sidecar.server import HEALTH_NAMES, RedisHealthJudge, RedisHealthWatch
-from quota_sidecar.settings import Settings
-from quota_sidecar.store import RedisStore
+from quota_sidecar.domain.errors import InvalidArgument
+from quota_sidecar.server.metrics import Metrics
+from quota_sidecar.storage.redis_server import RedisServerProcess
+from quota_sidecar.server.app import HEALTH_NAMES, RedisHealthJudge, RedisHealthWatch
+from quota_sidecar.server.settings import Settings
+from quota_sidecar.storage.store import RedisStore
 
 from test_serve_cli import ServeProcess, _clean_env, _sora, health_status, running_sidecar, short_dir  # noqa: F401
 

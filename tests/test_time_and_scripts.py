@@ -7,12 +7,12 @@ import time
 import pytest
 import redis.asyncio as aioredis
 
-from quota_sidecar.clock import ManualClock
-from quota_sidecar.engine import QuotaEngine
-from quota_sidecar.errors import Unavailable
-from quota_sidecar.model import DenialReason, Funding, JobParams
-from quota_sidecar.plans import load_plans
-from quota_sidecar.store import RedisStore
+from quota_sidecar.domain.clock import ManualClock
+from quota_sidecar.domain.engine import QuotaEngine
+from quota_sidecar.domain.errors import Unavailable
+from quota_sidecar.domain.model import DenialReason, Funding, JobParams
+from quota_sidecar.domain.plans import load_plans
+from quota_sidecar.storage.store import RedisStore
 
 from quota_fixtures import T0_MS, key, keys_with_prefix, utc_ms
 

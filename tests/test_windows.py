@@ -1,4 +1,4 @@
-"""Tests of quota_sidecar.windows: daily windows in IANA time zones."""
+"""Tests of quota_sidecar.domain.windows: daily windows in IANA time zones."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from quota_sidecar.errors import InvalidArgument
-from quota_sidecar.model import Window
-from quota_sidecar.windows import candidate_windows, daily_window, time_zone
+from quota_sidecar.domain.errors import InvalidArgument
+from quota_sidecar.domain.model import Window
+from quota_sidecar.domain.windows import candidate_windows, daily_window, time_zone
 
 HOUR_MS = 3_600_000
 DAY_MS = 24 * HOUR_MS
@@ -245,7 +245,7 @@ def test_every_transition_of_a_zone_keeps_windows_contiguous() -> None:
 
 
 def test_monthly_window_in_a_zone() -> None:
-    from quota_sidecar.windows import candidate_months, monthly_window
+    from quota_sidecar.domain.windows import candidate_months, monthly_window
 
     # 2026-11-01 00:30 in Tokyo is still October 31 in UTC.
     at = int(datetime(2026, 10, 31, 15, 30, tzinfo=timezone.utc).timestamp() * 1000)
@@ -265,7 +265,7 @@ def test_monthly_window_in_a_zone() -> None:
 
 
 def test_weekly_window_starts_monday_in_the_zone() -> None:
-    from quota_sidecar.windows import candidate_weeks, weekly_window
+    from quota_sidecar.domain.windows import candidate_weeks, weekly_window
 
     # Sunday 2026-11-22 23:30 in New York is Monday 04:30 UTC: still the week of Monday the 16th there.
     at = int(datetime(2026, 11, 23, 4, 30, tzinfo=timezone.utc).timestamp() * 1000)

@@ -25,9 +25,9 @@ from grpc_health.v1 import health_pb2
 
 from quota_sidecar._proto.quota.v1 import quota_pb2 as pb
 from quota_sidecar._proto.quota.v1 import quota_pb2_grpc as pb_grpc
-from quota_sidecar.errors import InvalidArgument
-from quota_sidecar.redis_server import RedisServerProcess
-from quota_sidecar.settings import Settings
+from quota_sidecar.domain.errors import InvalidArgument
+from quota_sidecar.storage.redis_server import RedisServerProcess
+from quota_sidecar.server.settings import Settings
 
 from test_serve_cli import ServeProcess, _clean_env, health_status
 

@@ -1,6 +1,6 @@
 """gRPC servicers: the only module that touches protobuf.
 
-Requests become plain domain values (quota_sidecar.model), the engine
+Requests become plain domain values (quota_sidecar.domain.model), the engine
 decides, results become responses. Domain errors become gRPC status codes
 with google.rpc details here and nowhere else:
 
@@ -29,12 +29,12 @@ from google.protobuf import any_pb2, duration_pb2, timestamp_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from ._proto.quota.v1 import quota_pb2 as pb
-from ._proto.quota.v1 import quota_pb2_grpc as pb_grpc
-from .engine import QuotaEngine, ReserveItem
-from .metrics import Metrics
-from .errors import BatchAborted, Conflict, InvalidArgument, NotFound, QuotaError, ResolutionConflict, Unavailable
-from .model import (
+from quota_sidecar._proto.quota.v1 import quota_pb2 as pb
+from quota_sidecar._proto.quota.v1 import quota_pb2_grpc as pb_grpc
+from quota_sidecar.domain.engine import QuotaEngine, ReserveItem
+from quota_sidecar.server.metrics import Metrics
+from quota_sidecar.domain.errors import BatchAborted, Conflict, InvalidArgument, NotFound, QuotaError, ResolutionConflict, Unavailable
+from quota_sidecar.domain.model import (
     Account,
     AutoTopUp,
     Balance,
@@ -54,9 +54,9 @@ from .model import (
     Offer,
     ReleaseResult,
 )
-from .telemetry import Telemetry
+from quota_sidecar.server.telemetry import Telemetry
 
-log = logging.getLogger("quota_sidecar.servicer")
+log = logging.getLogger("quota_sidecar.server.servicer")
 
 ERROR_DOMAIN = "quota-sidecar"
 

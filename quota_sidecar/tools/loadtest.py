@@ -77,8 +77,8 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 import grpc
 from hdrh.histogram import HdrHistogram
 
-from ._proto.quota.v1 import quota_pb2 as pb
-from ._proto.quota.v1 import quota_pb2_grpc as pb_grpc
+from quota_sidecar._proto.quota.v1 import quota_pb2 as pb
+from quota_sidecar._proto.quota.v1 import quota_pb2_grpc as pb_grpc
 
 OUTCOMES = ("commit", "release", "abandon", "extend")
 DEFAULT_MIX: Mapping[str, float] = {"commit": 0.8, "release": 0.1, "abandon": 0.05, "extend": 0.05}
@@ -914,9 +914,9 @@ async def run_load(config: LoadConfig, progress: Callable[[ProgressSnapshot], No
 
 async def audit_accounts(redis_url: str, accounts: Sequence[str], *, key_prefix: str = "qs", key_buckets: int = 256,
                          redis_mode: str = "auto") -> list[Any]:
-    """The conservation audit (quota_sidecar.audit) of these accounts; a list of AccountAudit."""
-    from .audit import audit_account
-    from .store import RedisStore
+    """The conservation audit (quota_sidecar.domain.audit) of these accounts; a list of AccountAudit."""
+    from quota_sidecar.domain.audit import audit_account
+    from quota_sidecar.storage.store import RedisStore
 
     store = RedisStore.from_url(redis_url, redis_mode=redis_mode, key_prefix=key_prefix, key_buckets=key_buckets)
     try:
@@ -933,7 +933,7 @@ def audit_json(audits: Sequence[Any]) -> dict[str, Any]:
 
 def audit_text(audits: Sequence[Any]) -> str:
     """format_report's summary line, then only the accounts with violations."""
-    from .audit import format_report
+    from quota_sidecar.domain.audit import format_report
 
     bad = [a for a in audits if a.violations]
     lines = [format_report(audits).splitlines()[0]]
@@ -995,8 +995,8 @@ def config_from_args(args: Any) -> LoadConfig:
     """A LoadConfig from the ``loadtest`` flags; LoadConfigError / ValueError on bad values."""
     import os
 
-    from .cli import DEFAULT_ADMIN_TARGET, DEFAULT_TARGET
-    from .cli_client import _channel_credentials, admin_token
+    from quota_sidecar.tools.cli import DEFAULT_ADMIN_TARGET, DEFAULT_TARGET
+    from quota_sidecar.tools.cli_client import _channel_credentials, admin_token
 
     jobs = tuple(j for text in (args.job or ()) for j in parse_job(text))
     admin_target = args.admin_target or os.environ.get("QUOTA_ADMIN_TARGET", "")
@@ -1054,7 +1054,7 @@ def cli_main(args: Any) -> int:
         if args.audit and not args.redis_url:
             raise LoadConfigError("--audit needs --redis-url (the Redis the sidecar uses)")
         if args.plot:
-            from .loadtest_plot import check_plot_path
+            from quota_sidecar.tools.loadtest_plot import check_plot_path
 
             check_plot_path(args.plot)
     except ValueError as exc:  # LoadConfigError, and the admin credential helpers' errors
@@ -1065,7 +1065,7 @@ def cli_main(args: Any) -> int:
         print(f"quota-sidecar loadtest: {exc}", file=sys.stderr)
         return 1
     if args.plot:
-        from .loadtest_plot import write_plot
+        from quota_sidecar.tools.loadtest_plot import write_plot
 
         write_plot(report, args.plot)
     if args.json:

@@ -5,7 +5,7 @@ One ``Metrics`` object is made per ``run`` (and per test) with its own
 metric of the same name, so servers could not be created twice in one
 process. Each metric has a small method per event it records, so callers
 never touch prometheus_client objects directly; the servicers and the store
-reach the per-call ones through quota_sidecar.telemetry. The README's
+reach the per-call ones through quota_sidecar.server.telemetry. The README's
 Observability section lists them.
 """
 
@@ -20,7 +20,7 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest, start_http_server
 
-log = logging.getLogger("quota_sidecar.metrics")
+log = logging.getLogger("quota_sidecar.server.metrics")
 
 ReloadOutcome = Literal["ok", "error", "unchanged"]
 RELOAD_OUTCOMES: tuple[ReloadOutcome, ...] = ("ok", "error", "unchanged")

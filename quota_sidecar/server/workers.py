@@ -35,9 +35,9 @@ import time
 from dataclasses import asdict, fields
 from typing import Any
 
-from .settings import Settings
+from quota_sidecar.server.settings import Settings
 
-log = logging.getLogger("quota_sidecar.workers")
+log = logging.getLogger("quota_sidecar.server.workers")
 
 # Set in a worker's environment by the supervisor: {"index": K, "settings": {...}}. Not a user setting.
 WORKER_ENV = "QUOTA_SIDECAR_WORKER"
@@ -147,7 +147,7 @@ class Supervisor:
 
 def supervise(settings: Settings) -> int:
     """Runs ``settings.workers`` workers until SIGTERM/SIGINT or until one dies; the exit status."""
-    from .server import start_embedded_redis
+    from quota_sidecar.server.app import start_embedded_redis
 
     supervisor = Supervisor(settings)
 

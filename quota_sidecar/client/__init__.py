@@ -25,8 +25,8 @@ from google.protobuf import timestamp_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from ._proto.quota.v1 import quota_pb2 as pb
-from ._proto.quota.v1 import quota_pb2_grpc as pb_grpc
+from quota_sidecar._proto.quota.v1 import quota_pb2 as pb
+from quota_sidecar._proto.quota.v1 import quota_pb2_grpc as pb_grpc
 
 __all__ = [
     "QuotaClient", "SyncQuotaClient", "Job", "Reservation", "Offer", "CommitResult", "ReleaseResult",

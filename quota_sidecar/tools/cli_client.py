@@ -17,9 +17,9 @@ from google.protobuf import json_format, timestamp_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from ._proto.quota.v1 import quota_pb2 as pb
-from ._proto.quota.v1 import quota_pb2_grpc as pb_grpc
-from .cli import (
+from quota_sidecar._proto.quota.v1 import quota_pb2 as pb
+from quota_sidecar._proto.quota.v1 import quota_pb2_grpc as pb_grpc
+from quota_sidecar.tools.cli import (
     ADMIN_TOKEN_ENV,
     ADMIN_VERBS,
     CLIENT_TIMEOUT_SECONDS,

@@ -1,7 +1,7 @@
 """The quota engine: request validation, pricing and windows around the store.
 
 Pure domain code: it knows plans, prices, windows and decisions, and asks a
-Store (quota_sidecar.store.RedisStore in production) to apply each decision
+Store (quota_sidecar.storage.store.RedisStore in production) to apply each decision
 atomically. No protobuf and no redis types here; the clock is injected.
 
 Every decision is one store call (one EVALSHA). The engine never reads state
@@ -25,11 +25,11 @@ from collections import Counter, OrderedDict
 from datetime import datetime, timezone
 from typing import Any, Awaitable, Callable, Mapping, Protocol, Sequence, TypeVar
 
-from .clock import Clock, RedisClock
-from .degraded import DegradedMode, DegradedReservation
-from .errors import BatchAborted, Conflict, InvalidArgument, QuotaError, ResolutionConflict, Unavailable
-from .ids import check_id, new_reservation_id
-from .model import (
+from quota_sidecar.domain.clock import Clock, RedisClock
+from quota_sidecar.domain.degraded import DegradedMode, DegradedReservation
+from quota_sidecar.domain.errors import BatchAborted, Conflict, InvalidArgument, QuotaError, ResolutionConflict, Unavailable
+from quota_sidecar.domain.ids import check_id, new_reservation_id
+from quota_sidecar.domain.model import (
     COST_INVALID,
     COST_WHOLE_HOLD,
     Account,
@@ -63,8 +63,8 @@ from .model import (
     StaleTimeZone,
     Window,
 )
-from .plans import MAX_ROLLING_HOURS, Plans
-from .windows import candidates, daily_window, time_zone
+from quota_sidecar.domain.plans import MAX_ROLLING_HOURS, Plans
+from quota_sidecar.domain.windows import candidates, daily_window, time_zone
 
 MAX_TTL_SECONDS = 86_400
 MAX_GRANT_CREDITS = 1_000_000_000
@@ -81,11 +81,11 @@ SEGMENTS_CACHE_ENTRIES = 4096
 _STREAM_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
 
 T = TypeVar("T")
-log = logging.getLogger("quota_sidecar.engine")
+log = logging.getLogger("quota_sidecar.domain.engine")
 
 
 class Store(Protocol):
-    """What the engine needs from storage; see quota_sidecar.store.RedisStore."""
+    """What the engine needs from storage; see quota_sidecar.storage.store.RedisStore."""
 
     async def reserve(self, cmd: ReserveCommand) -> ReserveOutcome: ...
     async def commit(self, account_id: str, reservation_id: str, costs: Mapping[tuple[str, str], ActualCost],

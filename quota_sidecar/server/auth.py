@@ -28,12 +28,12 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Sequence
 
 import grpc
 
-from .errors import InvalidArgument
+from quota_sidecar.domain.errors import InvalidArgument
 
 if TYPE_CHECKING:  # settings imports this module lazily; avoid a cycle at import time
-    from .settings import Settings
+    from quota_sidecar.server.settings import Settings
 
-log = logging.getLogger("quota_sidecar.auth")
+log = logging.getLogger("quota_sidecar.server.auth")
 
 ADMIN_METHOD_PREFIX = "/quota.v1.QuotaAdmin/"
 # A guessable token on a billing API is no protection; 16 printable characters is a floor, not a goal.

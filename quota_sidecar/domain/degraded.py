@@ -22,7 +22,7 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass, replace
 from typing import Iterable
 
-log = logging.getLogger("quota_sidecar.degraded")
+log = logging.getLogger("quota_sidecar.domain.degraded")
 
 MAX_ALLOWANCE_ENTRIES = 100_000  # (account, product, day) counters kept in memory
 

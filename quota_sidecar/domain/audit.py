@@ -20,12 +20,11 @@ Credits and free units are integers; times are milliseconds since the epoch.
 from __future__ import annotations
 
 import json
-import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
-from .model import LedgerEntry
+from quota_sidecar.domain.model import LedgerEntry
 
 TOTAL_NAMES = ("granted", "spent", "expired", "revoked", "refunded", "held")
 RESOLUTIONS = frozenset({"commit", "release", "expire"})
@@ -633,20 +632,3 @@ def format_report(audits: Sequence[AccountAudit]) -> str:
         lines.append(f"account {a.account_id}: {a.entries_checked} ledger entries checked ({ledger}): {status}")
         lines += [f"  [{v.check}] {v.detail}" for v in a.violations]
     return "\n".join(lines)
-
-
-async def audit_main(redis_url: str, *, account: str | None, all_accounts: bool, key_prefix: str,
-                     key_buckets: int, redis_mode: str = "auto") -> int:
-    """Prints the report; 0 when clean, 1 on any violation. Exactly one of account / all_accounts."""
-    if bool(account) == all_accounts:
-        raise ValueError("audit takes exactly one of --account ID or --all")
-    # Imported here: the checks above stay usable without redis installed.
-    from .store import RedisStore
-
-    store = RedisStore.from_url(redis_url, redis_mode=redis_mode, key_prefix=key_prefix, key_buckets=key_buckets)
-    try:
-        audits = [await audit_account(store, account)] if account else await audit_all(store)
-    finally:
-        await store.close()
-    print(format_report(audits), file=sys.stdout)
-    return 1 if any(a.violations for a in audits) else 0

@@ -2,11 +2,11 @@
 
 ``create_server`` / ``create_admin_server`` build servers around an engine so
 tests can bind port 0 and talk over a real channel. Only the admin server
-authenticates (quota_sidecar.auth: a bearer-token interceptor and TLS/mTLS
+authenticates (quota_sidecar.server.auth: a bearer-token interceptor and TLS/mTLS
 credentials); the worker-facing one has no admin methods to protect. ``run`` is what
 ``quota-sidecar serve`` does: plans, Redis (embedded when no URL is given),
 store, engine, servers, sweeper, plans reloading (file watcher and SIGHUP,
-quota_sidecar.plans_source), the metrics endpoint, and SIGTERM handling (stop
+quota_sidecar.server.plans_source), the metrics endpoint, and SIGTERM handling (stop
 accepting, let in-flight calls finish within the grace period, exit 0).
 
 Every server closes connections that never finish their handshake, stay idle or
@@ -32,23 +32,23 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from ._proto.quota.v1 import quota_pb2, quota_pb2_grpc
-from . import __version__
-from .auth import AdminAuth, is_loopback_address, load_admin_auth
-from .clock import Clock
-from .degraded import DegradedMode
-from .engine import QuotaEngine
-from .errors import QuotaError
-from .metrics import Metrics, MetricsHTTPServer, SweepResult
-from .plans import Plans
-from .plans_source import PlansSource
-from .redis_server import RedisServerProcess, find_redis_server
-from .servicer import QuotaAdmin, QuotaService
-from .settings import Settings
-from .store import RedisStore
-from .telemetry import Telemetry, Tracing
+from quota_sidecar._proto.quota.v1 import quota_pb2, quota_pb2_grpc
+from quota_sidecar import __version__
+from quota_sidecar.server.auth import AdminAuth, is_loopback_address, load_admin_auth
+from quota_sidecar.domain.clock import Clock
+from quota_sidecar.domain.degraded import DegradedMode
+from quota_sidecar.domain.engine import QuotaEngine
+from quota_sidecar.domain.errors import QuotaError
+from quota_sidecar.server.metrics import Metrics, MetricsHTTPServer, SweepResult
+from quota_sidecar.domain.plans import Plans
+from quota_sidecar.server.plans_source import PlansSource
+from quota_sidecar.storage.redis_server import RedisServerProcess, find_redis_server
+from quota_sidecar.server.servicer import QuotaAdmin, QuotaService
+from quota_sidecar.server.settings import Settings
+from quota_sidecar.storage.store import RedisStore
+from quota_sidecar.server.telemetry import Telemetry, Tracing
 
-log = logging.getLogger("quota_sidecar.server")
+log = logging.getLogger("quota_sidecar.server.app")
 
 SERVICE_NAME = quota_pb2.DESCRIPTOR.services_by_name["QuotaService"].full_name
 ADMIN_NAME = quota_pb2.DESCRIPTOR.services_by_name["QuotaAdmin"].full_name
@@ -74,7 +74,7 @@ def _options(settings: Settings, *, reuse_port: bool = False) -> list[tuple[str,
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", 4 * 1024 * 1024),
         # Two sidecars must never silently share one port (gRPC's default allows it); the
-        # workers of one `serve --workers N` share theirs on purpose (quota_sidecar.workers).
+        # workers of one `serve --workers N` share theirs on purpose (quota_sidecar.server.workers).
         ("grpc.so_reuseport", 1 if reuse_port else 0),
         # Connections that never finish their handshake are closed, so they cannot hold the
         # process's file descriptors (and with them every worker's calls) for gRPC's default 120 s.
@@ -154,7 +154,7 @@ def create_server(settings: Settings, engine: QuotaEngine, *, health: HealthServ
     """The worker-facing server (QuotaService, health, reflection); not started.
 
     ``reuse_port``: bind with SO_REUSEPORT, for the workers of ``serve --workers N`` only.
-    ``tracer``: an OpenTelemetry tracer (quota_sidecar.telemetry.Tracing) or None.
+    ``tracer``: an OpenTelemetry tracer (quota_sidecar.server.telemetry.Tracing) or None.
     """
     service = QuotaService(engine, metrics, max_batch_items=settings.max_batch_items, tracer=tracer)
     return _new_server(settings, settings.listen, SERVICE_NAME,
@@ -450,7 +450,7 @@ async def run(settings: Settings, *, clock: Clock | None = None,
               worker: int | None = None) -> None:
     """Serve until SIGTERM/SIGINT; then stop gracefully. SIGHUP reloads the plans file.
 
-    ``worker``: this process is worker K of ``serve --workers N`` (quota_sidecar.workers): the
+    ``worker``: this process is worker K of ``serve --workers N`` (quota_sidecar.server.workers): the
     listen ports are bound with SO_REUSEPORT and the start and stop are logged with K.
 
     The signal handlers come first: a SIGTERM during start-up still stops

@@ -31,8 +31,8 @@ from dataclasses import fields
 from datetime import datetime, timezone
 from typing import Any, Callable, Sequence
 
-from .errors import PlansError, QuotaError
-from .settings import Settings, env_name
+from quota_sidecar.domain.errors import PlansError, QuotaError
+from quota_sidecar.server.settings import Settings, env_name
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 # By convention the admin API sits on the next port; it is off unless --admin-listen is given.
@@ -263,23 +263,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.verb == "check-plans":
         return _check_plans(args.file)
     if args.verb == "audit":
-        from .audit import audit_main
+        from quota_sidecar.tools.audit import audit_main
 
         return asyncio.run(audit_main(args.redis_url, account=args.account, all_accounts=args.all,
                                       key_prefix=args.key_prefix, key_buckets=args.key_buckets))
     if args.verb == "loadtest":
-        from .loadtest import cli_main
+        from quota_sidecar.tools.loadtest import cli_main
 
         return cli_main(args)
-    from . import cli_client  # grpc client code only when a client verb runs
+    from quota_sidecar.tools import cli_client  # grpc client code only when a client verb runs
 
     return cli_client.run_verb(args)
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .logs import configure as configure_logging, mask_credentials
-    from .server import run, run_until_complete
-    from .workers import WORKER_ENV, decode_worker, supervise
+    from quota_sidecar.server.logs import configure as configure_logging, mask_credentials
+    from quota_sidecar.server.app import run, run_until_complete
+    from quota_sidecar.server.workers import WORKER_ENV, decode_worker, supervise
 
     worker: int | None = None
     try:
@@ -307,7 +307,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _check_plans(path: str) -> int:
-    from .plans import load_plans
+    from quota_sidecar.domain.plans import load_plans
 
     try:
         plans = load_plans(path)

@@ -30,11 +30,11 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Literal
 
-from .errors import PlansError
-from .metrics import Metrics, ReloadOutcome
-from .plans import Plans, load_plans
+from quota_sidecar.domain.errors import PlansError
+from quota_sidecar.server.metrics import Metrics, ReloadOutcome
+from quota_sidecar.domain.plans import Plans, load_plans
 
-log = logging.getLogger("quota_sidecar.plans")
+log = logging.getLogger("quota_sidecar.domain.plans")
 
 #: ok/unchanged/error as counted in quota_plans_reloads_total; no_file: nothing to reload (packaged plans).
 ReloadStatus = Literal["ok", "unchanged", "error", "no_file"]

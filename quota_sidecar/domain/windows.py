@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, timezone
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from quota_sidecar.errors import InvalidArgument
-from quota_sidecar.model import Window
+from quota_sidecar.domain.errors import InvalidArgument
+from quota_sidecar.domain.model import Window
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _ONE_MS = timedelta(milliseconds=1)

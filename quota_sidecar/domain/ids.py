@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import uuid
 
-from .errors import InvalidArgument
+from quota_sidecar.domain.errors import InvalidArgument
 
 MAX_ID_CHARS = 128
 # No braces (they would break the cluster hash tag), no '|' (free-field separator),

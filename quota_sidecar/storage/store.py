@@ -9,8 +9,8 @@ account_key) so every script touches one Redis Cluster slot.
 Every script is idempotent for the same arguments (reservation ids and
 purchase ids are the keys), so a retried call after a timeout is safe.
 
-Redis errors become quota_sidecar.errors here; script replies become the
-plain values of quota_sidecar.model. Reads that decide nothing (the ledger
+Redis errors become quota_sidecar.domain.errors here; script replies become the
+plain values of quota_sidecar.domain.model. Reads that decide nothing (the ledger
 pages, the audit's view of an account) are plain commands.
 """
 
@@ -27,9 +27,11 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from redis import exceptions as redis_errors
 from redis.asyncio.cluster import ClusterNode, PipelineCommand, RedisCluster
 
-from . import redis_connect, redis_mux
-from .errors import BatchAborted, Conflict, InvalidArgument, NotFound, QuotaError, ResolutionConflict, Unavailable
-from .model import (
+from quota_sidecar.storage import connect as redis_connect
+
+from quota_sidecar.storage import mux as redis_mux
+from quota_sidecar.domain.errors import BatchAborted, Conflict, InvalidArgument, NotFound, QuotaError, ResolutionConflict, Unavailable
+from quota_sidecar.domain.model import (
     AccountChanges,
     ActualCost,
     Allowance,
@@ -62,7 +64,7 @@ from .model import (
     StaleTimeZone,
     Window,
 )
-from .telemetry import Telemetry
+from quota_sidecar.server.telemetry import Telemetry
 
 # Order matters: it is the KEYS[] order of _prelude.lua. The last key is the
 # bucket's events stream, shared by the bucket's accounts.
@@ -106,7 +108,7 @@ _RECONNECT_PAUSE_SECONDS = 0.01
 
 
 def load_script_source(name: str) -> str:
-    lua = resources.files("quota_sidecar").joinpath("lua")
+    lua = resources.files("quota_sidecar.storage").joinpath("lua")
     parts = [lua.joinpath("_prelude.lua").read_text(encoding="utf-8")]
     for piece in (*_SCRIPT_LIBRARIES.get(name, ()), name):
         parts.append(f"-- ==== {piece}.lua ====\n" + lua.joinpath(f"{piece}.lua").read_text(encoding="utf-8"))
@@ -396,7 +398,7 @@ class RedisStore:
         self._grant_wait_timeout_ms = grant_wait_timeout_ms
         self._scripts = {name: client.register_script(load_script_source(name)) for name in SCRIPT_NAMES}
         self._renew_lease = client.register_script(
-            resources.files("quota_sidecar").joinpath("lua", "renew_lease.lua").read_text(encoding="utf-8"))
+            resources.files("quota_sidecar.storage").joinpath("lua", "renew_lease.lua").read_text(encoding="utf-8"))
         self._cluster = isinstance(client, RedisCluster)
         self._loading: dict[str, asyncio.Future[None]] = {}  # script name -> its SCRIPT LOAD in flight
         # Latency and errors of each script round trip (metrics; spans when tracing is on).
@@ -408,7 +410,7 @@ class RedisStore:
     @classmethod
     def from_url(cls, url: str, *, timeout_seconds: float = 2.0, redis_mode: str = "auto",
                  **kwargs: Any) -> "RedisStore":
-        """One Redis, a Redis Cluster or a Sentinel-managed master; see quota_sidecar.redis_connect."""
+        """One Redis, a Redis Cluster or a Sentinel-managed master; see quota_sidecar.storage.connect."""
         return cls(redis_connect.connect(url, mode=redis_mode, timeout_seconds=timeout_seconds),
                    timeout_seconds=timeout_seconds, **kwargs)
 

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping
 
-from .errors import InvalidArgument
+from quota_sidecar.domain.errors import InvalidArgument
 
 
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
@@ -26,7 +26,7 @@ class Boolean(int):
     """The value of a yes/no setting: 0 or 1, whose constructor also reads text (true/false,
     yes/no, on/off, 1/0, any case).
 
-    ``serve``'s flags are built from ``type(default)`` (quota_sidecar.cli), and ``bool("false")``
+    ``serve``'s flags are built from ``type(default)`` (quota_sidecar.tools.cli), and ``bool("false")``
     is True: a setting declared with a Boolean default reads ``--flag false`` and
     ``QUOTA_FLAG=false`` as false and refuses anything else. Settings holds a plain bool.
     """
@@ -254,7 +254,7 @@ class Settings:
 
     def _check_listen(self) -> None:
         """The worker API authenticates nobody: off loopback only when the operator says the network is private."""
-        from .auth import is_loopback_address  # grpc is imported only when settings are built
+        from quota_sidecar.server.auth import is_loopback_address  # grpc is imported only when settings are built
 
         # Normalised here: flags and QUOTA_* give a Boolean, Python callers a bool, the workers' JSON true/false.
         try:
@@ -284,7 +284,7 @@ class Settings:
                 raise InvalidArgument("listen", f"{address}: workers > 1 need a fixed port, not 0")
 
     def _check_redis_url(self) -> None:
-        from .redis_connect import MODES, parse_url  # redis is imported only when settings are built
+        from quota_sidecar.storage.connect import MODES, parse_url  # redis is imported only when settings are built
 
         if self.redis_url:
             parse_url(self.redis_url, self.redis_mode)
@@ -295,7 +295,7 @@ class Settings:
                                                 "server)")
 
     def _check_host_port(self, name: str) -> None:
-        from .metrics import split_host_port  # prometheus_client is imported only when an address is given
+        from quota_sidecar.server.metrics import split_host_port  # prometheus_client is imported only when an address is given
 
         try:
             split_host_port(getattr(self, name))
@@ -305,7 +305,7 @@ class Settings:
     def _check_admin_auth(self) -> None:
         """Consistency of the admin auth flags; the files themselves are read at start-up (auth.py)."""
         # grpc is imported only when settings are built
-        from .auth import admin_auth_problem, admin_socket_mode_problem
+        from quota_sidecar.server.auth import admin_auth_problem, admin_socket_mode_problem
 
         if bool(self.admin_tls_cert) != bool(self.admin_tls_key):
             raise InvalidArgument("admin_tls_key" if self.admin_tls_cert else "admin_tls_cert",

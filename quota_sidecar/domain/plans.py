@@ -24,8 +24,8 @@ from typing import Callable, Iterable, Mapping, TypeVar
 
 import yaml
 
-from quota_sidecar.errors import InvalidArgument, PlansError
-from quota_sidecar.model import CreditPack, JobParams, Limit, LimitKind, Money, Offer
+from quota_sidecar.domain.errors import InvalidArgument, PlansError
+from quota_sidecar.domain.model import CreditPack, JobParams, Limit, LimitKind, Money, Offer
 
 _T = TypeVar("_T")
 
@@ -359,8 +359,8 @@ def _listing(names: Iterable[str], key: Callable[[str], int] | None = None) -> s
 def load_plans(path: str | None = None) -> Plans:
     """Load and validate a plans file; None loads the packaged default_plans.yaml."""
     if path is None:
-        source = f"{__package__}/{_DEFAULT_PLANS_FILE}"
-        resource = importlib.resources.files(__package__).joinpath(_DEFAULT_PLANS_FILE)
+        source = f"quota_sidecar/{_DEFAULT_PLANS_FILE}"
+        resource = importlib.resources.files("quota_sidecar").joinpath(_DEFAULT_PLANS_FILE)
         text = _read_text(lambda: resource.read_text(encoding="utf-8"), source)
     else:
         source = path

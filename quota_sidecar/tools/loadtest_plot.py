@@ -17,10 +17,10 @@ import math
 import os
 from typing import TYPE_CHECKING, Sequence
 
-from .loadtest import format_text, percentile_curve
+from quota_sidecar.tools.loadtest import format_text, percentile_curve
 
 if TYPE_CHECKING:
-    from .loadtest import LoadReport
+    from quota_sidecar.tools.loadtest import LoadReport
 
 Point = tuple[float, float]
 # Colour-blind-safe pair (Okabe-Ito blue and vermillion).

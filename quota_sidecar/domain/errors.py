@@ -1,8 +1,8 @@
 """The error hierarchy of quota-sidecar.
 
 Operating errors are exceptions of this module; programmer errors are
-assertions. Redis errors become these in the store (quota_sidecar.store);
-these become gRPC status codes in the servicer (quota_sidecar.servicer), and
+assertions. Redis errors become these in the store (quota_sidecar.storage.store);
+these become gRPC status codes in the servicer (quota_sidecar.server.servicer), and
 nowhere else.
 
     QuotaError

@@ -24,11 +24,11 @@ import os
 import time
 from typing import TYPE_CHECKING, Any, Sequence
 
-from .errors import QuotaError
-from .settings import TRACING_MODES
+from quota_sidecar.domain.errors import QuotaError
+from quota_sidecar.server.settings import TRACING_MODES
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .metrics import Metrics
+    from quota_sidecar.server.metrics import Metrics
 
 _INSTRUMENTATION_NAME = "quota_sidecar"
 

@@ -7,7 +7,7 @@
 
 ``mode`` ("auto" | "single" | "cluster" | "sentinel") overrides the scheme:
 "cluster" also accepts a plain redis:// or rediss:// URL (its host is the one
-startup node). Only the store (quota_sidecar.store) calls this.
+startup node). Only the store (quota_sidecar.storage.store) calls this.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialWithJitterBackoff
 
-from .errors import InvalidArgument
+from quota_sidecar.domain.errors import InvalidArgument
 
 __all__ = ["MODES", "RedisClient", "close", "connect", "parse_url"]
 

@@ -1,0 +1,1 @@
+"""The command line, the load-test tool and the audit command."""
