@@ -12,7 +12,7 @@ WORKDIR /src
 # README.md is the package's long description: the build needs it.
 COPY pyproject.toml README.md ./
 COPY quota_sidecar ./quota_sidecar
-RUN /opt/quota-sidecar/bin/pip install . \
+RUN /opt/quota-sidecar/bin/pip install '.[server]' \
     && /opt/quota-sidecar/bin/quota-sidecar check-plans /src/quota_sidecar/default_plans.yaml
 
 FROM ${PYTHON_IMAGE}

@@ -26,7 +26,7 @@ RESPONSE_BYTES = 160  # an allowed CheckAndReserveResponse with one limit
 METHOD = "/bench.Noop/Call"
 
 
-def _serve(port_queue: "multiprocessing.Queue[int]", stop: "multiprocessing.Event") -> None:  # type: ignore[name-defined]
+def _serve(port_queue: multiprocessing.Queue[int], stop: multiprocessing.Event) -> None:  # type: ignore[name-defined]
     async def main() -> None:
         reply = b"x" * RESPONSE_BYTES
 
@@ -77,7 +77,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--concurrency", type=int, default=32)
     ns = parser.parse_args()
-    queue: "multiprocessing.Queue[int]" = multiprocessing.Queue()
+    queue: multiprocessing.Queue[int] = multiprocessing.Queue()
     stop = multiprocessing.Event()
     server = multiprocessing.Process(target=_serve, args=(queue, stop), daemon=True)
     server.start()

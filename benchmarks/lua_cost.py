@@ -41,7 +41,7 @@ import redis_probes  # noqa: E402  (benchmarks/)
 
 from quota_sidecar.domain.engine import QuotaEngine  # noqa: E402
 from quota_sidecar.domain.model import JobParams  # noqa: E402
-from quota_sidecar.domain.plans import load_plans  # noqa: E402
+from quota_sidecar.server.plans_file import load_plans  # noqa: E402
 from quota_sidecar.storage.redis_server import find_redis_server  # noqa: E402
 from quota_sidecar.storage.store import RedisStore  # noqa: E402
 

@@ -9,8 +9,8 @@ sidecar's; a batch answers one copy of the captured item result per request
 item. The server is built like the sidecar's worker server
 (quota_sidecar.server.app): the same grpc options, health and reflection
 registered, one process, the event loop ``serve`` picks by default (uvloop when
-installed, through quota_sidecar.server.app.run_until_complete). It prints ``PORT <n>`` once it is serving, then runs until
-SIGTERM/SIGINT.
+installed, through quota_sidecar.server.app.run_until_complete). It prints ``PORT <n>`` once it is
+serving, then runs until SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
+from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from quota_sidecar.server import app as sidecar_server
 from quota_sidecar._proto.quota.v1 import quota_pb2 as pb
 from quota_sidecar._proto.quota.v1 import quota_pb2_grpc as pb_grpc
+from quota_sidecar.server import app as sidecar_server
 from quota_sidecar.server.settings import Settings
 
 # Method -> response message class; batch methods also have their per-item result class.
@@ -100,7 +100,7 @@ async def serve(listen: str, responses: str) -> None:
     # The sidecar's own option list (message limits, SO_REUSEPORT off), so transport costs match.
     server = grpc.aio.server(options=sidecar_server._options(settings))
     pb_grpc.add_QuotaServiceServicer_to_server(NoopQuotaService(load_responses(responses)), server)
-    health = HealthServicer()
+    health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection((sidecar_server.SERVICE_NAME, sidecar_server.HEALTH_NAME,
                                          reflection.SERVICE_NAME), server)

@@ -34,9 +34,12 @@ import redis.asyncio as aioredis  # noqa: E402
 from quota_sidecar import redis_mux  # noqa: E402
 from quota_sidecar.domain.engine import QuotaEngine  # noqa: E402
 from quota_sidecar.domain.model import JobParams  # noqa: E402
-from quota_sidecar.domain.plans import load_plans  # noqa: E402
+from quota_sidecar.server.plans_file import load_plans  # noqa: E402
+from quota_sidecar.storage.codec import reserve_args  # noqa: E402
+from quota_sidecar.storage.keys import script_keys  # noqa: E402
 from quota_sidecar.storage.redis_server import RedisServerProcess, find_redis_server  # noqa: E402
-from quota_sidecar.storage.store import RedisStore, _reserve_args, _script_keys, load_script_source  # noqa: E402
+from quota_sidecar.storage.scripts import load_script_source  # noqa: E402
+from quota_sidecar.storage.store import RedisStore  # noqa: E402
 
 Call = Callable[[str], Awaitable[Any]]
 
@@ -55,7 +58,7 @@ async def _captured_command(url: str) -> tuple[list[str], list[Any]]:
         "bench-acct", "sora", "warm", JobParams(duration_seconds=10, resolution="720p"))
     cmd = captured["cmd"]
     await store.close()
-    return store._header(cmd.account_id, cmd.stamp), _reserve_args(cmd)
+    return store._header(cmd.account_id, cmd.stamp), reserve_args(cmd)
 
 
 async def _run(call: Call, calls: int, concurrency: int) -> tuple[float, float]:
@@ -73,7 +76,7 @@ async def _run(call: Call, calls: int, concurrency: int) -> tuple[float, float]:
 def _callers(url: str, header: list[Any], args: list[Any]) -> tuple[dict[str, Call], list[Any]]:
     client = aioredis.from_url(url, decode_responses=True)
     script = client.register_script(load_script_source("reserve"))
-    keys = _script_keys("bench", 256, "bench-acct")
+    keys = script_keys("bench", 256, "bench-acct")
     flat = redis_mux.flatten(args)
     mux = redis_mux.MuxConnection.for_client(client, timeout_seconds=5)
     assert mux is not None

@@ -30,9 +30,11 @@ import redis.asyncio as aioredis
 
 from quota_sidecar.domain.engine import QuotaEngine
 from quota_sidecar.domain.model import JobParams
-from quota_sidecar.domain.plans import load_plans
+from quota_sidecar.server.plans_file import load_plans
 from quota_sidecar.storage import mux as redis_mux
-from quota_sidecar.storage.store import SCRIPT_NAMES, RedisStore, account_keys, load_script_source
+from quota_sidecar.storage.keys import account_keys
+from quota_sidecar.storage.scripts import SCRIPT_NAMES, load_script_source
+from quota_sidecar.storage.store import RedisStore
 
 MONITOR_MAX_LINES = 500_000
 MONITOR_STOP_TIMEOUT_SECONDS = 10.0
@@ -241,32 +243,29 @@ class RoundTripProxy:
 # ----------------------------------------------------------------------------- raw script
 
 
-class _Recorder(aioredis.Redis):
-    """A redis-py client that keeps the arguments of every EVALSHA it sends."""
-
-    evalshas: list[tuple[Any, ...]]
-
-    async def execute_command(self, *args: Any, **options: Any) -> Any:
-        if args and str(args[0]).upper() == "EVALSHA":
-            self.evalshas.append(args)
-        return await super().execute_command(*args, **options)
-
-
 async def _capture_async(url: str, account: str, reservation_id: str) -> list[Any]:
-    client = _Recorder.from_url(url)
-    client.evalshas = []
-    # redis-py's path (not the multiplexed connection) so the arguments pass through execute_command.
-    store = RedisStore(client, multiplex=False)
+    """The EVALSHA of one decision, as the store's transport sends it (redis-py pipelines here, not
+    the multiplexed connection, so the arguments are plain values)."""
+    store = RedisStore(aioredis.Redis.from_url(url), multiplex=False)
+    sent: list[tuple[Any, ...]] = []
+    transport = store._transport
+    send = transport.send
+
+    async def recording(calls: Any) -> list[Any]:
+        sent.extend(("EVALSHA", sha, len(keys), *keys, *args) for sha, keys, args in calls)
+        return await send(calls)
+
+    transport.send = recording  # type: ignore[method-assign]
     try:
         engine = QuotaEngine(load_plans(None), store)
         await engine.check_and_reserve(account, "sora", reservation_id,
                                        JobParams(duration_seconds=10, resolution="720p"))
     finally:
         await store.close()
-    # A NOSCRIPT reply (scripts not loaded yet) makes redis-py load the script and send the same EVALSHA again.
-    if len(set(client.evalshas)) != 1:
-        raise RuntimeError(f"expected one EVALSHA for one decision, saw {len(set(client.evalshas))} different")
-    return list(client.evalshas[-1])
+    # A NOSCRIPT reply (scripts not loaded yet) makes the store load the script and send the same EVALSHA again.
+    if len(set(sent)) != 1:
+        raise RuntimeError(f"expected one EVALSHA for one decision, saw {len(set(sent))} different")
+    return list(sent[-1])
 
 
 def capture_reserve_call(url: str, account: str) -> list[Any]:

@@ -1,6 +1,7 @@
+#!/usr/bin/env python3
 """A simulated code worker: async jobs with the async client; a failing task releases its hold.
 
-    python examples/code_worker.py --target 127.0.0.1:50051 --account bob --tasks 3
+    examples/code_worker.py --target 127.0.0.1:50051 --account bob --tasks 3
 
 Each task is one codex job of a few units. Task 2 fails on purpose, to show that a failure
 releases the hold (the free unit or the credits go back) instead of charging.

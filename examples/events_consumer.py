@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Read quota-sidecar usage events with a Redis consumer group.
 
 Usage events (free allowance warnings, purchase required, credits low, lot
@@ -8,7 +9,11 @@ upsell service reads every bucket's stream with one consumer group; each
 event is delivered to one consumer of the group and acknowledged after it
 is handled, so a crash re-delivers what was not acknowledged.
 
-    python examples/events_consumer.py --redis-url redis://127.0.0.1:6379/0
+    examples/events_consumer.py --redis-url redis://127.0.0.1:6379/0
+
+Without --redis-url it uses $QUOTA_REDIS_URL, else the development sidecar's Redis: a
+`quota-sidecar serve` without --redis-url keeps its URL in ./.quota-sidecar/redis.url while it runs.
+--key-prefix and --key-buckets default to $QUOTA_KEY_PREFIX and $QUOTA_KEY_BUCKETS, as the sidecar's.
 
 On Redis Cluster each stream lives in its bucket's slot: read them one
 stream per call (as here), or group the streams by node.
@@ -19,6 +24,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import sys
+from pathlib import Path
 from typing import Awaitable, Callable
 
 import redis.asyncio as aioredis
@@ -86,15 +94,34 @@ async def print_event(entry_id: str, fields: dict[str, str]) -> None:
         print(f"{entry_id} {fields['account']}: {fields['type']} {json.dumps(fields, sort_keys=True)}")
 
 
+DEV_REDIS_URL_FILE = Path(".quota-sidecar") / "redis.url"  # kept by a development `quota-sidecar serve`
+
+
+def find_redis_url(flag: str | None) -> str | None:
+    """--redis-url, else $QUOTA_REDIS_URL, else the development sidecar's (said on stderr); None if none."""
+    if flag or os.environ.get("QUOTA_REDIS_URL"):
+        return flag or os.environ["QUOTA_REDIS_URL"]
+    try:
+        url = DEV_REDIS_URL_FILE.read_text(encoding="utf-8").strip()
+    except OSError:
+        return None
+    print(f"using the development sidecar's Redis {url} (from ./{DEV_REDIS_URL_FILE})", file=sys.stderr)
+    return url or None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--redis-url", required=True)
-    parser.add_argument("--key-prefix", default="qs")
-    parser.add_argument("--key-buckets", type=int, default=256)
+    parser.add_argument("--redis-url", default=None, help="default: $QUOTA_REDIS_URL, else ./.quota-sidecar/redis.url")
+    parser.add_argument("--key-prefix", default=os.environ.get("QUOTA_KEY_PREFIX") or "qs")
+    parser.add_argument("--key-buckets", type=int, default=int(os.environ.get("QUOTA_KEY_BUCKETS") or 256))
     parser.add_argument("--group", default="notifier")
     parser.add_argument("--consumer", default="notifier-1")
     args = parser.parse_args()
-    asyncio.run(consume(args.redis_url, key_prefix=args.key_prefix, key_buckets=args.key_buckets,
+    redis_url = find_redis_url(args.redis_url)
+    if redis_url is None:
+        parser.error(f"no Redis: give --redis-url or set QUOTA_REDIS_URL, or run this where a development "
+                     f"`quota-sidecar serve` is running (./{DEV_REDIS_URL_FILE} not found)")
+    asyncio.run(consume(redis_url, key_prefix=args.key_prefix, key_buckets=args.key_buckets,
                         group=args.group, consumer=args.consumer, handle=print_event))
 
 

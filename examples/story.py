@@ -1,6 +1,7 @@
+#!/usr/bin/env python3
 """The product's story, end to end, against a running sidecar (worker and admin addresses).
 
-    python examples/story.py --target 127.0.0.1:50051 --admin-target 127.0.0.1:50052
+    examples/story.py --target 127.0.0.1:50051 --admin-target 127.0.0.1:50052
 
 1. A free-plan user renders videos until the daily free allowance (30) is used up.
 2. The next job is denied: the exception carries the purchase prompt (the $4 pack).
@@ -23,32 +24,19 @@ import time
 import uuid
 from datetime import datetime, timedelta, timezone
 
-import grpc
-from google.protobuf import timestamp_pb2
-
-from quota_sidecar._proto.quota.v1 import quota_pb2 as pb
-from quota_sidecar._proto.quota.v1 import quota_pb2_grpc as pb_grpc
-from quota_sidecar.client import Denied, SyncQuotaClient
+from quota_sidecar.client import Denied, SyncAdminClient, SyncQuotaClient
 
 VIDEO = {"duration_seconds": 10, "resolution": "720p"}
 
 
 def grant(admin_target: str, account: str, credits: int, expires_at: datetime | None = None) -> str:
-    """GrantCredits is the billing system's call (admin API), not the worker library's."""
-    token = os.environ.get("QUOTA_ADMIN_TOKEN", "")
-    metadata = [("authorization", f"Bearer {token}")] if token else None
-    request = pb.GrantCreditsRequest(account_id=account, credits=credits, purchase_id=f"buy-{uuid.uuid4().hex[:8]}",
-                                     reason="story.py demo purchase")
-    if expires_at is not None:
-        ts = timestamp_pb2.Timestamp()
-        ts.FromDatetime(expires_at)
-        request.expires_at.CopyFrom(ts)
-    with grpc.insecure_channel(admin_target) as channel:
-        r = pb_grpc.QuotaAdminStub(channel).GrantCredits(request, timeout=5, metadata=metadata)
-    expiry = datetime.fromtimestamp(r.lot.expires_at.ToMilliseconds() / 1000, tz=timezone.utc)
-    print(f"   GrantCredits: lot {r.lot.lot_id}, {credits} credits, expires {expiry:%Y-%m-%d %H:%M} UTC; "
-          f"balance {r.credit_balance}")
-    return r.lot.lot_id
+    """GrantCredits is the billing system's call (admin API, SyncAdminClient), not the worker's."""
+    with SyncAdminClient(admin_target, token=os.environ.get("QUOTA_ADMIN_TOKEN") or None, timeout=5) as admin:
+        g = admin.grant_credits(account, credits, f"buy-{uuid.uuid4().hex[:8]}", expires_at=expires_at,
+                                reason="story.py demo purchase")
+    expiry = f"{g.expires_at:%Y-%m-%d %H:%M} UTC" if g.expires_at else "never"
+    print(f"   GrantCredits: lot {g.lot_id}, {g.credits} credits, expires {expiry}; balance {g.credit_balance}")
+    return g.lot_id
 
 
 def use_free_allowance(client: SyncQuotaClient, account: str) -> Denied:
@@ -102,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             before = client.balance(args.account).credit_balance
         time_travel(args.time_travel, args.admin_target, args.account)
         after = client.balance(args.account)
-        print(f"   after expiry: credit balance {after.credit_balance}; lots {[l.lot_id for l in after.lots]}")
+        print(f"   after expiry: credit balance {after.credit_balance}; lots {[lot.lot_id for lot in after.lots]}")
         if args.time_travel == "stdin":
             try:
                 with client.job(args.account, "sora", {"duration_seconds": 15, "resolution": "720p"}):

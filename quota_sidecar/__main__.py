@@ -1,5 +1,5 @@
 import sys
 
-from quota_sidecar.tools.cli import main
+from quota_sidecar.tools.launcher import main
 
 sys.exit(main())

@@ -4,6 +4,7 @@
     await proxy.start()            # listens on 127.0.0.1:<proxy.port>
     await proxy.delay(200)         # every forwarded chunk waits 200 ms
     await proxy.cut()              # every open connection dies (RST), new ones still accepted
+    await proxy.wait_for(lambda s: s.bytes_held > 0)   # a command is in the proxy, not yet sent on
     await proxy.aclose()
 
 It sits between the sidecar and Redis so tests can make Redis look slow,
@@ -13,6 +14,10 @@ or dies (TCP never drops bytes in the middle of a live stream, and a proxy
 that did so could make Redis misparse a command into another one).
 
 Every loop in here ends with its connection: on EOF, on a cut, or on aclose().
+
+Tests never sleep to guess where a command is: ``wait_for(predicate)`` waits (bounded) until
+the proxy's counters say so, e.g. that a command sent through it is being held back by a
+delay or a blackhole (``bytes_held``), or that it has been forwarded (``bytes_up``).
 """
 
 from __future__ import annotations
@@ -22,9 +27,11 @@ import contextlib
 import socket
 import struct
 from dataclasses import dataclass
+from typing import Callable
 
 _CHUNK_BYTES = 65_536
 _CONNECT_TIMEOUT_SECONDS = 2.0
+_WAIT_SECONDS = 10.0  # wait_for's default bound: only reached when the awaited thing never happens
 
 
 @dataclass(frozen=True)
@@ -33,6 +40,8 @@ class ProxyStats:
     refused: int
     bytes_up: int  # client -> upstream, forwarded
     bytes_down: int  # upstream -> client, forwarded
+    bytes_held: int  # read from a client, waiting (a delay, a blackhole) before going upstream
+    delayed_chunks: int  # chunks (either way) that waited for a delay() before being forwarded
     cuts: int  # cut() calls
     links_cut: int  # connections closed by cut()
     half_closes: int  # connections half-closed by half_close()
@@ -75,11 +84,13 @@ class FaultProxy:
         self._flowing = asyncio.Event()
         self._flowing.set()
         self._accepted = self._refused = self._cuts = self._links_cut = self._half_closes = 0
-        self._bytes_up = self._bytes_down = 0
+        self._bytes_up = self._bytes_down = self._bytes_held = self._delayed_chunks = 0
+        # Set (then cleared by the waiters) whenever a counter changes: what wait_for() waits on.
+        self._changed = asyncio.Event()
 
     # -- lifecycle ---------------------------------------------------------
 
-    async def start(self) -> "FaultProxy":
+    async def start(self) -> FaultProxy:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
         return self
 
@@ -102,7 +113,7 @@ class FaultProxy:
         if self._server is not None:
             await self._server.wait_closed()
 
-    async def __aenter__(self) -> "FaultProxy":
+    async def __aenter__(self) -> FaultProxy:
         return await self.start()
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -117,6 +128,7 @@ class FaultProxy:
             link.abort()
         self._cuts += 1
         self._links_cut += len(links)
+        self._count()
         return len(links)
 
     async def refuse(self, on: bool = True) -> None:
@@ -138,6 +150,7 @@ class FaultProxy:
                 if link.client.can_write_eof():
                     link.client.write_eof()
         self._half_closes += len(links)
+        self._count()
         return len(links)
 
     async def blackhole(self, on: bool = True) -> None:
@@ -152,8 +165,28 @@ class FaultProxy:
     @property
     def stats(self) -> ProxyStats:
         return ProxyStats(accepted=self._accepted, refused=self._refused, bytes_up=self._bytes_up,
-                          bytes_down=self._bytes_down, cuts=self._cuts, links_cut=self._links_cut,
+                          bytes_down=self._bytes_down, bytes_held=self._bytes_held,
+                          delayed_chunks=self._delayed_chunks, cuts=self._cuts, links_cut=self._links_cut,
                           half_closes=self._half_closes, open_links=len(self._links))
+
+    async def wait_for(self, predicate: Callable[[ProxyStats], bool], *,
+                       timeout: float = _WAIT_SECONDS) -> ProxyStats:
+        """Returns the stats as soon as ``predicate(stats)`` holds, re-checked on every change of
+        a counter (no polling interval to guess); fails after ``timeout`` seconds, which only a
+        broken test or proxy reaches."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not predicate(stats := self.stats):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise AssertionError(f"proxy never reached the awaited state; last stats: {stats}")
+            self._changed.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), remaining)
+        return stats
+
+    def _count(self) -> None:
+        self._changed.set()
 
     # -- plumbing ------------------------------------------------------------
 
@@ -162,9 +195,11 @@ class FaultProxy:
         assert task is not None
         self._handlers.add(task)
         self._accepted += 1
+        self._count()
         try:
             if self._refusing:
                 self._refused += 1
+                self._count()
                 _abort(writer)
             elif not self._flowing.is_set():
                 await self._sink(reader, writer)
@@ -192,6 +227,7 @@ class FaultProxy:
             return
         link = _Link(writer, up_writer)
         self._links.add(link)
+        self._count()
         up = asyncio.create_task(self._pump(reader, up_writer, link, upstream=True))
         down = asyncio.create_task(self._pump(up_reader, writer, link, upstream=False))
         try:
@@ -199,6 +235,7 @@ class FaultProxy:
             await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             self._links.discard(link)
+            self._count()
             link.abort()
             for pump in (up, down):
                 pump.cancel()
@@ -207,9 +244,16 @@ class FaultProxy:
     async def _pump(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, link: _Link, *,
                     upstream: bool) -> None:
         """Copies one way until EOF or an error; ends with the link."""
+        held = 0  # bytes of this pump's current chunk counted in bytes_held
         try:
             while chunk := await src.read(_CHUNK_BYTES):
+                if upstream:
+                    held = len(chunk)
+                    self._bytes_held += held
+                    self._count()
                 if self._delay_seconds:
+                    self._delayed_chunks += 1
+                    self._count()
                     await asyncio.sleep(self._delay_seconds)
                 await self._flowing.wait()
                 if not upstream and link.down_closed:
@@ -217,8 +261,15 @@ class FaultProxy:
                 dst.write(chunk)
                 await dst.drain()
                 if upstream:
+                    self._bytes_held -= held
+                    held = 0
                     self._bytes_up += len(chunk)
                 else:
                     self._bytes_down += len(chunk)
+                self._count()
         except (OSError, RuntimeError):
             pass  # reset or aborted: the link is over
+        finally:
+            if held:  # the link ended with a chunk still held: it will never be forwarded
+                self._bytes_held -= held
+                self._count()

@@ -19,11 +19,14 @@ from quota_sidecar._proto.quota.v1 import quota_pb2_grpc
 from quota_sidecar.domain.clock import ManualClock
 from quota_sidecar.domain.engine import QuotaEngine
 from quota_sidecar.domain.errors import Unavailable
-from quota_sidecar.domain.plans import load_plans
-from quota_sidecar.storage.redis_server import RedisServerProcess
 from quota_sidecar.server.app import create_admin_server, create_server
+from quota_sidecar.server.plans_file import load_plans
 from quota_sidecar.server.settings import Settings
-from quota_sidecar.storage.store import DEFAULT_KEY_BUCKETS, RedisStore, account_key
+from quota_sidecar.storage.keys import DEFAULT_KEY_BUCKETS, account_key
+from quota_sidecar.storage.redis_server import RedisServerProcess
+
+# Saturday 2026-11-21 12:00:00 UTC: far from any midnight or DST change.
+from quota_sidecar.storage.store import RedisStore
 
 # Saturday 2026-11-21 12:00:00 UTC: far from any midnight or DST change.
 T0_MS = int(datetime(2026, 11, 21, 12, 0, tzinfo=timezone.utc).timestamp() * 1000)

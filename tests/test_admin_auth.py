@@ -22,18 +22,20 @@ import pytest
 import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from quota_fixtures import keys_with_prefix
+from test_serve_cli import ServeProcess, cli, running_sidecar, short_dir  # noqa: F401  (short_dir is a fixture)
 
 from quota_sidecar._proto.quota.v1 import quota_pb2 as pb
 from quota_sidecar._proto.quota.v1 import quota_pb2_grpc as pb_grpc
-from quota_sidecar.server.auth import TokenChecker, bearer_token, is_loopback_address, load_admin_auth, load_tokens
 from quota_sidecar.domain.engine import QuotaEngine
-from quota_sidecar.domain.errors import InvalidArgument
-from quota_sidecar.storage.redis_server import RedisServerProcess
+from quota_sidecar.domain.errors import ConfigError
+from quota_sidecar.server.addresses import is_loopback_address
 from quota_sidecar.server.app import create_admin_server
+from quota_sidecar.server.auth import TokenChecker, bearer_token, load_admin_auth, load_tokens
 from quota_sidecar.server.settings import Settings
+from quota_sidecar.storage.redis_server import RedisServerProcess
 
-from quota_fixtures import keys_with_prefix
-from test_serve_cli import ServeProcess, cli, running_sidecar, short_dir  # noqa: F401  (short_dir is a fixture)
+pytestmark = pytest.mark.all_redis_versions
 
 TOKEN_OLD = "old-token-0123456789abcdef"
 TOKEN_NEW = "new-token-fedcba9876543210"
@@ -148,6 +150,7 @@ async def refused(stub: pb_grpc.QuotaAdminStub, metadata: Sequence[tuple[str, st
 # --------------------------------------------------------------------------- bearer tokens
 
 
+@pytest.mark.newest_redis_only
 @pytest.mark.parametrize("metadata, message", [
     (None, "requires authentication"),
     (bearer("not-the-token-0123456789"), "not accepted"),
@@ -195,6 +198,7 @@ async def test_each_rotated_token_works(engine: QuotaEngine, token_file: str, re
     assert TOKEN_OLD not in logged and TOKEN_NEW not in logged and "nope-nope" not in logged
 
 
+@pytest.mark.newest_redis_only
 async def test_health_and_reflection_need_no_token(engine: QuotaEngine, token_file: str) -> None:
     settings = Settings(admin_listen=("127.0.0.1:0",), admin_token_file=token_file)
     async with admin_server(settings, engine) as port:
@@ -261,7 +265,7 @@ def test_bad_tls_files_are_start_up_errors(pki: Pki, tmp_path: Path) -> None:
     base = dict(admin_listen=("127.0.0.1:0",), admin_tls_cert=str(pki.server_cert), admin_tls_key=str(pki.server_key))
     for field, value in (("admin_tls_cert", str(not_pem)), ("admin_tls_key", str(pki.server_cert)),
                          ("admin_client_ca", str(tmp_path / "missing.pem"))):
-        with pytest.raises(InvalidArgument) as info:
+        with pytest.raises(ConfigError) as info:
             load_admin_auth(Settings(**{**base, field: value}))
         assert info.value.field == field, info.value.message
 
@@ -273,12 +277,12 @@ def test_bad_tls_files_are_start_up_errors(pki: Pki, tmp_path: Path) -> None:
                                      "[::ffff:10.0.0.1]:1"])
 def test_non_loopback_admin_without_auth_is_refused(address: str, pki: Pki, token_file: str) -> None:
     assert not is_loopback_address(address)
-    with pytest.raises(InvalidArgument) as info:
+    with pytest.raises(ConfigError) as info:
         Settings(admin_listen=("127.0.0.1:50052", address))
     assert info.value.field == "admin_listen"
     assert address in info.value.message and "not loopback" in info.value.message, info.value.message
     # Server-only TLS authenticates the server, not the caller: still refused.
-    with pytest.raises(InvalidArgument):
+    with pytest.raises(ConfigError):
         Settings(admin_listen=(address,), admin_tls_cert=str(pki.server_cert), admin_tls_key=str(pki.server_key))
     # A token file or mTLS makes it acceptable (checked, not bound).
     Settings(admin_listen=(address,), admin_token_file=token_file)
@@ -300,7 +304,7 @@ def test_loopback_admin_without_auth_is_allowed(address: str) -> None:
     ({"admin_client_ca": "ca.pem"}, "admin_client_ca"),
 ])
 def test_tls_settings_go_together(changes: dict[str, str], field: str) -> None:
-    with pytest.raises(InvalidArgument) as info:
+    with pytest.raises(ConfigError) as info:
         Settings(admin_listen=("127.0.0.1:0",), **changes)
     assert info.value.field == field
 
@@ -308,7 +312,7 @@ def test_tls_settings_go_together(changes: dict[str, str], field: str) -> None:
 def test_settings_from_environment_variables(token_file: str) -> None:
     s = Settings.from_sources({}, {"QUOTA_ADMIN_LISTEN": "0.0.0.0:50052", "QUOTA_ADMIN_TOKEN_FILE": token_file})
     assert s.admin_token_file == token_file
-    with pytest.raises(InvalidArgument):
+    with pytest.raises(ConfigError):
         Settings.from_sources({}, {"QUOTA_ADMIN_LISTEN": "0.0.0.0:50052"})
 
 
@@ -325,16 +329,17 @@ def test_settings_from_environment_variables(token_file: str) -> None:
 def test_bad_token_files_are_refused_without_showing_tokens(tmp_path: Path, content: str, expected: str) -> None:
     path = tmp_path / "tokens"
     path.write_bytes(content.encode("utf-8"))
-    with pytest.raises(InvalidArgument) as info:
+    with pytest.raises(ConfigError) as info:
         load_tokens(str(path))
     assert info.value.field == "admin_token_file"
     assert expected in info.value.message, info.value.message
     assert TOKEN_OLD not in info.value.message and "words" not in info.value.message
 
 
+@pytest.mark.newest_redis_only
 def test_unreadable_token_file_fails_create_admin_server(engine: QuotaEngine, tmp_path: Path) -> None:
     settings = Settings(admin_listen=("127.0.0.1:0",), admin_token_file=str(tmp_path / "missing"))
-    with pytest.raises(InvalidArgument) as info:
+    with pytest.raises(ConfigError) as info:
         create_admin_server(settings, engine)
     assert info.value.field == "admin_token_file" and "cannot read" in info.value.message
 

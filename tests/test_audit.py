@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from importlib import resources
@@ -14,18 +13,21 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 import yaml
+from quota_fixtures import key
 
 from quota_sidecar.domain.audit import AccountAudit, audit_account, audit_all, audit_state, format_report
-from quota_sidecar.tools.audit import audit_main
 from quota_sidecar.domain.clock import ManualClock
 from quota_sidecar.domain.engine import QuotaEngine
 from quota_sidecar.domain.errors import Conflict, NotFound, ResolutionConflict
 from quota_sidecar.domain.model import CreditSource, Funding, JobParams
-from quota_sidecar.domain.plans import Plans, parse_plans
+from quota_sidecar.domain.plans import Plans
+from quota_sidecar.server.plans_file import parse_plans
+from quota_sidecar.storage.keys import DEFAULT_KEY_BUCKETS
 from quota_sidecar.storage.redis_server import RedisServerProcess
-from quota_sidecar.storage.store import DEFAULT_KEY_BUCKETS, RedisStore
+from quota_sidecar.storage.store import RedisStore
+from quota_sidecar.tools.audit import audit_main
 
-from quota_fixtures import key
+pytestmark = pytest.mark.all_redis_versions
 
 HOUR_MS = 3_600_000
 DAY_MS = 24 * HOUR_MS
@@ -169,11 +171,9 @@ async def test_random_run_audits_clean(store: RedisStore, clock: ManualClock) ->
     run = RandomRun(engine, clock, random.Random(1234), accounts)
     await engine.set_account("acct0", monthly_spend_cap_credits=60)
     await engine.set_account("acct1", tz="America/New_York")
-    started = time.monotonic()
     for _ in range(900):
         await run.step()
     audits = await audit_all(store)
-    assert time.monotonic() - started < 10
     assert [a.account_id for a in audits] == accounts
     for audit in audits:
         assert audit.violations == (), format_report(audits)

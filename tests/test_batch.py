@@ -9,12 +9,13 @@ from __future__ import annotations
 import grpc
 import pytest
 import redis.asyncio as aioredis
+from quota_fixtures import Sidecar
 
 from quota_sidecar._proto.quota.v1 import quota_pb2 as pb
 from quota_sidecar.domain.audit import audit_account, format_report
 from quota_sidecar.storage.store import RedisStore
 
-from quota_fixtures import Sidecar
+pytestmark = pytest.mark.all_redis_versions
 
 V10 = pb.JobParams(duration_seconds=10, resolution="720p")
 

@@ -7,15 +7,17 @@ from collections import Counter
 
 import grpc
 import pytest
+from quota_fixtures import T0_MS, Sidecar, utc_ms
 
 from quota_sidecar._proto.quota.v1 import quota_pb2 as pb
 from quota_sidecar.domain.clock import ManualClock
 from quota_sidecar.domain.engine import QuotaEngine
 from quota_sidecar.domain.errors import InvalidArgument, NotFound, ResolutionConflict
 from quota_sidecar.domain.model import AutoTopUp, CreditSource, DenialReason, Funding, JobParams
-from quota_sidecar.storage.store import RedisStore, key_bucket
+from quota_sidecar.storage.keys import key_bucket
+from quota_sidecar.storage.store import RedisStore
 
-from quota_fixtures import T0_MS, Sidecar, utc_ms
+pytestmark = pytest.mark.all_redis_versions
 
 V10 = JobParams(duration_seconds=10, resolution="720p")  # 1 credit
 V15 = JobParams(duration_seconds=15, resolution="720p")  # 2 credits
@@ -293,7 +295,7 @@ async def test_refund_after_the_spend_month_was_pruned_succeeds_once(redis_serve
     # pruned; Redis refused it mid-script and kept the credits already returned,
     # so each retry minted them again.
     from quota_sidecar.domain.audit import audit_account
-    from quota_sidecar.domain.plans import load_plans
+    from quota_sidecar.server.plans_file import load_plans
 
     clock = ManualClock(T0_MS)
     store = RedisStore.from_url(redis_server.url, key_prefix=key_prefix, retention_ms=90 * DAY_MS)

@@ -11,15 +11,17 @@ import time
 from pathlib import Path
 
 import pytest
-
 from fault_proxy import FaultProxy
 from quota_fixtures import Sidecar
+
 from quota_sidecar.client import Denied, InvalidRequest, QuotaClient, ReservationError, SyncQuotaClient
 from quota_sidecar.domain.clock import ManualClock
 from quota_sidecar.domain.engine import QuotaEngine
 from quota_sidecar.domain.model import JobParams
 from quota_sidecar.server.app import create_server
 from quota_sidecar.server.settings import Settings
+
+pytestmark = pytest.mark.all_redis_versions
 
 VIDEO = {"duration_seconds": 10, "resolution": "720p"}
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,7 +35,7 @@ async def test_job_commits_on_success_with_actual_params(sidecar: Sidecar) -> No
     await sidecar.engine.grant("ann", 10, "p1")
     await sidecar.engine.set_account("ann", "pro")
     async with QuotaClient(target(sidecar)) as client:
-        for i in range(100):  # use up the free allowance so the job is funded by credits
+        for _ in range(100):  # use up the free allowance so the job is funded by credits
             await client.commit("ann", (await client.reserve("ann", "sora", VIDEO)).reservation_id)
         async with client.job("ann", "sora", {"duration_seconds": 25, "resolution": "720p"}) as job:
             assert job.funding == "credits" and job.credits_held == 3
@@ -103,7 +105,7 @@ async def test_background_extender_moves_the_expiry(sidecar: Sidecar, clock: Man
 async def test_denial_carries_the_purchase_prompt(sidecar: Sidecar) -> None:
     await sidecar.engine.grant("eve", 1, "p1")
     async with QuotaClient(target(sidecar)) as client:
-        for i in range(30):
+        for _ in range(30):
             async with client.job("eve", "sora", VIDEO):
                 pass
         with pytest.raises(Denied) as denied:
@@ -187,6 +189,7 @@ async def test_sync_client_extends_while_the_callers_thread_is_busy(sidecar: Sid
     assert extensions >= 2 and committed
 
 
+@pytest.mark.slow
 async def test_unconfirmed_commit_is_retried_in_the_background_until_it_lands(sidecar: Sidecar) -> None:
     """The sidecar is unreachable through every attempt of the commit that ends the job: the block
     still ends normally, the job says its settlement is pending, and the client commits it as

@@ -23,6 +23,7 @@ import grpc
 import pytest
 import redis
 import redis.asyncio as aioredis
+from quota_fixtures import T0_MS, retrying
 from redis import exceptions as redis_errors
 from redis.asyncio.cluster import RedisCluster
 
@@ -30,33 +31,51 @@ from quota_sidecar._proto.quota.v1 import quota_pb2 as pb
 from quota_sidecar.domain.audit import audit_account, audit_all
 from quota_sidecar.domain.clock import ManualClock
 from quota_sidecar.domain.engine import QuotaEngine, ReserveItem
-from quota_sidecar.domain.errors import Conflict, InvalidArgument, Unavailable
+from quota_sidecar.domain.errors import ConfigError, Conflict, Unavailable
 from quota_sidecar.domain.model import DenialReason, Funding, JobParams
-from quota_sidecar.domain.plans import load_plans
-from quota_sidecar.storage.redis_server import RedisServerProcess, find_redis_server
-from quota_sidecar.server.settings import Settings
 from quota_sidecar.server.app import create_admin_server
+from quota_sidecar.server.plans_file import load_plans
+from quota_sidecar.server.settings import Settings
 from quota_sidecar.storage.connect import parse_url
-from quota_sidecar.storage.store import RedisStore, _redis_error, key_bucket
+from quota_sidecar.storage.keys import key_bucket
+from quota_sidecar.storage.redis_server import RedisServerProcess, redis_server_version
+from quota_sidecar.storage.store import RedisStore
+from quota_sidecar.storage.transport import domain_error
 
-from quota_fixtures import T0_MS, retrying
-
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.all_redis_versions]
 
 V10 = JobParams(duration_seconds=10, resolution="720p")  # 1 credit
 _SETTLE_SECONDS = 30.0
 
 
-def _free_port(avoid: set[int]) -> int:
-    # The cluster bus needs a second port; picking both keeps them below 65536.
+def _free_port(avoid: set[int], *, below: int = 65536) -> int:
     for _ in range(50):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.bind(("127.0.0.1", 0))
             port = int(sock.getsockname()[1])
-        if port not in avoid:
+        if port not in avoid and port < below:
             avoid.add(port)
             return port
     raise RuntimeError("no free loopback port")
+
+
+def _ports_of_a_node(used: set[int], version: tuple[int, ...]) -> tuple[int, list[str]]:
+    """A node's port and the arguments placing its cluster bus. Redis 7 takes any bus port
+    (cluster-port); before 7 the bus is always the port + 10000, so that one must be free too."""
+    if version >= (7,):
+        port, bus = _free_port(used), _free_port(used)
+        return port, ["--cluster-port", str(bus)]
+    for _ in range(50):
+        port = _free_port(used, below=65536 - 10000)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        if port + 10000 not in used:
+            used.add(port + 10000)
+            return port, []
+    raise RuntimeError("no free loopback port pair")
 
 
 def _redis_cli(binary: str) -> str:
@@ -123,16 +142,16 @@ class Cluster:
             return False
 
 
-def _start_cluster(base: Path) -> Iterator[Cluster]:
-    binary = find_redis_server()
+def _start_cluster(base: Path, binary: str) -> Iterator[Cluster]:
+    version = redis_server_version(binary)
     used: set[int] = set()
     nodes = []
     for i in range(6):
-        port, bus = _free_port(used), _free_port(used)
+        port, bus_args = _ports_of_a_node(used, version)
         data = base / f"node{i}"
         nodes.append(RedisServerProcess(binary, data, port=port, appendfsync="always", extra_args=[
             "--cluster-enabled", "yes", "--cluster-config-file", str(data / "nodes.conf"),
-            "--cluster-node-timeout", "2000", "--cluster-port", str(bus)]))
+            "--cluster-node-timeout", "2000", *bus_args]))
     try:
         for node in nodes:
             node.start()
@@ -147,8 +166,8 @@ def _start_cluster(base: Path) -> Iterator[Cluster]:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    yield from _start_cluster(tmp_path_factory.mktemp("cluster"))
+def cluster(redis_binary: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    yield from _start_cluster(tmp_path_factory.mktemp("cluster"), redis_binary)
 
 
 @pytest.fixture
@@ -228,7 +247,7 @@ def test_redis_url_forms(url: str, mode: str, expected: tuple[str, tuple[tuple[s
     ("http://a:1", "auto", "must start with"),
 ])
 def test_bad_redis_urls_name_the_setting(url: str, mode: str, words: str) -> None:
-    with pytest.raises(InvalidArgument) as err:
+    with pytest.raises(ConfigError) as err:
         Settings(redis_url=url, redis_mode=mode)
     assert err.value.field == "redis_url" and words in err.value.description
 
@@ -238,7 +257,7 @@ def test_cluster_and_failover_replies_are_retryable() -> None:
                 redis_errors.ClusterDownError("The cluster is down"), redis_errors.ClusterError("TTL exhausted."),
                 redis_errors.ReadOnlyError("You can't write against a read only replica."),
                 redis_errors.SlotNotCoveredError("Slot 5 is not covered")):
-        assert isinstance(_redis_error(exc), Unavailable), exc
+        assert isinstance(domain_error(exc), Unavailable), exc
 
 
 # -- the core behaviour ---------------------------------------------------------
@@ -478,7 +497,7 @@ async def test_moving_one_redis_to_a_cluster_keeps_every_account(cluster: Cluste
     """The README's migration: drain the sidecars, `redis-cli --cluster import --cluster-copy`, point
     them at the cluster. Keys of an account share one slot, so each moves whole."""
     prefix = "m" + uuid.uuid4().hex[:10]
-    single = RedisServerProcess(find_redis_server(), tmp_path / "single")
+    single = RedisServerProcess(cluster.nodes[0].binary, tmp_path / "single")
     single.start()
     clock = ManualClock(T0_MS)
     before: dict[str, tuple[int, int, int]] = {}

@@ -10,6 +10,7 @@ from typing import AsyncIterator
 import grpc
 import pytest
 import yaml
+from quota_fixtures import T0_MS
 
 from quota_sidecar._proto.quota.v1 import quota_pb2 as pb
 from quota_sidecar._proto.quota.v1 import quota_pb2_grpc
@@ -18,15 +19,17 @@ from quota_sidecar.domain.clock import ManualClock
 from quota_sidecar.domain.degraded import DegradedMode
 from quota_sidecar.domain.engine import QuotaEngine
 from quota_sidecar.domain.errors import PlansError, ResolutionConflict, Unavailable
-from quota_sidecar.server.metrics import Metrics
 from quota_sidecar.domain.model import Funding, JobParams
-from quota_sidecar.domain.plans import Plans, parse_plans
-from quota_sidecar.storage.redis_server import RedisServerProcess
+from quota_sidecar.domain.plans import Plans
 from quota_sidecar.server.app import create_server
+from quota_sidecar.server.journal import FileJournal
+from quota_sidecar.server.metrics import Metrics
+from quota_sidecar.server.plans_file import parse_plans
 from quota_sidecar.server.settings import Settings
+from quota_sidecar.storage.redis_server import RedisServerProcess
 from quota_sidecar.storage.store import RedisStore
 
-from quota_fixtures import T0_MS
+pytestmark = pytest.mark.all_redis_versions
 
 V10 = JobParams(duration_seconds=10, resolution="720p")
 
@@ -50,7 +53,7 @@ async def rig(tmp_path: Path, redis_binary: str) -> AsyncIterator[Rig]:
     redis.start()
     store = RedisStore.from_url(redis.url, timeout_seconds=0.3)
     journal = tmp_path / "journal.jsonl"
-    engine = QuotaEngine(fail_open_plans(), store, ManualClock(T0_MS), degraded=DegradedMode(str(journal)))
+    engine = QuotaEngine(fail_open_plans(), store, ManualClock(T0_MS), degraded=DegradedMode(FileJournal(str(journal))))
     try:
         yield Rig(redis, store, engine, journal)
     finally:
@@ -98,7 +101,7 @@ async def test_the_journal_survives_a_sidecar_restart(rig: Rig) -> None:
     rig.redis.kill()
     await rig.engine.check_and_reserve("b", "sora", "x1", V10)
     await rig.engine.commit("b", "x1")
-    restarted = QuotaEngine(fail_open_plans(), rig.store, ManualClock(T0_MS), degraded=DegradedMode(str(rig.journal)))
+    restarted = QuotaEngine(fail_open_plans(), rig.store, ManualClock(T0_MS), degraded=DegradedMode(FileJournal(str(rig.journal))))
     assert [(r.reservation_id, r.state) for r in restarted.degraded.pending] == [("x1", "committed")]
     rig.redis.start()
     assert await restarted.flush_degraded()

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from quota_sidecar.domain.errors import InvalidArgument
+from quota_sidecar.domain.errors import ConfigError
 from quota_sidecar.server.app import run_until_complete
 from quota_sidecar.server.settings import Settings
 
@@ -24,6 +24,6 @@ def test_auto_and_uvloop_run_on_uvloop_and_asyncio_on_the_standard_loop() -> Non
 
 
 def test_an_unknown_event_loop_is_refused() -> None:
-    with pytest.raises(InvalidArgument) as caught:
+    with pytest.raises(ConfigError) as caught:
         Settings(event_loop="trio")
     assert caught.value.field == "event_loop"

@@ -10,13 +10,16 @@ from pathlib import Path
 from types import ModuleType
 from typing import Awaitable, Callable
 
+import pytest
 from quota_fixtures import Sidecar
-from quota_sidecar.domain.clock import ManualClock
 
+from quota_sidecar.domain.clock import ManualClock
 from quota_sidecar.domain.engine import QuotaEngine
 from quota_sidecar.domain.model import JobParams
 from quota_sidecar.storage.redis_server import RedisServerProcess
 from quota_sidecar.storage.store import RedisStore
+
+pytestmark = pytest.mark.all_redis_versions
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
+from fault_proxy import FaultProxy
 from redis import exceptions as redis_errors
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from quota_sidecar.storage.redis_server import RedisServerProcess
-
-from fault_proxy import FaultProxy
 
 
 @pytest.fixture
@@ -23,8 +21,9 @@ async def proxy(redis_server: RedisServerProcess) -> AsyncIterator[FaultProxy]:
         yield p
 
 
-def client(proxy: FaultProxy, timeout: float = 1.0) -> aioredis.Redis:
-    # No redis-py retries: each fault must show up as the error it causes.
+def client(proxy: FaultProxy, timeout: float = 10.0) -> aioredis.Redis:
+    # No redis-py retries: each fault must show up as the error it causes. The timeout only
+    # matters where a test expects one (then it is short); elsewhere it just bounds a hang.
     return aioredis.Redis(host="127.0.0.1", port=proxy.port, socket_timeout=timeout,
                           socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0), decode_responses=True)
 
@@ -56,21 +55,28 @@ async def test_cut_breaks_open_connections_and_a_retry_reconnects(proxy: FaultPr
 
 
 async def test_delay_holds_chunks_so_a_later_direct_write_lands_first(proxy: FaultProxy, key_prefix: str) -> None:
-    slow = client(proxy, timeout=5)
+    slow = client(proxy)
     direct = aioredis.Redis(host="127.0.0.1", port=proxy.upstream_port, decode_responses=True)
     try:
-        await direct.delete(f"{key_prefix}:order")
+        await direct.delete(f"{key_prefix}:order")  # connected: the direct INCR below is one round trip
         await slow.ping()  # connected before the delay
-        await proxy.delay(300)
+        before = proxy.stats
+        await proxy.delay(500)  # far longer than the direct round trip below
         slow_call = asyncio.create_task(slow.incr(f"{key_prefix}:order"))
-        await asyncio.sleep(0.05)
-        # Ordering, not timing: sent after the delayed INCR, straight to Redis, applied first.
+        # The INCR is in the proxy, waiting out its delay (not a guess: the proxy says so).
+        await proxy.wait_for(lambda s: s.bytes_held > 0 and s.delayed_chunks > before.delayed_chunks)
+        assert proxy.stats.bytes_up == before.bytes_up
+        # Ordering: sent after the delayed INCR, straight to Redis, applied first.
         assert await direct.incr(f"{key_prefix}:order") == 1
         assert await slow_call == 2
+        # Both ways waited: the INCR on its way up, its reply on its way down.
+        assert proxy.stats.delayed_chunks - before.delayed_chunks >= 2
         await proxy.delay(0)
-        started = time.monotonic()
-        await slow.ping()
-        assert time.monotonic() - started < 0.25  # generous: no delay left
+        no_delay = proxy.stats
+        assert await slow.ping()
+        after = proxy.stats
+        assert after.delayed_chunks == no_delay.delayed_chunks  # nothing waited once the delay was off
+        assert after.bytes_up > no_delay.bytes_up and after.bytes_down > no_delay.bytes_down
     finally:
         await direct.delete(f"{key_prefix}:order")
         await slow.aclose()
@@ -112,7 +118,8 @@ async def test_refuse_makes_connects_fail_until_turned_off(proxy: FaultProxy) ->
 
 
 async def test_blackhole_times_out_without_forwarding(proxy: FaultProxy) -> None:
-    c = client(proxy, timeout=0.3)
+    c = client(proxy, timeout=0.3)  # expected to time out: short
+    fresh = client(proxy)
     try:
         await proxy.blackhole(True)
         up_before = proxy.stats.bytes_up
@@ -120,6 +127,8 @@ async def test_blackhole_times_out_without_forwarding(proxy: FaultProxy) -> None
             await c.ping()
         assert proxy.stats.bytes_up == up_before
         await proxy.blackhole(False)
-        assert await c.ping()
+        assert await fresh.ping()
+        assert proxy.stats.bytes_up > up_before
     finally:
         await c.aclose()
+        await fresh.aclose()

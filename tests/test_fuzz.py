@@ -24,19 +24,21 @@ import grpc
 import pytest
 import redis.asyncio as aioredis
 from google.protobuf import timestamp_pb2
-from hypothesis import HealthCheck, example, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+from quota_fixtures import T0_MS
 
 from quota_sidecar._proto.quota.v1 import quota_pb2 as pb
 from quota_sidecar._proto.quota.v1 import quota_pb2_grpc
 from quota_sidecar.domain.clock import ManualClock
 from quota_sidecar.domain.engine import QuotaEngine
-from quota_sidecar.domain.plans import load_plans
-from quota_sidecar.storage.redis_server import RedisServerProcess
 from quota_sidecar.server.app import create_admin_server, create_server
+from quota_sidecar.server.plans_file import load_plans
 from quota_sidecar.server.settings import Settings
+from quota_sidecar.storage.redis_server import RedisServerProcess
 from quota_sidecar.storage.store import RedisStore
 
-from quota_fixtures import T0_MS
+pytestmark = [pytest.mark.all_redis_versions, pytest.mark.slow]
 
 T = TypeVar("T")
 

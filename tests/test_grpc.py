@@ -11,18 +11,19 @@ import redis.asyncio as aioredis
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from quota_fixtures import T0_MS, Sidecar, keys_with_prefix
 
 from quota_sidecar._proto.quota.v1 import quota_pb2 as pb
 from quota_sidecar._proto.quota.v1 import quota_pb2_grpc
 from quota_sidecar.domain.clock import ManualClock
 from quota_sidecar.domain.engine import QuotaEngine
-from quota_sidecar.domain.plans import load_plans
-from quota_sidecar.storage.redis_server import RedisServerProcess
 from quota_sidecar.server.app import create_server
+from quota_sidecar.server.plans_file import load_plans
 from quota_sidecar.server.settings import Settings
+from quota_sidecar.storage.redis_server import RedisServerProcess
 from quota_sidecar.storage.store import RedisStore
 
-from quota_fixtures import T0_MS, Sidecar, keys_with_prefix
+pytestmark = pytest.mark.all_redis_versions
 
 V10 = pb.JobParams(duration_seconds=10, resolution="720p")
 
@@ -126,6 +127,7 @@ BAD_RESERVATIONS = [
 ]
 
 
+@pytest.mark.newest_redis_only
 @pytest.mark.parametrize("field,request_", BAD_RESERVATIONS, ids=[f"{f}-{i}" for i, (f, _) in enumerate(BAD_RESERVATIONS)])
 async def test_bad_reservation_is_invalid_argument_naming_the_field_and_writes_nothing(
         sidecar: Sidecar, redis_client: aioredis.Redis, key_prefix: str, field: str,
@@ -150,6 +152,7 @@ BAD_ADMIN = [
 ]
 
 
+@pytest.mark.newest_redis_only
 @pytest.mark.parametrize("method,field,request_", BAD_ADMIN, ids=[f"{m}-{f}-{i}" for i, (m, f, _) in enumerate(BAD_ADMIN)])
 async def test_bad_admin_input_is_invalid_argument_and_writes_nothing(
         sidecar: Sidecar, redis_client: aioredis.Redis, key_prefix: str, method: str, field: str, request_) -> None:
@@ -201,6 +204,7 @@ async def test_expired_reservation_reports_expired(sidecar: Sidecar, clock: Manu
     assert (err.value.code(), details(err.value)["ErrorInfo"].reason) == (grpc.StatusCode.FAILED_PRECONDITION, "EXPIRED")
 
 
+@pytest.mark.newest_redis_only
 async def test_health_reflection_and_admin_separation(sidecar: Sidecar) -> None:
     health = health_pb2_grpc.HealthStub(sidecar.channel)
     reply = await health.Check(health_pb2.HealthCheckRequest(service=""))
@@ -215,6 +219,7 @@ async def test_health_reflection_and_admin_separation(sidecar: Sidecar) -> None:
     assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
+@pytest.mark.newest_redis_only
 async def test_oversized_request_is_refused(sidecar: Sidecar) -> None:
     huge = pb.JobParams(duration_seconds=10, resolution="720p", extra={"blob": "x" * 200_000})
     with pytest.raises(grpc.aio.AioRpcError) as err:

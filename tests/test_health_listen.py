@@ -17,15 +17,16 @@ from typing import Any, AsyncIterator
 
 import grpc
 import pytest
+from fault_proxy import FaultProxy
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from fault_proxy import FaultProxy
-from quota_sidecar._proto.quota.v1 import quota_pb2 as pb, quota_pb2_grpc as pb_grpc
-from quota_sidecar.domain.errors import InvalidArgument
-from quota_sidecar.storage.redis_server import RedisServerProcess
+from quota_sidecar._proto.quota.v1 import quota_pb2 as pb
+from quota_sidecar._proto.quota.v1 import quota_pb2_grpc as pb_grpc
+from quota_sidecar.domain.errors import ConfigError
 from quota_sidecar.server.app import HEALTH_NAMES, LIVENESS_NAME, run
 from quota_sidecar.server.settings import Settings
 from quota_sidecar.server.workers import worker_settings
+from quota_sidecar.storage.redis_server import RedisServerProcess
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -116,6 +117,7 @@ async def test_health_port_follows_redis_and_serves_nothing_else(
         await running.stop()
 
 
+@pytest.mark.all_redis_versions
 async def test_health_port_says_not_serving_through_the_drain(
         tmp_path: Path, proxy: FaultProxy, key_prefix: str) -> None:
     """During the grace period the probe port answers NOT_SERVING (not a refused connection),
@@ -126,20 +128,23 @@ async def test_health_port_says_not_serving_through_the_drain(
         await running.ports()
         async with grpc.aio.insecure_channel(f"unix:{tmp_path}/q.sock") as channel:
             quota = pb_grpc.QuotaServiceStub(channel)
-            await quota.GetBalance(pb.GetBalanceRequest(account_id="warm"), timeout=CALL_TIMEOUT_SECONDS)
-            await proxy.delay(700)  # each chunk each way: the next call spends over a second in Redis
-            sent_before = proxy.stats.bytes_up
+            # Warm: the decision path's connection to Redis is open (a blackhole stalls open
+            # connections, keeping their bytes, and never forwards new ones).
+            assert (await quota.CheckAndReserve(pb.CheckAndReserveRequest(
+                account_id="warm", product="sora", reservation_id="w1",
+                params=pb.JobParams(duration_seconds=5, resolution="480p")), timeout=CALL_TIMEOUT_SECONDS)).allowed
+            held_before = proxy.stats.bytes_held
+            await proxy.blackhole(True)  # the next call waits on Redis until the drain has been seen
             call = asyncio.ensure_future(quota.CheckAndReserve(pb.CheckAndReserveRequest(
                 account_id="drain", product="sora", reservation_id="r1",
                 params=pb.JobParams(duration_seconds=5, resolution="480p")), timeout=WAIT_SECONDS))
-            deadline = time.monotonic() + WAIT_SECONDS
-            while proxy.stats.bytes_up == sent_before and time.monotonic() < deadline:
-                await asyncio.sleep(POLL_SECONDS)  # until the reserve is on its way to Redis
-            assert proxy.stats.bytes_up > sent_before
+            # The reserve is on its way to Redis: held in the proxy (no sleep, no guess).
+            await proxy.wait_for(lambda st: st.bytes_held > held_before, timeout=WAIT_SECONDS)
             os.kill(os.getpid(), signal.SIGTERM)
             await running.wait_status(NOT_SERVING)
             assert await running.status(LIVENESS_NAME) == NOT_SERVING
             assert not call.done(), "the in-flight call should still be running during the drain"
+            await proxy.blackhole(False)
             reply = await call
             assert reply.allowed
     finally:
@@ -151,7 +156,7 @@ def test_health_listen_setting() -> None:
     assert Settings().health_listen == ""
     assert Settings.from_sources(environ={"QUOTA_HEALTH_LISTEN": "0.0.0.0:8081"}).health_listen == "0.0.0.0:8081"
     for bad in ("8081", "host:", "::1:8081", "[::1]:99999"):
-        with pytest.raises(InvalidArgument) as info:
+        with pytest.raises(ConfigError) as info:
             Settings(health_listen=bad)
         assert info.value.field == "health_listen", bad
 
@@ -175,6 +180,6 @@ def test_unix_socket_mode_setting() -> None:
     assert Settings().socket_mode() is None
     assert Settings(unix_socket_mode="660").socket_mode() == 0o660
     for bad in ("rw", "0999", "1777", "-1"):
-        with pytest.raises(InvalidArgument) as info:
+        with pytest.raises(ConfigError) as info:
             Settings(unix_socket_mode=bad)
         assert info.value.field == "unix_socket_mode", bad

@@ -43,9 +43,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 import quota_sidecar
 from quota_sidecar._proto.quota.v1 import quota_pb2 as pb
 from quota_sidecar._proto.quota.v1 import quota_pb2_grpc as pb_grpc
+from quota_sidecar.server.app import LIVENESS_NAME
 from quota_sidecar.storage.connect import parse_url
 from quota_sidecar.storage.redis_server import RedisServerProcess
-from quota_sidecar.server.app import LIVENESS_NAME
+
+pytestmark = [pytest.mark.all_redis_versions, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "helm" / "quota-sidecar"
@@ -592,6 +594,21 @@ def test_every_value_is_documented() -> None:
 
 def test_chart_plans_are_the_package_defaults() -> None:
     assert (CHART / "files" / "plans.yaml").read_bytes() == DEFAULT_PLANS.read_bytes()
+
+
+def test_chart_plans_match_the_plans_json_schema(renders: dict[str, Rendered]) -> None:
+    # The schema editors use (the plans.yaml modeline names it) must accept the plans the chart ships.
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads((CHART / "files" / "plans.schema.json").read_text())
+    validator_class = jsonschema.validators.validator_for(schema)
+    validator_class.check_schema(schema)
+    validator = validator_class(schema, format_checker=validator_class.FORMAT_CHECKER)
+    rendered = renders["defaults"].get("ConfigMap", f"{RELEASE}-quota-sidecar-plans")["data"]["plans.yaml"]
+    for name, text in (("files/plans.yaml", (CHART / "files" / "plans.yaml").read_text()), ("rendered", rendered)):
+        document = yaml.safe_load(text)
+        assert [error.message for error in validator.iter_errors(document)] == [], name
+        document["plans"]["pro"]["sora"]["colour"] = "red"  # and it is no blank cheque
+        assert not validator.is_valid(document), name
 
 
 def test_plans_configmap_is_mounted_as_a_directory_and_valid(renders: dict[str, Rendered], tmp_path: Path) -> None:

@@ -19,11 +19,12 @@ import pytest
 import redis.asyncio as aioredis
 from google.protobuf import timestamp_pb2
 from google.rpc import error_details_pb2, status_pb2
+from quota_fixtures import T0_MS, Sidecar, key, keys_with_prefix
 
 from quota_sidecar._proto.quota.v1 import quota_pb2 as pb
 from quota_sidecar.domain.model import AccountChanges, AutoTopUp, CreditSource, Stamp
 
-from quota_fixtures import T0_MS, Sidecar, key, keys_with_prefix
+pytestmark = pytest.mark.all_redis_versions
 
 MAX = 1_000_000_000
 DAY_S = 86_400
@@ -84,6 +85,7 @@ BAD_TOPUPS = [
 ]
 
 
+@pytest.mark.newest_redis_only
 @pytest.mark.parametrize("field,topup", BAD_TOPUPS,
                          ids=[f"{f.split('.')[1]}-{i}" for i, (f, _) in enumerate(BAD_TOPUPS)])
 async def test_bad_auto_topup_is_refused_whatever_enabled_says_and_writes_nothing(
@@ -154,6 +156,7 @@ BAD_EXPIRIES = [
 ]
 
 
+@pytest.mark.newest_redis_only
 @pytest.mark.parametrize("seconds,nanos", [(s, n) for _, s, n in BAD_EXPIRIES], ids=[i for i, _, _ in BAD_EXPIRIES])
 async def test_out_of_range_expires_at_is_invalid_argument_and_logs_nothing(
         sidecar: Sidecar, redis_client: aioredis.Redis, key_prefix: str, caplog: pytest.LogCaptureFixture,
@@ -179,6 +182,7 @@ async def test_an_expiry_with_nanos_still_grants(sidecar: Sidecar) -> None:
 U64 = 2**64 - 1
 
 
+@pytest.mark.newest_redis_only
 @pytest.mark.parametrize("token", ["99999999999999999999-0", f"{U64 + 1}-0", f"{U64}-{U64}", f"0-{U64 + 1}"])
 async def test_page_token_redis_would_refuse_is_invalid_argument(sidecar: Sidecar, token: str) -> None:
     await sidecar.admin.GrantCredits(pb.GrantCreditsRequest(account_id="a", credits=1, purchase_id="p"))
@@ -217,6 +221,7 @@ AMBIGUOUS_OVERRIDES = [
 ]
 
 
+@pytest.mark.newest_redis_only
 @pytest.mark.parametrize("field,product,request_", AMBIGUOUS_OVERRIDES, ids=range(len(AMBIGUOUS_OVERRIDES)))
 async def test_ambiguous_or_unknown_override_is_refused_naming_the_product(
         sidecar: Sidecar, redis_client: aioredis.Redis, key_prefix: str, field: str, product: str,
@@ -258,6 +263,7 @@ def reason_calls(sc: Sidecar, reason: str) -> list[Callable[[], Any]]:
     ]
 
 
+@pytest.mark.newest_redis_only
 @pytest.mark.parametrize("char", NOT_PRINTABLE.values(), ids=NOT_PRINTABLE.keys())
 async def test_reason_with_a_character_that_is_not_printable_is_refused(
         sidecar: Sidecar, redis_client: aioredis.Redis, key_prefix: str, char: str) -> None:

@@ -8,15 +8,17 @@ from typing import Any
 
 import pytest
 import yaml
+from quota_fixtures import T0_MS, utc_ms
 
 from quota_sidecar.domain.clock import ManualClock
 from quota_sidecar.domain.engine import QuotaEngine
 from quota_sidecar.domain.errors import InvalidArgument
 from quota_sidecar.domain.model import DenialReason, Funding, JobParams, Limit, LimitKind, LimitOverride
-from quota_sidecar.domain.plans import Plans, parse_plans
+from quota_sidecar.domain.plans import Plans
+from quota_sidecar.server.plans_file import parse_plans
 from quota_sidecar.storage.store import RedisStore
 
-from quota_fixtures import T0_MS, utc_ms
+pytestmark = pytest.mark.all_redis_versions
 
 TASK = JobParams(model="codex-mini")  # 1 credit
 V10 = JobParams(duration_seconds=10, resolution="720p")
@@ -153,6 +155,7 @@ async def test_account_override_replaces_the_plan_limits(engine: QuotaEngine) ->
     assert (allowance.overridden, allowance.free_limit) == (False, 10)
 
 
+@pytest.mark.newest_redis_only
 @pytest.mark.parametrize("override,field", [
     (LimitOverride("dalle", (Limit("x", LimitKind.DAY, 1),)), "overrides.product"),
     (LimitOverride("codex", ()), "overrides[codex].limits"),
@@ -262,8 +265,8 @@ async def test_shadow_decisions_are_counted_on_the_metrics(store: RedisStore, cl
 
     from quota_sidecar._proto.quota.v1 import quota_pb2 as pb
     from quota_sidecar._proto.quota.v1 import quota_pb2_grpc
-    from quota_sidecar.server.metrics import Metrics
     from quota_sidecar.server.app import create_server
+    from quota_sidecar.server.metrics import Metrics
     from quota_sidecar.server.settings import Settings
 
     def edit(d: dict[str, Any]) -> None:

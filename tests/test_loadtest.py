@@ -11,14 +11,16 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from quota_fixtures import Sidecar, key
 
-from quota_sidecar.tools import cli
 from quota_sidecar._proto.quota.v1 import quota_pb2 as pb
+from quota_sidecar.storage.redis_server import RedisServerProcess
+from quota_sidecar.tools import cli
 from quota_sidecar.tools.loadtest import (
     BUILTIN_JOBS,
+    JobSpec,
     LoadConfig,
     LoadConfigError,
-    JobSpec,
     Sampler,
     Timeline,
     corrected_latencies_us,
@@ -33,9 +35,8 @@ from quota_sidecar.tools.loadtest import (
     zipf_cdf,
 )
 from quota_sidecar.tools.loadtest_plot import check_plot_path, nice_ticks, nines, render_html, write_plot
-from quota_sidecar.storage.redis_server import RedisServerProcess
 
-from quota_fixtures import Sidecar, key
+pytestmark = pytest.mark.all_redis_versions
 
 FREE_SORA_PER_DAY = 30  # the default plans' free plan
 TOP_KEYS = {"run_id", "mode", "config", "elapsed_seconds", "decisions", "rpcs", "decisions_per_second",
@@ -314,6 +315,7 @@ async def test_granted_credits_fund_jobs_beyond_the_free_allowance(sidecar: Side
 # -- errors -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.newest_redis_only
 async def test_failed_calls_are_counted_by_status(sidecar: Sidecar) -> None:
     # A product the sidecar does not know: every call is INVALID_ARGUMENT.
     report = await run_load(config(sidecar, product="nosuch", jobs=BUILTIN_JOBS["video"], requests=20))
@@ -379,6 +381,7 @@ async def test_cli_end_to_end_json_and_plot(sidecar: Sidecar, tmp_path: Any,
     assert "decisions  200 in" in out and "20 RPCs" in out and "CheckAndReserveBatch x10" in out
 
 
+@pytest.mark.newest_redis_only
 async def test_cli_exit_1_on_errors_unless_allowed(sidecar: Sidecar, capsys: pytest.CaptureFixture[str]) -> None:
     args = ["--target", f"127.0.0.1:{sidecar.port}", "--requests", "10", "--warmup", "0", "--product", "nosuch",
             "--job", "video", "--quiet"]

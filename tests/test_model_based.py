@@ -18,17 +18,9 @@ from datetime import datetime, timezone
 from typing import Any, Awaitable, Callable, TypeVar
 
 import pytest
-from hypothesis import HealthCheck, settings, strategies as st
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule, run_state_machine_as_test
-
-from quota_sidecar.domain.clock import ManualClock
-from quota_sidecar.domain.engine import QuotaEngine
-from quota_sidecar.domain.errors import QuotaError
-from quota_sidecar.domain.model import CreditSource, Decision, JobParams
-from quota_sidecar.domain.plans import load_plans
-from quota_sidecar.storage.redis_server import RedisServerProcess
-from quota_sidecar.storage.store import RedisStore
-
 from reference_model import (
     BalanceView,
     CommitReply,
@@ -38,6 +30,16 @@ from reference_model import (
     ReleaseReply,
     ReserveReply,
 )
+
+from quota_sidecar.domain.clock import ManualClock
+from quota_sidecar.domain.engine import QuotaEngine
+from quota_sidecar.domain.errors import QuotaError
+from quota_sidecar.domain.model import CreditSource, Decision, JobParams
+from quota_sidecar.server.plans_file import load_plans
+from quota_sidecar.storage.redis_server import RedisServerProcess
+from quota_sidecar.storage.store import RedisStore
+
+pytestmark = pytest.mark.all_redis_versions
 
 T = TypeVar("T")
 
@@ -268,6 +270,7 @@ class QuotaMachine(RuleBasedStateMachine):
             self._check_balance(look_at)
 
 
+@pytest.mark.slow
 def test_engine_matches_the_reference_model(redis_server: RedisServerProcess) -> None:
     url = redis_server.url
 

@@ -18,22 +18,25 @@ from typing import AsyncIterator
 import grpc
 import pytest
 import redis.asyncio as aioredis
+from quota_fixtures import T0_MS, Sidecar, key
+from test_degraded import fail_open_plans
+from test_grpc import details, reserve_request
 
 from quota_sidecar._proto.quota.v1 import quota_pb2 as pb
-from quota_sidecar.domain.audit import audit_account
 from quota_sidecar.client import QuotaClient, ReservationError
+from quota_sidecar.domain.audit import audit_account
 from quota_sidecar.domain.clock import ManualClock
 from quota_sidecar.domain.degraded import DegradedMode
 from quota_sidecar.domain.engine import QuotaEngine
 from quota_sidecar.domain.errors import ResolutionConflict
 from quota_sidecar.domain.model import DenialReason, Funding, JobParams
-from quota_sidecar.domain.plans import load_plans
+from quota_sidecar.server.journal import FileJournal
+from quota_sidecar.server.plans_file import load_plans
+from quota_sidecar.storage.keys import key_bucket
 from quota_sidecar.storage.redis_server import RedisServerProcess
-from quota_sidecar.storage.store import RedisStore, key_bucket
+from quota_sidecar.storage.store import RedisStore
 
-from quota_fixtures import T0_MS, Sidecar, key
-from test_degraded import fail_open_plans
-from test_grpc import details, reserve_request
+pytestmark = pytest.mark.all_redis_versions
 
 V10 = JobParams(duration_seconds=10, resolution="720p")
 V1_480 = JobParams(duration_seconds=1, resolution="480p")
@@ -95,7 +98,7 @@ async def test_a_degraded_reservation_resolved_locally_does_not_replay_as_allowe
     redis.start()
     store = RedisStore.from_url(redis.url, timeout_seconds=0.3)
     engine = QuotaEngine(fail_open_plans(), store, ManualClock(T0_MS),
-                         degraded=DegradedMode(str(tmp_path / "journal.jsonl")))
+                         degraded=DegradedMode(FileJournal(str(tmp_path / "journal.jsonl"))))
     try:
         redis.kill()
         assert (await engine.check_and_reserve("a", "sora", "d1", V10)).outcome.degraded
@@ -115,7 +118,7 @@ async def paused_rig(tmp_path: Path, redis_binary: str) -> AsyncIterator[tuple[R
     redis.start()
     store = RedisStore.from_url(redis.url, timeout_seconds=0.3)
     engine = QuotaEngine(fail_open_plans(), store, ManualClock(T0_MS),
-                         degraded=DegradedMode(str(tmp_path / "journal.jsonl")))
+                         degraded=DegradedMode(FileJournal(str(tmp_path / "journal.jsonl"))))
     # The connection is up before the stall, as on a live sidecar: a call then sends its script
     # and waits for the reply (a connection opened during the stall sends nothing).
     await store.load_scripts()  # as `serve` does at start-up

@@ -12,38 +12,41 @@ import copy
 import importlib.resources
 import json
 import logging
-import os
 import shutil
 import tempfile
 import urllib.request
 import uuid
-from pathlib import Path
 from concurrent import futures
+from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterator
 
 import grpc
 import pytest
 import yaml
+from fault_proxy import FaultProxy
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 from prometheus_client.parser import text_string_to_metric_families
+from quota_fixtures import Sidecar, utc_ms
 
-from fault_proxy import FaultProxy
-from quota_sidecar._proto.quota.v1 import quota_pb2 as pb, quota_pb2_grpc as pb_grpc
+from quota_sidecar._proto.quota.v1 import quota_pb2 as pb
+from quota_sidecar._proto.quota.v1 import quota_pb2_grpc as pb_grpc
 from quota_sidecar.domain.clock import ManualClock
 from quota_sidecar.domain.engine import QuotaEngine
+from quota_sidecar.domain.plans import Plans
+from quota_sidecar.server.app import create_admin_server, create_server, sweep_forever
 from quota_sidecar.server.logs import JsonFormatter, TextFormatter, mask_credentials
 from quota_sidecar.server.metrics import Metrics, MetricsHTTPServer
-from quota_sidecar.domain.plans import Plans, parse_plans
-from quota_sidecar.storage.redis_server import RedisServerProcess
-from quota_sidecar.server.app import create_admin_server, create_server, sweep_forever
+from quota_sidecar.server.plans_file import parse_plans
 from quota_sidecar.server.settings import Settings
-from quota_sidecar.storage.store import RedisStore
 from quota_sidecar.server.telemetry import Telemetry
-from quota_fixtures import Sidecar, utc_ms
+from quota_sidecar.storage.redis_server import RedisServerProcess
+from quota_sidecar.storage.store import RedisStore
+
+pytestmark = pytest.mark.all_redis_versions
 
 T0_MS = utc_ms(2026, 11, 21, 12)
 CALL_TIMEOUT_SECONDS = 10.0
@@ -150,8 +153,11 @@ async def test_metrics_after_a_known_sequence_of_calls(rig: Rig, proxy: FaultPro
         await _known_sequence(rig, proxy)
     # One warning, for the server-side failure, with the ids as fields (JSON logs keep them as keys).
     (warning,) = [r for r in caplog.records if r.name == "quota_sidecar.server.servicer"]
-    assert (getattr(warning, "account_id"), getattr(warning, "reservation_id"), getattr(warning, "reason")) == (
+    assert (warning.account_id, warning.reservation_id, warning.reason) == (
         "acct", "u1", "STORE_UNAVAILABLE")
+    # A refused call's answer can reach the caller before the server has counted it (the status is
+    # sent before the servicer's code unwinds): wait (bounded) until all 10 calls are counted.
+    await _until(lambda: _rpcs_counted(rig.metrics) >= 10)
     http = MetricsHTTPServer(rig.metrics, "127.0.0.1:0")
     try:
         samples = await asyncio.to_thread(scrape, http.port)
@@ -185,6 +191,12 @@ async def test_metrics_after_a_known_sequence_of_calls(rig: Rig, proxy: FaultPro
     assert sample(samples, "quota_redis_call_duration_seconds_count", script="grant") == 1
     assert sample(samples, "quota_redis_errors_total", script="reserve", reason="STORE_UNAVAILABLE") == 1
     assert sample(samples, "quota_redis_errors_total", script="commit", reason="STORE_UNAVAILABLE") == 0
+
+
+def _rpcs_counted(metrics: Metrics) -> float:
+    """Calls counted so far by quota_rpc_duration_seconds, whatever their method and code."""
+    return sum(sample.value for family in metrics.registry.collect() for sample in family.samples
+               if sample.name == "quota_rpc_duration_seconds_count")
 
 
 async def test_sweeper_passes_and_expired_holds_are_counted(rig: Rig, key_prefix: str) -> None:
@@ -236,10 +248,18 @@ async def test_rpc_and_redis_spans_follow_the_callers_trace(rig: Rig, proxy: Fau
         await rig.quota.CheckAndReserve(_sora("traced", "t2"), timeout=CALL_TIMEOUT_SECONDS)
     await proxy.refuse(False)
 
-    finished = spans.get_finished_spans()
-    by_name: dict[str, list[Any]] = {}
-    for span in finished:
-        by_name.setdefault(span.name, []).append(span)
+    # The caller can have its answer before the server has ended the call's span (an error
+    # status is sent before the servicer's code unwinds): wait (bounded) for the spans to end.
+    def finished_by_name() -> dict[str, list[Any]]:
+        found: dict[str, list[Any]] = {}
+        for span in spans.get_finished_spans():
+            found.setdefault(span.name, []).append(span)
+        return found
+
+    expected = {f"{SERVICE}/CheckAndReserve": 2, f"{SERVICE}/Commit": 1, "redis reserve": 2}
+    await _until(lambda: all(len(finished_by_name().get(name, ())) >= n for name, n in expected.items()))
+    by_name = finished_by_name()
+    assert {name: len(by_name[name]) for name in expected} == expected
     reserve_rpc = by_name[f"{SERVICE}/CheckAndReserve"][0]
     assert reserve_rpc.kind == SpanKind.SERVER
     assert format(reserve_rpc.context.trace_id, "032x") == trace_id

@@ -1,11 +1,16 @@
-"""Tests of quota_sidecar.domain.plans: loading, strict validation, pricing, entitlements."""
+"""Tests of the plans: loading and strict validation (quota_sidecar.server.plans_file), its JSON
+Schema, and pricing and entitlements (quota_sidecar.domain.plans)."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
 import importlib.resources
+import json
 import math
+import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -13,8 +18,11 @@ import pytest
 import yaml
 
 from quota_sidecar.domain.errors import InvalidArgument, PlansError
-from quota_sidecar.domain.model import Limit, LimitKind, CreditPack, JobParams, Money, Offer
-from quota_sidecar.domain.plans import Plans, ProductRules, load_plans, parse_plans
+from quota_sidecar.domain.model import CreditPack, JobParams, Limit, LimitKind, Money, Offer
+from quota_sidecar.domain.plans import Plans, ProductRules
+from quota_sidecar.server.plans_file import load_plans, parse_plans, plans_json_schema, plans_json_schema_text
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -614,3 +622,90 @@ def test_daily_free_and_limits_together_are_refused() -> None:
     document["shadow"] = {"products": ["dalle"]}
     with pytest.raises(PlansError, match="shadow.products"):
         parse_plans(document)
+
+
+def test_an_explicit_null_is_refused_not_read_as_absent() -> None:
+    # `max_resolution:` left empty is YAML null: it must not mean "every resolution".
+    for rules_path, value in (("sora/max_resolution", None), ("codex/max_units", None), ("codex/models", None),
+                              ("sora/daily_free", None), ("sora/max_duration_seconds", None)):
+        document = _default_document()
+        product, key = rules_path.split("/")
+        document["plans"]["free"][product][key] = value
+        with pytest.raises(PlansError) as caught:
+            parse_plans(document)
+        assert caught.value.field == f"plans.free.{product}.{key}"
+        assert "None" in caught.value.description or "nothing" in caught.value.description
+
+
+def test_scheduled_section_errors_name_the_change() -> None:
+    document = _default_document()
+    document["scheduled"] = [{"effective_from": "2027-01-01T00:00:00Z", "plans": ["free"]}]
+    with pytest.raises(PlansError) as caught:
+        parse_plans(document)
+    assert (caught.value.field, caught.value.description) == ("scheduled[0]: plans", "must be a mapping (got list)")
+
+
+def _paths(node: object, prefix: tuple[str | int, ...] = ()) -> list[tuple[str | int, ...]]:
+    children = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    return [prefix] + [path for key, child in children for path in _paths(child, (*prefix, key))]
+
+
+def test_every_refusal_is_worded_by_the_plans_file_and_names_a_field() -> None:
+    # Any value at any place: refused in this file's words (never pydantic's), naming a field of the
+    # file: that place, or one that refers to it (a plan beyond a changed product bound).
+    base = _default_document()
+    base["plans"]["pro"]["codex"] = {"limits": [{"id": "x", "kind": "rolling", "hours": 5, "free": 3}]}
+    base["shadow"] = {"plans": ["plus"]}
+    base["scheduled"] = [{"effective_from": "2027-01-01T00:00:00Z", "plans": {"free": base["plans"]["free"]}}]
+    for path in _paths(base)[1:]:
+        for junk in (None, "x", -1, 1.5, True, [1], {"k": 1}):
+            document = copy.deepcopy(base)
+            *parents, last = path
+            node: Any = document
+            for key in parents:
+                node = node[key]
+            node[last] = junk
+            try:
+                parse_plans(document)
+            except PlansError as exc:
+                assert not exc.description.startswith(("Input should", "Field required")), (path, junk, exc)
+                top = re.split(r"[.\[]", exc.field.removeprefix("scheduled[0]: "))[0]
+                assert top in base or top == "scheduled", (path, junk, exc)
+
+
+# --- the JSON Schema ------------------------------------------------------------
+
+
+def test_checked_in_schema_is_the_models_schema() -> None:
+    checked_in = importlib.resources.files("quota_sidecar").joinpath("plans.schema.json").read_text("utf-8")
+    assert checked_in == plans_json_schema_text(), (
+        "quota_sidecar/plans.schema.json is stale: python -m quota_sidecar.server.plans_file "
+        "> quota_sidecar/plans.schema.json (and copy it to helm/quota-sidecar/files/)")
+
+
+def test_chart_carries_the_schema_its_plans_name() -> None:
+    # The chart's plans.yaml is the package's, modeline included: the schema it names sits next to it.
+    chart_files = REPO / "helm" / "quota-sidecar" / "files"
+    assert (chart_files / "plans.schema.json").read_text("utf-8") == plans_json_schema_text()
+    modeline = (chart_files / "plans.yaml").read_text("utf-8").splitlines()[0]
+    assert modeline == "# yaml-language-server: $schema=plans.schema.json"
+
+
+def test_schema_command_prints_the_schema() -> None:
+    result = subprocess.run([sys.executable, "-m", "quota_sidecar.server.plans_file"],
+                            capture_output=True, text=True, timeout=60, check=True)
+    assert json.loads(result.stdout) == plans_json_schema()
+
+
+def test_schema_states_the_structure() -> None:
+    schema = plans_json_schema()
+    assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    assert schema["additionalProperties"] is False
+    assert set(schema["required"]) == {"version", "default_plan", "credit_validity_months", "packs", "products",
+                                       "plans"}
+    for name, definition in schema["$defs"].items():
+        assert definition["additionalProperties"] is False, name
+    rules = schema["$defs"]["RulesSection"]["properties"]
+    assert set(rules) == {"daily_free", "limits", "max_concurrent", "max_duration_seconds", "max_resolution",
+                          "models", "max_units"}
+

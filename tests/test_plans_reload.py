@@ -21,18 +21,19 @@ import grpc
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
+from quota_fixtures import Sidecar
+from test_serve_cli import DEFAULT_PLANS, running_sidecar, short_dir  # noqa: F401 - short_dir is a fixture
 
 from quota_sidecar._proto.quota.v1 import quota_pb2 as pb
 from quota_sidecar._proto.quota.v1 import quota_pb2_grpc as pb_grpc
-from quota_sidecar.domain.errors import InvalidArgument, PlansError
-from quota_sidecar.server.metrics import Metrics, MetricsHTTPServer
+from quota_sidecar.domain.errors import ConfigError, PlansError
 from quota_sidecar.domain.plans import Plans
+from quota_sidecar.server.metrics import Metrics, MetricsHTTPServer
 from quota_sidecar.server.plans_source import PlansSource
-from quota_sidecar.storage.redis_server import RedisServerProcess
 from quota_sidecar.server.settings import Settings
+from quota_sidecar.storage.redis_server import RedisServerProcess
 
-from quota_fixtures import Sidecar
-from test_serve_cli import DEFAULT_PLANS, running_sidecar, short_dir  # noqa: F401 - short_dir is a fixture
+pytestmark = pytest.mark.all_redis_versions
 
 DEFAULT_VERSION = "2026-11-01"
 WAIT_SECONDS = 10.0
@@ -335,7 +336,7 @@ async def test_metrics_http_server_serves_the_registry_and_stops() -> None:
     ({"plans_reload_interval_seconds": float("nan")}, "plans_reload_interval_seconds"),
 ])
 def test_new_settings_are_validated(changes: dict[str, object], field: str) -> None:
-    with pytest.raises(InvalidArgument) as info:
+    with pytest.raises(ConfigError) as info:
         Settings(**changes)  # type: ignore[arg-type]
     assert info.value.field == field
 

@@ -11,13 +11,14 @@ import uuid
 
 import pytest
 import redis.asyncio as aioredis
+from fault_proxy import FaultProxy
 from redis import exceptions as redis_errors
 
-from fault_proxy import FaultProxy
 from quota_sidecar.storage import connect as redis_connect
 from quota_sidecar.storage.mux import CLIENT_NAME, MuxConnection, Packed, flatten, pack_command
 from quota_sidecar.storage.redis_server import RedisServerProcess
 from quota_sidecar.storage.store import RedisStore
+from quota_sidecar.storage.transport import MuxTransport, PipelineTransport
 
 
 def test_pack_command_is_resp_and_splices_packed_blocks() -> None:
@@ -40,23 +41,27 @@ async def _mux_clients(client: aioredis.Redis) -> list[dict[str, object]]:
 
 async def test_concurrent_callers_share_one_connection_and_get_their_own_replies(
         redis_server: RedisServerProcess, redis_client: aioredis.Redis) -> None:
-    mux = _mux(redis_server)
-    before = len(await _mux_clients(redis_client))
-    try:
-        values = [uuid.uuid4().hex for _ in range(300)]
-        replies = await asyncio.gather(*(mux.execute("ECHO", v) for v in values))
-        assert replies == values
-        assert len(await _mux_clients(redis_client)) == before + 1
-        # One batch: commands written together, applied in order.
-        key = "mux:" + uuid.uuid4().hex
-        packed = [pack_command(["RPUSH", key, i]) for i in range(50)]
-        assert await mux.execute_many(packed) == list(range(1, 51))
-        assert await redis_client.lrange(key, 0, -1) == [str(i) for i in range(50)]
-        await redis_client.delete(key)
-    finally:
-        await mux.aclose()
+    # Through a proxy, which counts the connections made (Redis' own client list also holds the
+    # other tests' connections, some maybe still closing).
+    async with FaultProxy("127.0.0.1", redis_server.port) as proxy:
+        mux = MuxConnection(host="127.0.0.1", port=proxy.port, timeout_seconds=10.0)
+        try:
+            values = [uuid.uuid4().hex for _ in range(300)]
+            replies = await asyncio.gather(*(mux.execute("ECHO", v) for v in values))
+            assert replies == values
+            assert proxy.stats.accepted == 1
+            # One batch: commands written together, applied in order.
+            key = "mux:" + uuid.uuid4().hex
+            packed = [pack_command(["RPUSH", key, i]) for i in range(50)]
+            assert await mux.execute_many(packed) == list(range(1, 51))
+            assert await redis_client.lrange(key, 0, -1) == [str(i) for i in range(50)]
+            await redis_client.delete(key)
+            assert proxy.stats.accepted == 1
+        finally:
+            await mux.aclose()
 
 
+@pytest.mark.all_redis_versions
 async def test_error_replies_are_redis_py_classes_and_leave_the_connection_usable(
         redis_server: RedisServerProcess, redis_client: aioredis.Redis) -> None:
     mux = _mux(redis_server)
@@ -78,15 +83,22 @@ async def test_error_replies_are_redis_py_classes_and_leave_the_connection_usabl
 
 async def test_a_killed_connection_fails_its_calls_and_the_next_call_reconnects(
         redis_server: RedisServerProcess, redis_client: aioredis.Redis) -> None:
-    mux = _mux(redis_server)
+    # The timeout only bounds a broken test: the BLPOP below blocks until its connection is killed.
+    mux = MuxConnection(host="127.0.0.1", port=redis_server.port, timeout_seconds=30.0)
     try:
         assert await mux.execute("PING") == "PONG"
         # A blocking command keeps a call in flight while the connection is killed under it.
-        in_flight = asyncio.ensure_future(mux.execute("BLPOP", "mux:" + uuid.uuid4().hex, 1))
-        await asyncio.sleep(0.05)
+        in_flight = asyncio.ensure_future(mux.execute("BLPOP", "mux:" + uuid.uuid4().hex, 0))
+        # Redis says which connection is blocked in the BLPOP (not a sleep and a guess).
+        blocked: list[dict[str, object]] = []
+        for _ in range(500):  # bounded: ~10 s
+            blocked = [c for c in await _mux_clients(redis_client) if c.get("cmd") == "blpop"]
+            if blocked:
+                break
+            await asyncio.sleep(0.02)
+        assert len(blocked) == 1, await _mux_clients(redis_client)
         assert not in_flight.done()
-        for c in await _mux_clients(redis_client):
-            await redis_client.client_kill_filter(_id=c["id"])
+        await redis_client.client_kill_filter(_id=blocked[0]["id"])
         with pytest.raises(redis_errors.ConnectionError):
             await in_flight
         assert await mux.execute("PING") == "PONG"
@@ -96,15 +108,22 @@ async def test_a_killed_connection_fails_its_calls_and_the_next_call_reconnects(
 
 async def test_an_overdue_reply_fails_the_call_with_timeout_then_recovers(redis_server: RedisServerProcess) -> None:
     async with FaultProxy("127.0.0.1", redis_server.port) as proxy:
-        mux = MuxConnection(host="127.0.0.1", port=proxy.port, timeout_seconds=0.3)
+        mux = MuxConnection(host="127.0.0.1", port=proxy.port, timeout_seconds=1.0)
         try:
             assert await mux.execute("PING") == "PONG"
-            # A reply that is late but arrives: the call times out; no later call gets its reply.
-            await proxy.delay(600)
+            sent = proxy.stats.bytes_up
+            # The proxy holds the command back: no reply can come, whatever the machine's speed.
+            await proxy.blackhole(True)
             with pytest.raises(redis_errors.TimeoutError):
                 await mux.execute("ECHO", "late")
-            await proxy.delay(0)
+            assert proxy.stats.bytes_held > 0 and proxy.stats.bytes_up == sent
+            # Then it reaches Redis after all, which answers on the connection the mux gave up.
+            await proxy.blackhole(False)
+            await proxy.wait_for(lambda s: s.bytes_up > sent and s.bytes_held == 0)
+            # No later call gets the late reply: the next call is on a new connection.
             assert await mux.execute("ECHO", "fresh") == "fresh"
+            assert await mux.execute("ECHO", "again") == "again"
+            assert proxy.stats.accepted == 2
         finally:
             await mux.aclose()
 
@@ -156,15 +175,16 @@ def test_only_plain_single_redis_clients_get_a_multiplexed_connection(tmp_path: 
     assert MuxConnection.for_client(unix, timeout_seconds=1) is not None
     for other in (tls, cluster, sentinel):
         assert MuxConnection.for_client(other, timeout_seconds=1) is None
-    assert RedisStore(single)._mux is not None
-    assert RedisStore(single, multiplex=False)._mux is None
+    assert isinstance(RedisStore(single)._transport, MuxTransport)
+    assert isinstance(RedisStore(single, multiplex=False)._transport, PipelineTransport)
 
 
+@pytest.mark.all_redis_versions
 async def test_the_store_sends_decisions_over_the_multiplexed_connection(
         redis_server: RedisServerProcess, redis_client: aioredis.Redis, key_prefix: str) -> None:
     from quota_sidecar.domain.engine import QuotaEngine
     from quota_sidecar.domain.model import JobParams
-    from quota_sidecar.domain.plans import load_plans
+    from quota_sidecar.server.plans_file import load_plans
 
     store = RedisStore.from_url(redis_server.url, key_prefix=key_prefix)
     engine = QuotaEngine(load_plans(), store)
@@ -189,12 +209,13 @@ async def _script_loads(client: aioredis.Redis) -> int:
     return int(entry["calls"])
 
 
+@pytest.mark.all_redis_versions
 @pytest.mark.parametrize("multiplex", [True, False], ids=["mux", "redis-py"])
 async def test_concurrent_noscript_shares_one_script_load(
         redis_server: RedisServerProcess, redis_client: aioredis.Redis, key_prefix: str, multiplex: bool) -> None:
     from quota_sidecar.domain.engine import QuotaEngine
     from quota_sidecar.domain.model import JobParams
-    from quota_sidecar.domain.plans import load_plans
+    from quota_sidecar.server.plans_file import load_plans
 
     store = RedisStore.from_url(redis_server.url, key_prefix=key_prefix, multiplex=multiplex)
     engine = QuotaEngine(load_plans(), store)

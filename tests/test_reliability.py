@@ -10,7 +10,8 @@ import grpc
 import pytest
 import redis as redis_sync
 from grpc_health.v1 import health_pb2
-from grpc_health.v1._async import HealthServicer
+from grpc_health.v1.health import aio as health_aio
+from quota_fixtures import T0_MS
 
 from quota_sidecar._proto.quota.v1 import quota_pb2 as pb
 from quota_sidecar._proto.quota.v1 import quota_pb2_grpc
@@ -18,13 +19,13 @@ from quota_sidecar.domain.audit import audit_all
 from quota_sidecar.domain.clock import ManualClock
 from quota_sidecar.domain.engine import QuotaEngine
 from quota_sidecar.domain.errors import Unavailable
-from quota_sidecar.domain.plans import load_plans
-from quota_sidecar.storage.redis_server import RedisServerProcess
 from quota_sidecar.server.app import create_server, watch_redis_health
+from quota_sidecar.server.plans_file import load_plans
 from quota_sidecar.server.settings import Settings
+from quota_sidecar.storage.redis_server import RedisServerProcess
 from quota_sidecar.storage.store import RedisStore
 
-from quota_fixtures import T0_MS
+pytestmark = pytest.mark.all_redis_versions
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -38,16 +39,16 @@ async def wait_until(predicate: Callable[[], bool], what: str, timeout_seconds: 
         await asyncio.sleep(0.02)
 
 
+@pytest.mark.newest_redis_only
 async def test_health_follows_redis(tmp_path: Path, redis_binary: str) -> None:
     redis = RedisServerProcess(redis_binary, tmp_path / "r", appendfsync="always")
     redis.start()
     store = RedisStore.from_url(redis.url, timeout_seconds=0.2)
-    health = HealthServicer()
+    health = health_aio.HealthServicer()
     watcher = asyncio.create_task(watch_redis_health(store, health, 0.3, probe_interval_seconds=0.05))
     try:
         status = lambda: health._server_status[""]  # noqa: E731 - the servicer's own view of each service
-        await asyncio.sleep(0.1)
-        assert status() == SERVING
+        await wait_until(lambda: status() == SERVING, "SERVING while Redis answers")
         redis.kill()
         await wait_until(lambda: status() == NOT_SERVING, "NOT_SERVING after Redis died")
         assert health._server_status["quota.v1.QuotaService"] == NOT_SERVING
@@ -98,6 +99,7 @@ async def wait_replica_synced(master: RedisServerProcess) -> None:
         client.close()
 
 
+@pytest.mark.slow
 async def test_grants_wait_for_the_required_replicas(tmp_path: Path, redis_binary: str) -> None:
     # Full syncs start at once instead of after Redis' default 5 s gathering delay.
     master = RedisServerProcess(redis_binary, tmp_path / "master", extra_args=["--repl-diskless-sync-delay", "0"])

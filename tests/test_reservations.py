@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import pytest
+from quota_fixtures import T0_MS, key
 
 from quota_sidecar.domain.clock import ManualClock
 from quota_sidecar.domain.engine import QuotaEngine
 from quota_sidecar.domain.errors import Conflict, InvalidArgument, NotFound, ResolutionConflict
 from quota_sidecar.domain.model import DenialReason, Funding, JobParams
 
-from quota_fixtures import T0_MS, key
+pytestmark = pytest.mark.all_redis_versions
 
 V10 = JobParams(duration_seconds=10, resolution="720p")  # 1 credit
 V15 = JobParams(duration_seconds=15, resolution="720p")  # 2 credits

@@ -16,18 +16,17 @@ from typing import AsyncIterator, Callable, Iterator
 
 import pytest
 import redis
+from quota_fixtures import T0_MS, retrying
 
 from quota_sidecar.domain.audit import audit_account
 from quota_sidecar.domain.clock import ManualClock
 from quota_sidecar.domain.engine import QuotaEngine
 from quota_sidecar.domain.model import Funding, JobParams
-from quota_sidecar.domain.plans import load_plans
-from quota_sidecar.storage.redis_server import RedisServerProcess, find_redis_server
+from quota_sidecar.server.plans_file import load_plans
+from quota_sidecar.storage.redis_server import RedisServerProcess
 from quota_sidecar.storage.store import RedisStore
 
-from quota_fixtures import T0_MS, retrying
-
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.all_redis_versions]
 
 V10 = JobParams(duration_seconds=10, resolution="720p")  # 1 credit
 # Retries of a call made during a failover: ~10 s at retrying()'s 50 ms pause.
@@ -117,9 +116,9 @@ def _in_sync(master: int, replica: int) -> bool:
 
 
 @pytest.fixture(scope="module")
-def topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
+def topology(redis_binary: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
     base = tmp_path_factory.mktemp("sentinel")
-    binary = find_redis_server()
+    binary = redis_binary
     master = RedisServerProcess(binary, base / "master", appendfsync="always")
     master.start()
     replica = RedisServerProcess(binary, base / "replica", appendfsync="always",

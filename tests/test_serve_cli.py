@@ -29,16 +29,15 @@ import pytest
 import redis
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from quota_fixtures import key
 
 import quota_sidecar
 from quota_sidecar._proto.quota.v1 import quota_pb2 as pb
 from quota_sidecar._proto.quota.v1 import quota_pb2_grpc as pb_grpc
-from quota_sidecar.storage.redis_server import RedisServerProcess
 from quota_sidecar.server.settings import Settings, env_name
+from quota_sidecar.storage.redis_server import RedisServerProcess
 
-from quota_fixtures import key
-
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.all_redis_versions]
 
 READY_TIMEOUT_SECONDS = 15.0
 POLL_SECONDS = 0.05
@@ -68,7 +67,7 @@ def short_dir() -> Iterator[str]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def health_status(target: str, timeout: float = 0.5) -> int:
+def health_status(target: str, timeout: float = 5.0) -> int:
     with grpc.insecure_channel(target) as channel:
         return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout).status
 
@@ -220,8 +219,10 @@ def test_readme_walkthrough_via_cli(sidecar: Sidecar) -> None:
             c = stub.Commit(pb.CommitRequest(account_id=account, reservation_id=f"free-{i}"), timeout=10)
             assert c.free_charged == 1 and c.credits_charged == 0
 
-    out = _ok(cli("reserve", "--account", account, "--product", "sora", "--duration", "10",
-                  "--resolution", "720p", "--target", sidecar.target))
+    denied = cli("reserve", "--account", account, "--product", "sora", "--duration", "10",
+                 "--resolution", "720p", "--target", sidecar.target)
+    assert denied.returncode == 3, (denied.stdout, denied.stderr)  # a denial has its own exit status
+    out = denied.stdout
     assert "DENIED" in out and "PURCHASE_REQUIRED" in out, out
     assert "1 x pack_10 (10 credits, USD 4.00) = USD 4.00" in out, out
     assert "free today: 30/30" in out, out
@@ -252,13 +253,13 @@ def test_readme_walkthrough_via_cli(sidecar: Sidecar) -> None:
     assert "HOLD" not in out, out  # everything was committed
 
     data = json.loads(_ok(cli("balance", "--account", account, "--json", "--target", sidecar.target)))
-    # proto3 JSON: int64 as strings, proto field names, zero values printed too.
-    assert data["credit_balance"] == "9"
+    # proto3 JSON but int64 as numbers, proto field names, zero values printed too.
+    assert data["credit_balance"] == 9
     assert data["plan"] == "free"
-    assert data["lots"] == [{**data["lots"][0], "lot_id": "pay-1", "credits_granted": "10", "credits_left": "9"}]
+    assert data["lots"] == [{**data["lots"][0], "lot_id": "pay-1", "credits_granted": 10, "credits_left": 9}]
     sora = next(a for a in data["allowances"] if a["product"] == "sora")
-    assert sora["free_used"] == "30" and sora["free_limit"] == "30"
-    assert data["holds"] == [] and data["credits_held"] == "0"
+    assert sora["free_used"] == 30 and sora["free_limit"] == 30
+    assert data["holds"] == [] and data["credits_held"] == 0
 
 
 # --------------------------------------------------------------------------- 2. CLI errors
@@ -301,18 +302,20 @@ def test_cli_error_output(sidecar: Sidecar) -> None:
 # --------------------------------------------------------------------------- 3. SIGTERM
 
 
-def test_sigterm_exits_zero_and_stops_answering(sidecar: Sidecar) -> None:
-    assert health_status(sidecar.target) == health_pb2.HealthCheckResponse.SERVING
-    started = time.monotonic()
-    rc = sidecar.serve.terminate()
-    elapsed = time.monotonic() - started
-    assert rc == 0, sidecar.serve.stderr
-    assert elapsed < 10.0, elapsed  # the default grace period; idle, it should be far less
-    assert "stopping: no new calls" in sidecar.serve.stderr
-    assert sidecar.serve.stderr.rstrip().endswith("stopped"), sidecar.serve.stderr
-    with pytest.raises(grpc.RpcError) as info:
-        health_status(sidecar.target, timeout=2)
-    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+@pytest.mark.newest_redis_only
+def test_sigterm_exits_zero_and_stops_answering(short_dir: str, redis_server: RedisServerProcess,
+                                                key_prefix: str) -> None:
+    # An hour of grace: an idle sidecar that waited for it would outlast terminate()'s bound
+    # (EXIT_TIMEOUT_SECONDS) by far, so exiting at all shows it did not (no stopwatch needed).
+    with running_sidecar(short_dir, redis_url=redis_server.url, key_prefix=key_prefix,
+                         extra=["--shutdown-grace-seconds", "3600"]) as sidecar:
+        assert health_status(sidecar.target) == health_pb2.HealthCheckResponse.SERVING
+        assert sidecar.serve.terminate() == 0, sidecar.serve.stderr
+        assert "stopping: no new calls; in-flight calls have 3600.0 s" in sidecar.serve.stderr, sidecar.serve.stderr
+        assert sidecar.serve.stderr.rstrip().endswith("stopped"), sidecar.serve.stderr
+        with pytest.raises(grpc.RpcError) as info:
+            health_status(sidecar.target)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
 def _grant_and_plan(sc: Sidecar, account: str, *, plan: str, credits: int) -> None:
@@ -566,6 +569,7 @@ def test_settings_from_environment(short_dir: str, redis_server: RedisServerProc
 # --------------------------------------------------------------------------- 7. plans files
 
 
+@pytest.mark.newest_redis_only
 def test_invalid_plans_file(short_dir: str, redis_server: RedisServerProcess, key_prefix: str) -> None:
     doc = yaml.safe_load(DEFAULT_PLANS.read_text())
     doc["plans"]["pro"]["sora"]["daily_free"] = -1
@@ -576,9 +580,7 @@ def test_invalid_plans_file(short_dir: str, redis_server: RedisServerProcess, ke
     serve = ServeProcess(["--plans", bad, "--listen", f"unix:{sock}", "--redis-url", redis_server.url,
                           "--key-prefix", key_prefix, "--sweep-interval-seconds", "0"], _clean_env(), short_dir)
     try:
-        started = time.monotonic()
-        assert serve.wait_exit(timeout=10) == 2, serve.stderr
-        assert time.monotonic() - started < 10
+        assert serve.wait_exit() == 2, serve.stderr
         assert "invalid plans file" in serve.stderr and "plans.pro.sora.daily_free" in serve.stderr, serve.stderr
         assert "Traceback" not in serve.stderr
         assert not os.path.exists(sock)
@@ -609,6 +611,7 @@ def test_set_account_bad_time_zone(sidecar: Sidecar) -> None:
     assert out.strip() == "ACCOUNT  plan free, time zone Europe/Paris, monthly cap none", out
 
 
+@pytest.mark.newest_redis_only
 def test_unreachable_redis_at_start_is_a_clear_error(short_dir: str, redis_binary: str) -> None:
     # A port that surely has no Redis: one of our own servers, stopped.
     gone = RedisServerProcess(redis_binary, os.path.join(short_dir, "gone"))
@@ -626,7 +629,7 @@ def test_unreachable_redis_at_start_is_a_clear_error(short_dir: str, redis_binar
 
 def test_json_output_prints_zero_fields(sidecar: Sidecar) -> None:
     doc = json.loads(_ok(cli("balance", "--account", "nobody", "--json", "--target", sidecar.target)))
-    assert (doc["credit_balance"], doc["credits_held"], doc["plan"], doc["lots"]) == ("0", "0", "free", [])
+    assert (doc["credit_balance"], doc["credits_held"], doc["plan"], doc["lots"]) == (0, 0, "free", [])
 
 
 async def test_audit_verb_exits_1_with_a_report_on_corruption(engine, redis_server: RedisServerProcess,

@@ -25,17 +25,16 @@ from typing import Any, Callable, Sequence
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
+from grpc_health.v1.health import aio as health_aio
+from test_serve_cli import ServeProcess, _clean_env, _sora, health_status, running_sidecar, short_dir  # noqa: F401
 
 from quota_sidecar._proto.quota.v1 import quota_pb2_grpc as pb_grpc
-from quota_sidecar.domain.errors import InvalidArgument
-from quota_sidecar.server.metrics import Metrics
-from quota_sidecar.storage.redis_server import RedisServerProcess
+from quota_sidecar.domain.errors import ConfigError
 from quota_sidecar.server.app import HEALTH_NAMES, RedisHealthJudge, RedisHealthWatch
+from quota_sidecar.server.metrics import Metrics
 from quota_sidecar.server.settings import Settings
+from quota_sidecar.storage.redis_server import RedisServerProcess
 from quota_sidecar.storage.store import RedisStore
-
-from test_serve_cli import ServeProcess, _clean_env, _sora, health_status, running_sidecar, short_dir  # noqa: F401
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -120,11 +119,11 @@ def test_admin_unix_socket_mode_applies_with_a_token(short_dir: str, redis_serve
 
 def test_admin_socket_mode_settings() -> None:
     assert Settings().admin_socket_mode() == 0o600
-    with pytest.raises(InvalidArgument) as info:
+    with pytest.raises(ConfigError) as info:
         Settings(admin_listen=("unix:/tmp/a.sock",), admin_unix_socket_mode="0606")
     assert info.value.field == "admin_unix_socket_mode"
     for bad in ("rw", "0999", ""):
-        with pytest.raises(InvalidArgument) as info:
+        with pytest.raises(ConfigError) as info:
             Settings(admin_unix_socket_mode=bad)
         assert info.value.field == "admin_unix_socket_mode", bad
     # Owner-only needs nothing; an admin API on TCP has no socket mode to worry about.
@@ -139,10 +138,10 @@ def test_admin_socket_mode_settings() -> None:
 @pytest.mark.parametrize("address", ["0.0.0.0:50051", "[::]:50051", ":50051", "10.1.2.3:50051",
                                      "example.com:50051", "192.0.2.1:50051"])
 def test_worker_address_off_loopback_needs_the_private_network_flag(address: str) -> None:
-    with pytest.raises(InvalidArgument) as info:
+    with pytest.raises(ConfigError) as info:
         Settings(listen=(address,))
     assert info.value.field == "listen" and "--listen-on-private-network" in info.value.message
-    with pytest.raises(InvalidArgument):
+    with pytest.raises(ConfigError):
         Settings.from_sources({}, {"QUOTA_LISTEN": address, "QUOTA_LISTEN_ON_PRIVATE_NETWORK": "false"})
     assert Settings(listen=(address,), listen_on_private_network=True).listen == (address,)
     assert Settings.from_sources({}, {"QUOTA_LISTEN": address,
@@ -158,7 +157,7 @@ def test_loopback_worker_addresses_need_no_flag(address: str) -> None:
 def test_private_network_flag_reads_true_and_false() -> None:
     for raw, expected in (("true", True), ("YES", True), ("1", True), ("false", False), ("off", False)):
         assert Settings.from_sources({}, {"QUOTA_LISTEN_ON_PRIVATE_NETWORK": raw}).listen_on_private_network is expected
-    with pytest.raises(InvalidArgument):
+    with pytest.raises(ConfigError):
         Settings.from_sources({}, {"QUOTA_LISTEN_ON_PRIVATE_NETWORK": "maybe"})
 
 
@@ -241,6 +240,7 @@ def _metrics_text(port: int) -> str:
         return ""
 
 
+@pytest.mark.all_redis_versions
 @pytest.mark.slow
 def test_idle_connections_beyond_the_fd_limit_do_not_starve_calls(short_dir: str, redis_server: RedisServerProcess,
                                                                   key_prefix: str) -> None:
@@ -287,7 +287,7 @@ def test_connection_limit_settings() -> None:
     for name, bad in (("server_handshake_timeout_ms", 0), ("server_handshake_timeout_ms", 600_001),
                       ("max_connection_idle_ms", 500), ("max_connection_age_ms", -1),
                       ("max_connection_age_grace_ms", -1), ("max_concurrent_streams", 0)):
-        with pytest.raises(InvalidArgument) as info:
+        with pytest.raises(ConfigError) as info:
             Settings(**{name: bad})
         assert info.value.field == name
 
@@ -308,7 +308,7 @@ def test_health_judge_looks_at_the_last_answer_only() -> None:
 class HealthProbe:
     """The health service on a real server, asked over a real channel."""
 
-    def __init__(self, health: HealthServicer) -> None:
+    def __init__(self, health: health_aio.HealthServicer) -> None:
         self.server = grpc.aio.server()
         health_pb2_grpc.add_HealthServicer_to_server(health, self.server)
         self.port = self.server.add_insecure_port("127.0.0.1:0")
@@ -358,7 +358,7 @@ async def test_health_turns_not_serving_while_a_ping_hangs(tmp_path: Path, redis
     redis = RedisServerProcess(redis_binary, tmp_path / "r")
     redis.start()
     store = RedisStore.from_url(redis.url, timeout_seconds=300.0)
-    health = HealthServicer()
+    health = health_aio.HealthServicer()
     for name in HEALTH_NAMES:
         await health.set(name, SERVING)  # as the server starts
     probe = HealthProbe(health)

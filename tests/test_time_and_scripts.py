@@ -6,15 +6,16 @@ import time
 
 import pytest
 import redis.asyncio as aioredis
+from quota_fixtures import T0_MS, key, keys_with_prefix, utc_ms
 
 from quota_sidecar.domain.clock import ManualClock
 from quota_sidecar.domain.engine import QuotaEngine
 from quota_sidecar.domain.errors import Unavailable
 from quota_sidecar.domain.model import DenialReason, Funding, JobParams
-from quota_sidecar.domain.plans import load_plans
+from quota_sidecar.server.plans_file import load_plans
 from quota_sidecar.storage.store import RedisStore
 
-from quota_fixtures import T0_MS, key, keys_with_prefix, utc_ms
+pytestmark = pytest.mark.all_redis_versions
 
 V10 = JobParams(duration_seconds=10, resolution="720p")
 

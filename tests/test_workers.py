@@ -22,16 +22,15 @@ from typing import Callable, Iterator
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
+from test_serve_cli import ServeProcess, _clean_env, health_status
 
 from quota_sidecar._proto.quota.v1 import quota_pb2 as pb
 from quota_sidecar._proto.quota.v1 import quota_pb2_grpc as pb_grpc
-from quota_sidecar.domain.errors import InvalidArgument
-from quota_sidecar.storage.redis_server import RedisServerProcess
+from quota_sidecar.domain.errors import ConfigError
 from quota_sidecar.server.settings import Settings
+from quota_sidecar.storage.redis_server import RedisServerProcess
 
-from test_serve_cli import ServeProcess, _clean_env, health_status
-
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.all_redis_versions]
 
 WAIT_SECONDS = 20.0
 POLL_SECONDS = 0.05
@@ -114,9 +113,9 @@ def test_two_workers_share_the_port_and_the_account_and_stop_on_sigterm(
         assert sorted(r.free_used for r in results if r.allowed) == list(range(1, 31))
         assert {r.denial.reason for r in results if not r.allowed} == {pb.DENIAL_REASON_PURCHASE_REQUIRED}
 
-        started = time.monotonic()
         assert serve.terminate(timeout=WAIT_SECONDS) == 0, serve.stderr
-        assert time.monotonic() - started < 2 + 5 + 3  # grace + the supervisor's margin + start-up slack
+        # Stopped by their own drain, not killed by the supervisor once grace and margin ran out.
+        assert "killing them" not in serve.stderr, serve.stderr
         assert not any(alive(pid) for pid in workers)
         calls = {int(k): int(n) for k, _, n in STOPPED.findall(serve.stderr)}
         assert set(calls) == {0, 1}, serve.stderr
@@ -125,6 +124,7 @@ def test_two_workers_share_the_port_and_the_account_and_stop_on_sigterm(
         serve.kill()
 
 
+@pytest.mark.newest_redis_only
 def test_a_worker_that_dies_stops_the_group_with_status_1(
         tmpdir_short: str, redis_server: RedisServerProcess, key_prefix: str) -> None:
     port = free_port()
@@ -158,7 +158,7 @@ def test_embedded_redis_is_started_once_and_stopped_with_the_group(tmpdir_short:
     ("127.0.0.1:0", "fixed port"),
 ])
 def test_workers_need_shareable_listen_addresses(listen: str, problem: str) -> None:
-    with pytest.raises(InvalidArgument, match=problem):
+    with pytest.raises(ConfigError, match=problem):
         Settings(listen=(listen,), workers=2)
     result = subprocess.run([sys.executable, "-m", "quota_sidecar", "serve", "--workers", "2", "--listen", listen],
                             capture_output=True, text=True, timeout=30, env=_clean_env(), check=False)

@@ -8,6 +8,7 @@
 
 Protobuf stays inside this module: callers see dataclasses, datetimes and the
 exceptions below. ``SyncQuotaClient`` offers the same API to threaded code.
+``SyncAdminClient`` is the billing side's: GrantCredits on the sidecar's admin address.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from quota_sidecar._proto.quota.v1 import quota_pb2_grpc as pb_grpc
 __all__ = [
     "QuotaClient", "SyncQuotaClient", "Job", "Reservation", "Offer", "CommitResult", "ReleaseResult",
     "Balance", "CreditLot", "Hold", "QuotaClientError", "Denied", "InvalidRequest", "Unavailable",
-    "ReservationError",
+    "ReservationError", "SyncAdminClient", "Grant",
 ]
 
 T = TypeVar("T")
@@ -124,6 +125,16 @@ class Balance:
     holds_total: int = 0  # all open holds
 
 
+@dataclass(frozen=True)
+class Grant:
+    """A GrantCredits result: the lot the purchase became and the account's balance after it."""
+    lot_id: str
+    credits: int
+    expires_at: datetime | None
+    credit_balance: int
+    replayed: bool  # this purchase_id had been granted before: nothing was added
+
+
 # -- errors --------------------------------------------------------------------------------------
 
 class QuotaClientError(Exception):
@@ -183,7 +194,7 @@ class ReservationError(QuotaClientError):
 def _details(err: grpc.RpcError) -> tuple[str, str, float | None]:
     """(ErrorInfo reason, BadRequest field, RetryInfo seconds) of a failed call."""
     reason, fld, retry = "", "", None
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    status = rpc_status.from_call(err)
     for detail in status.details if status else ():
         if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
             info = error_details_pb2.ErrorInfo()
@@ -201,8 +212,8 @@ def _details(err: grpc.RpcError) -> tuple[str, str, float | None]:
 
 
 def _error(err: grpc.RpcError, attempts: int) -> QuotaClientError:
-    code = err.code()  # type: ignore[attr-defined]
-    message = err.details() or code.name  # type: ignore[attr-defined]
+    code = err.code()
+    message = err.details() or code.name
     reason, fld, retry = _details(err)
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return InvalidRequest(message, field=fld)
@@ -221,8 +232,11 @@ def _time(ts: timestamp_pb2.Timestamp) -> datetime | None:
     return datetime.fromtimestamp(ts.ToMilliseconds() / 1000, tz=timezone.utc)
 
 
+_FUNDING_NAMES: dict[int, str] = {pb.FUNDING_FREE_QUOTA: "free", pb.FUNDING_CREDITS: "credits"}
+
+
 def _funding(value: int) -> str:
-    return {pb.FUNDING_FREE_QUOTA: "free", pb.FUNDING_CREDITS: "credits"}.get(value, "")
+    return _FUNDING_NAMES.get(value, "")
 
 
 def _params(params: Mapping[str, Any]) -> pb.JobParams:
@@ -291,7 +305,7 @@ class QuotaClient:
         self._channel = grpc.aio.insecure_channel(target)
         self._stub = pb_grpc.QuotaServiceStub(self._channel)
 
-    async def __aenter__(self) -> "QuotaClient":
+    async def __aenter__(self) -> QuotaClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -321,12 +335,12 @@ class QuotaClient:
         _, pending = await asyncio.wait(set(self._settlements), timeout=timeout)
         return not pending
 
-    def _settle_in_background(self, run: "_JobRun", failed: bool) -> None:
+    def _settle_in_background(self, run: _JobRun, failed: bool) -> None:
         task = asyncio.get_running_loop().create_task(self._settle(run, failed), name=f"settle-{run.reservation_id}")
         self._settlements.add(task)
         task.add_done_callback(self._settlements.discard)
 
-    async def _settle(self, run: "_JobRun", failed: bool) -> None:
+    async def _settle(self, run: _JobRun, failed: bool) -> None:
         job = run.job
         assert job is not None
         while True:
@@ -393,7 +407,7 @@ class QuotaClient:
         return _balance(await self._call("GetBalance", pb.GetBalanceRequest(account_id=account_id)))
 
     def job(self, account_id: str, product: str, params: Mapping[str, Any], *, ttl_seconds: int = 0,
-            reservation_id: str | None = None, extend_every: float | None = None) -> "_AsyncJobContext":
+            reservation_id: str | None = None, extend_every: float | None = None) -> _AsyncJobContext:
         """``async with client.job(...) as job``: reserve, keep the hold alive, commit or release."""
         every = extend_every or self.extend_every or (ttl_seconds / 2 if ttl_seconds else DEFAULT_EXTEND_EVERY_SECONDS)
         run = _JobRun(self, account_id, product, dict(params), ttl_seconds, reservation_id or uuid.uuid4().hex, every)
@@ -417,7 +431,7 @@ class Job:
     # True while the commit (or release) that ended the block is still being retried in the
     # background because the sidecar stayed unreachable through every attempt; see QuotaClient.drain.
     settlement_pending: bool = False
-    settlement_error: "QuotaClientError | None" = None
+    settlement_error: QuotaClientError | None = None
 
     @property
     def reservation_id(self) -> str:
@@ -545,7 +559,7 @@ class SyncQuotaClient:
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
-    def __enter__(self) -> "SyncQuotaClient":
+    def __enter__(self) -> SyncQuotaClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -584,7 +598,7 @@ class SyncQuotaClient:
     def balance(self, account_id: str) -> Balance:
         return self._run(self._client.balance(account_id))
 
-    def job(self, account_id: str, product: str, params: Mapping[str, Any], **kw: Any) -> "_SyncJobContext":
+    def job(self, account_id: str, product: str, params: Mapping[str, Any], **kw: Any) -> _SyncJobContext:
         """``with client.job(...) as job``: as QuotaClient.job, for blocking code."""
         ctx = self._client.job(account_id, product, params, **kw)
         return _SyncJobContext(self, ctx._run)
@@ -601,3 +615,57 @@ class _SyncJobContext:
                  tb: TracebackType | None) -> None:
         # KeyboardInterrupt included: any exception releases the hold.
         self._client._run(self._run.finish(failed=exc_type is not None))
+
+
+# -- admin (billing side) --------------------------------------------------------------------------
+
+_CREDIT_SOURCES = ("purchase", "promo", "refund", "compensation")
+
+
+class SyncAdminClient:
+    """Blocking client of the sidecar's admin API (QuotaAdmin, on its --admin-listen address), for the
+    billing system: GrantCredits once a purchase is paid.
+
+    token: the bearer token when the sidecar has --admin-token-file. credentials: a
+    grpc.ssl_channel_credentials(...) when the admin address speaks TLS (plaintext otherwise).
+    No automatic retries: a grant is idempotent by its purchase_id, so after Unavailable the
+    caller calls again with the same purchase_id and the credits are never added twice.
+    """
+
+    def __init__(self, target: str, *, token: str | None = None,
+                 credentials: grpc.ChannelCredentials | None = None,
+                 timeout: float = DEFAULT_TIMEOUT_SECONDS) -> None:
+        self.target = target
+        self.timeout = timeout
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        self._channel = (grpc.secure_channel(target, credentials) if credentials is not None
+                         else grpc.insecure_channel(target))
+        self._stub = pb_grpc.QuotaAdminStub(self._channel)
+
+    def __enter__(self) -> SyncAdminClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def grant_credits(self, account_id: str, credits: int, purchase_id: str, *,
+                      expires_at: datetime | None = None, source: str = "purchase", reason: str = "") -> Grant:
+        """Adds a lot of ``credits`` (expiring at ``expires_at``, default: the plans' validity after now).
+        source: purchase, promo, refund or compensation; reason: kept in the ledger."""
+        if source not in _CREDIT_SOURCES:
+            raise InvalidRequest(f"source must be one of {', '.join(_CREDIT_SOURCES)}, not {source!r}",
+                                 field="source", code="")
+        request = pb.GrantCreditsRequest(account_id=account_id, credits=credits, purchase_id=purchase_id,
+                                         source=pb.CreditSource.Name(pb.CreditSource.Value(f"CREDIT_SOURCE_{source.upper()}")),
+                                         reason=reason)
+        if expires_at is not None:
+            request.expires_at.FromDatetime(expires_at)
+        try:
+            r = self._stub.GrantCredits(request, timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as err:
+            raise _error(err, 1) from None
+        return Grant(lot_id=r.lot.lot_id, credits=r.lot.credits_granted, expires_at=_time(r.lot.expires_at),
+                     credit_balance=r.credit_balance, replayed=r.replayed)

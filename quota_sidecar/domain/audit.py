@@ -556,10 +556,10 @@ def replay_month_spend(ledger: Sequence[LedgerEntry]) -> tuple[dict[str, int], s
             spend[month] = spend.get(month, 0) + entry_int(entry, "credits")
             continue
         back = _spend_given_back(entry)
-        month = month_of.get(rid)
-        if back and month is not None:
+        given_back_month = month_of.get(rid)
+        if back and given_back_month is not None:
             # Like unspend(): never below zero.
-            spend[month] -= min(spend[month], back)
+            spend[given_back_month] -= min(spend[given_back_month], back)
     return spend, first_month
 
 

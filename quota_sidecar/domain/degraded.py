@@ -8,19 +8,17 @@ flushed and fsynced) and written into Redis, with its ledger entries, once
 Redis answers again; the journal then shrinks to what is still unwritten. A
 sidecar restarted during an outage reloads its journal and replays it too.
 
-Pure bookkeeping and file I/O: no Redis or protobuf here; the engine calls the
-store to replay.
+Pure bookkeeping: the journal is a port (Journal), a file in the server
+(quota_sidecar.server.journal); the engine calls the store to replay.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import threading
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, replace
-from typing import Iterable
+from dataclasses import dataclass, replace
+from typing import Iterable, Protocol
 
 log = logging.getLogger("quota_sidecar.domain.degraded")
 
@@ -42,11 +40,26 @@ class DegradedReservation:
     resolved_ms: int = 0
 
 
+class Journal(Protocol):
+    """Where reservations decided without Redis are kept until Redis has them."""
+
+    def append(self, res: DegradedReservation) -> None:
+        """Called for every new or resolved degraded reservation, before the caller is answered;
+        durable when it returns (an fsync per call)."""
+
+    def rewrite(self, pending: Iterable[DegradedReservation]) -> None:
+        """Called after a replay wrote some into Redis: the journal becomes exactly ``pending``,
+        atomically (a crash leaves the old or the new journal, never half of one)."""
+
+    def load(self) -> Iterable[DegradedReservation]:
+        """Called once, at start-up: what an earlier run left, in the order it was appended."""
+
+
 class DegradedMode:
     """The local allowance, the reservations decided without Redis, and their journal."""
 
-    def __init__(self, journal_path: str) -> None:
-        self._path = journal_path
+    def __init__(self, journal: Journal) -> None:
+        self._journal = journal
         self._lock = threading.Lock()
         self._pending: OrderedDict[tuple[str, str], DegradedReservation] = OrderedDict()
         self._used: OrderedDict[tuple[str, str, str], int] = OrderedDict()
@@ -92,34 +105,15 @@ class DegradedMode:
     def _record(self, res: DegradedReservation) -> None:
         with self._lock:
             self._pending[(res.account_id, res.reservation_id)] = res
-            os.makedirs(os.path.dirname(os.path.abspath(self._path)), exist_ok=True)
-            with open(self._path, "a", encoding="utf-8") as journal:
-                journal.write(json.dumps(asdict(res), separators=(",", ":")) + "\n")
-                journal.flush()
-                os.fsync(journal.fileno())
+            self._journal.append(res)
 
     def _rewrite(self) -> None:
-        temporary = self._path + ".tmp"
-        with open(temporary, "w", encoding="utf-8") as journal:
-            for res in self._pending.values():
-                journal.write(json.dumps(asdict(res), separators=(",", ":")) + "\n")
-            journal.flush()
-            os.fsync(journal.fileno())
-        os.replace(temporary, self._path)
+        self._journal.rewrite(self._pending.values())
 
     def _load(self) -> None:
         """A journal left by an earlier run: its last line per reservation wins."""
-        if not os.path.exists(self._path):
-            return
-        with open(self._path, encoding="utf-8") as journal:
-            for number, line in enumerate(journal, 1):
-                try:
-                    res = DegradedReservation(**json.loads(line))
-                except (ValueError, TypeError):
-                    log.warning("degraded journal %s line %d unreadable (a torn write?); skipped", self._path, number)
-                    continue
-                self._pending[(res.account_id, res.reservation_id)] = res
-                self._pending.move_to_end((res.account_id, res.reservation_id))
+        for res in self._journal.load():
+            self._pending[(res.account_id, res.reservation_id)] = res
+            self._pending.move_to_end((res.account_id, res.reservation_id))
         if self._pending:
-            log.warning("degraded journal %s holds %d reservation(s) to write to Redis", self._path,
-                        len(self._pending))
+            log.warning("degraded journal holds %d reservation(s) to write to Redis", len(self._pending))

@@ -15,19 +15,29 @@ refuses without writing, and the engine asks again with the right zone.
 from __future__ import annotations
 
 import calendar
-import logging
-from dataclasses import dataclass, replace
-import re
 import hashlib
-import unicodedata
 import json
+import logging
+import re
+import unicodedata
 from collections import Counter, OrderedDict
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
-from typing import Any, Awaitable, Callable, Mapping, Protocol, Sequence, TypeVar
+from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
 from quota_sidecar.domain.clock import Clock, RedisClock
 from quota_sidecar.domain.degraded import DegradedMode, DegradedReservation
-from quota_sidecar.domain.errors import BatchAborted, Conflict, InvalidArgument, QuotaError, ResolutionConflict, Unavailable
+from quota_sidecar.domain.errors import (
+    BatchAborted,
+    Conflict,
+    InvalidArgument,
+    ParamsInvalidForProduct,
+    QuotaError,
+    ResolutionConflict,
+    StaleTimeZone,
+    StoreUnavailable,
+    Unavailable,
+)
 from quota_sidecar.domain.ids import check_id, new_reservation_id
 from quota_sidecar.domain.model import (
     COST_INVALID,
@@ -41,16 +51,14 @@ from quota_sidecar.domain.model import (
     BalanceSnapshot,
     CommitResult,
     CreditSource,
-    Funding,
     Decision,
     DenialReason,
+    Funding,
     GrantResult,
     JobParams,
     LedgerEntry,
-    Limit,
     LimitKind,
     LimitOverride,
-    ParamsInvalidForProduct,
     PlanRow,
     RefundResult,
     ReleaseResult,
@@ -60,10 +68,10 @@ from quota_sidecar.domain.model import (
     ScheduledLimits,
     Segment,
     Stamp,
-    StaleTimeZone,
     Window,
 )
 from quota_sidecar.domain.plans import MAX_ROLLING_HOURS, Plans
+from quota_sidecar.domain.ports import Store
 from quota_sidecar.domain.windows import candidates, daily_window, time_zone
 
 MAX_TTL_SECONDS = 86_400
@@ -82,29 +90,6 @@ _STREAM_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
 
 T = TypeVar("T")
 log = logging.getLogger("quota_sidecar.domain.engine")
-
-
-class Store(Protocol):
-    """What the engine needs from storage; see quota_sidecar.storage.store.RedisStore."""
-
-    async def reserve(self, cmd: ReserveCommand) -> ReserveOutcome: ...
-    async def commit(self, account_id: str, reservation_id: str, costs: Mapping[tuple[str, str], ActualCost],
-                     stamp: Stamp) -> CommitResult: ...
-    async def release(self, account_id: str, reservation_id: str, stamp: Stamp) -> ReleaseResult: ...
-    async def extend(self, account_id: str, reservation_id: str, ttl_ms: int, stamp: Stamp) -> int: ...
-    async def grant(self, account_id: str, lot_id: str, credits: int, expires_ms: int, source: CreditSource,
-                    reason: str, stamp: Stamp) -> GrantResult: ...
-    async def revoke(self, account_id: str, lot_id: str, reason: str, stamp: Stamp) -> RevokeResult: ...
-    async def refund_job(self, account_id: str, reservation_id: str, reason: str, stamp: Stamp) -> RefundResult: ...
-    async def set_account(self, account_id: str, changes: AccountChanges, default_plan: str,
-                          stamp: Stamp) -> AccountSettings: ...
-    async def balance(self, account_id: str, *, time_zone: str, windows: Sequence[Window],
-                      weeks: Sequence[Window], months: Sequence[Window],
-                      product_rows: Sequence[tuple[str, str, int, tuple[Limit, ...]]], default_plan: str,
-                      stamp: Stamp) -> BalanceSnapshot: ...
-    async def sweep_account(self, account_id: str, notice_ms: int, stamp: Stamp) -> int: ...
-    async def accounts_to_sweep(self) -> list[str]: ...
-    async def ledger_page(self, account_id: str, after_id: str, count: int) -> list[LedgerEntry]: ...
 
 
 def fingerprint(product: str, job: JobParams, ttl_seconds: int) -> str:
@@ -143,8 +128,16 @@ def denial_message(plans: Plans, product: str, job: JobParams, outcome: ReserveO
     if outcome.denial is DenialReason.BUDGET_EXCEEDED:
         return "this job would pass the account's monthly spend cap"
     unit = plans.product(product).unit_name
-    return (f"daily free {product} allowance used ({outcome.free_used}/{outcome.free_limit} {unit}s) and "
-            f"{outcome.credits_short} more credit(s) needed for this job ({outcome.cost_credits} credits)")
+
+    def credits(n: int) -> str:
+        return "credit" if n == 1 else "credits"
+
+    # Cost, balance and shortfall each named once, in that order: "2 more credit(s) needed for this
+    # job (2 credits)" read as two different amounts.
+    cost, short = outcome.cost_credits, outcome.credits_short
+    return (f"daily free {product} allowance used ({outcome.free_used}/{outcome.free_limit} {unit}s); "
+            f"this job costs {cost} {credits(cost)}; {outcome.credit_balance} available, "
+            f"{short} more {credits(short)} needed")
 
 
 _REFUSED_TEXT = ("control characters (C0 such as tab and newline, DEL, C1), format characters (bidi "
@@ -211,7 +204,8 @@ def plan_rows(plans: Plans, product: str, job: JobParams) -> tuple[PlanRow, ...]
     for name in plans.plans:
         rules = plans.rules(name, product)
         rows.append(PlanRow(
-            plan=name, limits=rules.limits if rules else (), entitled=plans.entitlement_denial(name, product, job) is None,
+            plan=name, limits=rules.limits if rules else (),
+            entitled=plans.entitlement_denial(name, product, job) is None,
             credits_low=plans.notifications.credits_low_threshold(name),
             max_concurrent=rules.max_concurrent if rules else 0,
             concurrency_shadow=rules.concurrency_shadow if rules else False))
@@ -467,7 +461,7 @@ class QuotaEngine:
             outcome = await self._in_account_zone(account_id, reserve)
         except Unavailable as exc:
             product_rules = p.plans.product(product)
-            if exc.reason != "STORE_UNAVAILABLE" or product_rules.on_redis_failure != "fail_open_free" \
+            if not isinstance(exc, StoreUnavailable) or product_rules.on_redis_failure != "fail_open_free" \
                     or self.degraded is None:
                 raise
             return self._degraded_reserve(DegradedReservation(
@@ -486,7 +480,7 @@ class QuotaEngine:
     # Redis, a fail_open_free product while Redis is away) take the single-call path after it.
 
     def _fails_open(self, p: _Prepared, out: object) -> bool:
-        return (isinstance(out, Unavailable) and out.reason == "STORE_UNAVAILABLE" and self.degraded is not None
+        return (isinstance(out, StoreUnavailable) and self.degraded is not None
                 and p.plans.product(p.product).on_redis_failure == "fail_open_free")
 
     def _prepare_items(self, items: Sequence[ReserveItem]) -> list[_Prepared | QuotaError]:
@@ -738,7 +732,8 @@ class QuotaEngine:
         if cached is not None and cached[0] is plans:
             return cached[1]
         cost = ActualCost(plans.job_cost(product, actual),
-                          tuple(name for name in plans.plans if plans.entitlement_denial(name, product, actual) is None))
+                          tuple(name for name in plans.plans
+                                if plans.entitlement_denial(name, product, actual) is None))
         if len(self._actual_cache) >= SEGMENTS_CACHE_ENTRIES:
             self._actual_cache.clear()
         self._actual_cache[key] = (plans, cost)

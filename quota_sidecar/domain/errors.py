@@ -11,10 +11,13 @@ nowhere else.
     ├── Conflict             an id reused with different fields    -> ALREADY_EXISTS
     ├── ResolutionConflict   reservation already resolved, cost
     │                        above the hold, plan gone             -> FAILED_PRECONDITION
-    ├── Unavailable          Redis unreachable or busy             -> UNAVAILABLE
+    ├── Unavailable          cannot answer now; retry              -> UNAVAILABLE
+    │   └── StoreUnavailable Redis unreachable or busy (the only
+    │                        case fail_open_free decides without it)
     ├── BatchAborted         an item of an all_or_nothing batch
     │                        not held because another was refused  -> ABORTED (batch item only)
-    └── PlansError           the plans file is invalid (start-up, CLI)
+    ├── PlansError           the plans file is invalid (start-up, CLI)
+    └── ConfigError          a setting (flag, QUOTA_* variable) is invalid (start-up, CLI)
 """
 
 from __future__ import annotations
@@ -70,6 +73,12 @@ class Unavailable(QuotaError):
         self.retry_after_ms = retry_after_ms
 
 
+class StoreUnavailable(Unavailable):
+    """The store itself could not be reached or could not answer (a connection error, a
+    timeout, Redis loading or out of memory): the only case a fail_open_free product may
+    decide without it. Other Unavailable reasons (replicas behind, clock skew) never fail open."""
+
+
 class BatchAborted(QuotaError):
     """An item of an all_or_nothing batch that would have been allowed, not held because
     another item of the batch was not allowed. Only ever an item's result, never raised."""
@@ -91,3 +100,39 @@ class PlansError(QuotaError):
         self.field = field
         self.description = description
         self.source = source
+
+
+class ConfigError(QuotaError):
+    """A setting is invalid: `field` is the Settings field (its flag and QUOTA_* variable follow
+    from it). Reported at start-up, never to a caller: not a request error."""
+
+    reason = "INVALID_SETTING"
+
+    def __init__(self, field: str, description: str) -> None:
+        super().__init__(f"{field}: {description}")
+        self.field = field
+        self.description = description
+
+
+# Signals between the store and the engine, never reported to a caller as such.
+
+class StaleTimeZone(Exception):
+    """The store's account zone differs from the one the engine assumed.
+
+    Not an operating error: the engine recomputes the windows for ``time_zone``
+    and asks again. Nothing was written.
+    """
+
+    def __init__(self, time_zone: str) -> None:
+        super().__init__(time_zone)
+        self.time_zone = time_zone
+
+
+class ParamsInvalidForProduct(Exception):
+    """Commit params do not fit the reserved product (priced with plans version ``pv``, or
+    "*" for the current plans); the engine knows why."""
+
+    def __init__(self, product: str, pv: str = "*") -> None:
+        super().__init__(product)
+        self.product = product
+        self.pv = pv

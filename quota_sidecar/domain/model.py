@@ -137,18 +137,6 @@ class Window:
     end_ms: int
 
 
-class StaleTimeZone(Exception):
-    """The store's account zone differs from the one the engine assumed.
-
-    Not an operating error: the engine recomputes the windows for ``time_zone``
-    and asks again. Nothing was written.
-    """
-
-    def __init__(self, time_zone: str) -> None:
-        super().__init__(time_zone)
-        self.time_zone = time_zone
-
-
 @dataclass(frozen=True)
 class PlanRow:
     """What one plan means for one reservation: its free limits, whether the job is allowed,
@@ -284,7 +272,7 @@ class Allowance:
     jobs_in_flight: int = 0
     max_concurrent: int = 0
     overridden: bool = False
-    upcoming: tuple["ScheduledLimits", ...] = ()
+    upcoming: tuple[ScheduledLimits, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -441,13 +429,3 @@ class ActualCost:
 
     cost_credits: int
     entitled_plans: tuple[str, ...] = ()
-
-
-class ParamsInvalidForProduct(Exception):
-    """Commit params do not fit the reserved product (priced with plans version ``pv``, or
-    "*" for the current plans); the engine knows why."""
-
-    def __init__(self, product: str, pv: str = "*") -> None:
-        super().__init__(product)
-        self.product = product
-        self.pv = pv

@@ -1,1 +1,2 @@
-"""The gRPC side: the app, servicers (the only server modules touching generated protobuf), auth, settings, workers, observability."""
+"""The gRPC side: the app, the servicers (the only server modules touching generated protobuf),
+auth, settings, workers, observability."""

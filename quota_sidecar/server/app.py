@@ -29,29 +29,35 @@ from typing import Any, Awaitable, Callable, Coroutine, Iterator
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
+from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from quota_sidecar._proto.quota.v1 import quota_pb2, quota_pb2_grpc
 from quota_sidecar import __version__
-from quota_sidecar.server.auth import AdminAuth, is_loopback_address, load_admin_auth
 from quota_sidecar.domain.clock import Clock
 from quota_sidecar.domain.degraded import DegradedMode
 from quota_sidecar.domain.engine import QuotaEngine
 from quota_sidecar.domain.errors import QuotaError
-from quota_sidecar.server.metrics import Metrics, MetricsHTTPServer, SweepResult
 from quota_sidecar.domain.plans import Plans
+from quota_sidecar.server.addresses import is_loopback_address
+from quota_sidecar.server.auth import AdminAuth, load_admin_auth
+from quota_sidecar.server.journal import FileJournal
+from quota_sidecar.server.metrics import Metrics, MetricsHTTPServer, SweepResult
 from quota_sidecar.server.plans_source import PlansSource
-from quota_sidecar.storage.redis_server import RedisServerProcess, find_redis_server
-from quota_sidecar.server.servicer import QuotaAdmin, QuotaService
+from quota_sidecar.server.servicer import (
+    ADMIN_NAME,
+    SERVICE_NAME,
+    QuotaAdmin,
+    QuotaService,
+    add_quota_admin,
+    add_quota_service,
+)
 from quota_sidecar.server.settings import Settings
-from quota_sidecar.storage.store import RedisStore
 from quota_sidecar.server.telemetry import Telemetry, Tracing
+from quota_sidecar.storage.redis_server import RedisServerProcess, find_redis_server
+from quota_sidecar.storage.store import RedisStore
 
 log = logging.getLogger("quota_sidecar.server.app")
 
-SERVICE_NAME = quota_pb2.DESCRIPTOR.services_by_name["QuotaService"].full_name
-ADMIN_NAME = quota_pb2.DESCRIPTOR.services_by_name["QuotaAdmin"].full_name
 HEALTH_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
@@ -136,18 +142,18 @@ def _bind(server: grpc.aio.Server, addresses: tuple[str, ...],
 
 def _new_server(settings: Settings, addresses: tuple[str, ...], service_name: str,
                 add_servicer: Callable[[grpc.aio.Server], None],
-                health: HealthServicer | None, *,
+                health: health_aio.HealthServicer | None, *,
                 interceptors: tuple[grpc.aio.ServerInterceptor, ...] = (),
                 credentials: grpc.ServerCredentials | None = None,
                 reuse_port: bool = False, owner_only: bool = False) -> tuple[grpc.aio.Server, int]:
     server = grpc.aio.server(options=_options(settings, reuse_port=reuse_port), interceptors=interceptors or None)
     add_servicer(server)
-    health_pb2_grpc.add_HealthServicer_to_server(health or HealthServicer(), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health or health_aio.HealthServicer(), server)
     reflection.enable_server_reflection((service_name, HEALTH_NAME, reflection.SERVICE_NAME), server)
     return server, _bind(server, addresses, credentials, owner_only=owner_only)
 
 
-def create_server(settings: Settings, engine: QuotaEngine, *, health: HealthServicer | None = None,
+def create_server(settings: Settings, engine: QuotaEngine, *, health: health_aio.HealthServicer | None = None,
                   metrics: Metrics | None = None, reuse_port: bool = False,
                   interceptors: tuple[grpc.aio.ServerInterceptor, ...] = (),
                   tracer: Any = None) -> tuple[grpc.aio.Server, int]:
@@ -158,11 +164,11 @@ def create_server(settings: Settings, engine: QuotaEngine, *, health: HealthServ
     """
     service = QuotaService(engine, metrics, max_batch_items=settings.max_batch_items, tracer=tracer)
     return _new_server(settings, settings.listen, SERVICE_NAME,
-                       lambda s: quota_pb2_grpc.add_QuotaServiceServicer_to_server(service, s),
+                       lambda s: add_quota_service(s, service),
                        health, interceptors=interceptors, reuse_port=reuse_port)
 
 
-def create_admin_server(settings: Settings, engine: QuotaEngine, *, health: HealthServicer | None = None,
+def create_admin_server(settings: Settings, engine: QuotaEngine, *, health: health_aio.HealthServicer | None = None,
                         auth: AdminAuth | None = None, metrics: Metrics | None = None,
                         tracer: Any = None) -> tuple[grpc.aio.Server, int]:
     """The billing-side server (QuotaAdmin, health, reflection) on --admin-listen; not started.
@@ -177,8 +183,7 @@ def create_admin_server(settings: Settings, engine: QuotaEngine, *, health: Heal
     assert settings.admin_listen, "admin server needs admin_listen"
     auth = auth or load_admin_auth(settings)
     return _new_server(settings, settings.admin_listen, ADMIN_NAME,
-                       lambda s: quota_pb2_grpc.add_QuotaAdminServicer_to_server(
-                           QuotaAdmin(engine, metrics, tracer=tracer), s), health,
+                       lambda s: add_quota_admin(s, QuotaAdmin(engine, metrics, tracer=tracer)), health,
                        interceptors=auth.interceptors, credentials=auth.credentials, owner_only=True)
 
 
@@ -188,7 +193,7 @@ HEALTH_NAMES = ("", SERVICE_NAME, ADMIN_NAME)
 LIVENESS_NAME = "liveness"
 
 
-def create_health_server(settings: Settings, health: HealthServicer) -> tuple[grpc.aio.Server, int]:
+def create_health_server(settings: Settings, health: health_aio.HealthServicer) -> tuple[grpc.aio.Server, int]:
     """grpc.health.v1 alone on --health-listen (TCP), sharing ``health`` with the other servers; not started.
 
     Kubernetes' gRPC probes dial the pod IP, so they cannot reach a worker API on a
@@ -234,7 +239,7 @@ class RedisHealthWatch:
     judge's clock, injectable for tests; the loops themselves sleep in real time.
     """
 
-    def __init__(self, store: RedisStore, health: HealthServicer, unhealthy_after_seconds: float, *,
+    def __init__(self, store: RedisStore, health: health_aio.HealthServicer, unhealthy_after_seconds: float, *,
                  metrics: Metrics | None = None, monotonic: Callable[[], float] | None = None) -> None:
         self._store = store
         self._health = health
@@ -298,7 +303,7 @@ class RedisHealthWatch:
             await _cancel([pinger])
 
 
-async def watch_redis_health(store: RedisStore, health: HealthServicer, unhealthy_after_seconds: float, *,
+async def watch_redis_health(store: RedisStore, health: health_aio.HealthServicer, unhealthy_after_seconds: float, *,
                              probe_interval_seconds: float = 1.0, metrics: Metrics | None = None,
                              monotonic: Callable[[], float] | None = None) -> None:
     """Health follows Redis: NOT_SERVING once it has not answered for longer than the grace
@@ -436,12 +441,25 @@ async def watch_open_fds(metrics: Metrics | None, limit: int, *,
 
 
 def start_embedded_redis(settings: Settings) -> RedisServerProcess:
-    binary = find_redis_server(settings.redis_server)
-    process = RedisServerProcess(binary, os.path.abspath(settings.data_dir), appendonly=True, appendfsync="everysec")
-    process.start()
-    log.warning("no --redis-url: started an embedded redis-server %s (%s) on %s with data in %s; "
-                "this is for development only", ".".join(map(str, process.version)), binary, process.url,
-                process.data_dir)
+    """The development redis-server on settings.data_dir; its stop() also withdraws redis.url and the lock.
+
+    The data folder's lock comes first (DataDirInUse when another serve has it): a second
+    redis-server on the same folder would share the first one's AOF (quota_sidecar.server.data_dir).
+    """
+    from quota_sidecar.server.data_dir import REDIS_URL_FILE, DataDirLock, EmbeddedRedis
+
+    lock = DataDirLock.acquire(settings.data_dir)
+    try:
+        binary = find_redis_server(settings.redis_server)
+        process = EmbeddedRedis(binary, os.path.abspath(settings.data_dir), lock, appendonly=True,
+                                appendfsync="everysec")
+        process.start()
+    except BaseException:
+        lock.release()
+        raise
+    log.warning("no --redis-url: started an embedded redis-server %s (%s) on %s with data in %s (URL in %s for "
+                "the local tools); this is for development only", ".".join(map(str, process.version)), binary,
+                process.url, process.data_dir, process.data_dir / REDIS_URL_FILE)
     return process
 
 
@@ -492,7 +510,7 @@ async def run(settings: Settings, *, clock: Clock | None = None,
         try:
             await store.ping()
             await store.load_scripts()
-            engine = QuotaEngine(plans, store, clock, degraded=DegradedMode(settings.degraded_journal))
+            engine = QuotaEngine(plans, store, clock, degraded=DegradedMode(FileJournal(settings.degraded_journal)))
             await _serve(settings, engine, store, stop, on_ready, admin_auth,
                          plans_source=plans_source, metrics=metrics, hangup=hangup, worker=worker,
                          tracer=tracing.tracer, fd_limit=fd_limit)
@@ -524,7 +542,7 @@ def _plans_tasks(settings: Settings, plans_source: PlansSource, stop: asyncio.Ev
     return tasks
 
 
-def _watch_tasks(settings: Settings, engine: QuotaEngine, store: RedisStore, health: HealthServicer,
+def _watch_tasks(settings: Settings, engine: QuotaEngine, store: RedisStore, health: health_aio.HealthServicer,
                  metrics: Metrics, fd_limit: int | None) -> list[asyncio.Task[None]]:
     """The running server's timers: degraded replay, Redis health, sweeper, file descriptors."""
     tasks = [asyncio.create_task(replay_degraded_forever(engine), name="degraded-replay")]
@@ -547,7 +565,7 @@ async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
             await task
 
 
-async def _start_servers(settings: Settings, engine: QuotaEngine, health: HealthServicer,
+async def _start_servers(settings: Settings, engine: QuotaEngine, health: health_aio.HealthServicer,
                          admin_auth: AdminAuth | None, metrics: Metrics | None = None,
                          counter: CallCounter | None = None,
                          tracer: Any = None) -> tuple[list[grpc.aio.Server], dict[str, int], str]:
@@ -599,7 +617,7 @@ async def _serve(settings: Settings, engine: QuotaEngine, store: RedisStore, sto
                  fd_limit: int | None = None) -> None:
     # Metrics first: an address in use fails the start before any gRPC port is bound.
     metrics_http = MetricsHTTPServer(metrics, settings.metrics_listen) if settings.metrics_listen else None
-    health = HealthServicer()
+    health = health_aio.HealthServicer()
     health_server: grpc.aio.Server | None = None
     try:
         if settings.health_listen:

@@ -21,17 +21,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Sequence
+from typing import Any, Awaitable, Callable, Iterable, Sequence
 
 import grpc
 
-from quota_sidecar.domain.errors import InvalidArgument
-
-if TYPE_CHECKING:  # settings imports this module lazily; avoid a cycle at import time
-    from quota_sidecar.server.settings import Settings
+from quota_sidecar.domain.errors import ConfigError
+from quota_sidecar.server.settings import Settings, admin_auth_problem, admin_socket_mode_problem
 
 log = logging.getLogger("quota_sidecar.server.auth")
 
@@ -47,60 +44,6 @@ _WRONG = "QuotaAdmin token not accepted"
 # --------------------------------------------------------------------------- addresses
 
 
-def is_loopback_address(address: str) -> bool:
-    """True for unix sockets, localhost and 127.0.0.0/8 or ::1 (``host:port`` or ``[v6]:port``).
-
-    Anything else, including an empty host (all interfaces) or another host
-    name (it could resolve anywhere), counts as reachable from the network.
-    """
-    if address.startswith(("unix:", "unix-abstract:")):
-        return True
-    if address.startswith("["):
-        host = address[1:].partition("]")[0]
-    else:
-        host = address.rpartition(":")[0] if ":" in address else address
-    if host.lower() == "localhost":
-        return True
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    mapped = getattr(ip, "ipv4_mapped", None)
-    return bool(ip.is_loopback or (mapped is not None and mapped.is_loopback))
-
-
-def admin_auth_problem(settings: Settings) -> str:
-    """Why these admin settings may not start ('' when they may).
-
-    An admin address reachable from the network must demand credentials: a
-    token file, or mTLS (a client CA). Server-only TLS authenticates the
-    server, not the caller, so it does not count.
-    """
-    if settings.admin_token_file or settings.admin_client_ca:
-        return ""
-    exposed = [a for a in settings.admin_listen if not is_loopback_address(a)]
-    if not exposed:
-        return ""
-    return (f"{', '.join(exposed)} is not loopback or a unix socket: QuotaAdmin there needs authentication "
-            "(set admin_token_file and/or admin_tls_cert + admin_tls_key + admin_client_ca)")
-
-
-def admin_socket_mode_problem(settings: Settings) -> str:
-    """Why --admin-unix-socket-mode may not be used ('' when it may).
-
-    A unix socket's mode is its access control: one that lets the group or
-    other users connect exposes QuotaAdmin to them like a network address
-    would, so it needs the same credentials.
-    """
-    mode = settings.admin_socket_mode()
-    sockets = [a for a in settings.admin_listen if a.startswith("unix:")]
-    if mode is None or not mode & 0o077 or not sockets or settings.admin_token_file or settings.admin_client_ca:
-        return ""
-    return (f"--admin-unix-socket-mode {settings.admin_unix_socket_mode} would let other local users call "
-            f"QuotaAdmin on {', '.join(sockets)} without credentials; set --admin-token-file and/or mTLS "
-            "(--admin-client-ca), or keep the admin socket owner-only (0600)")
-
-
 # --------------------------------------------------------------------------- tokens
 
 
@@ -109,13 +52,13 @@ def _read(field_name: str, path: str) -> bytes:
         with open(path, "rb") as f:
             return f.read()
     except OSError as exc:
-        raise InvalidArgument(field_name, f"cannot read {path}: {exc.strerror or exc}") from None
+        raise ConfigError(field_name, f"cannot read {path}: {exc.strerror or exc}") from None
 
 
 def load_tokens(path: str, field_name: str = "admin_token_file") -> tuple[str, ...]:
     """The tokens of a token file: one per line; blank lines and # comments ignored.
 
-    Raises InvalidArgument (naming the line, never its content) for an
+    Raises ConfigError (naming the line, never its content) for an
     unreadable or token-less file and for tokens that could not be sent as
     gRPC metadata or are too short.
     """
@@ -123,20 +66,20 @@ def load_tokens(path: str, field_name: str = "admin_token_file") -> tuple[str, .
     try:
         text = raw.decode("ascii")
     except UnicodeDecodeError:
-        raise InvalidArgument(field_name, f"{path}: tokens must be printable ASCII") from None
+        raise ConfigError(field_name, f"{path}: tokens must be printable ASCII") from None
     tokens: list[str] = []
     for number, line in enumerate(text.splitlines(), start=1):
         token = line.strip()
         if not token or token.startswith("#"):
             continue
         if any(not 0x21 <= ord(c) <= 0x7E for c in token):
-            raise InvalidArgument(field_name, f"{path} line {number}: a token is printable ASCII without spaces")
+            raise ConfigError(field_name, f"{path} line {number}: a token is printable ASCII without spaces")
         if len(token) < MIN_TOKEN_CHARS:
-            raise InvalidArgument(field_name, f"{path} line {number}: a token needs at least {MIN_TOKEN_CHARS} "
+            raise ConfigError(field_name, f"{path} line {number}: a token needs at least {MIN_TOKEN_CHARS} "
                                               "characters")
         tokens.append(token)
     if not tokens:
-        raise InvalidArgument(field_name, f"{path} holds no token (only blank lines or # comments)")
+        raise ConfigError(field_name, f"{path} holds no token (only blank lines or # comments)")
     return tuple(tokens)
 
 
@@ -251,7 +194,7 @@ def _pem(field_name: str, path: str, marker: bytes) -> bytes:
     data = _read(field_name, path)
     # grpc only complains about bad PEM at the first handshake; say so at start-up instead.
     if b"-----BEGIN " not in data or marker not in data:
-        raise InvalidArgument(field_name, f"{path} is not a PEM file with a {marker.decode()} block")
+        raise ConfigError(field_name, f"{path} is not a PEM file with a {marker.decode()} block")
     return data
 
 
@@ -268,13 +211,13 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
 
 
 def load_admin_auth(settings: Settings) -> AdminAuth:
-    """Reads the token file and TLS files (once; restart to reload). Raises InvalidArgument."""
+    """Reads the token file and TLS files (once; restart to reload). Raises ConfigError."""
     problem = admin_auth_problem(settings)
     if problem:
-        raise InvalidArgument("admin_listen", problem)
+        raise ConfigError("admin_listen", problem)
     problem = admin_socket_mode_problem(settings)
     if problem:
-        raise InvalidArgument("admin_unix_socket_mode", problem)
+        raise ConfigError("admin_unix_socket_mode", problem)
     tokens = load_tokens(settings.admin_token_file) if settings.admin_token_file else ()
     interceptors = (AdminAuthInterceptor(TokenChecker(tokens)),) if tokens else ()
     return AdminAuth(interceptors=interceptors, credentials=server_credentials(settings),

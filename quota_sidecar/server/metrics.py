@@ -12,13 +12,14 @@ Observability section lists them.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import threading
 from typing import Any, Iterable, Literal
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest, start_http_server
+
+from quota_sidecar.server.addresses import split_host_port
 
 log = logging.getLogger("quota_sidecar.server.metrics")
 
@@ -166,22 +167,6 @@ class Metrics:
     def exposition(self) -> bytes:
         """The Prometheus text format of every metric, as the HTTP endpoint serves it."""
         return generate_latest(self.registry)
-
-
-def split_host_port(listen: str) -> tuple[str, int]:
-    """``HOST:PORT`` or ``[IPv6]:PORT`` → (host, port); ValueError when malformed."""
-    host, sep, port_text = listen.rpartition(":")
-    if not sep or not host or not port_text.isdigit():
-        raise ValueError(f"expected HOST:PORT, got {listen!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-        ipaddress.IPv6Address(host)  # raises ValueError
-    elif ":" in host:
-        raise ValueError(f"an IPv6 address needs brackets, e.g. [::1]:9464 (got {listen!r})")
-    port = int(port_text)
-    if port > 65535:
-        raise ValueError(f"port must be 0..65535 (got {port})")
-    return host, port
 
 
 class MetricsHTTPServer:

@@ -31,8 +31,9 @@ from dataclasses import dataclass
 from typing import Callable, Literal
 
 from quota_sidecar.domain.errors import PlansError
+from quota_sidecar.domain.plans import Plans
 from quota_sidecar.server.metrics import Metrics, ReloadOutcome
-from quota_sidecar.domain.plans import Plans, load_plans
+from quota_sidecar.server.plans_file import load_plans
 
 log = logging.getLogger("quota_sidecar.domain.plans")
 

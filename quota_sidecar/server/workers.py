@@ -66,7 +66,7 @@ def encode_worker(index: int, settings: Settings) -> str:
 def decode_worker(raw: str) -> tuple[int, Settings]:
     data = json.loads(raw)
     tuples = {f.name for f in fields(Settings) if isinstance(f.default, tuple)}
-    values = {k: tuple(v) if k in tuples else v for k, v in data["settings"].items()}
+    values: dict[str, Any] = {k: tuple(v) if k in tuples else v for k, v in data["settings"].items()}
     return int(data["index"]), Settings(**values)
 
 

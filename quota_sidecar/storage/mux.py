@@ -32,7 +32,6 @@ from typing import Any, Iterable, Sequence
 import hiredis
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
-from redis._parsers.base import BaseParser
 from redis.asyncio.connection import Connection, ConnectionPool, UnixDomainSocketConnection
 
 __all__ = ["CLIENT_NAME", "MuxConnection", "Packed", "flatten", "pack_command"]
@@ -99,14 +98,29 @@ def pack_command(args: Iterable[Any]) -> bytes:
     return b"*%d\r\n" % count + b"".join(parts)
 
 
+# The error replies this connection must tell apart, as redis-py's own clients raise them (its
+# parser table is private API). The code is stripped from the message, as redis-py does.
+_ERROR_CLASSES: dict[str, type[redis_errors.RedisError]] = {
+    "NOSCRIPT": redis_errors.NoScriptError, "LOADING": redis_errors.BusyLoadingError,
+    "READONLY": redis_errors.ReadOnlyError, "OOM": redis_errors.OutOfMemoryError,
+    "MASTERDOWN": redis_errors.MasterDownError, "TRYAGAIN": redis_errors.TryAgainError,
+    "NOAUTH": redis_errors.AuthenticationError, "WRONGPASS": redis_errors.AuthenticationError,
+    "NOPERM": redis_errors.NoPermissionError, "EXECABORT": redis_errors.ExecAbortError,
+}
+
+
 def _as_error(reply: redis_errors.ResponseError) -> redis_errors.RedisError:
-    # hiredis gives every error reply one class; redis-py's table tells NOSCRIPT, READONLY,
-    # BUSY, LOADING... apart.
-    return BaseParser.parse_error(str(reply))
+    # hiredis gives every error reply one class; the code tells NOSCRIPT, READONLY, LOADING... apart.
+    text = str(reply)
+    code, _, rest = text.partition(" ")
+    kind = _ERROR_CLASSES.get(code)
+    error = kind(rest) if kind is not None else redis_errors.ResponseError(text)
+    error.status_code = code  # what redis-py 8 sets; _redis_error reads it
+    return error
 
 
 class _Protocol(asyncio.Protocol):
-    def __init__(self, owner: "MuxConnection") -> None:
+    def __init__(self, owner: MuxConnection) -> None:
         self._owner = owner
         self._reader = hiredis.Reader(encoding="utf-8", replyError=redis_errors.ResponseError,
                                       protocolError=redis_errors.InvalidResponse)
@@ -158,18 +172,19 @@ class MuxConnection:
         self._closed = False
 
     @classmethod
-    def for_client(cls, client: Any, *, timeout_seconds: float) -> "MuxConnection | None":
+    def for_client(cls, client: Any, *, timeout_seconds: float) -> MuxConnection | None:
         """A connection to the same Redis as a plain redis-py client; None for TLS, Sentinel, Cluster."""
         pool = getattr(client, "connection_pool", None)
         if not isinstance(client, aioredis.Redis) or type(pool) is not ConnectionPool:
             return None
         kwargs = pool.connection_kwargs
-        auth = {"username": kwargs.get("username"), "password": kwargs.get("password"), "db": kwargs.get("db") or 0}
+        username, password, db = kwargs.get("username"), kwargs.get("password"), int(kwargs.get("db") or 0)
         if pool.connection_class is UnixDomainSocketConnection:
-            return cls(path=kwargs["path"], timeout_seconds=timeout_seconds, **auth)
+            return cls(path=kwargs["path"], timeout_seconds=timeout_seconds, username=username, password=password,
+                       db=db)
         if pool.connection_class is Connection:
             return cls(host=kwargs.get("host", "127.0.0.1"), port=int(kwargs.get("port", 6379)),
-                       timeout_seconds=timeout_seconds, **auth)
+                       timeout_seconds=timeout_seconds, username=username, password=password, db=db)
         return None
 
     @staticmethod
@@ -266,7 +281,7 @@ class MuxConnection:
             transport, protocol = await asyncio.wait_for(opening, self._timeout_seconds)
         except (OSError, asyncio.TimeoutError) as exc:
             raise redis_errors.ConnectionError(f"cannot connect to Redis at {self._address}: {exc!r}") from exc
-        self._transport, self._protocol = transport, protocol  # type: ignore[assignment]
+        self._transport, self._protocol = transport, protocol
         self._outgoing, self._pending = [], collections.deque()
         for reply in await self.execute_many(self._handshake):
                 if isinstance(reply, Exception):

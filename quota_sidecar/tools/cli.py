@@ -11,36 +11,36 @@
     quota-sidecar revoke  --account A --purchase-id P                   (admin address)
     quota-sidecar refund  --account A --id RID                          (admin address)
     quota-sidecar account --account A / ledger --account A              (admin address)
-    quota-sidecar audit   (--account A | --all) --redis-url URL
+    quota-sidecar audit   (--account A | --all) [--redis-url URL]
     quota-sidecar check-plans FILE
     quota-sidecar loadtest [--concurrency N | --rate R] [--duration S | --requests N] [--plot FILE] ...
 
 Client verbs print readable text, or the response as JSON with --json; a gRPC
 error prints its code, message and details and exits 1. Admin verbs also take
 --token-file / QUOTA_ADMIN_TOKEN (bearer token) and --tls-ca/--tls-cert/--tls-key.
+Exit statuses: EXIT_STATUS_TEXT below (also the top-level --help epilog).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
 import os
 import sys
 from dataclasses import fields
-from datetime import datetime, timezone
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from quota_sidecar.domain.errors import PlansError, QuotaError
 from quota_sidecar.server.settings import Settings, env_name
-
-DEFAULT_TARGET = "127.0.0.1:50051"
-# By convention the admin API sits on the next port; it is off unless --admin-listen is given.
-DEFAULT_ADMIN_TARGET = "127.0.0.1:50052"
-CLIENT_TIMEOUT_SECONDS = 10.0
-# Verbs that call QuotaAdmin: they default to the admin target and take the admin credentials flags.
-ADMIN_VERBS = frozenset({"grant", "set-account", "revoke", "refund", "account", "ledger"})
-ADMIN_TOKEN_ENV = "QUOTA_ADMIN_TOKEN"
+from quota_sidecar.tools.common import (
+    ADMIN_TOKEN_ENV,
+    DEFAULT_ADMIN_TARGET,
+    DEFAULT_TARGET,
+    EXIT_BROKEN_PIPE,
+    EXIT_DENIED,
+    EXIT_STATUS_TEXT,
+    EXIT_USAGE,
+    redis_flags,
+)
 
 
 def _serve_parser(sub: Any) -> None:
@@ -64,7 +64,9 @@ def _target(p: argparse.ArgumentParser, *, admin: bool) -> None:
     what = "the sidecar's --admin-listen address" if admin else "the sidecar's --listen address"
     default = DEFAULT_ADMIN_TARGET if admin else DEFAULT_TARGET
     p.add_argument("--target", default=None, help=f"{what} (env {var}; default {default})")
-    p.add_argument("--json", action="store_true", help="print the response as JSON")
+    p.add_argument("--json", action="store_true", help=(
+        "print the response as JSON: proto field names, every field (zero values too), times as RFC 3339 UTC "
+        "strings, and 64-bit integers as JSON numbers (protobuf's own JSON mapping would quote them)"))
     if admin:
         _admin_credentials(p)
 
@@ -90,13 +92,17 @@ def _job_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="quota-sidecar", description=(
-        "Quota and entitlement sidecar for AI generation workers: free daily allowances and credits, "
-        "reserved before a job and committed or released after it."))
+    parser = argparse.ArgumentParser(prog="quota-sidecar", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     description=(
+        "Quota and entitlement sidecar for AI generation workers: free daily allowances and credits,\n"
+        "reserved before a job and committed or released after it."), epilog=EXIT_STATUS_TEXT)
     sub = parser.add_subparsers(dest="verb", required=True)
     _serve_parser(sub)
 
-    p = sub.add_parser("reserve", help="CheckAndReserve a job")
+    p = sub.add_parser("reserve", help="CheckAndReserve a job", description=(
+        "CheckAndReserve a job. Exit status: 0 ALLOWED (commit or release the hold), "
+        f"{EXIT_DENIED} DENIED (nothing held; the reason and any purchase offer are printed), 1 the call "
+        "failed, 2 bad usage; so `quota-sidecar reserve ... && render` renders only an allowed job."))
     p.add_argument("--account", required=True)
     p.add_argument("--product", required=True, help="sora or codex (or a product of your plans file)")
     p.add_argument("--id", default="", help="reservation id (idempotency key); default: the server makes one")
@@ -161,15 +167,20 @@ def build_parser() -> argparse.ArgumentParser:
         if verb == "ledger":
             p.add_argument("--page-size", type=int, default=100, help="1 to 1000")
             p.add_argument("--page-token", default="", help="from the previous page's 'more:' line")
+            p.add_argument("--tz", default=None, metavar="ZONE", help=(
+                "IANA time zone the times are printed in, e.g. UTC [default: the account's zone, as balance "
+                "prints it; one more call, GetAccount]"))
         _target(p, admin=True)
 
-    p = sub.add_parser("audit", help="check conservation of every movement in Redis; exit 1 on a violation")
+    p = sub.add_parser("audit", help="check conservation of every movement in Redis; exit 1 on a violation",
+                       description=(
+        "Check the conservation of every credit and free-unit movement in Redis (read only). Exit status: "
+        "0 clean, 1 violations found (the report says which), 2 could not run (bad flags, no Redis URL, "
+        "Redis unreachable; one line on stderr)."))
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--account", help="one account")
     who.add_argument("--all", action="store_true", help="every account with a ledger")
-    p.add_argument("--redis-url", required=True, help="the Redis the sidecars use (read only)")
-    p.add_argument("--key-prefix", default="qs", help="as the sidecars' --key-prefix")
-    p.add_argument("--key-buckets", type=int, default=256, help="as the sidecars' --key-buckets")
+    redis_flags(p, "the Redis the sidecars use (read only)")
 
     p = sub.add_parser("check-plans", help="validate a plans file and print a summary")
     p.add_argument("file")
@@ -184,7 +195,8 @@ def _loadtest_parser(sub: Any) -> None:
         "statuses, denials and fundings. Closed loop by default (--concurrency callers, one job in flight each); "
         "--rate is an open loop that measures latency from each call's intended send time (corrects for "
         "coordinated omission). Exit 0 on success, 1 when a call failed with any status but OK (unless "
-        "--allow-errors), the --audit found a violation or the target could not be reached, 2 on bad flags."))
+        "--allow-errors), the --audit found a violation or could not reach Redis, or the target could not be "
+        "reached; 2 on bad flags."))
     p.add_argument("--target", default=None, metavar="ADDR", help=(
         f"the sidecar's --listen address, host:port or unix:/path [env QUOTA_TARGET; default: {DEFAULT_TARGET}]"))
     loop = p.add_mutually_exclusive_group()
@@ -241,12 +253,9 @@ def _loadtest_parser(sub: Any) -> None:
     _admin_credentials(p)
     p.add_argument("--audit", action="store_true", help=(
         "after the run, run the conservation audit (as `audit`) over every account the run reserved for or "
-        "granted credits to (needs --redis-url); exit 1 on a violation"))
-    p.add_argument("--redis-url", default=None, metavar="URL",
-                   help="the Redis the sidecar uses, for --audit (read only)")
-    p.add_argument("--key-prefix", default="qs", metavar="PREFIX", help="as the sidecar's --key-prefix [default: qs]")
-    p.add_argument("--key-buckets", type=int, default=256, metavar="N",
-                   help="as the sidecar's --key-buckets [default: 256]")
+        "granted credits to (needs the sidecar's Redis: --redis-url, QUOTA_REDIS_URL or a development "
+        "sidecar's redis.url); exit 1 on a violation"))
+    redis_flags(p, "the Redis the sidecar uses, for --audit (read only)")
     p.add_argument("--plot", default=None, metavar="FILE", help=(
         "write a latency plot: a self-contained HTML file (percentile curve, throughput and p99 per second), "
         "or a PNG when FILE ends in .png and matplotlib is installed"))
@@ -257,16 +266,42 @@ def _loadtest_parser(sub: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The console script. A reader that stops early (`ledger | head`) ends the output quietly, with
+    EXIT_BROKEN_PIPE, instead of a BrokenPipeError traceback."""
+    try:
+        try:
+            return _main(argv)
+        finally:
+            # Inside the try: buffered output meets a closed pipe here at the latest, not at exit
+            # (where Python could only print "Exception ignored ... BrokenPipeError").
+            sys.stdout.flush()
+    except BrokenPipeError:
+        _stdout_to_devnull()
+        return EXIT_BROKEN_PIPE
+
+
+def _stdout_to_devnull() -> None:
+    """What is still buffered must go somewhere when Python flushes at exit: devnull, not the closed pipe.
+    (The Python documentation's recipe; SIGPIPE's default action is not restored instead, because it
+    would also kill the process on a write to a closed gRPC or Redis socket.)"""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout is not a real file (a test's capture): nothing to flush at exit
+        pass
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.verb == "serve":
         return _serve(args)
     if args.verb == "check-plans":
         return _check_plans(args.file)
     if args.verb == "audit":
-        from quota_sidecar.tools.audit import audit_main
+        from quota_sidecar.tools.audit import cli_main as audit_cli
 
-        return asyncio.run(audit_main(args.redis_url, account=args.account, all_accounts=args.all,
-                                      key_prefix=args.key_prefix, key_buckets=args.key_buckets))
+        return audit_cli(args)
     if args.verb == "loadtest":
         from quota_sidecar.tools.loadtest import cli_main
 
@@ -277,8 +312,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from quota_sidecar.server.logs import configure as configure_logging, mask_credentials
     from quota_sidecar.server.app import run, run_until_complete
+    from quota_sidecar.server.data_dir import DataDirInUse
+    from quota_sidecar.server.logs import configure as configure_logging
+    from quota_sidecar.server.logs import mask_credentials
     from quota_sidecar.server.workers import WORKER_ENV, decode_worker, supervise
 
     worker: int | None = None
@@ -299,6 +336,10 @@ def _serve(args: argparse.Namespace) -> int:
     except PlansError as exc:
         print(f"quota-sidecar: invalid plans file: {exc.message}", file=sys.stderr)
         return 2
+    except DataDirInUse as exc:
+        # Refused before anything started: nothing to stop, and a flag (--data-dir) is the fix.
+        print(f"quota-sidecar: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except (QuotaError, RuntimeError, OSError) as exc:
         # Start-up failures (Redis unreachable, no redis-server binary, address in use): say what, not a traceback.
         print(f"quota-sidecar: cannot start: {mask_credentials(str(exc))}", file=sys.stderr)
@@ -307,7 +348,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _check_plans(path: str) -> int:
-    from quota_sidecar.domain.plans import load_plans
+    # The loader `serve --plans` uses: the plans file models, whose JSON Schema editors use.
+    from quota_sidecar.server.plans_file import load_plans, schema_location
 
     try:
         plans = load_plans(path)
@@ -316,19 +358,9 @@ def _check_plans(path: str) -> int:
         return 1
     print(f"ok: plans version {plans.version}; plans {', '.join(plans.plans)}; "
           f"products {', '.join(plans.products)}; packs {', '.join(p.pack_id for p in plans.packs)}")
+    print(f"validated as `serve --plans` validates it (the plans file models); "
+          f"their JSON Schema, for editors: {schema_location()}")
     return 0
-
-
-def format_time(ms: int, tz: str = "UTC") -> str:
-    from zoneinfo import ZoneInfo
-
-    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).astimezone(ZoneInfo(tz)).strftime("%Y-%m-%d %H:%M:%S %Z")
-
-
-def print_json(obj: Any, write: Callable[[str], Any] = sys.stdout.write) -> None:
-    # ensure_ascii: every non-ASCII character as \uXXXX, so text from the server (C1 controls,
-    # bidi overrides) never reaches the terminal raw; json.loads gives it back unchanged.
-    write(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=True) + "\n")
 
 
 if __name__ == "__main__":  # pragma: no cover

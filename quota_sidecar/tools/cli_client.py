@@ -13,18 +13,23 @@ from datetime import datetime
 from typing import Any, Callable
 
 import grpc
-from google.protobuf import json_format, timestamp_pb2
+from google.protobuf import descriptor, json_format, message, timestamp_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from quota_sidecar._proto.quota.v1 import quota_pb2 as pb
 from quota_sidecar._proto.quota.v1 import quota_pb2_grpc as pb_grpc
-from quota_sidecar.tools.cli import (
-    ADMIN_TOKEN_ENV,
+from quota_sidecar.tools.common import (
     ADMIN_VERBS,
     CLIENT_TIMEOUT_SECONDS,
     DEFAULT_ADMIN_TARGET,
     DEFAULT_TARGET,
+    EXIT_DENIED,
+    EXIT_ERROR,
+    EXIT_OK,
+    EXIT_USAGE,
+    admin_token,
+    channel_credentials,
     format_time,
     print_json,
 )
@@ -148,51 +153,11 @@ def _print_balance(r: pb.GetBalanceResponse) -> None:
             _say(f"({len(r.holds)} soonest-expiring of {r.holds_total} open holds shown)")
 
 
-def _read_client_file(path: str, flag: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as exc:
-        # ValueError: run_verb reports it as a usage error (exit 2).
-        raise ValueError(f"cannot read {flag} {path}: {exc.strerror or exc}") from None
-
-
-def admin_token(args: argparse.Namespace) -> str | None:
-    """The bearer token: --token-file's first non-blank, non-# line, else $QUOTA_ADMIN_TOKEN, else None."""
-    if args.token_file:
-        lines = _read_client_file(args.token_file, "--token-file").decode("utf-8", "replace").splitlines()
-        token = next((t for t in (line.strip() for line in lines) if t and not t.startswith("#")), "")
-        if not token:
-            raise ValueError(f"--token-file {args.token_file} holds no token")
-    else:
-        token = os.environ.get(ADMIN_TOKEN_ENV, "").strip()
-    # gRPC metadata values are printable ASCII; say so here rather than fail inside the call.
-    if token and any(not 0x21 <= ord(c) <= 0x7E for c in token):
-        raise ValueError("the admin token must be printable ASCII without spaces")
-    return token or None
-
-
-def _channel_credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
-    """TLS credentials from --tls-ca (and --tls-cert/--tls-key for mTLS), or None for plaintext."""
-    if bool(args.tls_cert) != bool(args.tls_key):
-        raise ValueError("--tls-cert and --tls-key go together")
-    if args.tls_cert and not args.tls_ca:
-        raise ValueError("--tls-cert needs --tls-ca (the CA of the sidecar's certificate)")
-    if not args.tls_ca:
-        if args.tls_server_name:
-            raise ValueError("--tls-server-name needs --tls-ca")
-        return None
-    return grpc.ssl_channel_credentials(
-        root_certificates=_read_client_file(args.tls_ca, "--tls-ca"),
-        private_key=_read_client_file(args.tls_key, "--tls-key") if args.tls_key else None,
-        certificate_chain=_read_client_file(args.tls_cert, "--tls-cert") if args.tls_cert else None)
-
-
 def _channel(args: argparse.Namespace, admin: bool) -> grpc.Channel:
     """A channel to the verb's target: the admin one (TLS when asked) or the worker-facing one."""
     target = (args.target or os.environ.get("QUOTA_ADMIN_TARGET" if admin else "QUOTA_TARGET")
               or (DEFAULT_ADMIN_TARGET if admin else DEFAULT_TARGET))
-    credentials = _channel_credentials(args) if admin else None
+    credentials = channel_credentials(args) if admin else None
     if credentials is None:
         return grpc.insecure_channel(target)
     # Over a unix socket there is no host name to verify the certificate against: the caller names it.
@@ -270,7 +235,12 @@ def _call(args: argparse.Namespace) -> Any:
     channel = _channel(args, admin)
     service = pb_grpc.QuotaAdminStub(channel) if admin else pb_grpc.QuotaServiceStub(channel)
     with channel:
-        return getattr(service, method)(request, **kw)
+        response = getattr(service, method)(request, **kw)
+        if args.verb == "ledger" and not args.json and not args.tz:
+            # Ledger entries carry no zone; balance prints the account's, so the ledger does too.
+            account = pb_grpc.QuotaAdminStub(channel).GetAccount(pb.GetAccountRequest(account_id=args.account), **kw)
+            args.tz = account.balance.time_zone or "UTC"
+        return response
 
 
 def _replay(r: Any, text: str) -> str:
@@ -296,12 +266,12 @@ def _print_account(r: pb.GetAccountResponse) -> None:
              f"expires {format_time(_ms(lot.expires_at), tz)}")
 
 
-def _print_ledger(r: pb.ListLedgerResponse) -> None:
+def _print_ledger(r: pb.ListLedgerResponse, tz: str = "UTC") -> None:
     for e in r.entries:
         who = e.reservation_id or e.purchase_id
         amount = f"{e.credits} credit(s)" if e.credits else (f"{e.free_units} free unit(s)" if e.free_units else "")
         # Escaped before padding, so the columns stay aligned.
-        _say(f"{visible(e.id)}  {format_time(_ms(e.at))}  {visible(e.type):<10} {visible(who):<24} "
+        _say(f"{visible(e.id)}  {format_time(_ms(e.at), tz)}  {visible(e.type):<10} {visible(who):<24} "
              f"{amount:<16} available {e.totals_after.available}, held {e.totals_after.held}"
              + (f"  [{e.reason}]" if e.reason else ""))
     if r.next_page_token:
@@ -312,7 +282,6 @@ _PRINTERS: dict[str, Callable[[Any], None]] = {
     "reserve": _print_decision,
     "balance": _print_balance,
     "account": _print_account,
-    "ledger": _print_ledger,
     "commit": lambda r: _say(
         f"COMMITTED  charged {r.credits_charged} credit(s), {r.free_charged} free unit(s); refunded "
         f"{r.credits_refunded}; credits available {r.credit_balance}" + _replay(r, "already committed")),
@@ -338,10 +307,48 @@ _PRINTERS: dict[str, Callable[[Any], None]] = {
 }
 
 
+_INT64_TYPES = frozenset({descriptor.FieldDescriptor.TYPE_INT64, descriptor.FieldDescriptor.TYPE_UINT64,
+                          descriptor.FieldDescriptor.TYPE_SINT64, descriptor.FieldDescriptor.TYPE_FIXED64,
+                          descriptor.FieldDescriptor.TYPE_SFIXED64})
+
+
+def _int64_as_numbers(desc: Any, doc: dict[str, Any]) -> dict[str, Any]:
+    """``doc`` (MessageToDict of a ``desc`` message, proto field names) with its 64-bit integers as JSON
+    numbers. protobuf's JSON mapping quotes them for JavaScript's doubles; credits and counts stay far
+    below 2**53, and a script should not have to write int(doc["credit_balance"])."""
+    for name, value in doc.items():
+        field = desc.fields_by_name.get(name)
+        if field is None:
+            continue
+        if field.type in _INT64_TYPES:
+            doc[name] = [int(v) for v in value] if isinstance(value, list) else int(value)
+        elif field.type == descriptor.FieldDescriptor.TYPE_MESSAGE:
+            sub: Any = field.message_type
+            if sub.GetOptions().map_entry:  # map<k, v>: convert the values (JSON keys stay strings)
+                entry = sub.fields_by_name["value"]
+                if entry.type in _INT64_TYPES:
+                    doc[name] = {k: int(v) for k, v in value.items()}
+                elif entry.type == descriptor.FieldDescriptor.TYPE_MESSAGE:
+                    for v in value.values():
+                        _int64_as_numbers(entry.message_type, v)
+            else:  # well-known types (Timestamp) map to strings: nothing to walk into
+                for item in value if isinstance(value, list) else [value]:
+                    if isinstance(item, dict):
+                        _int64_as_numbers(sub, item)
+    return doc
+
+
+def response_json(r: message.Message) -> dict[str, Any]:
+    """What --json prints: proto field names, zero values too, 64-bit integers as numbers."""
+    return _int64_as_numbers(r.DESCRIPTOR, json_format.MessageToDict(
+        r, preserving_proto_field_name=True, always_print_fields_with_no_presence=True))
+
+
 def _print(args: argparse.Namespace, r: Any) -> None:
     if args.json:
-        print_json(json_format.MessageToDict(r, preserving_proto_field_name=True,
-                                             always_print_fields_with_no_presence=True))
+        print_json(response_json(r))
+    elif args.verb == "ledger":
+        _print_ledger(r, args.tz or "UTC")
     else:
         _PRINTERS[args.verb](r)
 
@@ -358,14 +365,31 @@ def _print_error(err: grpc.RpcError) -> None:
                      err=True)
 
 
+def _check_zone(args: argparse.Namespace) -> None:
+    """ledger --tz: refused before any call, as a usage error, rather than as a traceback while printing."""
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    tz = getattr(args, "tz", None) if args.verb == "ledger" else None
+    if tz:
+        try:
+            ZoneInfo(tz)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"--tz {tz!r} is not an IANA time zone (e.g. UTC, Europe/Paris)") from None
+
+
 def run_verb(args: argparse.Namespace) -> int:
+    """EXIT_OK; EXIT_DENIED for a denied reserve (printed like an allowed one); EXIT_ERROR when the
+    call failed; EXIT_USAGE for a bad flag value."""
     try:
+        _check_zone(args)
         response = _call(args)
     except grpc.RpcError as err:
         _print_error(err)
-        return 1
+        return EXIT_ERROR
     except ValueError as exc:  # e.g. a malformed --expires-at
         _say(f"error: {exc}", err=True)
-        return 2
+        return EXIT_USAGE
     _print(args, response)
-    return 0
+    if args.verb == "reserve" and not response.allowed:
+        return EXIT_DENIED
+    return EXIT_OK

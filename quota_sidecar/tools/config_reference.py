@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from dataclasses import Field, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from quota_sidecar.server.settings import Settings, env_name
 

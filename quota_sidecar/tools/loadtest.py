@@ -395,17 +395,6 @@ def latency_summary(hist: HdrHistogram) -> dict[str, float]:
     return out
 
 
-def percentile_curve(hist: HdrHistogram, *, max_nines: float = 4.0, step: float = 0.05) -> list[tuple[float, float]]:
-    """(percentile, ms) along an HDR-style axis x = -log10(1 - p/100): x = 1 is p90, 2 p99, ... 4 p99.99."""
-    if hist.get_total_count() == 0:
-        return []
-    points = []
-    for i in range(int(round(max_nines / step)) + 1):
-        p = 100.0 * (1.0 - 10.0 ** -(i * step))
-        points.append((p, _ms(hist.get_value_at_percentile(p))))
-    return points
-
-
 @dataclass(frozen=True)
 class TimelineBucket:
     second: int        # whole seconds since the end of the warm-up, by completion time
@@ -440,7 +429,8 @@ class Timeline:
         h = self._hist
         p50, p99 = (_ms(h.get_value_at_percentile(50)), _ms(h.get_value_at_percentile(99))) \
             if h.get_total_count() else (0.0, 0.0)
-        self.buckets.append(TimelineBucket(self._second, *self._counts, p50_ms=p50, p99_ms=p99))
+        decisions, rpcs, errors = self._counts
+        self.buckets.append(TimelineBucket(self._second, decisions, rpcs, errors, p50_ms=p50, p99_ms=p99))
         h.reset()
         self._counts = [0, 0, 0]
         self._second += 1
@@ -595,6 +585,10 @@ class LoadReport:
             "grants": self.grants, "unexpected_errors": self.unexpected_errors,
         }
 
+    def text(self) -> str:
+        """The report as `quota-sidecar loadtest` prints it."""
+        return format_text(self)
+
 
 def config_json(config: LoadConfig) -> dict[str, Any]:
     """The config as JSON, without credentials."""
@@ -743,7 +737,7 @@ class _Run:
             self.stats.followups[kind].record(code, items, item_errors, latency_us(sent, done))
 
     async def _follow(self, stub: pb_grpc.QuotaServiceStub, d: _Draw) -> None:
-        ids = {"account_id": d.pick.account, "reservation_id": d.reservation_id}
+        ids: dict[str, Any] = {"account_id": d.pick.account, "reservation_id": d.reservation_id}
         outcome = d.pick.outcome
         if outcome == "extend":
             code, _, sent, done = await self._call(stub.ExtendReservation, pb.ExtendReservationRequest(**ids))
@@ -995,8 +989,7 @@ def config_from_args(args: Any) -> LoadConfig:
     """A LoadConfig from the ``loadtest`` flags; LoadConfigError / ValueError on bad values."""
     import os
 
-    from quota_sidecar.tools.cli import DEFAULT_ADMIN_TARGET, DEFAULT_TARGET
-    from quota_sidecar.tools.cli_client import _channel_credentials, admin_token
+    from quota_sidecar.tools.common import DEFAULT_ADMIN_TARGET, DEFAULT_TARGET, admin_token, channel_credentials
 
     jobs = tuple(j for text in (args.job or ()) for j in parse_job(text))
     admin_target = args.admin_target or os.environ.get("QUOTA_ADMIN_TARGET", "")
@@ -1005,7 +998,7 @@ def config_from_args(args: Any) -> LoadConfig:
     return LoadConfig(
         target=args.target or os.environ.get("QUOTA_TARGET") or DEFAULT_TARGET, admin_target=admin_target,
         admin_token=(admin_token(args) or "") if admin_target else "",
-        admin_credentials=_channel_credentials(args) if admin_target else None,
+        admin_credentials=channel_credentials(args) if admin_target else None,
         admin_tls_server_name=args.tls_server_name or "", concurrency=args.concurrency, rate=args.rate,
         max_inflight=args.max_inflight,
         duration_seconds=args.duration if args.duration is not None else LoadConfig.duration_seconds,
@@ -1021,8 +1014,11 @@ def _usage_error(text: str) -> int:
     return 2
 
 
-async def _run_cli(config: LoadConfig, args: Any) -> tuple[LoadReport, list[Any] | None]:
+async def _run_cli(config: LoadConfig, args: Any, redis: Any) -> tuple[LoadReport, list[Any] | None, str]:
+    """(report, audits or None, why the audit could not run or ""); ``redis``: cli.RedisOptions."""
     import signal
+
+    from quota_sidecar.domain.errors import QuotaError
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -1040,27 +1036,38 @@ async def _run_cli(config: LoadConfig, args: Any) -> tuple[LoadReport, list[Any]
             pass
     audits = None
     if args.audit:
-        audits = await audit_accounts(args.redis_url, report.granted_accounts(), key_prefix=args.key_prefix,
-                                      key_buckets=args.key_buckets)
-    return report, audits
+        try:
+            audits = await audit_accounts(redis.url, report.granted_accounts(), key_prefix=redis.key_prefix,
+                                          key_buckets=redis.key_buckets, redis_mode=redis.mode)
+        except QuotaError as exc:  # e.g. Redis unreachable: the run's report is still worth printing
+            return report, None, exc.message
+    return report, audits, ""
 
 
 def cli_main(args: Any) -> int:
-    """``quota-sidecar loadtest``: 0 on success; 1 on unexpected RPC errors (unless --allow-errors) or an
-    audit violation or when the run could not start; 2 on bad flags."""
+    """``quota-sidecar loadtest``: 0 on success; 1 on unexpected RPC errors (unless --allow-errors), an
+    audit violation or an audit that could not run, or when the run could not start; 2 on bad flags."""
+    from quota_sidecar.server.data_dir import NoRedisUrl
+    from quota_sidecar.server.logs import mask_credentials
+    from quota_sidecar.tools.common import redis_options
+
     try:
         config = config_from_args(args)
         validate(config)
-        if args.audit and not args.redis_url:
-            raise LoadConfigError("--audit needs --redis-url (the Redis the sidecar uses)")
+        redis = redis_options(args, need_url=args.audit)
         if args.plot:
             from quota_sidecar.tools.loadtest_plot import check_plot_path
 
             check_plot_path(args.plot)
+    except NoRedisUrl as exc:
+        return _usage_error(f"--audit needs --redis-url (the Redis the sidecar uses): {exc}")
     except ValueError as exc:  # LoadConfigError, and the admin credential helpers' errors
         return _usage_error(str(exc))
+    if args.audit and redis.source:
+        print(f"quota-sidecar loadtest: --audit uses Redis {mask_credentials(redis.url)} (from {redis.source})",
+              file=sys.stderr)
     try:
-        report, audits = asyncio.run(_run_cli(config, args))
+        report, audits, audit_error = asyncio.run(_run_cli(config, args, redis))
     except LoadTestError as exc:
         print(f"quota-sidecar loadtest: {exc}", file=sys.stderr)
         return 1
@@ -1078,5 +1085,8 @@ def cli_main(args: Any) -> int:
         print(format_text(report))
         if audits is not None:
             print(audit_text(audits))
+    if audit_error:
+        print(f"quota-sidecar loadtest: cannot run the --audit: {mask_credentials(audit_error)}", file=sys.stderr)
+        return 1
     failed = report.unexpected_errors > 0 and not args.allow_errors
     return 1 if failed or (audits is not None and any(a.violations for a in audits)) else 0

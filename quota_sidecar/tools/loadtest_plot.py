@@ -5,7 +5,8 @@ mailed or attached to a ticket and opened anywhere. It shows
 
 - latency by percentile, HDR style: x = -log10(1 - p/100), so 90%, 99%, 99.9% and
   99.99% are evenly spaced and the tail is visible;
-- decisions completed per second and the reserve p99 of each second.
+- decisions completed per second and the reserve p99 of each second (the run's last, partial
+  second drawn over its real length, its count scaled to a rate; see bucket_spans).
 
 matplotlib is optional (not a dependency): only a FILE ending in .png needs it.
 """
@@ -15,11 +16,11 @@ from __future__ import annotations
 import html
 import math
 import os
-from typing import TYPE_CHECKING, Sequence
-
-from quota_sidecar.tools.loadtest import format_text, percentile_curve
+from typing import TYPE_CHECKING, Any, Sequence
 
 if TYPE_CHECKING:
+    from hdrh.histogram import HdrHistogram
+
     from quota_sidecar.tools.loadtest import LoadReport
 
 Point = tuple[float, float]
@@ -28,6 +29,17 @@ _COLORS = ("#0072B2", "#D55E00")
 _NINES_TICKS = ((0, "0%"), (1, "90%"), (2, "99%"), (3, "99.9%"), (4, "99.99%"))
 _W, _H = 760, 300
 _LEFT, _RIGHT, _TOP, _BOTTOM = 70, 36, 36, 48
+
+
+def percentile_curve(hist: HdrHistogram, *, max_nines: float = 4.0, step: float = 0.05) -> list[tuple[float, float]]:
+    """(percentile, ms) along an HDR-style axis x = -log10(1 - p/100): x = 1 is p90, 2 p99, ... 4 p99.99."""
+    if hist.get_total_count() == 0:
+        return []
+    points = []
+    for i in range(int(round(max_nines / step)) + 1):
+        p = 100.0 * (1.0 - 10.0 ** -(i * step))
+        points.append((p, round(hist.get_value_at_percentile(p) / 1000.0, 3)))
+    return points
 
 
 def check_plot_path(path: str) -> None:
@@ -43,7 +55,7 @@ def check_plot_path(path: str) -> None:
                              "matplotlib); or give a .html file (self-contained, no dependency)") from None
 
 
-def write_plot(report: "LoadReport", path: str) -> None:
+def write_plot(report: LoadReport, path: str) -> None:
     if _is_png(path):
         _write_png(report, path)
         return
@@ -121,7 +133,7 @@ def svg_chart(title: str, series: Sequence[tuple[str, Sequence[Point]]], x_ticks
     return "\n".join(parts)
 
 
-def percentile_svg(report: "LoadReport") -> str:
+def percentile_svg(report: LoadReport) -> str:
     series = [("reserve latency" + (" (from intended send)" if report.service_latency_ms else ""),
                [(nines(p), ms) for p, ms in percentile_curve(report.histogram)])]
     if report.service_latency_ms:
@@ -136,16 +148,42 @@ def _second_ticks(last: int) -> list[tuple[float, str]]:
     return [(t, f"{t:g}") for t in step]
 
 
-def steps(report: "LoadReport") -> tuple[list[Point], list[Point]]:
-    """(decisions per second, p99 per second) as steps: each bucket drawn over its whole second,
-    so even a one-second run shows a line; seconds without calls have no p99."""
-    buckets = report.timeline
-    rate = [pt for b in buckets for pt in ((b.second, b.decisions), (b.second + 1, b.decisions))]
-    p99 = [pt for b in buckets if b.rpcs for pt in ((b.second, b.p99_ms), (b.second + 1, b.p99_ms))]
+# A last partial second shorter than this is left out when there are other seconds to draw: its rate
+# (a handful of completions over a few milliseconds) is noise, and a spike would set the y axis.
+MIN_PARTIAL_SECONDS = 0.1
+
+
+def bucket_spans(report: LoadReport) -> list[tuple[Any, float]]:
+    """(bucket, length in seconds) of the buckets to draw. Every bucket is a whole second except the
+    run's last, which ends at elapsed_seconds: drawn at its count per second it would show the end of
+    every run as a throughput collapse."""
+    buckets = list(report.timeline)
+    spans = [(b, 1.0) for b in buckets[:-1]]
+    if buckets:
+        last = buckets[-1]
+        length = min(1.0, report.elapsed_seconds - last.second)
+        if length >= MIN_PARTIAL_SECONDS:
+            spans.append((last, length))
+        elif not spans:  # the whole run is this fragment: its own rate is all there is to show
+            spans.append((last, max(length, 1e-3)))
+    return spans
+
+
+def steps(report: LoadReport) -> tuple[list[Point], list[Point]]:
+    """(decisions per second, p99 per second) as steps, each bucket drawn over the time it covers
+    (bucket_spans): whole seconds, and the last, partial one over its real length with its count
+    scaled to a rate; so even a one-second run shows a line. Seconds without calls have no p99."""
+    rate: list[Point] = []
+    p99: list[Point] = []
+    for b, length in bucket_spans(report):
+        start, end = float(b.second), b.second + length
+        rate += [(start, b.decisions / length), (end, b.decisions / length)]
+        if b.rpcs:
+            p99 += [(start, b.p99_ms), (end, b.p99_ms)]
     return rate, p99
 
 
-def timeline_svgs(report: "LoadReport") -> list[str]:
+def timeline_svgs(report: LoadReport) -> list[str]:
     last = report.timeline[-1].second + 1 if report.timeline else 1
     ticks = _second_ticks(last)
     rate, p99 = steps(report)
@@ -155,7 +193,7 @@ def timeline_svgs(report: "LoadReport") -> list[str]:
                       "seconds after warm-up", "p99 (ms)")]
 
 
-def render_html(report: "LoadReport") -> str:
+def render_html(report: LoadReport) -> str:
     charts = "\n".join([percentile_svg(report), *timeline_svgs(report)])
     return f"""<!DOCTYPE html>
 <html lang="en">
@@ -170,14 +208,14 @@ svg {{ display: block; margin: 16px 0; }}
 </head>
 <body>
 <h1>quota-sidecar loadtest</h1>
-<pre>{html.escape(format_text(report))}</pre>
+<pre>{html.escape(report.text())}</pre>
 {charts}
 </body>
 </html>
 """
 
 
-def _write_png(report: "LoadReport", path: str) -> None:
+def _write_png(report: LoadReport, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed

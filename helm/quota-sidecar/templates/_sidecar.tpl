@@ -1,7 +1,8 @@
 {{/*
-Public templates a worker chart includes in its own pod spec (see the README, "Deploy on
-Kubernetes", and examples/helm-worker). Each takes (dict "root" . "values" <this chart's values>)
-and renders YAML list items, to be indented with nindent:
+Public templates a worker chart includes in its own pod spec (see the chart's README.md, "Add
+the sidecar to a worker chart", and examples/helm-worker). Each takes
+(dict "root" . "values" <this chart's values>) and renders YAML list items, to be indented with
+nindent:
 
   quota-sidecar.container           the sidecar container (under containers, or under
                                     initContainers when sidecar.native is true)

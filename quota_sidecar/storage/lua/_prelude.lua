@@ -11,11 +11,12 @@
 -- KEYS (same order in every script):
 --   1 acct     HASH  plan, tz, cap, at_on/at_thr/at_pack (auto top-up) and the
 --                    totals credits_granted/_spent/_expired/_revoked/_refunded/_held
---   2 free     HASH  "<product>|<YYYYMMDD>" -> free units held or spent in that window
+--   2 free     HASH  "<product>|<limit>|d<YYYYMMDD>" or "...|w<monday YYYYMMDD>" -> free
+--                    units held or spent in that window (a field at zero is dropped)
 --   3 lots     HASH  lot_id -> JSON {g = granted, e = expires_ms, t = granted_ms,
 --                    k = source rank, src = source, v = 1 if revoked,
 --                    vr = credits revoked, x = credits expired}
---   4 lotrem   HASH  lot_id -> credits left in the lot
+--   4 lotrem   HASH  lot_id -> credits left in the lot; "<lot_id>|h" -> its credits in open holds
 --   5 lotexp   ZSET  live lots (credits left, not revoked) scored expires_ms * 8 + rank,
 --                    so equal expiries order promo < compensation < refund < purchase
 --   6 holds    ZSET  reservation_id scored by expires_ms; only unresolved holds
@@ -25,7 +26,7 @@
 --  10 notes    HASH  events already emitted ("<event>|<scope>") -> when
 --  11 spend    HASH  "<YYYYMM>" -> credits held or spent that month (the spend cap's measure)
 --  12 rolling  ZSET  "<product>|<limit>|<reservation_id>" scored by use time: rolling windows
---  13 inflight HASH  product -> unresolved reservations (the concurrency cap's measure)
+--  13 inflight HASH  product -> unresolved reservations (the concurrency cap's measure; dropped at zero)
 --  14 events   STREAM usage events of the whole bucket (shared by its accounts)
 --
 -- Free units: a day or week limit counts in the free hash under
@@ -145,11 +146,30 @@ local function incr(field, delta)
   if delta ~= 0 then redis.call('HINCRBY', K_ACCT, field, delta) end
 end
 
+-- Effects (ledger entries and usage events) are written at once, or, between
+-- defer_effects() and take_effects(), collected instead: reserve_all.lua writes
+-- only those of the items that stand. Each is {'x', XADD args} or {'n', note,
+-- XADD args} (an event written once per note).
+local deferred_effects = nil
+local function defer_effects() deferred_effects = {} end
+local function take_effects()
+  local effects = deferred_effects
+  deferred_effects = nil
+  return effects
+end
+local function write_effects(effects)
+  for _, e in ipairs(effects) do
+    if e[1] == 'x' then
+      redis.call('XADD', unpack(e[2]))
+    elseif redis.call('HSETNX', K_NOTES, e[2], now_ms) == 1 then
+      redis.call('XADD', unpack(e[3]))
+    end
+  end
+end
+
 -- Every movement is appended with the totals after it, so the ledger can be
--- checked link by link even after old entries are trimmed.
--- The XADD arguments are built apart from the XADD so reserve_all.lua can
--- hold an entry back (with the totals of the moment it was made) until it
--- knows whether its batch stands.
+-- checked link by link even after old entries are trimmed; a deferred entry
+-- keeps the totals of the moment it was made.
 local ledger_trim_id = nil
 local function ledger_args(kind, fields)
   -- Trimming follows Redis' real clock even when a test pins now_ms.
@@ -165,7 +185,12 @@ local function ledger_args(kind, fields)
   return args
 end
 local function ledger(kind, fields)
-  redis.call('XADD', unpack(ledger_args(kind, fields)))
+  local args = ledger_args(kind, fields)
+  if deferred_effects then
+    deferred_effects[#deferred_effects + 1] = {'x', args}
+  else
+    redis.call('XADD', unpack(args))
+  end
 end
 
 local function emit_args(kind, fields)
@@ -173,13 +198,17 @@ local function emit_args(kind, fields)
   for i = 1, #fields do args[#args + 1] = fields[i] end
   return args
 end
-local function emit(kind, fields)
-  redis.call('XADD', unpack(emit_args(kind, fields)))
-end
 
--- Each event once per account and scope (window, month, lot, crossing).
+-- Each event once per account and scope (window, month, lot, crossing). A
+-- deferred one is checked again when written (two items may defer the same).
 local function emit_once(note, kind, fields)
-  if redis.call('HSETNX', K_NOTES, note, now_ms) == 1 then emit(kind, fields) end
+  if deferred_effects then
+    if redis.call('HEXISTS', K_NOTES, note) == 0 then
+      deferred_effects[#deferred_effects + 1] = {'n', note, emit_args(kind, fields)}
+    end
+  elseif redis.call('HSETNX', K_NOTES, note, now_ms) == 1 then
+    redis.call('XADD', unpack(emit_args(kind, fields)))
+  end
 end
 
 local function lots_text(taken)
@@ -265,14 +294,24 @@ local function take_free_unit(key, rid)
   return key
 end
 
+-- A counter field one lower, dropped at zero (a counter never goes below zero,
+-- and a zero is no different from no field: nothing left behind).
+local function decrement(key, field)
+  local count = tonumber(redis.call('HGET', key, field) or '0')
+  if count > 1 then
+    redis.call('HINCRBY', key, field, -1)
+  elseif count == 1 then
+    redis.call('HDEL', key, field)
+  end
+end
+
 local function return_free_units(taken)
   for _, key in ipairs(taken) do
     local name = string.sub(key, 2)
     if string.sub(key, 1, 1) == 'z' then
       redis.call('ZREM', K_ROLLING, name)
     else
-      local used = tonumber(redis.call('HGET', K_FREE, name) or '0')
-      if used > 0 then redis.call('HINCRBY', K_FREE, name, -1) end
+      decrement(K_FREE, name)
     end
   end
 end
@@ -294,7 +333,7 @@ local function resolve(rid, rec, state)
   save_record(rid, rec)
   redis.call('ZREM', K_HOLDS, rid)
   redis.call('ZADD', K_RESDONE, now_ms, rid)
-  if tonumber(redis.call('HGET', K_INFLIGHT, rec.p) or '0') > 0 then redis.call('HINCRBY', K_INFLIGHT, rec.p, -1) end
+  decrement(K_INFLIGHT, rec.p)
 end
 
 -- Gives a whole hold back (Release and expiry). Ledger fields of the refund.

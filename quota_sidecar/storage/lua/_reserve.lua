@@ -25,7 +25,8 @@
 -- resolved_ms, d = the decision to replay (its JSON reply, as a string).
 --
 -- Times are in milliseconds; credits are integers.
-local function reserve_one()
+-- swept: lazy expiry already ran for this call (reserve_all.lua runs it once for the batch).
+local function reserve_one(swept)
   local rid           = next_arg()
   local product       = next_arg()
   local fingerprint   = next_arg()
@@ -60,8 +61,11 @@ local function reserve_one()
     return reply(d)
   end
 
-  local acct = redis.call('HMGET', K_ACCT, 'plan', 'tz', 'ovr|' .. product)
+  -- Everything the decision reads of the account, read (and checked) before anything is
+  -- written: Redis keeps a script's writes when it fails midway.
+  local acct = redis.call('HMGET', K_ACCT, 'plan', 'tz', 'ovr|' .. product, 'cap', 'at_on', 'at_thr', 'at_pack')
   local plan, tz, override = acct[1] or default_plan, acct[2] or 'UTC', acct[3]
+  local cap, topup_on, topup_threshold, topup_pack = tonumber(acct[4] or '0'), acct[5] == '1', tonumber(acct[6]), acct[7]
   -- The sidecar computed windows for the zone it believed; it retries with ours.
   if tz ~= expected_tz then return fail('TZ_MISMATCH', {tz = tz, plan = plan}) end
 
@@ -81,7 +85,7 @@ local function reserve_one()
     limits, max_concurrent, concurrency_shadow = o.limits, o.max_concurrent, false
   end
 
-  sweep()
+  if not swept then sweep() end
 
   -- Every limit's state; the most constrained enforced one is the headline.
   local statuses, room, shadow_hits = {}, true, {}
@@ -205,9 +209,9 @@ local function reserve_one()
     if credits_low > 0 and new_balance < credits_low then
       emit_once('credits_low', 'credits_low', {'balance', new_balance, 'threshold', credits_low, 'plan', plan})
     end
-    local at = redis.call('HMGET', K_ACCT, 'at_on', 'at_thr', 'at_pack')
-    if at[1] == '1' and new_balance < tonumber(at[2]) then
-      emit_once('auto_topup', 'auto_topup_requested', {'balance', new_balance, 'threshold', at[2], 'pack_id', at[3]})
+    if topup_on and new_balance < topup_threshold then
+      emit_once('auto_topup', 'auto_topup_requested', {'balance', new_balance, 'threshold', topup_threshold,
+                                                       'pack_id', topup_pack})
     end
   end
 
@@ -215,7 +219,8 @@ local function reserve_one()
   if room then
     free_units = hold_free()
   elseif balance >= cost_credits then
-    local cap = tonumber(redis.call('HGET', K_ACCT, 'cap') or '0')
+    -- Checked before hold_credits writes anything: the values are used only on this path.
+    if cap == nil or (topup_on and topup_threshold == nil) then return fail('ACCOUNT_CORRUPT', {plan = plan}) end
     local month_spend = tonumber(redis.call('HGET', K_SPEND, month) or '0')
     if cap > 0 and month_spend + cost_credits > cap then
       report_limits(false)

@@ -1,0 +1,270 @@
+"""What the scripts take and answer: the store's arguments encoded as ARGV blocks, and the scripts'
+JSON replies decoded into the plain values of quota_sidecar.domain.model (error replies into domain errors)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable, Mapping, Sequence
+
+from quota_sidecar.domain.errors import (
+    Conflict,
+    InvalidArgument,
+    NotFound,
+    ParamsInvalidForProduct,
+    QuotaError,
+    ResolutionConflict,
+    StaleTimeZone,
+    Unavailable,
+)
+from quota_sidecar.domain.model import (
+    ActualCost,
+    Allowance,
+    AutoTopUp,
+    CommitResult,
+    CreditPack,
+    CreditSource,
+    CreditTotals,
+    DenialReason,
+    Funding,
+    LedgerEntry,
+    Limit,
+    LimitKind,
+    LimitOverride,
+    LimitStatus,
+    Lot,
+    ReleaseResult,
+    ReserveCommand,
+    ReserveOutcome,
+    Segment,
+    Window,
+    headline,
+)
+from quota_sidecar.storage import mux as redis_mux
+
+NOT_FOUND = {"RESERVATION_NOT_FOUND", "PURCHASE_NOT_FOUND"}
+
+
+CONFLICTS = {"RESERVATION_PARAMS_MISMATCH", "COMMIT_COST_MISMATCH", "PURCHASE_ID_CONFLICT"}
+
+
+RESOLUTION = {"ALREADY_COMMITTED", "ALREADY_RELEASED", "EXPIRED", "COST_EXCEEDS_HOLD", "UNKNOWN_PLAN",
+               "NOT_COMMITTED", "ACTUAL_NOT_ENTITLED"}
+
+
+MESSAGES = {
+    "RESERVATION_NOT_FOUND": "no such reservation for this account",
+    "PURCHASE_NOT_FOUND": "no lot was granted with this purchase_id for this account",
+    "RESERVATION_PARAMS_MISMATCH": "reservation_id was already used with different parameters",
+    "COMMIT_COST_MISMATCH": "the reservation was already committed at a different cost",
+    "PURCHASE_ID_CONFLICT": "purchase_id was already granted with a different number of credits",
+    "ALREADY_COMMITTED": "the reservation is already committed",
+    "ALREADY_RELEASED": "the reservation is already released",
+    "EXPIRED": "the reservation expired and its hold was refunded",
+    "COST_EXCEEDS_HOLD": "the actual job costs more than the one reserved (or than the credits held); commit "
+                         "without params to charge the hold",
+    "ACTUAL_NOT_ENTITLED": "the actual job is outside what the account's plan allowed when it was reserved",
+    "UNKNOWN_PLAN": "the account's plan is not in the plans file",
+    "NOT_COMMITTED": "only a committed reservation can be refunded",
+    "CLOCK_SKEW": "this sidecar's clock is more than a day off Redis' clock",
+    "ACCOUNT_CORRUPT": "the account's stored spend cap or auto top-up is not a number; nothing was changed "
+                       "(set them again with SetAccount)",
+}
+
+
+TOTAL_FIELDS = {"g": "granted", "s": "spent", "x": "expired", "v": "revoked", "r": "refunded", "h": "held"}
+
+
+# XRANGE's reply with decoded responses: (entry id, fields) pairs.
+StreamRows = list[tuple[str, dict[str, str]]]
+
+
+def as_list(value: Any) -> list[Any]:
+    # cjson encodes an empty Lua table as {}.
+    return value if isinstance(value, list) else []
+
+
+def script_error(reply: Mapping[str, Any]) -> Exception:
+    code = reply["error"]
+    message = MESSAGES.get(code, code)
+    if code in NOT_FOUND:
+        return NotFound(message, reason=code)
+    if code in CONFLICTS:
+        return Conflict(message, reason=code)
+    if code in RESOLUTION:
+        return ResolutionConflict(message, reason=code)
+    if code == "TZ_MISMATCH":
+        return StaleTimeZone(reply["tz"])
+    if code == "INVALID_PARAMS":
+        return ParamsInvalidForProduct(reply["product"], reply.get("pv") or "*")
+    if code == "EXPIRES_IN_PAST":
+        return InvalidArgument("expires_at", "must be in the future")
+    if code == "ACCOUNT_CORRUPT":
+        return QuotaError(message, reason=code)
+    if code == "CLOCK_SKEW":
+        return Unavailable(message, reason=code, retry_after_ms=1000)
+    return QuotaError(f"unexpected script reply {code}", reason="STORE_ERROR")
+
+
+def encode_block(rows: Sequence[Sequence[Any]]) -> list[Any]:
+    """A count and its rows, as the scripts' next_block() reads them."""
+    args: list[Any] = [len(rows)]
+    for row in rows:
+        args += list(row)
+    return args
+
+
+def encode_windows(windows: Sequence[Window]) -> list[Any]:
+    return encode_block([(w.label, w.start_ms, w.end_ms) for w in windows])
+
+
+def encode_limits(limits: Sequence[Limit]) -> str:
+    return json.dumps([limit.as_json() for limit in limits], separators=(",", ":"))
+
+
+def decode_limit_statuses(rows: Any) -> tuple[LimitStatus, ...]:
+    """Script rows {id, kind, hours, used, limit, resets_ms, shadow} as values."""
+    return tuple(LimitStatus(limit=Limit(limit_id=r[0], kind=LimitKind(r[1]), free=int(r[4]), hours=int(r[2]),
+                                         shadow=bool(r[6])), used=int(r[3]), resets_ms=int(r[5]))
+                 for r in as_list(rows))
+
+
+def decode_override(product: str, raw: str) -> LimitOverride:
+    o = json.loads(raw)
+    limits = tuple(Limit(limit_id=x["id"], kind=LimitKind(x["kind"]), free=int(x["free"]), hours=int(x["hours"]),
+                         shadow=bool(x["shadow"])) for x in as_list(o["limits"]))
+    return LimitOverride(product=product, limits=limits, max_concurrent=int(o["max_concurrent"]))
+
+
+def decode_overrides(rows: Any) -> tuple[LimitOverride, ...]:
+    return tuple(sorted((decode_override(p, raw) for p, raw in as_list(rows)), key=lambda o: o.product))
+
+
+def decode_reserve_outcome(r: Mapping[str, Any]) -> ReserveOutcome:
+    funding = r.get("funding")
+    denial = r.get("denial")
+    return ReserveOutcome(
+        allowed=bool(r["allowed"]),
+        plan=r["plan"],
+        funding=Funding(funding) if funding else None,
+        denial=DenialReason(denial) if denial else None,
+        cost_credits=int(r["cost"]),
+        credits_held=int(r["held"]),
+        credits_short=int(r.get("short", 0)),
+        free_used=int(r["free_used"]),
+        free_limit=int(r["free_limit"]),
+        free_resets_ms=int(r["resets_ms"]),
+        credit_balance=int(r["balance"]),
+        expires_ms=int(r["expires_ms"]),
+        now_ms=int(r["now_ms"]),
+        replayed=bool(r["replayed"]),
+        limits=decode_limit_statuses(r.get("limits")),
+        shadow_limits=tuple(as_list(r.get("shadow"))),
+        plans_version=r.get("pv", ""),
+    )
+
+
+class PackedBlocks:
+    """Packed argument blocks keyed by the identity of the immutable values they encode.
+
+    A decision's windows (the same objects all day for a zone, see windows.candidates) and
+    prices (cached per job by the engine) repeat call after call; encoding them once saves
+    most of the cost of sending its ~90 arguments. Holding the values keeps their ids
+    from being reused while an entry lives."""
+
+    def __init__(self, max_entries: int) -> None:
+        self._entries: dict[tuple[int, ...], tuple[tuple[Any, ...], redis_mux.Packed]] = {}
+        self._max_entries = max_entries
+
+    def get(self, values: tuple[Any, ...], build: Callable[[], list[Any]]) -> redis_mux.Packed:
+        key = tuple(map(id, values))
+        hit = self._entries.get(key)
+        if hit is not None and all(a is b for a, b in zip(hit[0], values)):
+            return hit[1]
+        packed = redis_mux.Packed(build())
+        if len(self._entries) >= self._max_entries:
+            self._entries.clear()
+        self._entries[key] = (values, packed)
+        return packed
+
+
+PACKED_BLOCKS = PackedBlocks(4096)
+
+
+def encode_plan_args(segments: Sequence[Segment], packs: Sequence[CreditPack]) -> list[Any]:
+    args: list[Any] = [len(segments)]
+    for seg in segments:
+        args += [seg.from_ms, seg.cost_credits, seg.plans_version]
+        args += encode_block([(r.plan, 1 if r.entitled else 0, r.credits_low, r.max_concurrent,
+                         1 if r.concurrency_shadow else 0, encode_limits(r.limits)) for r in seg.plan_rows])
+    return args + encode_block([(p.pack_id, p.credits, p.price.minor_units, p.price.currency_code) for p in packs])
+
+
+def reserve_args(cmd: ReserveCommand) -> list[Any]:
+    """reserve.lua's arguments after the header (reserve_all.lua reads them once per item)."""
+    windows = PACKED_BLOCKS.get((cmd.windows, cmd.weeks, cmd.months), lambda: (
+        encode_windows(cmd.windows) + encode_windows(cmd.weeks) + encode_windows(cmd.months)))
+    plan = PACKED_BLOCKS.get((cmd.segments, cmd.packs), lambda: encode_plan_args(cmd.segments, cmd.packs))
+    return [cmd.reservation_id, cmd.product, cmd.fingerprint, cmd.ttl_ms, cmd.default_plan, cmd.time_zone,
+            cmd.free_warning_percent, windows, plan]
+
+
+def commit_args(reservation_id: str, costs: Mapping[tuple[str, str], ActualCost]) -> list[Any]:
+    return [reservation_id, *encode_block([(pv, product, c.cost_credits, "|" + "|".join(c.entitled_plans) + "|")
+                                     for (pv, product), c in costs.items()])]
+
+
+def decode_commit_result(r: Mapping[str, Any]) -> CommitResult:
+    return CommitResult(funding=Funding(r["funding"]), credits_charged=int(r["charged"]),
+                        credits_refunded=int(r["refunded"]), free_charged=int(r["free_charged"]),
+                        credit_balance=int(r["balance"]), replayed=bool(r["replayed"]))
+
+
+def decode_release_result(r: Mapping[str, Any]) -> ReleaseResult:
+    return ReleaseResult(funding=Funding(r["funding"]), credits_refunded=int(r["refunded"]),
+                         free_refunded=int(r["free_refunded"]), credit_balance=int(r["balance"]),
+                         replayed=bool(r["replayed"]))
+
+
+def decode_allowance(row: list[Any], default_resets_ms: int) -> Allowance:
+    statuses = decode_limit_statuses(row[1])
+    used, limit, resets_ms = headline(statuses, default_resets_ms)
+    return Allowance(product=row[0], free_used=used, free_limit=limit, free_resets_ms=resets_ms, limits=statuses,
+                     jobs_in_flight=int(row[2]), max_concurrent=int(row[3]), overridden=bool(row[4]))
+
+
+def decode_live_lots(flat: list[Any], metas: Mapping[str, Lot]) -> tuple[Lot, ...]:
+    lots = []
+    for i in range(0, len(flat), 3):
+        meta = metas[flat[i]]
+        lots.append(Lot(lot_id=flat[i], credits_left=int(flat[i + 1]), expires_ms=int(flat[i + 2]),
+                        credits_granted=meta.credits_granted, granted_ms=meta.granted_ms, source=meta.source))
+    return tuple(lots)
+
+
+def decode_all_lots(rows: list[Any]) -> tuple[Lot, ...]:
+    lots = [Lot(lot_id=r[0], credits_granted=int(r[1]), credits_left=int(r[2]), expires_ms=int(r[3]),
+                granted_ms=int(r[4]), source=CreditSource(r[5]), revoked=bool(r[6])) for r in rows]
+    return tuple(sorted(lots, key=lambda lot: (lot.expires_ms, lot.source.rank, lot.lot_id)))
+
+
+def decode_totals(values: Mapping[str, Any], available: int) -> CreditTotals:
+    def get(name: str) -> int:
+        return int(values.get(name) or 0)
+
+    return CreditTotals(granted=get("credits_granted"), spent=get("credits_spent"), expired=get("credits_expired"),
+                        revoked=get("credits_revoked"), refunded=get("credits_refunded"), held=get("credits_held"),
+                        available=available)
+
+
+def decode_auto_topup(r: Mapping[str, Any]) -> AutoTopUp:
+    return AutoTopUp(enabled=r["at_on"] == "1", threshold_credits=int(r["at_thr"]), pack_id=r["at_pack"])
+
+
+def ledger_entry(entry_id: str, raw: Mapping[str, str]) -> LedgerEntry:
+    """A ledger stream entry; the snapshot fields become ``totals_after``."""
+    totals = {name: int(raw.get(short) or 0) for short, name in TOTAL_FIELDS.items()}
+    available = totals["granted"] + totals["refunded"] - totals["spent"] - totals["expired"] - totals["revoked"] \
+        - totals["held"]
+    rest = {k: v for k, v in raw.items() if k not in TOTAL_FIELDS and k not in ("type", "t")}
+    return LedgerEntry(entry_id=entry_id, at_ms=int(raw.get("t") or 0), type=raw.get("type", ""), fields=rest,
+                       totals_after=CreditTotals(available=available, **totals))
