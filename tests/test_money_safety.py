@@ -32,7 +32,6 @@ from quota_sidecar.domain.errors import ResolutionConflict
 from quota_sidecar.domain.model import DenialReason, Funding, JobParams
 from quota_sidecar.server.journal import FileJournal
 from quota_sidecar.server.plans_file import load_plans
-from quota_sidecar.storage.keys import key_bucket
 from quota_sidecar.storage.redis_server import RedisServerProcess
 from quota_sidecar.storage.store import RedisStore
 
@@ -212,10 +211,10 @@ async def test_reserve_release_churn_keeps_a_bounded_number_of_records(redis_ser
         for i in range(300):  # a churning account: each cycle gives its free unit back
             await engine.check_and_reserve("churn", "sora", f"c{i}", V10)
             await engine.release("churn", f"c{i}")
-        records = await client.hlen(f"{key_prefix}:{{b{_bucket(store, 'churn')}}}:churn:res")
+        records = await client.hlen(key(key_prefix, "churn", "res"))
         # The bound, plus the one resolved since the last prune (each call prunes first).
         assert records <= 101
-        assert await client.zcard(f"{key_prefix}:{{b{_bucket(store, 'churn')}}}:churn:resdone") <= 101
+        assert await client.zcard(key(key_prefix, "churn", "resdone")) <= 101
         # The newest are kept: a retry of a recent one is still refused, not decided again.
         with pytest.raises(ResolutionConflict):
             await engine.check_and_reserve("churn", "sora", "c299", V10)
@@ -237,10 +236,6 @@ async def test_open_holds_per_account_are_bounded(redis_server: RedisServerProce
         assert (await engine.check_and_reserve("many", "sora", "h40", V10)).outcome.allowed
     finally:
         await store.close()
-
-
-def _bucket(store: RedisStore, account: str) -> int:
-    return key_bucket(account, store.key_buckets)
 
 
 # -- 6. retention reaches idle accounts ----------------------------------------------------------

@@ -26,23 +26,28 @@ local ttl_ms      = tonumber(next_arg())
 local state       = next_arg()  -- held, committed or released
 local resolved_ms = tonumber(next_arg())
 
+-- The journalled Commit or Release, applied to a held record (not settled by its
+-- TTL first: the worker's call came before it).
+local function apply_journalled(rec)
+  now_ms = math.max(resolved_ms, rec.cr)
+  if state == 'committed' then
+    commit_hold(rid, rec, rec.c, {'degraded', 1})
+  else
+    local moved = refund_hold(rec)
+    resolve(rid, rec, 'released')
+    moved[#moved + 1] = 'degraded'
+    moved[#moved + 1] = 1
+    ledger('release', hold_fields(rid, rec, moved))
+  end
+end
+
 local function reconcile(rec)
   -- Released and expired both gave the hold back: the same money.
   if state == 'held' or rec.s == state or (state == 'released' and rec.s == 'expired') then
     return reply({outcome = 'present', state = rec.s})
   end
   if rec.s == 'held' then
-    -- Not settled by its TTL first: the worker's Commit or Release came before it.
-    now_ms = math.max(resolved_ms, rec.cr)
-    if state == 'committed' then
-      commit_hold(rid, rec, rec.c, {'degraded', 1})
-    else
-      local moved = refund_hold(rec)
-      resolve(rid, rec, 'released')
-      moved[#moved + 1] = 'degraded'
-      moved[#moved + 1] = 1
-      ledger('release', hold_fields(rid, rec, moved))
-    end
+    apply_journalled(rec)
     return reply({outcome = 'resolved', state = state})
   end
   if rec.dj == nil then
@@ -68,22 +73,8 @@ local units = cjson.encode({{k = 'h' .. field, u = used, l = allowance, s = 1}})
 ledger('hold', hold_fields(rid, rec, {'credits', 0, 'free', 1, 'window', label, 'free_units', units,
                                       'degraded', 1}))
 
-if state == 'held' then
-  save_record(rid, rec)
-  redis.call('ZADD', K_HOLDS, rec.e, rid)
-  redis.call('HINCRBY', K_INFLIGHT, product, 1)
-  return reply({outcome = 'written', state = state})
-end
-
-now_ms = resolved_ms
-if state == 'released' then return_free_units(rec.fw) end
-redis.call('HINCRBY', K_INFLIGHT, product, 1)  -- resolve() takes it back out
-resolve(rid, rec, state)
-if state == 'committed' then
-  rec.ch, rec.rf = 0, 0
-  save_record(rid, rec)
-  ledger('commit', hold_fields(rid, rec, {'credits', 0, 'free', 1, 'degraded', 1}))
-else
-  ledger('release', hold_fields(rid, rec, {'free', 1, 'free_units', cjson.encode(rec.fw), 'degraded', 1}))
-end
+save_record(rid, rec)
+redis.call('ZADD', K_HOLDS, rec.e, rid)
+redis.call('HINCRBY', K_INFLIGHT, product, 1)
+if state ~= 'held' then apply_journalled(rec) end
 return reply({outcome = 'written', state = state})
