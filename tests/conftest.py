@@ -82,5 +82,6 @@ def redis_server(redis_binary: str, tmp_path_factory: pytest.TempPathFactory) ->
         server.stop()
 
 
-# Engine, store and gRPC server fixtures (per-test key prefix, manual clock).
-pytest_plugins = ["quota_fixtures"]
+# Engine, store and gRPC server fixtures (per-test key prefix, manual clock); the books' PostgreSQL
+# (one server per session, a fresh database per test: tests/pg_fixtures.py).
+pytest_plugins = ["quota_fixtures", "pg_fixtures"]

@@ -1,9 +1,9 @@
 """The error hierarchy of quota-sidecar.
 
 Operating errors are exceptions of this module; programmer errors are
-assertions. Redis errors become these in the store (quota_sidecar.storage.store);
-these become gRPC status codes in the servicer (quota_sidecar.server.servicer), and
-nowhere else.
+assertions. Redis errors become these in the store (quota_sidecar.storage.store),
+PostgreSQL errors in the books (quota_sidecar.books.pg); these become gRPC
+status codes in the servicer (quota_sidecar.server.servicer), and nowhere else.
 
     QuotaError
     ├── InvalidArgument      bad input; names the offending field  -> INVALID_ARGUMENT
@@ -12,8 +12,10 @@ nowhere else.
     ├── ResolutionConflict   reservation already resolved, cost
     │                        above the hold, plan gone             -> FAILED_PRECONDITION
     ├── Unavailable          cannot answer now; retry              -> UNAVAILABLE
-    │   └── StoreUnavailable Redis unreachable or busy (the only
-    │                        case fail_open_free decides without it)
+    │   ├── StoreUnavailable Redis unreachable or busy (the only
+    │   │                    case fail_open_free decides without it)
+    │   └── BooksUnavailable PostgreSQL (the books) unreachable or
+    │                        failing now; decisions never wait for it
     ├── BatchAborted         an item of an all_or_nothing batch
     │                        not held because another was refused  -> ABORTED (batch item only)
     ├── PlansError           the plans file is invalid (start-up, CLI)
@@ -77,6 +79,16 @@ class StoreUnavailable(Unavailable):
     """The store itself could not be reached or could not answer (a connection error, a
     timeout, Redis loading or out of memory): the only case a fail_open_free product may
     decide without it. Other Unavailable reasons (replicas behind, clock skew) never fail open."""
+
+
+class BooksUnavailable(Unavailable):
+    """The books (PostgreSQL, quota_sidecar.books) could not be reached or could not answer now:
+    a connection error, a restart, a deadlock, a serialization failure or a timeout. The shipper
+    and the books' readers (ListLedger, the audit, the finance tools) see it; a reservation never
+    waits for the books, so it never decides differently because of this. Retry later: what is
+    not shipped yet stays in Redis' outbox."""
+
+    reason = "BOOKS_UNAVAILABLE"
 
 
 class BatchAborted(QuotaError):
