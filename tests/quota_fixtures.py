@@ -19,6 +19,8 @@ from quota_sidecar._proto.quota.v1 import quota_pb2_grpc
 from quota_sidecar.domain.clock import ManualClock
 from quota_sidecar.domain.engine import QuotaEngine
 from quota_sidecar.domain.errors import Unavailable
+from quota_sidecar.domain.ledger import with_running_totals
+from quota_sidecar.domain.model import CreditTotals, LedgerEntry
 from quota_sidecar.server.app import create_admin_server, create_server
 from quota_sidecar.server.plans_file import load_plans
 from quota_sidecar.server.settings import Settings
@@ -102,6 +104,44 @@ async def sidecar(engine: QuotaEngine) -> AsyncIterator[Sidecar]:
         await sc.admin_channel.close()
         await server.stop(None)
         await admin.stop(None)
+
+
+class ShippedBooks:
+    """The Books port's reads (account_entries, ledger_page, last_totals) over what ship() moved
+    out of one bucket's outbox the way the shipper does: read, kept, then trimmed.
+
+    For the readers' merge of books and outbox (ListLedger, the audit), not for the books
+    themselves: PgBooks is tested against PostgreSQL with the shipper. ``ship_on_read`` entries
+    are shipped just before and just after every read, as a shipper at work between a reader's
+    reads: a reader that read Redis after the books would miss what is shipped after."""
+
+    def __init__(self, store: RedisStore, bucket: int, *, ship_on_read: int = 0) -> None:
+        self.store, self.bucket, self.ship_on_read = store, bucket, ship_on_read
+        self.entries: list[LedgerEntry] = []
+
+    async def ship(self, count: int = 1000) -> int:
+        batch = await self.store.read_outbox(self.bucket, count) if count else []
+        if batch:
+            self.entries += batch
+            await self.store.trim_outbox(self.bucket, batch[-1].entry_id)
+        return len(batch)
+
+    async def _held(self, account_id: str) -> list[LedgerEntry]:
+        await self.ship(self.ship_on_read)
+        held = with_running_totals(sorted((e for e in self.entries if e.account_id == account_id),
+                                          key=lambda e: e.seq))
+        await self.ship(self.ship_on_read)
+        return held
+
+    async def account_entries(self, account_id: str) -> list[LedgerEntry]:
+        return await self._held(account_id)
+
+    async def ledger_page(self, account_id: str, after_seq: int, count: int) -> list[LedgerEntry]:
+        return [e for e in await self._held(account_id) if e.seq > after_seq][:count]
+
+    async def last_totals(self, account_id: str) -> tuple[int, CreditTotals]:
+        held = await self._held(account_id)
+        return (held[-1].seq, held[-1].totals_after) if held else (0, CreditTotals())
 
 
 T = TypeVar("T")

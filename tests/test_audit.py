@@ -13,16 +13,16 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 import yaml
-from quota_fixtures import key
+from quota_fixtures import ShippedBooks, key
 
 from quota_sidecar.domain.audit import AccountAudit, audit_account, audit_all, audit_state, format_report
 from quota_sidecar.domain.clock import ManualClock
 from quota_sidecar.domain.engine import QuotaEngine
 from quota_sidecar.domain.errors import Conflict, NotFound, ResolutionConflict
-from quota_sidecar.domain.model import CreditSource, Funding, JobParams
+from quota_sidecar.domain.model import CreditSource, Deltas, Funding, JobParams
 from quota_sidecar.domain.plans import Plans
 from quota_sidecar.server.plans_file import parse_plans
-from quota_sidecar.storage.keys import DEFAULT_KEY_BUCKETS
+from quota_sidecar.storage.keys import DEFAULT_KEY_BUCKETS, key_bucket, outbox_key
 from quota_sidecar.storage.redis_server import RedisServerProcess
 from quota_sidecar.storage.store import RedisStore
 from quota_sidecar.tools.audit import audit_main
@@ -175,13 +175,15 @@ async def test_random_run_audits_clean(store: RedisStore, clock: ManualClock) ->
         await run.step()
     audits = await audit_all(store)
     assert [a.account_id for a in audits] == accounts
-    for audit in audits:
-        assert audit.violations == (), format_report(audits)
-        assert audit.entries_checked > 0 and not audit.ledger_trimmed
-    # The run did exercise every kind of movement.
     states = [await store.raw_state(a) for a in accounts]
-    kinds = {e.type for s in states for e in s["ledger"]}
-    assert kinds >= {"hold", "commit", "release", "expire", "grant", "revoke", "lot_expire", "refund"}, kinds
+    for audit, state in zip(audits, states):
+        assert audit.violations == (), format_report(audits)
+        assert audit.entries_checked == state["seq"] > 0 and not audit.ledger_trimmed
+        assert [e.seq for e in state["outbox"]] == list(range(1, state["seq"] + 1))
+    # The run did exercise every kind of movement.
+    kinds = {e.type for s in states for e in s["outbox"]}
+    assert kinds >= {"hold", "commit", "release", "expire", "grant", "revoke", "lot_expire", "refund",
+                     "account"}, kinds
 
 
 # -- corruptions ---------------------------------------------------------------------------
@@ -210,7 +212,7 @@ async def busy_account(engine: QuotaEngine, clock: ManualClock, account: str = "
 async def test_clean_history_has_no_violations(engine: QuotaEngine, store: RedisStore, clock: ManualClock) -> None:
     await busy_account(engine, clock)
     audit = await assert_clean(store, "a")
-    kinds = Counter(e.type for e in (await store.raw_state("a"))["ledger"])
+    kinds = Counter(e.type for e in (await store.raw_state("a"))["outbox"])
     assert kinds == {"grant": 2, "hold": 30 + 6, "commit": 30 + 2, "release": 1, "refund": 1, "expire": 2}
     assert audit.entries_checked == sum(kinds.values())
 
@@ -249,16 +251,37 @@ async def test_spent_changed_outside_the_scripts(engine: QuotaEngine, store: Red
     assert any(f"spent={spent + 7}" in d and f"spent={spent}" in d and "outside the scripts" in d for d in chain)
 
 
+async def outbox_rows(redis_client: aioredis.Redis, key_prefix: str, account: str) -> list[tuple[str, dict[str, str]]]:
+    rows = await redis_client.xrange(outbox_key(key_prefix, key_bucket(account, DEFAULT_KEY_BUCKETS)))
+    return [(i, f) for i, f in rows if f["a"] == account]
+
+
 async def test_second_commit_entry_is_resolved_twice(engine: QuotaEngine, store: RedisStore, clock: ManualClock,
                                                      redis_client: aioredis.Redis, key_prefix: str) -> None:
     await busy_account(engine, clock)
     await assert_clean(store, "a")
-    ledger = key(key_prefix, "a", "ledger")
-    commit = next(f for _, f in await redis_client.xrange(ledger) if f["type"] == "commit" and f["rid"] == "c1")
-    await redis_client.xadd(ledger, commit)
+    commit = next(f for _, f in await outbox_rows(redis_client, key_prefix, "a") if f["k"] == "commit"
+                  and f["rid"] == "c1")
+    # Numbered as the script would: the sequence stays whole, the replay finds the second commit.
+    seq = await redis_client.hincrby(key(key_prefix, "a", "acct"), "seq", 1)
+    await redis_client.xadd(outbox_key(key_prefix, key_bucket("a", DEFAULT_KEY_BUCKETS)), {**commit, "q": seq})
     audit = await audit_account(store, "a")
-    assert "resolved_twice" in checks(audit)
+    assert {"resolved_twice", "ledger_chain"} <= checks(audit) and "ledger_seq" not in checks(audit)
     assert any("'c1'" in v.detail for v in audit.violations if v.check == "resolved_twice")
+
+
+async def test_a_seq_written_twice_or_skipped_is_caught(engine: QuotaEngine, store: RedisStore, clock: ManualClock,
+                                                        redis_client: aioredis.Redis, key_prefix: str) -> None:
+    await busy_account(engine, clock)
+    outbox = outbox_key(key_prefix, key_bucket("a", DEFAULT_KEY_BUCKETS))
+    rows = await outbox_rows(redis_client, key_prefix, "a")
+    await redis_client.xadd(outbox, rows[3][1])  # seq 4 again, under another entry id
+    await redis_client.xdel(outbox, rows[5][0])  # seq 6 lost
+    audit = await audit_account(store, "a")
+    details = [v.detail for v in audit.violations if v.check == "ledger_seq"]
+    assert len(details) == 2, format_report([audit])
+    assert details[0].startswith("seq 4 is held by 2 entries: ")
+    assert details[1] == f"1 seq(s) of 1..{len(rows)} are in neither the books nor the outbox: 6"
 
 
 async def test_free_counter_reset_is_caught(engine: QuotaEngine, store: RedisStore, clock: ManualClock,
@@ -327,15 +350,93 @@ async def test_lot_meta_overdrawn(engine: QuotaEngine, store: RedisStore, clock:
 def test_empty_state_is_clean() -> None:
     audit = audit_state("nobody", {})
     assert (audit.entries_checked, audit.ledger_trimmed, audit.violations) == (0, False, ())
+    assert audit_state("nobody", {}, books=[]).ok
 
 
-async def test_trimmed_ledger_starts_from_the_first_entry(engine: QuotaEngine, store: RedisStore,
-                                                          clock: ManualClock) -> None:
+async def test_without_books_a_shipped_prefix_is_not_checked(engine: QuotaEngine, store: RedisStore,
+                                                             clock: ManualClock) -> None:
     await busy_account(engine, clock)
     state = await store.raw_state("a")
-    state["ledger"] = state["ledger"][5:]
+    state["outbox"] = state["outbox"][5:]  # as a shipper leaves it
     audit = audit_state("a", state)
     assert audit.ledger_trimmed and audit.violations == (), format_report([audit])
+    assert (audit.unchecked_seqs, audit.entries_checked) == (5, state["seq"] - 5)
+    assert "seq 1..5 not checked: books not given" in format_report([audit])
+    state["outbox"] = []  # everything shipped
+    assert audit_state("a", state).unchecked_seqs == state["seq"]
+    # The same entries as the books' (given): the first five are missing from both.
+    audit = audit_state("a", state | {"outbox": (await store.raw_state("a"))["outbox"][5:]}, books=[])
+    assert [v.detail for v in audit.violations if v.check == "ledger_seq"] == [
+        f"5 seq(s) of 1..{state['seq']} are in neither the books nor the outbox: 1, 2, 3, 4, 5"]
+
+
+async def test_books_and_outbox_together_explain_redis(engine: QuotaEngine, store: RedisStore,
+                                                       clock: ManualClock) -> None:
+    """The books hold what a shipper stored (here: the outbox's first entries, then trimmed from
+    it); with the rest of the outbox they are every movement, each counted once."""
+    await busy_account(engine, clock)
+    bucket = key_bucket("a", DEFAULT_KEY_BUCKETS)
+    shipped = await store.read_outbox(bucket, 20)
+    assert await store.trim_outbox(bucket, shipped[-1].entry_id) == 20
+    state = await store.raw_state("a")
+    assert state["outbox"][0].seq == 21
+    audit = audit_state("a", state, books=shipped)
+    assert audit.violations == () and (audit.entries_checked, audit.books_given) == (state["seq"], True)
+    assert "(books and outbox)" in format_report([audit])
+    # Shipped again meanwhile (read by the audit from both stores): still each once.
+    assert audit_state("a", state, books=shipped + state["outbox"][:3]).ok
+    # A movement the books lost, another the books hold under a second entry id.
+    lost = audit_state("a", state, books=shipped[1:])  # the first grant
+    assert {v.check for v in lost.violations} == {"ledger_seq", "ledger_chain", "ledger_available",
+                                                  "purchase_lot"}, format_report([lost])
+    assert "lot 'p1' (20 credits) is in Redis but no grant entry made it" in format_report([lost])
+    twice = dataclasses.replace(shipped[2], entry_id="b0:1-1")
+    assert [v.check for v in audit_state("a", state, books=[*shipped, twice]).violations] == ["ledger_seq"]
+
+
+async def test_redis_behind_the_books_is_caught(engine: QuotaEngine, store: RedisStore, clock: ManualClock,
+                                                redis_client: aioredis.Redis, key_prefix: str) -> None:
+    """Redis lost its last acknowledged movements (a failover, AOF everysec): the books hold seqs
+    Redis no longer counts, and a purchase whose lot Redis no longer has."""
+    await busy_account(engine, clock)
+    await engine.grant("a", 4, "late-purchase")
+    bucket = key_bucket("a", DEFAULT_KEY_BUCKETS)
+    shipped = await store.read_outbox(bucket, 1000)
+    await store.trim_outbox(bucket, shipped[-1].entry_id)
+    seq = len(shipped)
+    acct = key(key_prefix, "a", "acct")
+    await redis_client.hset(acct, "seq", seq - 1)
+    await redis_client.hincrby(acct, "credits_granted", -4)
+    for name in ("lots", "lotrem"):
+        await redis_client.hdel(key(key_prefix, "a", name), "late-purchase")
+    await redis_client.zrem(key(key_prefix, "a", "lotexp"), "late-purchase")
+    audit = audit_state("a", await store.raw_state("a"), books=shipped)
+    details = {v.check: v.detail for v in audit.violations}
+    assert details["ledger_seq"] == f"entries with seq {seq} but Redis' account seq is {seq - 1}: Redis lost " \
+                                    "movements the books hold"
+    assert details["purchase_lot"].startswith(f"grant b{bucket}:") and "'late-purchase' (4 credits) has no lot" \
+        in details["purchase_lot"]
+    assert {"ledger_chain", "ledger_available"} <= set(details), format_report([audit])
+
+
+async def test_audit_account_reads_redis_then_the_books(engine: QuotaEngine, store: RedisStore,
+                                                        clock: ManualClock) -> None:
+    await busy_account(engine, clock)
+    bucket = key_bucket("a", DEFAULT_KEY_BUCKETS)
+    books = ShippedBooks(store, bucket)
+    await books.ship(10)
+    books.ship_on_read = 10  # a shipper at work between the audit's reads of Redis and of the books
+    audit = await audit_account(store, "a", books)
+    assert audit.ok and audit.books_given, format_report([audit])
+    assert (await store.raw_state("a"))["outbox"][0].seq == 31
+    # Read the other way round, what is shipped between the two reads is missed.
+    books.ship_on_read = 0
+    entries = await books.account_entries("a")
+    await books.ship(10)
+    wrong = audit_state("a", await store.raw_state("a"), books=entries)
+    assert [v.detail for v in wrong.violations if v.check == "ledger_seq"] == [
+        "10 seq(s) of 1..74 are in neither the books nor the outbox: 31, 32, 33, 34, 35, 36, 37, 38, 39, 40"]
+    assert [a.account_id for a in await audit_all(store, books)] == ["a"]
 
 
 async def test_report_and_audit_main(engine: QuotaEngine, store: RedisStore, clock: ManualClock,
@@ -346,6 +447,12 @@ async def test_report_and_audit_main(engine: QuotaEngine, store: RedisStore, clo
     args: dict[str, Any] = dict(key_prefix=key_prefix, key_buckets=DEFAULT_KEY_BUCKETS)
     assert await audit_main(redis_server.url, account=None, all_accounts=True, **args) == 0
     assert "2 account(s), 0 with violations" in capsys.readouterr().out
+    books = ShippedBooks(store, key_bucket("a", DEFAULT_KEY_BUCKETS))
+    await books.ship(1000)
+    assert await audit_main(redis_server.url, account="a", all_accounts=False, books=books, **args) == 0
+    assert "(books and outbox): OK" in capsys.readouterr().out
+    assert await audit_main(redis_server.url, account="a", all_accounts=False, **args) == 0
+    assert "not checked: books not given): OK" in capsys.readouterr().out
     await redis_client.hincrby(key(key_prefix, "b", "lotrem"), "p1", 5)
     assert await audit_main(redis_server.url, account="a", all_accounts=False, **args) == 0
     capsys.readouterr()
@@ -366,10 +473,11 @@ async def test_credits_given_back_to_a_revoked_lot_must_be_revoked(engine: Quota
     await engine.release("a", "r")
     state = await store.raw_state("a")
     assert audit_state("a", state).violations == ()
-    release = state["ledger"][-1]
+    release = state["outbox"][-1]
     assert (release.type, release.fields["to_revoked"]) == ("release", "2")
     # As if the script had put them back into the revoked lot.
-    state["ledger"][-1] = dataclasses.replace(release, fields={**release.fields, "to_revoked": "0", "to_lots": "2"})
+    state["outbox"][-1] = dataclasses.replace(release, fields={**release.fields, "to_revoked": "0", "to_lots": "2"},
+                                              deltas=Deltas(held=-2))
     audit = audit_state("a", state)
     assert "return_placement" in checks(audit)
     assert "to_revoked 0 / to_expired 0 but its lots {'p1': 2} call for 2 / 0" in format_report([audit])

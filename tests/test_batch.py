@@ -154,11 +154,10 @@ async def test_all_or_nothing_that_fits_holds_everything(sidecar: Sidecar, store
     await assert_audit_clean(store, "whole")
 
 
-async def test_all_or_nothing_that_does_not_fit_holds_nothing(
-        sidecar: Sidecar, store: RedisStore, redis_client: aioredis.Redis) -> None:
+async def test_all_or_nothing_that_does_not_fit_holds_nothing(sidecar: Sidecar, store: RedisStore) -> None:
     await sidecar.admin.GrantCredits(pb.GrantCreditsRequest(account_id="none", credits=3, purchase_id="p"))
-    ledger_key = store.key("none", "ledger")
-    ledger_before = await redis_client.xlen(ledger_key)
+    outbox_before = await store.account_outbox("none")
+    assert [e.type for e in outbox_before] == ["grant"]
     request = batch(*(item("none", f"n{i}") for i in range(40)), all_or_nothing=True)
     response = await sidecar.quota.CheckAndReserveBatch(request)
     r = response.results
@@ -170,7 +169,8 @@ async def test_all_or_nothing_that_does_not_fit_holds_nothing(
     assert await holds(sidecar, "none") == (0, 0, 0)
     balance = await sidecar.quota.GetBalance(pb.GetBalanceRequest(account_id="none"))
     assert balance.credit_balance == 3
-    assert await redis_client.xlen(ledger_key) == ledger_before, "an undone batch leaves no ledger entry"
+    assert await store.account_outbox("none") == outbox_before, "an undone batch leaves no outbox entry"
+    assert await store.account_seq("none") == 1, "and takes no sequence number"
     await assert_audit_clean(store, "none")
 
     # Nothing was remembered: after a purchase the same batch goes through.
@@ -178,6 +178,9 @@ async def test_all_or_nothing_that_does_not_fit_holds_nothing(
     again = await sidecar.quota.CheckAndReserveBatch(request)
     assert all(x.response.allowed and not x.response.replayed for x in again.results)
     assert await holds(sidecar, "none") == (30, 40, 10)
+    # The grants and the 40 holds, numbered with no gap where the refused batch was.
+    outbox = await store.account_outbox("none")
+    assert [e.seq for e in outbox] == list(range(1, 43)) and [e.type for e in outbox[2:]] == ["hold"] * 40
     await assert_audit_clean(store, "none")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from typing import Any
 
 import grpc
 import pytest
@@ -195,10 +196,36 @@ async def test_ledger_pages(engine: QuotaEngine) -> None:
         if not token:
             break
     assert seen == [f"p{i}" for i in range(5)]
-    for bad in ("nope", "1-2-3", "12"):
+    page, token = await engine.ledger("a", 2, "2")  # the token is the last seq returned
+    assert ([e.seq for e in page], token) == ([3, 4], "4")
+    assert (await engine.ledger("a", 2, str(2**63 - 1)))[0] == []
+    for bad in ("nope", "1-2-3", "0", "-1", "01", "1.5", " 1", str(2**63), "1" * 30):
         with pytest.raises(InvalidArgument) as err:
             await engine.ledger("a", 2, bad)
         assert err.value.field == "page_token"
+
+
+async def test_a_grant_keeps_what_was_paid_for_the_books(engine: QuotaEngine, store: RedisStore) -> None:
+    await engine.grant("a", 0, "by-pack", pack_id="pack_10")  # credits and price from the plans' pack
+    await engine.grant("a", 7, "priced", price_minor_units=250, currency="EUR")
+    await engine.grant("a", 3, "unpriced")
+    await engine.grant("a", 10, "pack-discount", pack_id="pack_10", price_minor_units=300)
+    grants = {e.fields["pid"]: e for e in await store.account_outbox("a")}
+    assert {pid: (e.deltas.granted, e.fields.get("price"), e.fields["cur"], e.fields["pack"])
+            for pid, e in grants.items()} == {
+        "by-pack": (10, "400", "USD", "pack_10"), "priced": (7, "250", "EUR", ""),
+        "unpriced": (3, None, "", ""), "pack-discount": (10, "300", "USD", "pack_10")}
+    refused: list[tuple[str, int, dict[str, Any]]] = [
+        ("pack_id", 0, dict(pack_id="pack_nope")), ("credits", 5, dict(pack_id="pack_10")),
+        ("credits", 0, {}), ("price_minor_units", 1, dict(price_minor_units=-1, currency="USD")),
+        ("currency", 1, dict(currency="USD")),  # a currency without a price
+        ("currency", 0, dict(currency="EUR", pack_id="pack_10")),  # the pack's price is in USD
+        *[("currency", 1, dict(price_minor_units=100, currency=code)) for code in ("", "usd", "EURO", "U$D")]]
+    for field, credits, kwargs in refused:
+        with pytest.raises(InvalidArgument) as err:
+            await engine.grant("a", credits, "bad", **kwargs)
+        assert err.value.field == field, (field, kwargs)
+    assert await store.account_seq("a") == 4  # nothing refused was written
 
 
 async def test_usage_events_fire_once_per_scope(engine: QuotaEngine, store: RedisStore, clock: ManualClock) -> None:
@@ -280,8 +307,8 @@ async def test_admin_rpcs_on_the_wire(sidecar: Sidecar) -> None:
     assert (a.totals.granted, a.totals.revoked, a.totals.refunded, a.totals.spent) == (10, 10, 2, 2)
     assert a.all_lots[0].revoked and a.balance.plan == "free"
     page = await admin.ListLedger(pb.ListLedgerRequest(account_id="w", page_size=3))
-    assert [e.type for e in page.entries] == ["grant", "hold", "hold"] and page.next_page_token
-    assert page.entries[0].reason == "launch" and page.entries[1].funding == pb.FUNDING_FREE_QUOTA
+    assert [e.type for e in page.entries] == ["grant", "account", "hold"] and page.next_page_token
+    assert page.entries[0].reason == "launch" and page.entries[2].funding == pb.FUNDING_FREE_QUOTA
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await admin.ListLedger(pb.ListLedgerRequest(account_id="w", page_token="x"))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -28,11 +28,11 @@ from redis import exceptions as redis_errors
 from redis.asyncio.cluster import RedisCluster
 
 from quota_sidecar._proto.quota.v1 import quota_pb2 as pb
-from quota_sidecar.domain.audit import audit_account, audit_all
+from quota_sidecar.domain.audit import audit_account, audit_all, audit_state
 from quota_sidecar.domain.clock import ManualClock
 from quota_sidecar.domain.engine import QuotaEngine, ReserveItem
 from quota_sidecar.domain.errors import ConfigError, Conflict, Unavailable
-from quota_sidecar.domain.model import DenialReason, Funding, JobParams
+from quota_sidecar.domain.model import DenialReason, Funding, JobParams, LedgerEntry
 from quota_sidecar.server.app import create_admin_server
 from quota_sidecar.server.plans_file import load_plans
 from quota_sidecar.server.settings import Settings
@@ -369,10 +369,37 @@ async def test_raw_state_and_events_read_one_slot(engine: QuotaEngine, store: Re
     await engine.grant("e", 2, "p")
     await engine.check_and_reserve("e", "sora", "r", V10)
     state = await store.raw_state("e")
-    assert [e.type for e in state["ledger"]][-2:] == ["grant", "hold"] and len(state["holds"]) == 1
+    assert [e.type for e in state["outbox"]][-2:] == ["grant", "hold"] and len(state["holds"]) == 1
+    assert [e.seq for e in state["outbox"]] == list(range(1, state["seq"] + 1))
     events = await store.events(key_bucket("e", store.key_buckets))
     assert [f["type"] for _, f in events if f["account"] == "e"][:2] == ["free_warning", "free_exhausted"]
     assert await store.try_lock("sweeper", "me", 1000) and not await store.try_lock("sweeper", "you", 1000)
+
+
+async def test_the_outbox_on_every_master(engine: QuotaEngine, store: RedisStore) -> None:
+    """Each bucket's outbox lives in its accounts' slot: the scripts write it with them, and the
+    shipper's reads, trims and stats (one pipeline over every master) reach it."""
+    accounts = await accounts_on_distinct_masters(store, 3)
+    for account in accounts:
+        await use_free(engine, account, 2)
+        await engine.grant(account, 0, "p", pack_id="pack_10")
+        await engine.check_and_reserve(account, "sora", "held", V10)
+    assert (await store.outbox_stats()).entries == 3 * 6
+    shipped: dict[str, list[LedgerEntry]] = {}
+    for account in accounts:
+        bucket = key_bucket(account, store.buckets)
+        entries = await store.read_outbox(bucket, 100)
+        assert [(e.account_id, e.seq) for e in entries] == [(account, seq) for seq in range(1, 7)]
+        assert await store.trim_outbox(bucket, entries[2].entry_id) == 3
+        shipped[account] = entries[:3]
+    assert (await store.outbox_stats()).entries == 3 * 3
+    for account in accounts:
+        state = await store.raw_state(account)
+        assert ([e.seq for e in state["outbox"]], state["seq"]) == ([4, 5, 6], 6)
+        assert audit_state(account, state, books=shipped[account]).ok
+        assert audit_state(account, state).ledger_trimmed
+        with pytest.raises(Unavailable):  # no books on this engine, and the outbox was trimmed
+            await engine.ledger(account)
 
 
 # -- topology changes (last: they change which node serves what) -----------------

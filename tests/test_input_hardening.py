@@ -179,12 +179,12 @@ async def test_an_expiry_with_nanos_still_grants(sidecar: Sidecar) -> None:
 # --------------------------------------------------------------------------- item 8: page tokens
 
 
-U64 = 2**64 - 1
+MAX_SEQ = 2**63 - 1  # a page token is the last seq of the page before: the books' bigint
 
 
 @pytest.mark.newest_redis_only
-@pytest.mark.parametrize("token", ["99999999999999999999-0", f"{U64 + 1}-0", f"{U64}-{U64}", f"0-{U64 + 1}"])
-async def test_page_token_redis_would_refuse_is_invalid_argument(sidecar: Sidecar, token: str) -> None:
+@pytest.mark.parametrize("token", ["99999999999999999999", str(MAX_SEQ + 1), "0", "007", "1-0", "+1", "1e3"])
+async def test_page_token_out_of_range_is_invalid_argument(sidecar: Sidecar, token: str) -> None:
     await sidecar.admin.GrantCredits(pb.GrantCreditsRequest(account_id="a", credits=1, purchase_id="p"))
     await refused(sidecar.admin.ListLedger(pb.ListLedgerRequest(account_id="a", page_token=token)), "page_token")
 
@@ -196,9 +196,9 @@ async def test_valid_page_tokens_still_page(sidecar: Sidecar) -> None:
     rest = await sidecar.admin.ListLedger(pb.ListLedgerRequest(account_id="a", page_size=2,
                                                                page_token=first.next_page_token))
     assert [e.purchase_id for e in (*first.entries, *rest.entries)] == ["p0", "p1", "p2"]
-    assert first.next_page_token and not rest.next_page_token
-    # The largest id but one is a valid exclusive start: an empty page, not an error.
-    last = await sidecar.admin.ListLedger(pb.ListLedgerRequest(account_id="a", page_token=f"{U64}-{U64 - 1}"))
+    assert first.next_page_token == "2" and not rest.next_page_token
+    # The largest seq is a valid exclusive start: an empty page, not an error.
+    last = await sidecar.admin.ListLedger(pb.ListLedgerRequest(account_id="a", page_token=str(MAX_SEQ)))
     assert (list(last.entries), last.next_page_token) == ([], "")
 
 

@@ -6,7 +6,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from redis.crc import key_slot
 
-from quota_sidecar.storage.keys import KEY_SUFFIXES, account_key, account_keys, events_key, key_bucket
+from quota_sidecar.storage.keys import (
+    KEY_SUFFIXES,
+    account_key,
+    account_keys,
+    events_key,
+    key_bucket,
+    outbox_key,
+)
 
 ACCOUNT = st.text(alphabet="abcXYZ019._:@+=/-", min_size=1, max_size=40)
 
@@ -14,9 +21,13 @@ ACCOUNT = st.text(alphabet="abcXYZ019._:@+=/-", min_size=1, max_size=40)
 @given(ACCOUNT)
 def test_every_key_of_an_account_is_in_one_slot(account: str) -> None:
     keys = account_keys("qs", 256, account)
-    # the account's own keys, then its bucket's events stream: one slot for all
-    assert len(keys) == len(KEY_SUFFIXES) + 1
-    assert keys[-1] == f"qs:{{b{key_bucket(account, 256)}}}:events"
+    # the account's own keys with its bucket's outbox as KEYS[9], then the bucket's events stream:
+    # one slot for all
+    bucket = key_bucket(account, 256)
+    assert len(keys) == len(KEY_SUFFIXES) + 2
+    assert keys[8] == f"qs:{{b{bucket}}}:outbox" == outbox_key("qs", bucket)
+    assert keys[-1] == f"qs:{{b{bucket}}}:events"
+    assert [k.rsplit(":", 1)[1] for k in keys[:8] + keys[9:-1]] == list(KEY_SUFFIXES)
     assert len({key_slot(k.encode()) for k in keys}) == 1
 
 
@@ -46,8 +57,8 @@ def test_a_key_reads_back_as_exactly_its_account_and_suffix(account: str, suffix
 
 def test_accounts_built_to_collide_do_not() -> None:
     """Accounts made of other accounts, separators and suffix names: every (account, suffix) gets
-    its own key, and none is a bucket's events stream."""
-    base = ["a", ":", "a:", ":a", "a::b", "acct", "events", "b0", "{b0}", "qs"]
+    its own key, and none is a bucket's events stream or outbox."""
+    base = ["a", ":", "a:", ":a", "a::b", "acct", "events", "outbox", "b0", "{b0}", "qs"]
     accounts = base + [f"{a}:{s}" for a in base for s in KEY_SUFFIXES] + [f"{s}:{a}" for a in base for s in KEY_SUFFIXES]
     owner: dict[str, tuple[str, str]] = {}
     for account in accounts:
@@ -56,6 +67,7 @@ def test_accounts_built_to_collide_do_not() -> None:
             assert owner.setdefault(key, (account, suffix)) == (account, suffix), key
     assert len(owner) == len(set(accounts)) * len(KEY_SUFFIXES)
     assert not {events_key("qs", bucket) for bucket in range(256)} & set(owner)
+    assert not {outbox_key("qs", bucket) for bucket in range(256)} & set(owner)
 
 
 def test_buckets_are_stable_and_spread() -> None:

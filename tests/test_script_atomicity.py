@@ -58,7 +58,7 @@ async def test_an_all_or_nothing_batch_failing_midway_writes_nothing(engine: Quo
                                                                     key_prefix: str) -> None:
     await _corrupt_auto_topup(engine, redis_client, key_prefix, "bad")
     before = await _snapshot(redis_client, key_prefix)
-    # The first item takes the free unit (a hold, a record, a ledger entry); the second would take
+    # The first item takes the free unit (a hold, a record, an outbox entry and its seq); the second would take
     # credits and fails: the first must be undone and no trace of either left.
     results = await engine.check_and_reserve_all([ReserveItem("bad", "sora", "b1", V10),
                                                  ReserveItem("bad", "sora", "b2", V10)])

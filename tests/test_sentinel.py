@@ -23,6 +23,7 @@ from quota_sidecar.domain.clock import ManualClock
 from quota_sidecar.domain.engine import QuotaEngine
 from quota_sidecar.domain.model import Funding, JobParams
 from quota_sidecar.server.plans_file import load_plans
+from quota_sidecar.storage.keys import key_bucket, outbox_key
 from quota_sidecar.storage.redis_server import RedisServerProcess
 from quota_sidecar.storage.store import RedisStore
 
@@ -184,8 +185,9 @@ async def test_sentinel_failover_the_sidecar_follows_and_keeps_every_decision(to
     assert sorted(e.fields["rid"] for e in entries if e.type == "commit") == sorted(before | after)
     assert [e.fields["pid"] for e in entries if e.type == "grant"] == ["p1", "p2"]
     # Written on the promoted replica, not the old master.
-    assert _client(old_replica).exists(store.key("s", "ledger")) == 1
-    assert _client(old_replica).xlen(store.key("s", "ledger")) == len(entries)
+    outbox = outbox_key(store.key_prefix, key_bucket("s", store.key_buckets))
+    assert _client(old_replica).exists(outbox) == 1
+    assert _client(old_replica).xlen(outbox) == len(entries) == await store.account_seq("s")
     assert (await audit_account(store, "s")).ok
     d = await engine.check_and_reserve("s", "sora", "last", V10)
     assert d.outcome.funding is Funding.CREDITS

@@ -652,15 +652,19 @@ class SyncAdminClient:
         self._channel.close()
 
     def grant_credits(self, account_id: str, credits: int, purchase_id: str, *,
-                      expires_at: datetime | None = None, source: str = "purchase", reason: str = "") -> Grant:
+                      expires_at: datetime | None = None, source: str = "purchase", reason: str = "",
+                      price_minor_units: int = 0, currency: str = "", pack_id: str = "") -> Grant:
         """Adds a lot of ``credits`` (expiring at ``expires_at``, default: the plans' validity after now).
-        source: purchase, promo, refund or compensation; reason: kept in the ledger."""
+        source: purchase, promo, refund or compensation; reason: kept in the ledger. What the buyer paid
+        (``price_minor_units`` of ``currency``, e.g. 400 "USD") or the ``pack_id`` bought goes to the books
+        (quota_purchases); with a pack, ``credits`` may be 0 (the pack's)."""
         if source not in _CREDIT_SOURCES:
             raise InvalidRequest(f"source must be one of {', '.join(_CREDIT_SOURCES)}, not {source!r}",
                                  field="source", code="")
         request = pb.GrantCreditsRequest(account_id=account_id, credits=credits, purchase_id=purchase_id,
                                          source=pb.CreditSource.Name(pb.CreditSource.Value(f"CREDIT_SOURCE_{source.upper()}")),
-                                         reason=reason)
+                                         reason=reason, price_minor_units=price_minor_units, currency=currency,
+                                         pack_id=pack_id)
         if expires_at is not None:
             request.expires_at.FromDatetime(expires_at)
         try:

@@ -1,17 +1,20 @@
-"""The conservation audit: replays an account's ledger against its stored state.
+"""The conservation audit: replays an account's movements (the books, then the Redis outbox)
+against its state in Redis.
 
-    quota-sidecar audit [--account ID | --all] --redis-url URL
+    quota-sidecar audit [--account ID | --all] --redis-url URL [--books-url URL]
 
-Pure logic over the plain data ``RedisStore.raw_state(account)`` returns (no
-redis import here, so the checks can be exercised on hand-made state). The
-scripts keep, per account,
+Pure logic over the plain data ``RedisStore.raw_state(account)`` returns and the
+books' entries of the account (no redis or PostgreSQL import here, so the checks
+can be exercised on hand-made state). The scripts keep, per account,
 
     granted + refunded = available + held + spent + expired + revoked
 
 with available the stored sum of every lot's ``lotrem`` (lots past their
 expiry that nobody has settled yet still hold their credits there). The
-audit checks that identity, each lot, the hold index, every ledger link,
-that each reservation resolves at most once, the free-window counters and
+audit checks that identity, each lot, the hold index; that the books and the
+outbox together hold every sequence number 1..seq once, each entry moving what
+its kind says, and their deltas summing to Redis' totals; that each reservation
+resolves at most once, every purchase has its lot, the free-window counters and
 the monthly spend counters. Every violation names its numbers.
 
 Credits and free units are integers; times are milliseconds since the epoch.
@@ -24,7 +27,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
-from quota_sidecar.domain.model import LedgerEntry
+from quota_sidecar.domain.ledger import merge_by_seq, summed
+from quota_sidecar.domain.model import CreditTotals, Deltas, LedgerEntry
+from quota_sidecar.domain.ports import Books
 
 TOTAL_NAMES = ("granted", "spent", "expired", "revoked", "refunded", "held")
 RESOLUTIONS = frozenset({"commit", "release", "expire"})
@@ -32,7 +37,7 @@ RESOLUTIONS = frozenset({"commit", "release", "expire"})
 AMOUNT_FIELDS = ("credits", "returned", "to_lots", "to_expired", "to_revoked", "used", "limit", "cost")
 # The scripts' ledger types; anything else was not written by them.
 ENTRY_TYPES = frozenset({"hold", "commit", "release", "expire", "grant", "revoke", "lot_expire", "refund",
-                         "degraded_conflict"})
+                         "degraded_conflict", "account"})
 # The lotrem field suffix that counts a lot's credits in open holds (see _prelude.lua hold_lots).
 LOT_HELD_SUFFIX = "|h"
 
@@ -51,12 +56,21 @@ class Violation:
 class AccountAudit:
     account_id: str
     entries_checked: int
-    ledger_trimmed: bool
+    ledger_trimmed: bool  # movements 1..unchecked_seqs were not checked: shipped, and no books given
     violations: tuple[Violation, ...]
+    unchecked_seqs: int = 0
+    books_given: bool = False
 
     @property
     def ok(self) -> bool:
         return not self.violations
+
+    @property
+    def coverage(self) -> str:
+        """Which movements were checked, for the report."""
+        if self.ledger_trimmed:
+            return f"seq {self.unchecked_seqs + 1} on; seq 1..{self.unchecked_seqs} not checked: books not given"
+        return "books and outbox" if self.books_given else "outbox only, complete"
 
 
 # -- parsing the raw state ----------------------------------------------------
@@ -258,7 +272,7 @@ def check_holds(totals: Mapping[str, int], records: Mapping[str, Mapping[str, An
     return found
 
 
-# -- the ledger chain ------------------------------------------------------------
+# -- the ledger: sequence, deltas, totals ----------------------------------------------
 
 
 def entry_int(entry: LedgerEntry, name: str) -> int:
@@ -269,54 +283,41 @@ def _by_funding(entry: LedgerEntry) -> bool:
     return entry.fields.get("funding") == "credits"
 
 
-def entry_deltas(entry: LedgerEntry) -> Totals:
-    """What an entry of its type moves between the totals before and after it."""
-    d = dict.fromkeys(TOTAL_NAMES, 0)
+def expected_deltas(entry: LedgerEntry) -> Deltas:
+    """What an entry of its kind must move, from its own fields (see ledger() in _prelude.lua)."""
     credits, kind = entry_int(entry, "credits"), entry.type
-    returned_expired, returned_revoked = entry_int(entry, "to_expired"), entry_int(entry, "to_revoked")
-    if kind == "hold" and _by_funding(entry):
-        d["held"] = credits
-    elif kind == "commit":
-        d.update(held=-(credits + entry_int(entry, "returned")), spent=credits, expired=returned_expired,
-                 revoked=returned_revoked)
-    elif kind in ("release", "expire") and _by_funding(entry):
-        d.update(held=-credits, expired=returned_expired, revoked=returned_revoked)
-    elif kind == "refund" and _by_funding(entry):
-        d.update(refunded=credits, expired=returned_expired, revoked=returned_revoked)
-    elif kind == "grant":
-        d["granted"] = credits
-    elif kind == "revoke":
-        d["revoked"] = credits
-    elif kind == "lot_expire":
-        d["expired"] = credits
-    return d
+    to_expired, to_revoked = entry_int(entry, "to_expired"), entry_int(entry, "to_revoked")
+    if kind == "hold":
+        return Deltas(held=credits) if _by_funding(entry) else Deltas(free_units=1)
+    if kind == "commit":
+        return Deltas(held=-(credits + entry_int(entry, "returned")), spent=credits, expired=to_expired,
+                      revoked=to_revoked)
+    if kind in ("release", "expire"):
+        return Deltas(held=-credits, expired=to_expired, revoked=to_revoked) if _by_funding(entry) \
+            else Deltas(free_units=-1)
+    if kind == "refund":
+        return Deltas(refunded=credits, expired=to_expired, revoked=to_revoked) if _by_funding(entry) \
+            else Deltas(free_units=-1)
+    if kind == "grant":
+        return Deltas(granted=credits)
+    if kind == "revoke":
+        return Deltas(revoked=credits)
+    if kind == "lot_expire":
+        return Deltas(expired=credits)
+    return Deltas()  # account, degraded_conflict: nothing moves
 
 
-def totals_after(entry: LedgerEntry) -> Totals:
-    t = entry.totals_after
+def _deltas_text(d: Deltas) -> str:
+    return " ".join(f"{n}={getattr(d, n):+d}" for n in (*TOTAL_NAMES, "free_units") if getattr(d, n)) or "none"
+
+
+def _as_totals(t: CreditTotals) -> Totals:
     return {n: getattr(t, n) for n in TOTAL_NAMES}
-
-
-def _minus(a: Mapping[str, int], b: Mapping[str, int]) -> Totals:
-    return {n: a[n] - b[n] for n in TOTAL_NAMES}
-
-
-def _diff_text(got: Mapping[str, int], want: Mapping[str, int]) -> str:
-    return ", ".join(f"{n} {got[n]:+d} (expected {want[n]:+d})" for n in TOTAL_NAMES if got[n] != want[n])
-
-
-def ledger_start(ledger: Sequence[LedgerEntry]) -> tuple[Totals, bool]:
-    """Totals before the first retained entry, and whether older entries were trimmed."""
-    zero = dict.fromkeys(TOTAL_NAMES, 0)
-    if not ledger:
-        return zero, False
-    before = _minus(totals_after(ledger[0]), entry_deltas(ledger[0]))
-    return before, before != zero
 
 
 def check_entry_fields(entry: LedgerEntry) -> Found:
     found: Found = []
-    where = f"entry {entry.entry_id} ({entry.type})"
+    where = f"entry {entry.entry_id} (seq {entry.seq}, {entry.type})"
     if entry.type not in ENTRY_TYPES:
         found.append(("ledger_chain", f"{where}: unknown entry type"))
     for name in AMOUNT_FIELDS:
@@ -331,25 +332,78 @@ def check_entry_fields(entry: LedgerEntry) -> Found:
         if placed != given_back:
             found.append(("ledger_chain", f"{where}: to_lots + to_expired + to_revoked = {placed} but "
                                           f"{given_back} credits were given back"))
+    want = expected_deltas(entry)
+    if entry.deltas != want:
+        found.append(("ledger_chain", f"{where} {entry.fields.get('rid') or entry.fields.get('pid') or ''}: "
+                                      f"moves {_deltas_text(entry.deltas)} but its fields call for "
+                                      f"{_deltas_text(want)}"))
     return found
 
 
-def check_chain(ledger: Sequence[LedgerEntry], totals: Mapping[str, int]) -> tuple[Found, bool]:
-    previous, trimmed = ledger_start(ledger)
+def merge_entries(outbox: Sequence[LedgerEntry], books: Sequence[LedgerEntry]) -> tuple[list[LedgerEntry], Found]:
+    """The account's entries from both stores, each entry_id once, in seq order; a seq held under
+    two entry_ids (Redis lost movements and numbered new ones again) is a violation, and the
+    books' entry is the one replayed."""
     found: Found = []
-    for entry in ledger:
-        found += check_entry_fields(entry)
-        after = totals_after(entry)
-        moved, want = _minus(after, previous), entry_deltas(entry)
-        if moved != want:
-            found.append(("ledger_chain", f"entry {entry.entry_id} ({entry.type} {entry.fields.get('rid') or ''}"
-                                          f"{entry.fields.get('pid') or ''}): {_diff_text(moved, want)}"))
-        previous = after
-    if dict(totals) != previous:
-        last = f"last entry {ledger[-1].entry_id}" if ledger else "an empty ledger"
-        found.append(("ledger_chain", f"current totals ({_totals_text(totals)}) differ from {last} "
-                                      f"({_totals_text(previous)}): changed outside the scripts"))
-    return found, trimmed
+    by_id: dict[str, LedgerEntry] = {e.entry_id: e for e in outbox}
+    by_id.update((e.entry_id, e) for e in books)
+    by_seq: dict[int, list[LedgerEntry]] = {}
+    for entry in by_id.values():
+        by_seq.setdefault(entry.seq, []).append(entry)
+    for seq in sorted(seq for seq, same in by_seq.items() if len(same) > 1):
+        found.append(("ledger_seq", f"seq {seq} is held by {len(by_seq[seq])} entries: "
+                                    f"{', '.join(sorted(e.entry_id for e in by_seq[seq]))}"))
+    return merge_by_seq(books, outbox), found
+
+
+def check_sequence(entries: Sequence[LedgerEntry], last_seq: int, first_seq: int) -> Found:
+    """``entries`` (one per seq, in order) must be exactly first_seq .. last_seq, Redis' own count."""
+    found: Found = []
+    seqs = [e.seq for e in entries]
+    missing = sorted(set(range(first_seq, last_seq + 1)) - set(seqs))
+    if missing:
+        found.append(("ledger_seq", f"{len(missing)} seq(s) of {first_seq}..{last_seq} are in neither the books "
+                                    f"nor the outbox: {_ranges_text(missing)}"))
+    ahead = [s for s in seqs if s > last_seq or s < 1]
+    if ahead:
+        found.append(("ledger_seq", f"entries with seq {_ranges_text(ahead)} but Redis' account seq is {last_seq}: "
+                                    "Redis lost movements the books hold"))
+    return found
+
+
+def _ranges_text(numbers: Sequence[int], shown: int = 10) -> str:
+    text = ", ".join(map(str, numbers[:shown]))
+    return text + (f", ... ({len(numbers) - shown} more)" if len(numbers) > shown else "")
+
+
+def check_totals(entries: Sequence[LedgerEntry], totals: Mapping[str, int], lotrem: Mapping[str, int]) -> Found:
+    """Every movement from seq 1 summed: Redis' totals, and its available credits (the lots' sum)."""
+    summed_up = summed(entries)
+    found: Found = []
+    if _as_totals(summed_up) != dict(totals):
+        found.append(("ledger_chain", f"current totals ({_totals_text(totals)}) differ from the sum of the "
+                                      f"{len(entries)} entries' deltas ({_totals_text(_as_totals(summed_up))}): "
+                                      "changed outside the scripts"))
+    available, want = sum(lotrem.values()), summed_up.available
+    if want != available:
+        found.append(("ledger_available", f"the entries' deltas sum to {want} credits available but the lots "
+                                          f"hold {available} (off by {available - want:+d})"))
+    return found
+
+
+def check_purchases(entries: Sequence[LedgerEntry], lots: Mapping[str, Mapping[str, Any]], complete: bool) -> Found:
+    """Every grant's lot is in Redis (or was expired or revoked); with every entry at hand, every
+    lot in Redis was granted by an entry."""
+    gone = {e.fields.get("pid", "") for e in entries if e.type in ("revoke", "lot_expire")}
+    granted = {e.fields.get("pid", ""): e for e in entries if e.type == "grant"}
+    found: Found = [("purchase_lot", f"grant {e.entry_id} (seq {e.seq}) of purchase {pid!r} ({entry_int(e, 'credits')} "
+                                     "credits) has no lot in Redis, and no entry expired or revoked it")
+                    for pid, e in sorted(granted.items()) if pid not in lots and pid not in gone]
+    if complete:
+        found += [("purchase_lot", f"lot {lot_id!r} ({_num(meta.get('g'))} credits) is in Redis but no grant "
+                                   "entry made it")
+                  for lot_id, meta in sorted(lots.items()) if lot_id not in granted]
+    return found
 
 
 # -- reservations -------------------------------------------------------------------
@@ -498,9 +552,10 @@ def _free_units(entry: LedgerEntry) -> list[Any]:
     return units if isinstance(units, list) else []
 
 
-def check_free_windows(ledger: Sequence[LedgerEntry], free: Mapping[str, int]) -> Found:
+def check_free_windows(ledger: Sequence[LedgerEntry], free: Mapping[str, int], *, complete: bool = True) -> Found:
     """Replays each day/week counter ("h<field>" units) from the free holds and the units given
-    back; every enforced unit, rolling ones included, must be within its limit when taken."""
+    back; every enforced unit, rolling ones included, must be within its limit when taken.
+    ``complete``: the entries start at seq 1, so every counter starts at zero."""
     found: Found = []
     count: dict[str, int] = {}
     reported: set[tuple[str, str]] = set()
@@ -519,8 +574,8 @@ def check_free_windows(ledger: Sequence[LedgerEntry], free: Mapping[str, int]) -
                 window = key[1:]
                 expected = used
                 if key.startswith("h"):
-                    # A trimmed ledger starts mid-window: the first hold we see sets the baseline.
-                    expected = count.get(window, used - 1) + 1
+                    # Entries shipped and not given start mid-window: the first hold seen sets the baseline.
+                    expected = count.get(window, 0 if complete else used - 1) + 1
                     if used != expected:
                         once("free_counter", window, f"window {window}: hold {entry.entry_id} recorded used={used} "
                                                      f"but the replay counts {expected}: the counter was changed "
@@ -591,11 +646,24 @@ def check_spend(ledger: Sequence[LedgerEntry], stored: Mapping[str, int], trimme
 # -- entry points ----------------------------------------------------------------------
 
 
-def audit_state(account_id: str, state: Mapping[str, Any]) -> AccountAudit:
-    """Every check over one account's raw state (see RedisStore.raw_state)."""
+def audit_state(account_id: str, state: Mapping[str, Any], books: Sequence[LedgerEntry] | None = None) -> AccountAudit:
+    """Every check over one account's raw state (see RedisStore.raw_state: its keys, its outbox
+    entries and its seq) and, when given, the books' entries of the account (read after Redis:
+    an entry shipped in between is then in both, and counted once).
+
+    Without books, entries already shipped and trimmed from the outbox (its first seq > 1) are
+    not checked: reported as such, not as a violation."""
     p = _parse(state)
-    ledger: Sequence[LedgerEntry] = state.get("ledger", [])
-    found = list(p.found)
+    last_seq = _num(state.get("seq"))
+    entries, found = merge_entries(state.get("outbox", []), books or [])
+    if books is not None:
+        first_seq = 1
+    elif entries:
+        first_seq = min(entries[0].seq, last_seq + 1)
+    else:
+        first_seq = last_seq + 1  # every movement shipped (or none yet)
+    trimmed = first_seq > 1
+    found = list(p.found) + found
     found += check_counters(p.totals, p.lotrem)
     found += check_conservation(p.totals, p.lotrem)
     found += check_lots(p.totals, p.lots, p.lotrem, p.records)
@@ -603,23 +671,31 @@ def audit_state(account_id: str, state: Mapping[str, Any]) -> AccountAudit:
     found += check_lot_held(p.lotheld, p.records)
     found += check_journal(p.records)
     found += check_holds(p.totals, p.records, p.holds)
-    chain, trimmed = check_chain(ledger, p.totals)
-    found += chain
-    found += check_resolutions(ledger)
-    found += check_hold_sources(ledger)
-    found += check_returns(ledger)
-    found += check_free_windows(ledger, p.free)
-    found += check_spend(ledger, p.spend, trimmed)
-    return AccountAudit(account_id=account_id, entries_checked=len(ledger), ledger_trimmed=trimmed,
-                        violations=tuple(Violation(account_id, check, detail) for check, detail in found))
+    found += check_sequence(entries, last_seq, first_seq)
+    for entry in entries:
+        found += check_entry_fields(entry)
+    if not trimmed:
+        found += check_totals(entries, p.totals, p.lotrem)
+    found += check_purchases(entries, p.lots, complete=not trimmed)
+    found += check_resolutions(entries)
+    found += check_hold_sources(entries)
+    found += check_returns(entries)
+    found += check_free_windows(entries, p.free, complete=not trimmed)
+    found += check_spend(entries, p.spend, trimmed)
+    return AccountAudit(account_id=account_id, entries_checked=len(entries), ledger_trimmed=trimmed,
+                        violations=tuple(Violation(account_id, check, detail) for check, detail in found),
+                        unchecked_seqs=first_seq - 1, books_given=books is not None)
 
 
-async def audit_account(store: Any, account_id: str) -> AccountAudit:
-    return audit_state(account_id, await store.raw_state(account_id))
+async def audit_account(store: Any, account_id: str, books: Books | None = None) -> AccountAudit:
+    """``store``: RedisStore (its raw_state). Redis first, then the books (see audit_state)."""
+    state = await store.raw_state(account_id)
+    entries = await books.account_entries(account_id) if books is not None else None
+    return audit_state(account_id, state, entries)
 
 
-async def audit_all(store: Any) -> list[AccountAudit]:
-    return [await audit_account(store, account_id) for account_id in await store.all_accounts()]
+async def audit_all(store: Any, books: Books | None = None) -> list[AccountAudit]:
+    return [await audit_account(store, account_id, books) for account_id in await store.all_accounts()]
 
 
 def format_report(audits: Sequence[AccountAudit]) -> str:
@@ -627,8 +703,7 @@ def format_report(audits: Sequence[AccountAudit]) -> str:
     lines = [f"quota-sidecar audit: {len(audits)} account(s), {len(bad)} with violations, "
              f"{sum(len(a.violations) for a in audits)} violation(s)"]
     for a in audits:
-        ledger = "ledger trimmed" if a.ledger_trimmed else "full ledger"
         status = "OK" if a.ok else f"{len(a.violations)} violation(s)"
-        lines.append(f"account {a.account_id}: {a.entries_checked} ledger entries checked ({ledger}): {status}")
+        lines.append(f"account {a.account_id}: {a.entries_checked} ledger entries checked ({a.coverage}): {status}")
         lines += [f"  [{v.check}] {v.detail}" for v in a.violations]
     return "\n".join(lines)

@@ -39,6 +39,7 @@ from quota_sidecar.domain.errors import (
     Unavailable,
 )
 from quota_sidecar.domain.ids import check_id, new_reservation_id
+from quota_sidecar.domain.ledger import before, contiguous, merge_by_seq, with_running_totals
 from quota_sidecar.domain.model import (
     COST_INVALID,
     COST_WHOLE_HOLD,
@@ -50,7 +51,9 @@ from quota_sidecar.domain.model import (
     Balance,
     BalanceSnapshot,
     CommitResult,
+    CreditPack,
     CreditSource,
+    CreditTotals,
     Decision,
     DenialReason,
     Funding,
@@ -71,7 +74,7 @@ from quota_sidecar.domain.model import (
     Window,
 )
 from quota_sidecar.domain.plans import MAX_ROLLING_HOURS, Plans
-from quota_sidecar.domain.ports import Store
+from quota_sidecar.domain.ports import Books, Store
 from quota_sidecar.domain.windows import candidates, daily_window, time_zone
 
 MAX_TTL_SECONDS = 86_400
@@ -79,6 +82,7 @@ MAX_GRANT_CREDITS = 1_000_000_000
 MAX_LOT_LIFETIME_DAYS = 20 * 366  # keeps every stored time within 13 digits
 MAX_SPEND_CAP_CREDITS = 1_000_000_000
 MAX_REASON_CHARS = 256
+MAX_PRICE_MINOR_UNITS = 10**15  # far above any one purchase; keeps the books' bigint exact
 MAX_LEDGER_PAGE = 1000
 DEFAULT_LEDGER_PAGE = 100
 DEFAULT_TIME_ZONE = "UTC"
@@ -86,7 +90,9 @@ PLANS_VERSIONS_KEPT = 16
 DAY_MS = 86_400_000
 # Distinct (product, job size) pricings and fingerprints kept; beyond it a cache starts again.
 SEGMENTS_CACHE_ENTRIES = 4096
-_STREAM_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
+_PAGE_TOKEN = re.compile(r"[1-9][0-9]{0,18}")
+_MAX_SEQ = 2**63 - 1  # the books' bigint
+_CURRENCY = re.compile(r"[A-Z]{3}")
 
 T = TypeVar("T")
 log = logging.getLogger("quota_sidecar.domain.engine")
@@ -181,17 +187,41 @@ def check_auto_topup(plans: Plans, topup: AutoTopUp | None) -> None:
         plans.pack(topup.pack_id, "auto_topup.pack_id")
 
 
-_STREAM_ID_PART_MAX = 2**64 - 1
+def page_token_seq(token: str) -> int:
+    """The seq a ListLedger page token stands for (the last seq of the page before; 0: from the
+    first). A token is the decimal seq, 1 to 2^63 - 1; anything else is refused."""
+    if not token:
+        return 0
+    if not _PAGE_TOKEN.fullmatch(token) or int(token) > _MAX_SEQ:
+        raise InvalidArgument("page_token", "is not a token this API returned")
+    return int(token)
 
 
-def _valid_page_token(token: str) -> bool:
-    """A ledger entry id Redis accepts as an exclusive XRANGE start: both parts unsigned 64-bit,
-    and not the largest id (nothing can come after it, and Redis refuses the range)."""
-    if not _STREAM_ID.fullmatch(token):
-        return False
-    ms, seq = (int(part) for part in token.split("-"))
-    return ms <= _STREAM_ID_PART_MAX and seq <= _STREAM_ID_PART_MAX and (ms, seq) != (
-        _STREAM_ID_PART_MAX, _STREAM_ID_PART_MAX)
+def check_price(price_minor_units: int | None, currency: str) -> None:
+    """A price is whole minor units (cents) in an ISO 4217 code; a currency needs a price."""
+    if price_minor_units is not None and not 0 <= price_minor_units <= MAX_PRICE_MINOR_UNITS:
+        raise InvalidArgument("price_minor_units", f"must be between 0 and {MAX_PRICE_MINOR_UNITS}")
+    if price_minor_units is not None and not _CURRENCY.fullmatch(currency):
+        raise InvalidArgument("currency", "must be an ISO 4217 code (3 capital letters, e.g. USD) when a price is "
+                                          f"given; got {currency!r}")
+    if price_minor_units is None and currency:
+        raise InvalidArgument("currency", "is given without a price; give price_minor_units too")
+
+
+def pack_defaults(pack: CreditPack, credits: int, price_minor_units: int | None,
+                  currency: str) -> tuple[int, int, str]:
+    """A grant of ``pack``: its credits (``credits`` 0 or the same), and its price unless the one
+    paid is given (a discount), in the pack's currency unless another is given with it."""
+    if credits and credits != pack.credits:
+        raise InvalidArgument("credits", f"{credits} differs from pack {pack.pack_id!r}'s {pack.credits} credits; "
+                                         "give 0 (the pack's) or no pack_id")
+    price = pack.price
+    if price_minor_units is None:
+        if currency and currency != price.currency_code:
+            raise InvalidArgument("currency", f"{currency!r} differs from pack {pack.pack_id!r}'s "
+                                              f"{price.currency_code}; give the price paid in it too")
+        price_minor_units = price.minor_units
+    return pack.credits, price_minor_units, currency or price.currency_code
 
 
 # (time zone, candidate days, weeks, months) -> the store call
@@ -303,7 +333,8 @@ def _complete(results: Sequence[T | None]) -> list[T]:
 
 class QuotaEngine:
     def __init__(self, plans: Plans, store: Store, clock: Clock | None = None, *,
-                 zone_cache_entries: int = 100_000, degraded: DegradedMode | None = None) -> None:
+                 zone_cache_entries: int = 100_000, degraded: DegradedMode | None = None,
+                 books: Books | None = None) -> None:
         # Replaced whole (never mutated) when plans change; read once per call.
         self.plans = plans
         self.store = store
@@ -321,6 +352,8 @@ class QuotaEngine:
         self.set_plans(plans)
         # Reservations decided without Redis (fail_open_free); None: every product fails closed.
         self.degraded = degraded
+        # The system of record ListLedger reads (decisions never do); None: the outbox alone.
+        self.books = books
 
     def set_plans(self, plans: Plans) -> None:
         """Use ``plans`` for every call from now on; calls in flight finish with the plans they read."""
@@ -800,10 +833,17 @@ class QuotaEngine:
     # -- QuotaAdmin -------------------------------------------------------
 
     async def grant(self, account_id: str, credits: int, purchase_id: str, expires_ms: int | None = None, *,
-                    source: CreditSource = CreditSource.PURCHASE, reason: str = "") -> GrantResult:
+                    source: CreditSource = CreditSource.PURCHASE, reason: str = "",
+                    price_minor_units: int | None = None, currency: str = "", pack_id: str = "") -> GrantResult:
+        """``price_minor_units`` and ``currency``: what was paid (None: unknown); ``pack_id``: the
+        plans' pack bought, whose credits, price and currency are then the defaults (credits 0)."""
         check_id("account_id", account_id)
+        if pack_id:
+            credits, price_minor_units, currency = pack_defaults(self.plans.pack(pack_id, "pack_id"), credits,
+                                                                 price_minor_units, currency)
         if not 1 <= credits <= MAX_GRANT_CREDITS:
             raise InvalidArgument("credits", f"must be between 1 and {MAX_GRANT_CREDITS}")
+        check_price(price_minor_units, currency)
         check_id("purchase_id", purchase_id)
         check_reason(reason)
         now_ms = self.clock.local_now_ms()
@@ -813,7 +853,8 @@ class QuotaEngine:
             raise InvalidArgument("expires_at", "must be in the future")
         elif expires_ms > now_ms + MAX_LOT_LIFETIME_DAYS * 86_400_000:
             raise InvalidArgument("expires_at", "must be within 20 years")
-        return await self.store.grant(account_id, purchase_id, credits, expires_ms, source, reason, self._stamp())
+        return await self.store.grant(account_id, purchase_id, credits, expires_ms, source, reason, self._stamp(),
+                                      price_minor_units=price_minor_units, currency=currency, pack_id=pack_id)
 
     async def revoke(self, account_id: str, purchase_id: str, reason: str = "") -> RevokeResult:
         check_id("account_id", account_id)
@@ -858,17 +899,59 @@ class QuotaEngine:
                        overrides=snap.overrides)
 
     async def ledger(self, account_id: str, page_size: int = 0, page_token: str = "") -> tuple[list[LedgerEntry], str]:
-        """A page of the account's ledger and the token of the next page ("" when done)."""
+        """A page of the account's ledger, oldest first, and the token of the next page ("" when done).
+
+        The outbox is read first, then the books: an entry shipped and trimmed between the two
+        reads is in the books, so the page misses nothing not yet shipped. Without books, the
+        outbox alone, as long as it still starts at seq 1."""
         check_id("account_id", account_id)
         if not 0 <= page_size <= MAX_LEDGER_PAGE:
             raise InvalidArgument("page_size", f"must be 0 (default {DEFAULT_LEDGER_PAGE}) to {MAX_LEDGER_PAGE}")
-        if page_token and not _valid_page_token(page_token):
-            raise InvalidArgument("page_token", "is not a token this API returned")
+        after_seq = page_token_seq(page_token)
         size = page_size or DEFAULT_LEDGER_PAGE
-        entries = await self.store.ledger_page(account_id, page_token, size + 1)
-        more = len(entries) > size
-        entries = entries[:size]
-        return entries, (entries[-1].entry_id if more else "")
+        outbox = await self.store.account_outbox(account_id)
+        if self.books is None:
+            entries = with_running_totals(await self._whole_outbox(account_id, outbox))
+            page = [e for e in entries if e.seq > after_seq][:size + 1]
+        else:
+            rows = await self.books.ledger_page(account_id, after_seq, size + 1)
+            page = merge_by_seq(rows, outbox, after_seq=after_seq)[:size + 1]
+            if page:
+                from_books = page[0].entry_id in {row.entry_id for row in rows}
+                start = before(page[0]) if from_books else await self._totals_before(account_id, page[0].seq, outbox)
+                page = with_running_totals(page, start)
+        more = len(page) > size
+        page = page[:size]
+        return page, (str(page[-1].seq) if more else "")
+
+    async def _whole_outbox(self, account_id: str, outbox: list[LedgerEntry]) -> list[LedgerEntry]:
+        """The outbox when it holds the account's every movement; Unavailable once a shipper
+        trimmed some: they are in books this sidecar was not given."""
+        trimmed = outbox[0].seq > 1 if outbox else await self.store.account_seq(account_id) > 0
+        if trimmed:
+            raise Unavailable("the account's older movements were shipped to the books, and the books are not "
+                              "configured on this sidecar (--books-url); ask a sidecar that has them",
+                              reason="BOOKS_NOT_CONFIGURED")
+        return outbox
+
+    async def _totals_before(self, account_id: str, seq: int, outbox: list[LedgerEntry]) -> CreditTotals:
+        """The totals after seq - 1, for a page that starts with an entry only the outbox holds:
+        the books' last totals plus the outbox entries after them."""
+        assert self.books is not None
+        if seq == 1:
+            return CreditTotals()
+        books_seq, totals = await self.books.last_totals(account_id)
+        if books_seq >= seq - 1:
+            # Shipped since the books were read: the books hold seq - 1 now.
+            rows = await self.books.ledger_page(account_id, seq - 2, 1)
+            if rows and rows[0].seq == seq - 1:
+                return rows[0].totals_after
+        else:
+            between = [e for e in outbox if books_seq < e.seq < seq]
+            if contiguous(between, books_seq + 1) and len(between) == seq - 1 - books_seq:
+                return with_running_totals(between, totals)[-1].totals_after if between else totals
+        raise Unavailable(f"movements before seq {seq} are neither in the books nor in the outbox; run "
+                          "`quota-sidecar audit`", reason="LEDGER_GAP")
 
     # -- background -------------------------------------------------------
 

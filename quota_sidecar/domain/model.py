@@ -403,17 +403,64 @@ class RefundResult:
 
 
 @dataclass(frozen=True)
+class Deltas:
+    """What one movement changed in the account's totals (credits and free units, signed integers).
+
+    The available credits are not counted by the scripts; they follow from the identity
+    granted + refunded = available + held + spent + expired + revoked."""
+
+    granted: int = 0
+    refunded: int = 0
+    spent: int = 0
+    expired: int = 0
+    revoked: int = 0
+    held: int = 0
+    free_units: int = 0
+
+    @property
+    def available(self) -> int:
+        return self.granted + self.refunded - self.spent - self.expired - self.revoked - self.held
+
+
+@dataclass(frozen=True)
 class LedgerEntry:
-    """One ledger movement; ``fields`` holds the type-specific ones (credits, lots, window, ...)."""
+    """One movement of credits or free units, as the scripts wrote it to the bucket's outbox and as
+    the books keep it (docs/books.md).
+
+    ``entry_id`` is ``"b<bucket>:<outbox stream id>"``: unique, and a movement Redis lost and wrote
+    again under the same ``seq`` gets another one, so the books detect it. ``seq`` is the account's
+    own sequence number (1, 2, ... with no gap). ``fields`` holds the kind-specific ones (credits,
+    lots, window, source, ...). ``totals_after`` is the running sum of every delta up to this entry
+    (filled by the reader; a raw outbox entry has all zeros there)."""
 
     entry_id: str
     at_ms: int
     type: str
     fields: Mapping[str, str]
-    totals_after: CreditTotals
+    totals_after: CreditTotals = CreditTotals()
+    account_id: str = ""
+    seq: int = 0
+    deltas: Deltas = Deltas()
 
     def int_field(self, name: str) -> int:
         return int(self.fields.get(name) or 0)
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    """What one books transaction did with a batch of outbox entries."""
+
+    inserted: int  # new rows
+    duplicates: int  # already in the books under the same entry_id (a retried batch)
+    conflicts: int  # an (account, seq) the books hold under another entry_id: kept aside, audited
+
+
+@dataclass(frozen=True)
+class OutboxStats:
+    """The outbox across every bucket: what is not yet in the books."""
+
+    entries: int
+    oldest_ms: int | None  # the oldest unshipped movement's time; None when empty
 
 
 # Commit cost table markers (see lua/commit.lua): a product missing from the

@@ -16,12 +16,15 @@ from quota_sidecar.domain.model import (
     AccountChanges,
     AccountSettings,
     ActualCost,
+    AppendResult,
     BalanceSnapshot,
     CommitResult,
     CreditSource,
+    CreditTotals,
     GrantResult,
     LedgerEntry,
     Limit,
+    OutboxStats,
     RefundResult,
     ReleaseResult,
     ReserveCommand,
@@ -63,8 +66,10 @@ class Store(Protocol):
         """ExtendReservation: the new expiry (ms). One EVALSHA."""
 
     async def grant(self, account_id: str, lot_id: str, credits: int, expires_ms: int, source: CreditSource,
-                    reason: str, stamp: Stamp) -> GrantResult:
-        """GrantCredits. One EVALSHA, then WAIT when replicas must acknowledge (same round trip)."""
+                    reason: str, stamp: Stamp, *, price_minor_units: int | None = None, currency: str = "",
+                    pack_id: str = "") -> GrantResult:
+        """GrantCredits; the price paid and the pack go to the outbox entry (the books' quota_purchases).
+        One EVALSHA, then WAIT when replicas must acknowledge (same round trip)."""
 
     async def revoke(self, account_id: str, lot_id: str, reason: str, stamp: Stamp) -> RevokeResult:
         """RevokeCredits. One EVALSHA."""
@@ -95,5 +100,60 @@ class Store(Protocol):
         """The sweeper, once per pass (lease holder only): accounts with holds, lots or records.
         O(keys): a SCAN of the keyspace."""
 
-    async def ledger_page(self, account_id: str, after_id: str, count: int) -> list[LedgerEntry]:
-        """ListLedger: up to ``count`` entries after ``after_id``. One XRANGE."""
+    async def account_outbox(self, account_id: str) -> list[LedgerEntry]:
+        """ListLedger and the audit: the account's movements not yet trimmed from its bucket's
+        outbox, in ``seq`` order (totals_after left zero). One XRANGE of the bucket's outbox,
+        filtered here: O(the bucket's unshipped entries), small while a shipper runs."""
+
+    async def account_seq(self, account_id: str) -> int:
+        """The account's last sequence number (0: no movement yet). One HGET."""
+
+
+class Outbox(Protocol):
+    """What the shipper needs from storage (RedisStore). One outbox stream per key bucket."""
+
+    @property
+    def buckets(self) -> int:
+        """How many key buckets (and so outbox streams) there are."""
+
+    async def read_outbox(self, bucket: int, count: int) -> list[LedgerEntry]:
+        """The shipper, every pass: the bucket's oldest ``count`` entries. One XRANGE."""
+
+    async def trim_outbox(self, bucket: int, through_id: str) -> int:
+        """The shipper, after the books committed a batch: drops the bucket's entries up to and
+        including ``through_id`` (an entry_id). One XTRIM MINID (exact). Returns entries dropped."""
+
+    async def outbox_stats(self) -> OutboxStats:
+        """The shipper's metrics, every pass: one pipeline of XLEN and XRANGE COUNT 1 per bucket."""
+
+    async def try_lock(self, name: str, owner: str, ttl_ms: int) -> bool:
+        """The fleet-wide lease (one SET NX PX)."""
+
+    async def renew_lock(self, name: str, owner: str, ttl_ms: int) -> bool:
+        """Extends a lease ``owner`` holds. One EVALSHA."""
+
+
+class Books(Protocol):
+    """The system of record (quota_sidecar.books.pg.PgBooks on PostgreSQL). Failures are domain
+    errors: BooksUnavailable when PostgreSQL cannot be reached."""
+
+    async def migrate(self) -> list[str]:
+        """`books migrate` and every shipper start: applies the schema migrations not yet applied,
+        in one transaction each, under an advisory lock; returns their names. Safe to run twice."""
+
+    async def append(self, entries: Sequence[LedgerEntry]) -> AppendResult:
+        """The shipper, once per batch: every entry stored exactly once (idempotent on entry_id),
+        in one transaction (COPY into a staging table, then INSERT ... ON CONFLICT DO NOTHING)."""
+
+    async def ledger_page(self, account_id: str, after_seq: int, count: int) -> list[LedgerEntry]:
+        """ListLedger: up to ``count`` entries with seq > ``after_seq``, in seq order, with
+        totals_after (a running sum over the account's entries). One query."""
+
+    async def last_totals(self, account_id: str) -> tuple[int, CreditTotals]:
+        """The account's highest seq in the books and the totals after it ((0, zeros) if none)."""
+
+    async def account_entries(self, account_id: str) -> list[LedgerEntry]:
+        """The audit: every entry of the account in the books, in seq order. One query."""
+
+    async def close(self) -> None:
+        """Closes the connection (pool)."""

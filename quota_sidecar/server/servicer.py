@@ -305,7 +305,9 @@ def ledger_entry_pb(e: LedgerEntry) -> pb.LedgerEntry:
         purchase_id=e.fields.get("pid", ""), product=e.fields.get("product", ""),
         funding=_FUNDING[Funding(funding)] if funding else pb.FUNDING_UNSPECIFIED,
         credits=e.int_field("credits"), free_units=e.int_field("free"), plans_version=e.fields.get("pv", ""),
-        reason=e.fields.get("reason", ""), totals_after=_totals(e.totals_after))
+        reason=e.fields.get("reason", ""), totals_after=_totals(e.totals_after), seq=e.seq,
+        credits_available_delta=e.deltas.available, credits_held_delta=e.deltas.held,
+        free_units_delta=e.deltas.free_units)
 
 
 def balance_response(b: Balance) -> pb.GetBalanceResponse:
@@ -462,8 +464,11 @@ class QuotaAdmin(pb_grpc.QuotaAdminServicer):
     @_rpc
     async def GrantCredits(self, request: pb.GrantCreditsRequest, context: Any) -> pb.GrantCreditsResponse:
         expires_ms = _request_ms(request.expires_at, "expires_at") if request.HasField("expires_at") else None
+        # 0 with no currency: the price is unknown (or the pack's, with a pack_id).
+        price = request.price_minor_units if request.price_minor_units or request.currency else None
         r = await self._engine.grant(request.account_id, request.credits, request.purchase_id, expires_ms,
-                                     source=_source(request.source), reason=request.reason)
+                                     source=_source(request.source), reason=request.reason,
+                                     price_minor_units=price, currency=request.currency, pack_id=request.pack_id)
         return pb.GrantCreditsResponse(lot=_lot(r.lot), credit_balance=r.credit_balance, replayed=r.replayed)
 
     @_rpc

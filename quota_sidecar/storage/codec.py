@@ -24,6 +24,7 @@ from quota_sidecar.domain.model import (
     CreditPack,
     CreditSource,
     CreditTotals,
+    Deltas,
     DenialReason,
     Funding,
     LedgerEntry,
@@ -71,7 +72,11 @@ MESSAGES = {
 }
 
 
-TOTAL_FIELDS = {"g": "granted", "s": "spent", "x": "expired", "v": "revoked", "r": "refunded", "h": "held"}
+# An outbox entry's delta fields (see ledger() in _prelude.lua) -> Deltas' names.
+DELTA_FIELDS = {"dg": "granted", "dr": "refunded", "ds": "spent", "dx": "expired", "dv": "revoked", "dh": "held",
+                "df": "free_units"}
+# Every entry's own fields: account, seq, time, kind. The rest are the kind's fields.
+ENTRY_HEAD = frozenset({"a", "q", "t", "k"})
 
 
 # XRANGE's reply with decoded responses: (entry id, fields) pairs.
@@ -260,11 +265,31 @@ def decode_auto_topup(r: Mapping[str, Any]) -> AutoTopUp:
     return AutoTopUp(enabled=r["at_on"] == "1", threshold_credits=int(r["at_thr"]), pack_id=r["at_pack"])
 
 
-def ledger_entry(entry_id: str, raw: Mapping[str, str]) -> LedgerEntry:
-    """A ledger stream entry; the snapshot fields become ``totals_after``."""
-    totals = {name: int(raw.get(short) or 0) for short, name in TOTAL_FIELDS.items()}
-    available = totals["granted"] + totals["refunded"] - totals["spent"] - totals["expired"] - totals["revoked"] \
-        - totals["held"]
-    rest = {k: v for k, v in raw.items() if k not in TOTAL_FIELDS and k not in ("type", "t")}
-    return LedgerEntry(entry_id=entry_id, at_ms=int(raw.get("t") or 0), type=raw.get("type", ""), fields=rest,
-                       totals_after=CreditTotals(available=available, **totals))
+def stream_rows(raw: Any) -> StreamRows:
+    """An XRANGE reply as (id, fields) pairs: redis-py's already are; the multiplexed
+    connection's are [id, [field, value, ...]]."""
+    return [(row[0], row[1] if isinstance(row[1], dict) else dict(zip(row[1][::2], row[1][1::2])))
+            for row in raw or []]
+
+
+def outbox_entry(bucket: int, stream_id: str, raw: Mapping[str, str]) -> LedgerEntry:
+    """An outbox stream entry as a LedgerEntry (totals_after left zero: readers sum the deltas)."""
+    deltas = Deltas(**{name: int(raw.get(short) or 0) for short, name in DELTA_FIELDS.items()})
+    fields = {k: v for k, v in raw.items() if k not in DELTA_FIELDS and k not in ENTRY_HEAD}
+    return LedgerEntry(entry_id=outbox_entry_id(bucket, stream_id), account_id=raw.get("a", ""),
+                       seq=int(raw.get("q") or 0), at_ms=int(raw.get("t") or 0), type=raw.get("k", ""),
+                       fields=fields, deltas=deltas)
+
+
+def outbox_entry_id(bucket: int, stream_id: str) -> str:
+    """``b<bucket>:<stream id>``: unique across the buckets' outboxes."""
+    return f"b{bucket}:{stream_id}"
+
+
+def parse_outbox_entry_id(entry_id: str) -> tuple[int, str]:
+    """(bucket, stream id) of an outbox_entry_id; ValueError when it is not one."""
+    head, _, stream_id = entry_id.partition(":")
+    ms, dash, seq = stream_id.partition("-")
+    if not (head.startswith("b") and head[1:].isdigit() and ms.isdigit() and dash and seq.isdigit()):
+        raise ValueError(f"not an outbox entry id: {entry_id!r}")
+    return int(head[1:]), stream_id

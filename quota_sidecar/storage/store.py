@@ -11,8 +11,9 @@ Every script is idempotent for the same arguments (reservation ids and
 purchase ids are the keys), so a retried call after a timeout is safe.
 
 Redis errors become quota_sidecar.domain.errors here; script replies become the
-plain values of quota_sidecar.domain.model. Reads that decide nothing (the ledger
-pages, the audit's view of an account) are plain commands.
+plain values of quota_sidecar.domain.model. Reads that decide nothing (an account's
+outbox entries, the audit's view of an account) and the shipper's reads and trims
+of the outbox (the Outbox port) are plain commands.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from quota_sidecar.domain.model import (
     LedgerEntry,
     Limit,
     Lot,
+    OutboxStats,
     RefundResult,
     ReleaseResult,
     ReserveCommand,
@@ -70,15 +72,19 @@ from quota_sidecar.storage.codec import (
     encode_block,
     encode_limits,
     encode_windows,
-    ledger_entry,
+    outbox_entry,
+    parse_outbox_entry_id,
     reserve_args,
     script_error,
+    stream_rows,
 )
 from quota_sidecar.storage.keys import (
     DEFAULT_KEY_BUCKETS,
     ScriptKeys,
     account_key,
     events_key,
+    key_bucket,
+    outbox_key,
     script_keys,
 )
 from quota_sidecar.storage.observe import NoObserver, ScriptObserver
@@ -88,14 +94,23 @@ from quota_sidecar.storage.transport import ClusterTransport, domain_error, tran
 # Scripts to send together: (script name, its KEYS, its ARGV) each.
 _Sent = Sequence[tuple[str, ScriptKeys, list[Any]]]
 
+# An account's outbox entries are read from its bucket's stream this many at a time, so one
+# read of a long outbox (a shipper stopped) never keeps Redis busy for long.
+OUTBOX_READ_PAGE = 5000
+# Outbox reads in flight at once: the shipper reads many buckets together, and off the
+# multiplexed connection each read holds one of redis-py's pooled connections (100 at most).
+OUTBOX_READS_AT_ONCE = 16
+# The largest stream id part: the id after <ms>-<this> is <ms + 1>-0.
+_STREAM_ID_PART_MAX = 2**64 - 1
+
 
 class RedisStore:
     """Quota state in one Redis (or one Redis Cluster slot per account bucket)."""
 
     def __init__(self, client: redis_connect.RedisClient, *, key_prefix: str = "qs",
                  key_buckets: int = DEFAULT_KEY_BUCKETS, retention_ms: int = 7 * 86_400_000,
-                 ledger_retention_ms: int = 400 * 86_400_000, events_max_entries: int = 100_000,
-                 max_records_per_account: int = 2_000, max_open_holds_per_account: int = 1_000,
+                 events_max_entries: int = 100_000, max_records_per_account: int = 2_000,
+                 max_open_holds_per_account: int = 1_000,
                  grant_min_replicas: int = 0, grant_wait_timeout_ms: int = 1000, timeout_seconds: float = 2.0,
                  multiplex: bool = True, telemetry: ScriptObserver | None = None) -> None:
         assert key_prefix and "{" not in key_prefix and "}" not in key_prefix
@@ -104,7 +119,6 @@ class RedisStore:
         self._prefix = key_prefix
         self._buckets = key_buckets
         self._retention_ms = retention_ms
-        self._ledger_retention_ms = ledger_retention_ms
         self._events_max = events_max_entries
         assert max_records_per_account >= 1 and max_open_holds_per_account >= 1
         self._max_records = max_records_per_account
@@ -116,6 +130,7 @@ class RedisStore:
         self._renew_lease = client.register_script(
             resources.files("quota_sidecar.storage").joinpath("lua").joinpath("renew_lease.lua").read_text(encoding="utf-8"))
         self._loading: dict[str, asyncio.Future[None]] = {}  # script name -> its SCRIPT LOAD in flight
+        self._outbox_reads = asyncio.Semaphore(OUTBOX_READS_AT_ONCE)
         # Latency and errors of each script round trip (metrics; spans when tracing is on).
         self._telemetry: ScriptObserver = telemetry or NoObserver()
         # The multiplexed connection when Redis is a plain single server; redis-py pipelines for
@@ -137,6 +152,11 @@ class RedisStore:
     def key_buckets(self) -> int:
         return self._buckets
 
+    @property
+    def buckets(self) -> int:
+        """The Outbox port's name for key_buckets: one outbox stream per bucket."""
+        return self._buckets
+
     def key(self, account_id: str, suffix: str) -> str:
         return account_key(self._prefix, self._buckets, account_id, suffix)
 
@@ -151,8 +171,8 @@ class RedisStore:
 
     def _header(self, account_id: str, stamp: Stamp) -> list[Any]:
         """The ARGV every script starts with (see _prelude.lua)."""
-        return [stamp.now_ms, account_id, self._retention_ms, self._ledger_retention_ms, self._events_max,
-                stamp.plans_version, self._max_records, self._max_holds]
+        return [stamp.now_ms, account_id, self._retention_ms, self._events_max, stamp.plans_version,
+                self._max_records, self._max_holds]
 
     async def _run(self, name: str, account_id: str, stamp: Stamp, args: Iterable[Any], *,
                    min_replicas: int = 0) -> dict[str, Any]:
@@ -211,9 +231,13 @@ class RedisStore:
         return int(r["expires_ms"])
 
     async def grant(self, account_id: str, lot_id: str, credits: int, expires_ms: int, source: CreditSource,
-                    reason: str, stamp: Stamp) -> GrantResult:
+                    reason: str, stamp: Stamp, *, price_minor_units: int | None = None, currency: str = "",
+                    pack_id: str = "") -> GrantResult:
+        """``price_minor_units`` (None: unknown), ``currency`` and ``pack_id`` go to the grant's
+        outbox entry only, for the books; a replay keeps the first grant's."""
+        price = -1 if price_minor_units is None else price_minor_units
         r = await self._run("grant", account_id, stamp,
-                            [lot_id, credits, expires_ms, source.rank, source.value, reason],
+                            [lot_id, credits, expires_ms, source.rank, source.value, reason, price, currency, pack_id],
                             min_replicas=self._grant_min_replicas)
         lot = Lot(lot_id=lot_id, credits_granted=int(r["granted"]), credits_left=int(r["left"]),
                   expires_ms=int(r["expires_ms"]), granted_ms=int(r["granted_ms"]), source=CreditSource(r["source"]),
@@ -305,39 +329,61 @@ class RedisStore:
         return sorted(await self._scan_accounts(("holds", "lotexp", "resdone"), batch))
 
     async def all_accounts(self, *, batch: int = 500) -> list[str]:
-        """Every account that has a ledger. O(keys) SCAN."""
-        return sorted(await self._scan_accounts(("ledger",), batch))
+        """Every account with settings, totals or a sequence number (its acct hash). O(keys) SCAN."""
+        return sorted(await self._scan_accounts(("acct",), batch))
 
-    async def ledger_page(self, account_id: str, after_id: str, count: int) -> list[LedgerEntry]:
-        """Up to ``count`` entries after ``after_id`` ("" = from the oldest kept)."""
-        start = f"({after_id}" if after_id else "-"
+    async def account_outbox(self, account_id: str) -> list[LedgerEntry]:
+        bucket = key_bucket(account_id, self._buckets)
         try:
-            rows = cast(StreamRows, await self._client.xrange(self.key(account_id, "ledger"), min=start, max="+",
-                                                               count=count))
+            rows = await self._outbox_rows(bucket)
         except redis_errors.RedisError as exc:
             raise domain_error(exc) from exc
-        return [ledger_entry(entry_id, fields) for entry_id, fields in rows]
+        return _account_entries(bucket, rows, account_id)
+
+    async def _outbox_rows(self, bucket: int) -> StreamRows:
+        """Every entry of a bucket's outbox, OUTBOX_READ_PAGE at a time."""
+        rows: StreamRows = []
+        start = "-"
+        while True:
+            page = await self._xrange(bucket, start, OUTBOX_READ_PAGE)
+            rows += page
+            if len(page) < OUTBOX_READ_PAGE:
+                return rows
+            start = f"({page[-1][0]}"
+
+    async def _xrange(self, bucket: int, start: str, count: int) -> StreamRows:
+        async with self._outbox_reads:
+            return stream_rows(await self._transport.read("XRANGE", outbox_key(self._prefix, bucket), start, "+",
+                                                          "COUNT", count))
+
+    async def account_seq(self, account_id: str) -> int:
+        try:
+            return int(await self._client.hget(self.key(account_id, "acct"), "seq") or 0)
+        except redis_errors.RedisError as exc:
+            raise domain_error(exc) from exc
 
     async def raw_state(self, account_id: str) -> dict[str, Any]:
-        """Everything the audit needs of one account, read as it is (pipelined, no script)."""
+        """Everything the audit needs of one account, read as it is in one MULTI (no script): its
+        keys, and its entries of the bucket's outbox ("outbox", in seq order) with its last
+        sequence number ("seq"), all at the same instant."""
         names = ("acct", "free", "lots", "lotrem", "lotexp", "res", "spend")
+        bucket = key_bucket(account_id, self._buckets)
         try:
             async with self._client.pipeline(transaction=True) as pipe:
-                pipe.hgetall(self.key(account_id, "acct"))
-                pipe.hgetall(self.key(account_id, "free"))
-                pipe.hgetall(self.key(account_id, "lots"))
-                pipe.hgetall(self.key(account_id, "lotrem"))
+                for name in ("acct", "free", "lots", "lotrem"):
+                    pipe.hgetall(self.key(account_id, name))
                 pipe.zrange(self.key(account_id, "lotexp"), 0, -1, withscores=True)
                 pipe.hgetall(self.key(account_id, "res"))
                 pipe.hgetall(self.key(account_id, "spend"))
                 pipe.zrange(self.key(account_id, "holds"), 0, -1, withscores=True)
-                pipe.xrange(self.key(account_id, "ledger"))
+                pipe.xrange(outbox_key(self._prefix, bucket))
                 values = await pipe.execute()
         except redis_errors.RedisError as exc:
             raise domain_error(exc) from exc
         state = dict(zip(names, values[:7]))
         state["holds"] = values[7]
-        state["ledger"] = [ledger_entry(i, f) for i, f in values[8]]
+        state["outbox"] = _account_entries(bucket, values[8], account_id)
+        state["seq"] = int(state["acct"].get("seq") or 0)
         return state
 
     async def events(self, bucket: int, after_id: str = "0", count: int = 1000) -> list[tuple[str, dict[str, str]]]:
@@ -347,6 +393,43 @@ class RedisStore:
                 events_key(self._prefix, bucket), min=f"({after_id}" if after_id != "0" else "-", max="+", count=count))
         except redis_errors.RedisError as exc:
             raise domain_error(exc) from exc
+
+    # -- the outbox (the Outbox port: the shipper) ------------------------------
+
+    async def read_outbox(self, bucket: int, count: int) -> list[LedgerEntry]:
+        try:
+            rows = await self._xrange(bucket, "-", count)
+        except redis_errors.RedisError as exc:
+            raise domain_error(exc) from exc
+        return [outbox_entry(bucket, stream_id, fields) for stream_id, fields in rows]
+
+    async def trim_outbox(self, bucket: int, through_id: str) -> int:
+        entry_bucket, stream_id = parse_outbox_entry_id(through_id)
+        if entry_bucket != bucket:
+            raise ValueError(f"{through_id!r} is not an entry of bucket {bucket}'s outbox")
+        try:
+            # Exact (no "~"): XTRIM MINID keeps every entry from the id after through_id on, so an
+            # entry not yet in the books is never dropped, and each shipped one is. Redis >= 6.2.
+            return int(await self._client.xtrim(outbox_key(self._prefix, bucket), minid=_next_stream_id(stream_id),
+                                                approximate=False))
+        except redis_errors.RedisError as exc:
+            raise domain_error(exc) from exc
+
+    async def outbox_stats(self) -> OutboxStats:
+        """Every bucket's length and oldest entry in one pipeline (split per master on a cluster).
+        ``oldest_ms`` is the oldest entry's stream id time: Redis' clock when it entered the
+        outbox (an entry's ``t``, a test's pinned clock or a degraded decision's time, may be older)."""
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for bucket in range(self._buckets):
+                    pipe.xlen(outbox_key(self._prefix, bucket))
+                    pipe.xrange(outbox_key(self._prefix, bucket), count=1)
+                values = await pipe.execute()
+        except redis_errors.RedisError as exc:
+            raise domain_error(exc) from exc
+        lengths, heads = values[0::2], values[1::2]
+        oldest = [int(head[0][0].split("-")[0]) for head in heads if head]
+        return OutboxStats(entries=sum(int(n) for n in lengths), oldest_ms=min(oldest) if oldest else None)
 
     async def try_lock(self, name: str, owner: str, ttl_ms: int) -> bool:
         """A lease so that only one sidecar of a fleet runs a periodic job at a time."""
@@ -466,3 +549,16 @@ class RedisStore:
             else:
                 results.append(decode_reserve_outcome(r))
         return results
+
+
+def _account_entries(bucket: int, rows: StreamRows, account_id: str) -> list[LedgerEntry]:
+    """The account's entries among a bucket's outbox rows, in seq order (a bucket's stream is in
+    the order the scripts wrote, which is each account's seq order; sorted all the same)."""
+    entries = [outbox_entry(bucket, stream_id, fields) for stream_id, fields in rows if fields.get("a") == account_id]
+    return sorted(entries, key=lambda e: e.seq)
+
+
+def _next_stream_id(stream_id: str) -> str:
+    """The smallest stream id after ``stream_id`` (``<ms>-<seq>``)."""
+    ms, seq = (int(part) for part in stream_id.split("-"))
+    return f"{ms + 1}-0" if seq == _STREAM_ID_PART_MAX else f"{ms}-{seq + 1}"

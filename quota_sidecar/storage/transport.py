@@ -82,6 +82,11 @@ class Transport(Protocol):
     async def load(self, source: str) -> None:
         """SCRIPT LOAD (on every master of a cluster): after NOSCRIPT and at start-up."""
 
+    async def read(self, *args: Any) -> Any:
+        """One read-only command of one key (the outbox's XRANGE): its reply, raised on error.
+        On the multiplexed connection concurrent reads leave together; else redis-py's, which
+        parses the reply as its own command would (the store reads both shapes)."""
+
     async def send_and_wait(self, call: Call, source: str, min_replicas: int,
                             timeout_ms: int) -> tuple[Any, int]:
         """The call, then WAIT on the same connection: (reply, replicas that acknowledged).
@@ -116,6 +121,9 @@ class PipelineTransport:
 
     async def load(self, source: str) -> None:
         await self._client.script_load(source)
+
+    async def read(self, *args: Any) -> Any:
+        return await self._client.execute_command(*args)
 
     async def send_and_wait(self, call: Call, source: str, min_replicas: int,
                             timeout_ms: int) -> tuple[Any, int]:
@@ -163,6 +171,13 @@ class MuxTransport:
 
     async def load(self, source: str) -> None:
         await self._mux.execute("SCRIPT", "LOAD", source)
+
+    async def read(self, *args: Any) -> Any:
+        try:
+            return await self._mux.execute(*args)
+        except (redis_errors.ConnectionError, redis_errors.TimeoutError):
+            await asyncio.sleep(_RECONNECT_PAUSE_SECONDS)
+            return await self._mux.execute(*args)
 
     async def send_and_wait(self, call: Call, source: str, min_replicas: int,
                             timeout_ms: int) -> tuple[Any, int]:
@@ -237,6 +252,9 @@ class ClusterTransport:
 
     async def load(self, source: str) -> None:
         await self._client.script_load(source)
+
+    async def read(self, *args: Any) -> Any:
+        return await self._client.execute_command(*args)  # routed by its key, following MOVED / ASK
 
     async def send_and_wait(self, call: Call, source: str, min_replicas: int,
                             timeout_ms: int) -> tuple[Any, int]:

@@ -184,10 +184,27 @@ def _commit_request(args: argparse.Namespace) -> pb.CommitRequest:
 
 def _grant_request(args: argparse.Namespace) -> pb.GrantCreditsRequest:
     req = pb.GrantCreditsRequest(account_id=args.account, credits=args.credits, purchase_id=args.purchase_id,
-                                 source=_SOURCES[args.source], reason=args.reason)
+                                 source=_SOURCES[args.source], reason=args.reason, pack_id=args.pack,
+                                 currency=args.currency)
+    if args.price is not None:
+        req.price_minor_units = _minor_units(args.price, "--price")
     if args.expires_at:
         req.expires_at.FromDatetime(datetime.fromisoformat(args.expires_at))
     return req
+
+
+def _minor_units(text: str, flag: str) -> int:
+    """A decimal amount with at most 2 decimals ("4.00") as minor units (400); ValueError otherwise."""
+    from decimal import Decimal, InvalidOperation
+
+    try:
+        amount = Decimal(text)
+    except InvalidOperation:
+        raise ValueError(f"{flag} must be a decimal amount such as 4.00, not {text!r}") from None
+    cents = amount * 100
+    if not amount.is_finite() or cents != cents.to_integral_value() or amount < 0:
+        raise ValueError(f"{flag} must be a non-negative amount with at most 2 decimals, not {text!r}")
+    return int(cents)
 
 
 def _set_account_request(args: argparse.Namespace) -> pb.SetAccountRequest:
@@ -271,7 +288,7 @@ def _print_ledger(r: pb.ListLedgerResponse, tz: str = "UTC") -> None:
         who = e.reservation_id or e.purchase_id
         amount = f"{e.credits} credit(s)" if e.credits else (f"{e.free_units} free unit(s)" if e.free_units else "")
         # Escaped before padding, so the columns stay aligned.
-        _say(f"{visible(e.id)}  {format_time(_ms(e.at), tz)}  {visible(e.type):<10} {visible(who):<24} "
+        _say(f"{e.seq:>6}  {format_time(_ms(e.at), tz)}  {visible(e.type):<10} {visible(who):<24} "
              f"{amount:<16} available {e.totals_after.available}, held {e.totals_after.held}"
              + (f"  [{e.reason}]" if e.reason else ""))
     if r.next_page_token:

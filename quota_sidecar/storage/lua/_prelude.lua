@@ -9,8 +9,9 @@
 -- hash tag of the account's bucket, so each script touches one cluster slot.
 --
 -- KEYS (same order in every script):
---   1 acct     HASH  plan, tz, cap, at_on/at_thr/at_pack (auto top-up) and the
+--   1 acct     HASH  plan, tz, cap, at_on/at_thr/at_pack (auto top-up), the
 --                    totals credits_granted/_spent/_expired/_revoked/_refunded/_held
+--                    and seq, the account's last outbox sequence number
 --   2 free     HASH  "<product>|<limit>|d<YYYYMMDD>" or "...|w<monday YYYYMMDD>" -> free
 --                    units held or spent in that window (a field at zero is dropped)
 --   3 lots     HASH  lot_id -> JSON {g = granted, e = expires_ms, t = granted_ms,
@@ -22,7 +23,8 @@
 --   6 holds    ZSET  reservation_id scored by expires_ms; only unresolved holds
 --   7 res      HASH  reservation_id -> JSON reservation record (see reserve.lua)
 --   8 resdone  ZSET  reservation_id scored by resolved_ms; for pruning old records
---   9 ledger   STREAM every movement, with the totals after it (append-only)
+--   9 outbox   STREAM every movement of the whole bucket (shared by its accounts), until the
+--                    shipper has copied it into the books and trimmed it (see ledger() below)
 --  10 notes    HASH  events already emitted ("<event>|<scope>") -> when
 --  11 spend    HASH  "<YYYYMM>" -> credits held or spent that month (the spend cap's measure)
 --  12 rolling  ZSET  "<product>|<limit>|<reservation_id>" scored by use time: rolling windows
@@ -37,9 +39,9 @@
 -- ARGV starts with the same header everywhere; each script reads its own
 -- arguments after it with next_arg()/next_block():
 --   1 pinned now_ms (0: Redis' clock)   2 account_id   3 record retention ms
---   4 ledger retention ms               5 events stream max length   6 plans version
---   7 resolved records kept per account at most (the oldest go first)
---   8 open holds per account at most (a new hold past it is refused)
+--   4 events stream max length          5 plans version
+--   6 resolved records kept per account at most (the oldest go first)
+--   7 open holds per account at most (a new hold past it is refused)
 
 -- Scripts call TIME and then write; effects replication (the default since
 -- Redis 5, the only mode in 7) keeps replicas exact. Explicit for Redis 6.2.
@@ -47,7 +49,7 @@ if redis.replicate_commands then redis.replicate_commands() end
 
 local K_ACCT, K_FREE, K_LOTS, K_LOTREM = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local K_LOTEXP, K_HOLDS, K_RES, K_RESDONE = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
-local K_LEDGER, K_NOTES, K_SPEND, K_ROLLING = KEYS[9], KEYS[10], KEYS[11], KEYS[12]
+local K_OUTBOX, K_NOTES, K_SPEND, K_ROLLING = KEYS[9], KEYS[10], KEYS[11], KEYS[12]
 local K_INFLIGHT, K_EVENTS = KEYS[13], KEYS[14]
 
 -- Bounds the work lazy expiry does in one call; the rest waits for the next.
@@ -72,16 +74,15 @@ local PINNED_MS = tonumber(ARGV[1])
 local now_ms = PINNED_MS > 0 and PINNED_MS or redis_time_ms()
 local ACCOUNT_ID = ARGV[2]
 local RETENTION_MS = tonumber(ARGV[3])
-local LEDGER_RETENTION_MS = tonumber(ARGV[4])
-local EVENTS_MAX = tonumber(ARGV[5])
-local PLANS_VERSION = ARGV[6]
+local EVENTS_MAX = tonumber(ARGV[4])
+local PLANS_VERSION = ARGV[5]
 -- What one account can make Redis hold, whatever it does: records of resolved
 -- reservations beyond MAX_RECORDS go before their retention ends (a retry of
 -- one of those decides again), and a hold beyond MAX_HOLDS is refused.
-local MAX_RECORDS = tonumber(ARGV[7])
-local MAX_HOLDS = tonumber(ARGV[8])
+local MAX_RECORDS = tonumber(ARGV[6])
+local MAX_HOLDS = tonumber(ARGV[7])
 
-local cursor = 8
+local cursor = 7
 local function next_arg()
   cursor = cursor + 1
   return ARGV[cursor]
@@ -146,10 +147,11 @@ local function incr(field, delta)
   if delta ~= 0 then redis.call('HINCRBY', K_ACCT, field, delta) end
 end
 
--- Effects (ledger entries and usage events) are written at once, or, between
+-- Effects (outbox entries and usage events) are written at once, or, between
 -- defer_effects() and take_effects(), collected instead: reserve_all.lua writes
--- only those of the items that stand. Each is {'x', XADD args} or {'n', note,
--- XADD args} (an event written once per note).
+-- only those of the items that stand. Each is {'o', kind, at_ms, deltas,
+-- fields} (an outbox entry, see ledger) or {'n', note, XADD args} (an event
+-- written once per note).
 local deferred_effects = nil
 local function defer_effects() deferred_effects = {} end
 local function take_effects()
@@ -157,39 +159,49 @@ local function take_effects()
   deferred_effects = nil
   return effects
 end
-local function write_effects(effects)
-  for _, e in ipairs(effects) do
-    if e[1] == 'x' then
-      redis.call('XADD', unpack(e[2]))
-    elseif redis.call('HSETNX', K_NOTES, e[2], now_ms) == 1 then
-      redis.call('XADD', unpack(e[3]))
+
+-- The account totals an entry moves, as its delta fields dg dr ds dx dv dh df
+-- (granted, refunded, spent, expired, revoked, held, free units), in this order.
+-- Available credits are not written: granted + refunded - spent - expired -
+-- revoked - held.
+local DELTAS = {'g', 'r', 's', 'x', 'v', 'h', 'f'}
+
+-- One movement, one entry of the bucket's outbox: a account, q the account's
+-- sequence number, t when (ms), k kind, the non-zero deltas, then the kind's own
+-- fields. The sequence number is taken only now, when the entry is written, so a
+-- deferred entry that is never written leaves no gap for the audit to find. No
+-- MAXLEN: only the shipper trims, after the books hold the entries.
+local function write_entry(kind, at_ms, deltas, fields)
+  local seq = redis.call('HINCRBY', K_ACCT, 'seq', 1)
+  local args = {K_OUTBOX, '*', 'a', ACCOUNT_ID, 'q', seq, 't', at_ms, 'k', kind}
+  for _, name in ipairs(DELTAS) do
+    local value = deltas[name]
+    -- Never a zero (nor "-0", which Lua prints for a negated zero).
+    if value and value ~= 0 then
+      args[#args + 1] = 'd' .. name
+      args[#args + 1] = value
     end
+  end
+  for i = 1, #fields do args[#args + 1] = fields[i] end
+  redis.call('XADD', unpack(args))
+end
+
+-- deltas: {g = .., r = .., s = .., x = .., v = .., h = .., f = ..}, absent = 0.
+local function ledger(kind, deltas, fields)
+  if deferred_effects then
+    deferred_effects[#deferred_effects + 1] = {'o', kind, now_ms, deltas, fields}
+  else
+    write_entry(kind, now_ms, deltas, fields)
   end
 end
 
--- Every movement is appended with the totals after it, so the ledger can be
--- checked link by link even after old entries are trimmed; a deferred entry
--- keeps the totals of the moment it was made.
-local ledger_trim_id = nil
-local function ledger_args(kind, fields)
-  -- Trimming follows Redis' real clock even when a test pins now_ms.
-  ledger_trim_id = ledger_trim_id or ((PINNED_MS > 0 and redis_time_ms() or now_ms) - LEDGER_RETENTION_MS)
-  local totals = redis.call('HMGET', K_ACCT, unpack(TOTALS))
-  local args = {K_LEDGER, 'MINID', '~', ledger_trim_id, '*', 'type', kind, 't', now_ms}
-  for i = 1, #fields do args[#args + 1] = fields[i] end
-  local short = {'g', 's', 'x', 'v', 'r', 'h'}
-  for i = 1, #TOTALS do
-    args[#args + 1] = short[i]
-    args[#args + 1] = totals[i] or '0'
-  end
-  return args
-end
-local function ledger(kind, fields)
-  local args = ledger_args(kind, fields)
-  if deferred_effects then
-    deferred_effects[#deferred_effects + 1] = {'x', args}
-  else
-    redis.call('XADD', unpack(args))
+local function write_effects(effects)
+  for _, e in ipairs(effects) do
+    if e[1] == 'o' then
+      write_entry(e[2], e[3], e[4], e[5])
+    elseif redis.call('HSETNX', K_NOTES, e[2], now_ms) == 1 then
+      redis.call('XADD', unpack(e[3]))
+    end
   end
 end
 
@@ -336,18 +348,19 @@ local function resolve(rid, rec, state)
   decrement(K_INFLIGHT, rec.p)
 end
 
--- Gives a whole hold back (Release and expiry). Ledger fields of the refund.
+-- Gives a whole hold back (Release and expiry). Returns the outbox fields and
+-- deltas of the movement.
 local function refund_hold(rec)
   if rec.f == 'free' then
     return_free_units(rec.fw)
-    return {'free', 1, 'free_units', cjson.encode(rec.fw)}
+    return {'free', 1, 'free_units', cjson.encode(rec.fw)}, {f = -1}
   end
   incr('credits_held', -rec.c)
   unspend(rec.m, rec.c)
   unhold_lots(rec.l)
   local to_lots, to_expired, to_revoked = return_credits(rec.l)
   return {'credits', rec.c, 'to_lots', to_lots, 'to_expired', to_expired, 'to_revoked', to_revoked,
-          'lots', lots_text(rec.l)}
+          'lots', lots_text(rec.l)}, {h = -rec.c, x = to_expired, v = to_revoked}
 end
 
 local function hold_fields(rid, rec, extra)
@@ -357,15 +370,15 @@ local function hold_fields(rid, rec, extra)
 end
 
 local function expire_hold(rid, rec)
-  local moved = refund_hold(rec)
+  local moved, deltas = refund_hold(rec)
   resolve(rid, rec, 'expired')
-  ledger('expire', hold_fields(rid, rec, moved))
+  ledger('expire', deltas, hold_fields(rid, rec, moved))
 end
 
 -- Turns a live hold into spend of `charge` credits (at most the hold; 0 for a
 -- free hold, whose unit stays spent). The unused part goes back to the lots
 -- taken last, which expire latest, so the credits spent are the ones that
--- expire soonest. `extra`: more ledger fields. Returns the credits returned.
+-- expire soonest. `extra`: more outbox fields. Returns the credits returned.
 local function commit_hold(rid, rec, charge, extra)
   local refund = rec.c - charge
   local back, kept = {}, {}
@@ -395,7 +408,8 @@ local function commit_hold(rid, rec, charge, extra)
   local fields = {'credits', charge, 'free', rec.f == 'free' and 1 or 0, 'returned', rec.c - charge,
                   'to_lots', to_lots, 'to_expired', to_expired, 'to_revoked', to_revoked, 'lots', lots_text(kept)}
   for i = 1, #extra do fields[#fields + 1] = extra[i] end
-  ledger('commit', hold_fields(rid, rec, fields))
+  -- A free hold's unit stays spent: nothing moves (its rec.c and charge are 0).
+  ledger('commit', {h = -rec.c, s = charge, x = to_expired, v = to_revoked}, hold_fields(rid, rec, fields))
   return rec.c - charge
 end
 
@@ -431,7 +445,7 @@ local function expire_lots()
       meta.x = (meta.x or 0) + left
       redis.call('HSET', K_LOTS, lot_id, cjson.encode(meta))
       incr('credits_expired', left)
-      ledger('lot_expire', {'pid', lot_id, 'credits', left})
+      ledger('lot_expire', {x = left}, {'pid', lot_id, 'credits', left})
     end
   end
 end

@@ -254,8 +254,9 @@ local function reserve_one(swept)
   save_record(rid, rec)
   redis.call('ZADD', K_HOLDS, rec.e, rid)
   redis.call('HINCRBY', K_INFLIGHT, product, 1)
-  ledger('hold', hold_fields(rid, rec, {'credits', rec.c, 'free', rec.f == 'free' and 1 or 0, 'window', label,
-                                        'free_units', free_units, 'month', rec.m, 'lots', lots_text(rec.l),
-                                        'cost', cost_credits}))
+  local free = rec.f == 'free'
+  ledger('hold', free and {f = 1} or {h = rec.c},
+         hold_fields(rid, rec, {'credits', rec.c, 'free', free and 1 or 0, 'window', label, 'free_units', free_units,
+                                'month', rec.m, 'lots', lots_text(rec.l), 'cost', cost_credits}))
   return answer
 end

@@ -1,6 +1,6 @@
 -- Degraded replay: a reservation a sidecar allowed while Redis was
 -- unreachable (fail_open_free) is written in, idempotently by its id, with
--- its hold and, once known, its resolution in the ledger. Its free unit is
+-- its hold and, once known, its resolution in the outbox. Its free unit is
 -- counted under the product's "degraded" limit of the local day it was
 -- decided in, apart from the plan's limits, and marked as not enforced: the
 -- plan's limits were not checked when it was allowed.
@@ -13,7 +13,7 @@
 -- charged: the job ran) and a Release ends released. A record already
 -- resolved the other way cannot be changed without spending or refunding
 -- twice; the journalled outcome is then kept on the record (dj, djr) and in
--- the ledger (degraded_conflict) for the audit and support.
+-- the outbox (degraded_conflict) for the audit and support.
 --
 -- The header's pinned time is the decision's time. Times are in milliseconds.
 -- Reply: {outcome = 'written' | 'resolved' | 'present' | 'conflict', state}.
@@ -33,11 +33,11 @@ local function apply_journalled(rec)
   if state == 'committed' then
     commit_hold(rid, rec, rec.c, {'degraded', 1})
   else
-    local moved = refund_hold(rec)
+    local moved, deltas = refund_hold(rec)
     resolve(rid, rec, 'released')
     moved[#moved + 1] = 'degraded'
     moved[#moved + 1] = 1
-    ledger('release', hold_fields(rid, rec, moved))
+    ledger('release', deltas, hold_fields(rid, rec, moved))
   end
 end
 
@@ -53,7 +53,9 @@ local function reconcile(rec)
   if rec.dj == nil then
     rec.dj, rec.djr = state, resolved_ms
     save_record(rid, rec)
-    ledger('degraded_conflict', hold_fields(rid, rec, {'journal', state, 'journal_ms', resolved_ms, 'redis', rec.s}))
+    -- Nothing moves: the record keeps Redis' outcome; the entry tells the books what was acknowledged.
+    ledger('degraded_conflict', {}, hold_fields(rid, rec, {'journal', state, 'journal_ms', resolved_ms,
+                                                           'redis', rec.s}))
   end
   return reply({outcome = 'conflict', state = rec.s})
 end
@@ -70,8 +72,8 @@ local rec = {s = 'held', p = product, fp = fingerprint, c = 0, l = {}, fw = {'h'
              pv = PLANS_VERSION, cr = now_ms, e = now_ms + ttl_ms, ttl = ttl_ms, dg = 1, pl = '', rc = 0,
              d = cjson.encode(decision)}
 local units = cjson.encode({{k = 'h' .. field, u = used, l = allowance, s = 1}})
-ledger('hold', hold_fields(rid, rec, {'credits', 0, 'free', 1, 'window', label, 'free_units', units,
-                                      'degraded', 1}))
+ledger('hold', {f = 1}, hold_fields(rid, rec, {'credits', 0, 'free', 1, 'window', label, 'free_units', units,
+                                                'degraded', 1}))
 
 save_record(rid, rec)
 redis.call('ZADD', K_HOLDS, rec.e, rid)

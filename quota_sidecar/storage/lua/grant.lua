@@ -1,6 +1,7 @@
 -- GrantCredits: a new lot, idempotent by purchase_id (the lot's id). A
 -- replay with the same credits returns the original lot; different credits
--- are refused. The lot is spendable by the very next decision.
+-- are refused. The lot is spendable by the very next decision. What was paid
+-- (price, currency, pack) goes to the outbox only: the books keep it.
 -- Times are in milliseconds; credits are integers.
 local lot_id      = next_arg()
 local credits     = tonumber(next_arg())
@@ -8,6 +9,11 @@ local expires_ms  = tonumber(next_arg())
 local rank        = tonumber(next_arg())  -- spending order at equal expiry: 0 promo .. 3 purchase
 local source      = next_arg()
 local reason      = next_arg()
+-- Minor units paid, or '-1': unknown (no price field). Kept a string: a number
+-- past 14 digits would be written in Lua's exponent notation.
+local price       = next_arg()
+local currency    = next_arg()  -- ISO 4217 code of the price, or ''
+local pack_id     = next_arg()  -- the credit pack bought, or ''
 
 local function lot_reply(meta, replayed)
   local _, balance = live_lots()
@@ -32,5 +38,11 @@ redis.call('ZADD', K_LOTEXP, lot_score(expires_ms, rank), lot_id)
 incr('credits_granted', credits)
 -- A grant re-arms the low-balance and auto top-up events.
 redis.call('HDEL', K_NOTES, 'credits_low', 'auto_topup')
-ledger('grant', {'pid', lot_id, 'credits', credits, 'source', source, 'expires_ms', expires_ms, 'reason', reason})
+local fields = {'pid', lot_id, 'credits', credits, 'source', source, 'expires_ms', expires_ms, 'reason', reason,
+                'cur', currency, 'pack', pack_id}
+if price ~= '-1' then
+  fields[#fields + 1] = 'price'
+  fields[#fields + 1] = price
+end
+ledger('grant', {g = credits}, fields)
 return lot_reply(meta, 0)

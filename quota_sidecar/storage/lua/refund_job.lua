@@ -16,23 +16,24 @@ if rec.rj ~= nil then
 end
 
 sweep()
-local fields
+local fields, deltas
 if free == 1 then
   return_free_units(rec.fw)
   rec.rj = 0
-  fields = {'free', 1, 'free_units', cjson.encode(rec.fw)}
+  fields, deltas = {'free', 1, 'free_units', cjson.encode(rec.fw)}, {f = -1}
 else
   local to_lots, to_expired, to_revoked = return_credits(rec.l)
   incr('credits_refunded', rec.ch)
   unspend(rec.m, rec.ch)
   fields = {'credits', rec.ch, 'to_lots', to_lots, 'to_expired', to_expired, 'to_revoked', to_revoked,
             'lots', lots_text(rec.l)}
+  deltas = {r = rec.ch, x = to_expired, v = to_revoked}
   rec.rj = rec.ch
   rec.l = {}
 end
 save_record(rid, rec)
 fields[#fields + 1] = 'reason'
 fields[#fields + 1] = reason
-ledger('refund', hold_fields(rid, rec, fields))
+ledger('refund', deltas, hold_fields(rid, rec, fields))
 local _, balance = live_lots()
 return reply({refunded = rec.rj, free_refunded = free, balance = balance, replayed = 0})

@@ -14,9 +14,9 @@ sweep()  -- also on a replay: the balance reported is the one a GetBalance at th
 if rec.s == 'released' then
   result.replayed = 1
 else
-  local moved = refund_hold(rec)
+  local moved, deltas = refund_hold(rec)
   resolve(rid, rec, 'released')
-  ledger('release', hold_fields(rid, rec, moved))
+  ledger('release', deltas, hold_fields(rid, rec, moved))
 end
 
 local _, balance = live_lots()

@@ -6,7 +6,7 @@
 -- the holds of the ones before it. If one is not allowed (a denial or an
 -- error reply), the holds the batch made are given back before the script
 -- ends: Redis runs a script alone, so no other call ever sees them. To leave no
--- trace of them, each item's effects (ledger entries, usage events) are
+-- trace of them, each item's effects (outbox entries, usage events) are
 -- deferred (defer_effects, _prelude.lua) and written only for what stands:
 -- every item's when the batch is allowed, only the refused items' (their
 -- purchase_required events, say) when it is not. An undone hold's record is
@@ -35,7 +35,8 @@ local _, tz = account(default_plan)
 if tz ~= expected_tz then return fail('TZ_MISMATCH', {tz = tz}) end
 sweep()
 
--- Exactly what reserve_one wrote for a new hold, in reverse: the free units
+-- Exactly what reserve_one wrote for a new hold, in reverse (its outbox entry was
+-- deferred, so never written, and took no sequence number): the free units
 -- or credits (to the same lots), the spend month, the held total, the record,
 -- the hold index and the in-flight count.
 local function undo(rid)

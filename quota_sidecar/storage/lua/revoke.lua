@@ -19,7 +19,7 @@ if replayed == 0 then
   meta.v, meta.vn, meta.vr = 1, left, (meta.vr or 0) + left
   redis.call('HSET', K_LOTS, lot_id, cjson.encode(meta))
   incr('credits_revoked', left)
-  ledger('revoke', {'pid', lot_id, 'credits', left, 'reason', reason})
+  ledger('revoke', {v = left}, {'pid', lot_id, 'credits', left, 'reason', reason})
 end
 local held = tonumber(redis.call('HGET', K_LOTREM, lot_hold_field(lot_id)) or '0')
 local _, balance = live_lots()

@@ -11,6 +11,16 @@ local topup_thr    = next_arg()
 local topup_pack   = next_arg()
 local overrides    = next_block(2)  -- {product, JSON {limits, max_concurrent} or '' to remove}
 
+-- The settings that matter to money, as they are before this call (read before any write).
+local SETTINGS = {'plan', 'tz', 'cap', 'at_on', 'at_thr', 'at_pack'}
+local DEFAULTS = {default_plan, 'UTC', '0', '0', '0', ''}
+local function settings_now()
+  local v = redis.call('HMGET', K_ACCT, unpack(SETTINGS))
+  for i = 1, #SETTINGS do v[i] = v[i] or DEFAULTS[i] end
+  return v
+end
+local before = settings_now()
+
 local changes = {}
 local function set(field, value)
   if value ~= '' then
@@ -36,6 +46,16 @@ for _, o in ipairs(overrides) do
   end
 end
 if #changes > 0 then redis.call('HSET', K_ACCT, unpack(changes)) end
+-- The books learn of a plan, zone, spend cap or auto top-up that changed: the new
+-- value of each (the old one is in an earlier entry, or the default). Nothing moves.
+local after, changed = settings_now(), {}
+for i = 1, #SETTINGS do
+  if after[i] ~= before[i] then
+    changed[#changed + 1] = SETTINGS[i]
+    changed[#changed + 1] = after[i]
+  end
+end
+if #changed > 0 then ledger('account', {}, changed) end
 local current = {}
 local fields = redis.call('HGETALL', K_ACCT)
 for i = 1, #fields, 2 do

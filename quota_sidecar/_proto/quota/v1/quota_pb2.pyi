@@ -364,20 +364,26 @@ class GetBalanceResponse(_message.Message):
     def __init__(self, account_id: _Optional[str] = ..., plan: _Optional[str] = ..., time_zone: _Optional[str] = ..., allowances: _Optional[_Iterable[_Union[ProductAllowance, _Mapping]]] = ..., credit_balance: _Optional[int] = ..., lots: _Optional[_Iterable[_Union[CreditLot, _Mapping]]] = ..., holds: _Optional[_Iterable[_Union[Hold, _Mapping]]] = ..., credits_held: _Optional[int] = ..., holds_total: _Optional[int] = ...) -> None: ...
 
 class GrantCreditsRequest(_message.Message):
-    __slots__ = ("account_id", "credits", "purchase_id", "expires_at", "source", "reason")
+    __slots__ = ("account_id", "credits", "purchase_id", "expires_at", "source", "reason", "price_minor_units", "currency", "pack_id")
     ACCOUNT_ID_FIELD_NUMBER: _ClassVar[int]
     CREDITS_FIELD_NUMBER: _ClassVar[int]
     PURCHASE_ID_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    PRICE_MINOR_UNITS_FIELD_NUMBER: _ClassVar[int]
+    CURRENCY_FIELD_NUMBER: _ClassVar[int]
+    PACK_ID_FIELD_NUMBER: _ClassVar[int]
     account_id: str
     credits: int
     purchase_id: str
     expires_at: _timestamp_pb2.Timestamp
     source: CreditSource
     reason: str
-    def __init__(self, account_id: _Optional[str] = ..., credits: _Optional[int] = ..., purchase_id: _Optional[str] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., source: _Optional[_Union[CreditSource, str]] = ..., reason: _Optional[str] = ...) -> None: ...
+    price_minor_units: int
+    currency: str
+    pack_id: str
+    def __init__(self, account_id: _Optional[str] = ..., credits: _Optional[int] = ..., purchase_id: _Optional[str] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., source: _Optional[_Union[CreditSource, str]] = ..., reason: _Optional[str] = ..., price_minor_units: _Optional[int] = ..., currency: _Optional[str] = ..., pack_id: _Optional[str] = ...) -> None: ...
 
 class GrantCreditsResponse(_message.Message):
     __slots__ = ("lot", "credit_balance", "replayed")
@@ -532,7 +538,7 @@ class ListLedgerRequest(_message.Message):
     def __init__(self, account_id: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class LedgerEntry(_message.Message):
-    __slots__ = ("id", "at", "type", "reservation_id", "purchase_id", "product", "funding", "credits", "free_units", "plans_version", "reason", "totals_after")
+    __slots__ = ("id", "at", "type", "reservation_id", "purchase_id", "product", "funding", "credits", "free_units", "plans_version", "reason", "totals_after", "seq", "credits_available_delta", "credits_held_delta", "free_units_delta")
     ID_FIELD_NUMBER: _ClassVar[int]
     AT_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -545,6 +551,10 @@ class LedgerEntry(_message.Message):
     PLANS_VERSION_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     TOTALS_AFTER_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    CREDITS_AVAILABLE_DELTA_FIELD_NUMBER: _ClassVar[int]
+    CREDITS_HELD_DELTA_FIELD_NUMBER: _ClassVar[int]
+    FREE_UNITS_DELTA_FIELD_NUMBER: _ClassVar[int]
     id: str
     at: _timestamp_pb2.Timestamp
     type: str
@@ -557,7 +567,11 @@ class LedgerEntry(_message.Message):
     plans_version: str
     reason: str
     totals_after: CreditTotals
-    def __init__(self, id: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., type: _Optional[str] = ..., reservation_id: _Optional[str] = ..., purchase_id: _Optional[str] = ..., product: _Optional[str] = ..., funding: _Optional[_Union[Funding, str]] = ..., credits: _Optional[int] = ..., free_units: _Optional[int] = ..., plans_version: _Optional[str] = ..., reason: _Optional[str] = ..., totals_after: _Optional[_Union[CreditTotals, _Mapping]] = ...) -> None: ...
+    seq: int
+    credits_available_delta: int
+    credits_held_delta: int
+    free_units_delta: int
+    def __init__(self, id: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., type: _Optional[str] = ..., reservation_id: _Optional[str] = ..., purchase_id: _Optional[str] = ..., product: _Optional[str] = ..., funding: _Optional[_Union[Funding, str]] = ..., credits: _Optional[int] = ..., free_units: _Optional[int] = ..., plans_version: _Optional[str] = ..., reason: _Optional[str] = ..., totals_after: _Optional[_Union[CreditTotals, _Mapping]] = ..., seq: _Optional[int] = ..., credits_available_delta: _Optional[int] = ..., credits_held_delta: _Optional[int] = ..., free_units_delta: _Optional[int] = ...) -> None: ...
 
 class ListLedgerResponse(_message.Message):
     __slots__ = ("entries", "next_page_token")

@@ -531,7 +531,11 @@ class QuotaAdminServicer:
 
     def ListLedger(self, request, context):
         """The account's ledger (every movement of credits and free units), oldest
-        first, paged.
+        first, paged. Read from the books (PostgreSQL, the system of record) with
+        the movements not yet shipped there merged from Redis' outbox, so it is
+        complete up to the last decision. A sidecar without books (no --books-url)
+        answers UNAVAILABLE once the outbox has been trimmed: ask the admin
+        sidecar that has them.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
