@@ -23,6 +23,7 @@ import errno
 import logging
 import os
 import signal
+import socket
 import time
 import uuid
 from typing import Any, Awaitable, Callable, Coroutine, Iterator
@@ -33,11 +34,14 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from quota_sidecar import __version__
-from quota_sidecar.domain.clock import Clock
+from quota_sidecar.domain.clock import Clock, RedisClock
 from quota_sidecar.domain.degraded import DegradedMode
 from quota_sidecar.domain.engine import QuotaEngine
-from quota_sidecar.domain.errors import QuotaError
+from quota_sidecar.domain.errors import QuotaError, Unavailable
+from quota_sidecar.domain.model import OutboxStats
 from quota_sidecar.domain.plans import Plans
+from quota_sidecar.domain.ports import Books
+from quota_sidecar.domain.shipping import ShipCounts, Shipper, lag_seconds
 from quota_sidecar.server.addresses import is_loopback_address
 from quota_sidecar.server.auth import AdminAuth, load_admin_auth
 from quota_sidecar.server.journal import FileJournal
@@ -463,6 +467,66 @@ def start_embedded_redis(settings: Settings) -> RedisServerProcess:
     return process
 
 
+def start_embedded_books(settings: Settings) -> Any:
+    """The development books: a PostgreSQL in <data_dir>/books (kept across restarts, like the embedded
+    Redis' AOF), its URL in <data_dir>/books.url for the local tools while it runs. Called with the data
+    folder's lock held (start_embedded_redis took it)."""
+    from quota_sidecar.books.postgres_server import PostgresServerProcess
+    from quota_sidecar.server.data_dir import BOOKS_URL_FILE, write_redis_url
+
+    # grant_traverse: as root PostgreSQL runs as an unprivileged user, which needs the search bit (not
+    # the right to list) on the owner-only data folder and those above it to reach its own.
+    process = PostgresServerProcess(os.path.join(os.path.abspath(settings.data_dir), "books"), grant_traverse=True)
+    process.start()
+    write_redis_url(settings.data_dir, process.url, BOOKS_URL_FILE)
+    log.warning("no --books-url: started embedded books, %s, on %s with data in %s (URL in %s for the local "
+                "tools); this is for development only", process.describe(), process.url, process.data_dir,
+                os.path.join(settings.data_dir, BOOKS_URL_FILE))
+    return process
+
+
+def stop_embedded_books(settings: Settings, process: Any) -> None:
+    from quota_sidecar.server.data_dir import BOOKS_URL_FILE, remove_redis_url
+
+    remove_redis_url(settings.data_dir, process.url, BOOKS_URL_FILE)
+    process.stop()
+
+
+async def open_books(url: str) -> Books:
+    """The books at ``url``, migrated. PostgreSQL away at start-up is logged, not fatal: decisions never
+    need the books, and the shipper and ListLedger retry (PgBooks reconnects on its next call)."""
+    from quota_sidecar.books.pg import PgBooks
+
+    books = PgBooks(url)
+    try:
+        applied = await books.migrate()
+        if applied:
+            log.info("books: applied migration(s) %s", ", ".join(applied))
+    except Unavailable as exc:
+        log.error("books unreachable at start-up (%s); the outbox keeps every movement until they are back",
+                  exc.message)
+    return books
+
+
+async def ship_forever(outbox: RedisStore, books_url: str, metrics: Metrics, stop: asyncio.Event) -> None:
+    """The in-process shipper (quota_sidecar.domain.shipping): the fleet lease, then the outbox to the books.
+    Its own connection to the books, so ListLedger never waits behind a shipping transaction."""
+    from quota_sidecar.books.pg import PgBooks
+
+    books = PgBooks(books_url)
+    clock = RedisClock()
+
+    def on_pass(counts: ShipCounts, stats: OutboxStats | None, failed: bool) -> None:
+        metrics.books_pass(counts.inserted, counts.conflicts, stats.entries if stats else None,
+                           lag_seconds(stats, clock.local_now_ms()) if stats else None, failed)
+
+    shipper = Shipper(outbox, books, clock, owner=f"{socket.gethostname()}:{os.getpid()}", on_pass=on_pass)
+    try:
+        await shipper.run(stop)
+    finally:
+        await books.close()
+
+
 async def run(settings: Settings, *, clock: Clock | None = None,
               on_ready: Callable[[dict[str, int]], Awaitable[None] | None] | None = None,
               worker: int | None = None) -> None:
@@ -494,13 +558,17 @@ async def run(settings: Settings, *, clock: Clock | None = None,
     plans = plans_source.load_initial()
     tracing = Tracing(settings.tracing, service_version=__version__)
     embedded = None if settings.redis_url else start_embedded_redis(settings)
+    embedded_books = None
     try:
+        if embedded is not None and not settings.books_url:
+            embedded_books = start_embedded_books(settings)
+        books_url = settings.books_url or (embedded_books.url if embedded_books is not None else "")
+        books = await open_books(books_url) if books_url else None
         redis_url = settings.redis_url or (embedded.url if embedded else "")
         store = RedisStore.from_url(redis_url, timeout_seconds=settings.redis_timeout_ms / 1000,
                                     redis_mode=settings.redis_mode if settings.redis_url else "single",
                                     key_prefix=settings.key_prefix, key_buckets=settings.key_buckets,
                                     retention_ms=settings.retention_seconds * 1000,
-                                    ledger_retention_ms=settings.ledger_retention_days * 86_400_000,
                                     events_max_entries=settings.events_max_entries,
                                     max_records_per_account=settings.max_records_per_account,
                                     max_open_holds_per_account=settings.max_open_holds_per_account,
@@ -510,14 +578,19 @@ async def run(settings: Settings, *, clock: Clock | None = None,
         try:
             await store.ping()
             await store.load_scripts()
-            engine = QuotaEngine(plans, store, clock, degraded=DegradedMode(FileJournal(settings.degraded_journal)))
+            engine = QuotaEngine(plans, store, clock, degraded=DegradedMode(FileJournal(settings.degraded_journal)),
+                                 books=books)
             await _serve(settings, engine, store, stop, on_ready, admin_auth,
                          plans_source=plans_source, metrics=metrics, hangup=hangup, worker=worker,
-                         tracer=tracing.tracer, fd_limit=fd_limit)
+                         tracer=tracing.tracer, fd_limit=fd_limit, books_url=books_url)
         finally:
             await store.close()
+            if books is not None:
+                await books.close()
     finally:
         tracing.shutdown()
+        if embedded_books is not None:
+            stop_embedded_books(settings, embedded_books)
         if embedded is not None:
             embedded.stop()
 
@@ -543,8 +616,9 @@ def _plans_tasks(settings: Settings, plans_source: PlansSource, stop: asyncio.Ev
 
 
 def _watch_tasks(settings: Settings, engine: QuotaEngine, store: RedisStore, health: health_aio.HealthServicer,
-                 metrics: Metrics, fd_limit: int | None) -> list[asyncio.Task[None]]:
-    """The running server's timers: degraded replay, Redis health, sweeper, file descriptors."""
+                 metrics: Metrics, fd_limit: int | None, books_url: str = "",
+                 stop: asyncio.Event | None = None) -> list[asyncio.Task[None]]:
+    """The running server's timers: degraded replay, Redis health, sweeper, shipper, file descriptors."""
     tasks = [asyncio.create_task(replay_degraded_forever(engine), name="degraded-replay")]
     if settings.redis_unhealthy_after_seconds:
         tasks.append(asyncio.create_task(watch_redis_health(
@@ -552,6 +626,8 @@ def _watch_tasks(settings: Settings, engine: QuotaEngine, store: RedisStore, hea
     if settings.sweep_interval_seconds:
         tasks.append(asyncio.create_task(sweep_forever(engine, store, settings.sweep_interval_seconds, metrics),
                                          name="sweeper"))
+    if books_url and settings.ship_books and stop is not None:
+        tasks.append(asyncio.create_task(ship_forever(store, books_url, metrics, stop), name="books-shipper"))
     if fd_limit:
         tasks.append(asyncio.create_task(watch_open_fds(metrics, fd_limit), name="fd-watcher"))
     return tasks
@@ -614,7 +690,7 @@ async def _serve(settings: Settings, engine: QuotaEngine, store: RedisStore, sto
                  on_ready: Callable[[dict[str, int]], Awaitable[None] | None] | None,
                  admin_auth: AdminAuth | None = None, *, plans_source: PlansSource, metrics: Metrics,
                  hangup: asyncio.Event, worker: int | None = None, tracer: Any = None,
-                 fd_limit: int | None = None) -> None:
+                 fd_limit: int | None = None, books_url: str = "") -> None:
     # Metrics first: an address in use fails the start before any gRPC port is bound.
     metrics_http = MetricsHTTPServer(metrics, settings.metrics_listen) if settings.metrics_listen else None
     health = health_aio.HealthServicer()
@@ -642,7 +718,7 @@ async def _serve(settings: Settings, engine: QuotaEngine, store: RedisStore, sto
             log.info("worker %d (pid %d) serving", worker, os.getpid())
 
         tasks = _plans_tasks(settings, plans_source, stop, hangup) + _watch_tasks(
-            settings, engine, store, health, metrics, fd_limit)
+            settings, engine, store, health, metrics, fd_limit, books_url, stop)
         try:
             if on_ready is not None:
                 maybe = on_ready(ports)

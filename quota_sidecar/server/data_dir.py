@@ -24,6 +24,8 @@ from quota_sidecar.storage.redis_server import RedisServerProcess
 
 DEFAULT_DATA_DIR = ".quota-sidecar"  # Settings.data_dir's default: where the tools look
 REDIS_URL_FILE = "redis.url"
+BOOKS_URL_FILE = "books.url"  # the embedded development books' PostgreSQL URL, while serve runs
+BOOKS_URL_ENV = "QUOTA_BOOKS_URL"
 LOCK_FILE = "serve.lock"
 REDIS_URL_ENV = "QUOTA_REDIS_URL"
 DATA_DIR_ENV = "QUOTA_DATA_DIR"
@@ -78,19 +80,20 @@ class DataDirLock:
             self._fd = None
 
 
-def write_redis_url(data_dir: str | os.PathLike[str], url: str) -> None:
-    """Writes ``url`` to <data_dir>/redis.url atomically (a reader never sees half a URL), owner-only."""
-    path = Path(data_dir) / REDIS_URL_FILE
-    tmp = path.with_name(f".{REDIS_URL_FILE}.{os.getpid()}")
+def write_redis_url(data_dir: str | os.PathLike[str], url: str, name: str = REDIS_URL_FILE) -> None:
+    """Writes ``url`` to <data_dir>/redis.url (or ``name``) atomically (a reader never sees half a URL),
+    owner-only."""
+    path = Path(data_dir) / name
+    tmp = path.with_name(f".{name}.{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(url + "\n")
     os.replace(tmp, path)
 
 
-def remove_redis_url(data_dir: str | os.PathLike[str], url: str) -> None:
-    """Removes <data_dir>/redis.url if it still names ``url`` (never another process's)."""
-    path = Path(data_dir) / REDIS_URL_FILE
+def remove_redis_url(data_dir: str | os.PathLike[str], url: str, name: str = REDIS_URL_FILE) -> None:
+    """Removes <data_dir>/redis.url (or ``name``) if it still names ``url`` (never another process's)."""
+    path = Path(data_dir) / name
     try:
         if path.read_text(encoding="utf-8").strip() == url:
             path.unlink()
@@ -98,9 +101,9 @@ def remove_redis_url(data_dir: str | os.PathLike[str], url: str) -> None:
         pass  # already gone: nothing to withdraw
 
 
-def read_redis_url(data_dir: str | os.PathLike[str]) -> str | None:
+def read_redis_url(data_dir: str | os.PathLike[str], name: str = REDIS_URL_FILE) -> str | None:
     try:
-        text = (Path(data_dir) / REDIS_URL_FILE).read_text(encoding="utf-8").strip()
+        text = (Path(data_dir) / name).read_text(encoding="utf-8").strip()
     except OSError:
         return None
     return text or None
@@ -126,6 +129,28 @@ def resolve_redis_url(flag: str | None, *, data_dir: str | None = None,
                          f"development `quota-sidecar serve` (no --redis-url) is running ({shown(folder)}/"
                          f"{REDIS_URL_FILE} not found)")
     return url, f"{shown(folder)}/{REDIS_URL_FILE}, written by the development sidecar"
+
+
+class NoBooksUrl(ValueError):
+    """A tool was given no books URL and found no development sidecar's books.url."""
+
+
+def resolve_books_url(flag: str | None, *, data_dir: str | None = None,
+                      environ: Mapping[str, str] | None = None) -> tuple[str, str]:
+    """As resolve_redis_url, for the books: --books-url, else $QUOTA_BOOKS_URL, else the development
+    sidecar's <data_dir>/books.url. NoBooksUrl when there is none."""
+    environ = os.environ if environ is None else environ
+    if flag:
+        return flag, ""
+    if environ.get(BOOKS_URL_ENV):
+        return environ[BOOKS_URL_ENV], BOOKS_URL_ENV
+    folder = data_dir or environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR
+    url = read_redis_url(folder, BOOKS_URL_FILE)
+    if url is None:
+        raise NoBooksUrl(f"no books URL: give --books-url or set {BOOKS_URL_ENV}, or run this where a development "
+                         f"`quota-sidecar serve` (no --redis-url, no --books-url) is running ({shown(folder)}/"
+                         f"{BOOKS_URL_FILE} not found)")
+    return url, f"{shown(folder)}/{BOOKS_URL_FILE}, written by the development sidecar"
 
 
 class EmbeddedRedis(RedisServerProcess):

@@ -73,8 +73,40 @@ class Metrics:
             "start-up)", registry=self.registry)
 
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
+        self._init_books()
         self._init_decisions()
         self._init_transport()
+
+    def _init_books(self) -> None:
+        """The shipper's (quota_sidecar.domain.shipping): what is not yet in the books, and how old."""
+        self._books_lag = Gauge(
+            "quota_books_lag_seconds", "Age of the oldest movement in the Redis outbox not yet shipped to the books "
+            "(PostgreSQL), seconds; 0 when everything is shipped; measured by the shipper after each pass",
+            registry=self.registry)
+        self._books_outbox = Gauge(
+            "quota_books_outbox_entries", "Movements in the Redis outbox not yet shipped to the books (every bucket)",
+            registry=self.registry)
+        self._books_shipped = Counter(
+            "quota_books_shipped_entries", "Outbox entries the books stored (new rows; a batch shipped again after "
+            "a crash counts once)", registry=self.registry)
+        self._books_conflicts = Counter(
+            "quota_books_conflicts", "Outbox entries whose account sequence number the books already held under "
+            "another entry id (kept in quota_ledger_conflicts; Redis lost acknowledged writes)",
+            registry=self.registry)
+        self._books_errors = Counter(
+            "quota_books_errors", "Shipper passes that failed (Redis or PostgreSQL unreachable); retried with a "
+            "growing pause", registry=self.registry)
+
+    def books_pass(self, inserted: int, conflicts: int, outbox_entries: int | None, lag_seconds: float | None,
+                   failed: bool) -> None:
+        self._books_shipped.inc(inserted)
+        self._books_conflicts.inc(conflicts)
+        if outbox_entries is not None:
+            self._books_outbox.set(outbox_entries)
+        if lag_seconds is not None:
+            self._books_lag.set(lag_seconds)
+        if failed:
+            self._books_errors.inc()
 
     def _init_decisions(self) -> None:
         self._decisions = Counter(

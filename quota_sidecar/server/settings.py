@@ -110,8 +110,17 @@ class Settings:
     max_open_holds_per_account: int = _setting(
         1_000, "open holds per account at most, all products together; a reservation past it is denied "
                "CONCURRENCY_LIMIT", "N")
-    ledger_retention_days: int = _setting(
-        400, "how long ledger entries are kept, days (>= 1); the audit checks what is kept", "DAYS")
+    # Decisions never read the books; ListLedger, the audit and the shipper do (docs/books.md).
+    books_url: str = _setting(
+        "", "PostgreSQL URL of the books, the system of record (postgresql://user@host:5432/db; put the password "
+            "in the environment variable, from a Secret, rather than on the command line); empty = the embedded "
+            "development books when --redis-url is empty too (a PostgreSQL started in DIR/books, URL in "
+            "DIR/books.url), else none on this sidecar (ListLedger then answers only while the outbox is whole)",
+        "URL")
+    ship_books: bool = _setting(
+        Boolean(True), "true or false: when this sidecar has books, it also runs the shipper that copies the Redis "
+                       "outbox into them (worker 0 only; one shipper of a fleet ships at a time, by a lease)",
+        "BOOL")
     events_max_entries: int = _setting(
         100_000, "approximate length each per-bucket events stream is trimmed to", "N")
     sweep_interval_seconds: int = _setting(
@@ -205,13 +214,13 @@ class Settings:
         if not (self.plans_reload_interval_seconds == 0 or 0.1 <= self.plans_reload_interval_seconds <= 86_400):
             # Also refuses NaN; below 0.1 s the poll would keep a core busy re-reading the file.
             raise ConfigError("plans_reload_interval_seconds", "must be 0 (off) or between 0.1 and 86400")
+        if self.books_url and not self.books_url.startswith(("postgresql://", "postgres://")):
+            raise ConfigError("books_url", "must be a postgresql:// (or postgres://) URL")
         for name in ("metrics_listen", "health_listen"):
             if getattr(self, name):
                 self._check_host_port(name)
         if not self.key_prefix or any(c in self.key_prefix for c in "{}"):
             raise ConfigError("key_prefix", "must be non-empty and without braces")
-        if self.ledger_retention_days < 1:
-            raise ConfigError("ledger_retention_days", "must be at least 1")
         if self.events_max_entries < 100:
             raise ConfigError("events_max_entries", "must be at least 100")
         if not 1 <= self.key_buckets <= 16384:

@@ -1,7 +1,8 @@
 """``serve --workers N``: N server processes sharing the listen ports.
 
 The parent (the supervisor) serves nothing itself. It starts the embedded
-Redis when there is no --redis-url (once, so every worker shares it), then
+Redis when there is no --redis-url, and the embedded books when there is no
+--books-url either (once, so every worker shares them), then
 starts N children, each ``python -m quota_sidecar serve`` with its settings in
 the WORKER_ENV variable, and then only relays signals and watches:
 
@@ -11,8 +12,8 @@ the WORKER_ENV variable, and then only relays signals and watches:
   forwarded to all).
 - Worker 0 alone serves --admin-listen, --metrics-listen and --health-listen
   (so those need no shared port; metrics describe worker 0 only, its health
-  reflects the shared Redis) and runs the sweeper (it runs under a Redis
-  lease anyway). Each worker K > 0 has its own degraded journal,
+  reflects the shared Redis) and runs the sweeper and the books shipper
+  (both run under a Redis lease anyway). Each worker K > 0 has its own degraded journal,
   ``<--degraded-journal>.w<K>``: a journal is one process's file.
 - SIGTERM/SIGINT are forwarded to every worker; each stops gracefully within
   --shutdown-grace-seconds. The parent waits for them all (then kills what
@@ -50,11 +51,11 @@ _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
 _PR_SET_PDEATHSIG = 1
 
 
-def worker_settings(settings: Settings, index: int, redis_url: str) -> Settings:
+def worker_settings(settings: Settings, index: int, redis_url: str, books_url: str = "") -> Settings:
     """What worker ``index`` runs with (see the module docstring for who does what)."""
-    changes: dict[str, Any] = {"workers": 1, "redis_url": redis_url}
+    changes: dict[str, Any] = {"workers": 1, "redis_url": redis_url, "books_url": books_url or settings.books_url}
     if index > 0:
-        changes.update(admin_listen=(), metrics_listen="", health_listen="", sweep_interval_seconds=0,
+        changes.update(admin_listen=(), metrics_listen="", health_listen="", sweep_interval_seconds=0, ship_books=False,
                        degraded_journal=f"{settings.degraded_journal}.w{index}")
     return settings.with_(**changes)
 
@@ -92,9 +93,9 @@ class Supervisor:
         self.stopping = False
         self.failed = False
 
-    def start(self, redis_url: str) -> None:
+    def start(self, redis_url: str, books_url: str = "") -> None:
         for index in range(self.settings.workers):
-            self.children.append(_spawn(index, worker_settings(self.settings, index, redis_url)))
+            self.children.append(_spawn(index, worker_settings(self.settings, index, redis_url, books_url)))
         log.info("started %d workers (pids %s) on %s", len(self.children),
                  ", ".join(str(c.pid) for c in self.children), ", ".join(self.settings.listen))
 
@@ -147,7 +148,7 @@ class Supervisor:
 
 def supervise(settings: Settings) -> int:
     """Runs ``settings.workers`` workers until SIGTERM/SIGINT or until one dies; the exit status."""
-    from quota_sidecar.server.app import start_embedded_redis
+    from quota_sidecar.server.app import start_embedded_books, start_embedded_redis, stop_embedded_books
 
     supervisor = Supervisor(settings)
 
@@ -158,17 +159,23 @@ def supervise(settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, early_stop)
     embedded = None if settings.redis_url else start_embedded_redis(settings)
+    embedded_books = None
     # From here signals wait in the queue for watch() (sigtimedwait): no handler runs mid-bookkeeping.
     # Blocked after the embedded Redis started, which must stay stoppable; workers unblock them (_in_child).
     signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
     try:
         if supervisor.stopping:
             return 0
-        supervisor.start(settings.redis_url or (embedded.url if embedded else ""))
+        if embedded is not None and not settings.books_url:
+            embedded_books = start_embedded_books(settings)
+        supervisor.start(settings.redis_url or (embedded.url if embedded else ""),
+                         embedded_books.url if embedded_books is not None else "")
         supervisor.watch()
     finally:
         if any(child.poll() is None for child in supervisor.children):
             supervisor._signal_all(signal.SIGKILL)
+        if embedded_books is not None:
+            stop_embedded_books(settings, embedded_books)
         if embedded is not None:
             embedded.stop()
     status = supervisor.exit_status()

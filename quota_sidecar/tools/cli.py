@@ -12,6 +12,7 @@
     quota-sidecar refund  --account A --id RID                          (admin address)
     quota-sidecar account --account A / ledger --account A              (admin address)
     quota-sidecar audit   (--account A | --all) [--redis-url URL]
+    quota-sidecar books migrate | ship [--once] | report --month YYYY-MM | purchases   (the books)
     quota-sidecar check-plans FILE
     quota-sidecar loadtest [--concurrency N | --rate R] [--duration S | --requests N] [--plot FILE] ...
 
@@ -31,6 +32,7 @@ from typing import Any, Sequence
 
 from quota_sidecar.domain.errors import PlansError, QuotaError
 from quota_sidecar.server.settings import Settings, env_name
+from quota_sidecar.tools.books import add_parser as books_parser
 from quota_sidecar.tools.common import (
     ADMIN_TOKEN_ENV,
     DEFAULT_ADMIN_TARGET,
@@ -130,8 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("grant", help="GrantCredits (admin address)")
     p.add_argument("--account", required=True)
-    p.add_argument("--credits", type=int, required=True)
+    p.add_argument("--credits", type=int, default=0, help="credits of the lot (with --pack: 0 = the pack's)")
     p.add_argument("--purchase-id", required=True, help="the purchase's id; idempotency key")
+    p.add_argument("--pack", default="", metavar="PACK", help="the credit pack bought (its credits and price)")
+    p.add_argument("--price", default=None, metavar="AMOUNT",
+                   help="what the buyer paid, e.g. 4.00 (with --currency); kept in the books for finance")
+    p.add_argument("--currency", default="", metavar="CODE", help="ISO 4217 code of --price, e.g. USD")
     p.add_argument("--expires-at", default=None, help="ISO 8601 time; default: 12 months from now")
     p.add_argument("--source", choices=("purchase", "promo", "refund", "compensation"), default="purchase",
                    help="where the credits come from; at equal expiry promo credits are spent first")
@@ -172,19 +178,26 @@ def build_parser() -> argparse.ArgumentParser:
                 "prints it; one more call, GetAccount]"))
         _target(p, admin=True)
 
-    p = sub.add_parser("audit", help="check conservation of every movement in Redis; exit 1 on a violation",
-                       description=(
-        "Check the conservation of every credit and free-unit movement in Redis (read only). Exit status: "
+    p = sub.add_parser("audit", help="check conservation of every movement in Redis and the books; exit 1 on a "
+                       "violation", description=(
+        "Check the conservation of every credit and free-unit movement (read only): the books plus the "
+        "unshipped outbox must explain Redis' credits and free units exactly, each account's movements be "
+        "numbered 1, 2, 3, ... with no gap, and every purchase in the books have its lot. Exit status: "
         "0 clean, 1 violations found (the report says which), 2 could not run (bad flags, no Redis URL, "
         "Redis unreachable; one line on stderr)."))
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--account", help="one account")
-    who.add_argument("--all", action="store_true", help="every account with a ledger")
+    who.add_argument("--all", action="store_true", help="every account in Redis")
     redis_flags(p, "the Redis the sidecars use (read only)")
+    p.add_argument("--books-url", default=None, metavar="URL", help=(
+        "the books (PostgreSQL, read only): the movements already shipped are checked with Redis [env "
+        "QUOTA_BOOKS_URL; default: the URL a development `serve` keeps in <data dir>/books.url; none: Redis "
+        "and its unshipped outbox only]"))
 
     p = sub.add_parser("check-plans", help="validate a plans file and print a summary")
     p.add_argument("file")
     _loadtest_parser(sub)
+    books_parser(sub)
     return parser
 
 
@@ -306,6 +319,10 @@ def _main(argv: Sequence[str] | None) -> int:
         from quota_sidecar.tools.loadtest import cli_main
 
         return cli_main(args)
+    if args.verb == "books":
+        from quota_sidecar.tools.books import cli_main as books_cli
+
+        return books_cli(args)
     from quota_sidecar.tools import cli_client  # grpc client code only when a client verb runs
 
     return cli_client.run_verb(args)
