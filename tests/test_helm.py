@@ -11,6 +11,12 @@ The slow tests go further than rendering: they play the kubelet for the rendered
 as folders filled from the rendered ConfigMap and Secrets, environment resolved from the
 Secrets, ports moved to free loopback ports) and run the rendered command and args against a
 real redis-server.
+
+The monitoring objects are checked against the code: every metric the Grafana dashboard's
+queries and the PrometheusRule's alerts name must be one that quota_sidecar.server.metrics
+exports (read from a live ``Metrics`` registry), and the PrometheusRule, a CRD, is checked by
+hand; with ``promtool`` (Debian's prometheus package; QUOTA_TEST_PROMTOOL names another) the
+rules also pass ``promtool check rules`` and alert unit tests.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import copy
+import hashlib
 import json
 import os
 import re
@@ -63,13 +70,15 @@ HELM_TIMEOUT_SECONDS = 60
 KUBE_VERSION = "1.31.0"
 VALIDATE_VERSIONS = sorted({KUBE_VERSION, kubernetes_validate.latest_version()})
 # Kinds whose schema is a CRD's, which kubernetes-validate does not carry; checked by hand below.
-CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule")}
 
 # Distinctive values, so "never in a ConfigMap" can be checked by a plain substring search.
 REDIS_PASSWORD = "pw-Zq8sRedisSecret"
 REDIS_URL = f"redis://:{REDIS_PASSWORD}@redis-master.data.svc:6379/0"
 ADMIN_TOKEN = "tok-Admin-7f3c9a1b2d4e6f80"
 ADMIN_TOKEN_NEXT = "tok-Admin-rotation-0c1d2e3f4a5b"
+BOOKS_PASSWORD = "pgpw-Books4fQ9Secret"
+BOOKS_URL = f"postgresql://quota:{BOOKS_PASSWORD}@postgres.data.svc:5432/quota"
 RELEASE = "qs"
 NAMESPACE = "quota"
 
@@ -179,7 +188,32 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "admin": {"replicaCount": 3, "metricsPort": 19464, "healthPort": 18082, "port": 15052},
         "exampleWorker": {"enabled": True},
         "fullnameOverride": "quota"}),
+    # The books: the shipper with the chart's Secret, with yours, and switched off.
+    "books": merged(BASE_VALUES, {"books": {"url": BOOKS_URL}}),
+    "books-existing-secret": {
+        "redis": {"existingSecret": "my-redis", "existingSecretKey": "url"},
+        "admin": {"auth": {"existingSecret": "my-admin-tokens", "existingSecretKey": "tokens.txt"}},
+        "books": {"existingSecret": "my-books"},  # existingSecretKey: the default, url
+    },
+    "books-shipper-off": merged(BASE_VALUES, {"books": {"url": BOOKS_URL, "enabled": False}}),
+    # Everything that watches: ServiceMonitors, PrometheusRule, dashboard, NetworkPolicies.
+    "books-monitoring": merged(BASE_VALUES, {
+        "books": {"url": BOOKS_URL, "shipper": {"metricsPort": 19470, "batchEntries": 500}},
+        "config": {"keyPrefix": "qsprod", "keyBuckets": 64, "logFormat": "text"},
+        "redis": {"mode": "single"},
+        "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
+        "networkPolicy": {"enabled": True, "adminClientNamespaces": ["billing"], "metricsNamespaces": ["monitoring"]},
+        "dashboards": {"enabled": True, "namespace": "monitoring", "annotations": {"grafana_folder": "Quota"}},
+        "prometheusRule": {"enabled": True, "labels": {"release": "prometheus"}, "alertLabels": {"team": "billing"},
+                           "sidecarSelector": 'namespace=~"workers|quota"'}}),
+    # The watchers without the books: no shipper, so no books alerts and no shipper monitor.
+    "monitoring-without-books": merged(BASE_VALUES, {
+        "serviceMonitor": {"enabled": True}, "dashboards": {"enabled": True},
+        "prometheusRule": {"enabled": True}}),
 }
+# The value sets that configure the books, and those of them that run the shipper.
+BOOKS_SETS = {"books", "books-existing-secret", "books-shipper-off", "books-monitoring"}
+SHIPPER_SETS = BOOKS_SETS - {"books-shipper-off"}
 
 
 class Rendered:
@@ -313,10 +347,22 @@ def volume(pod: Mapping[str, Any], name: str) -> dict[str, Any]:
     return found[0]
 
 
+SHIPPER_SUFFIX = "-books-shipper"
+
+
 def worker_pods(renders: Mapping[str, Rendered]) -> list[tuple[str, dict[str, Any]]]:
     """(value set, pod spec) of every worker pod with the sidecar (example worker or worker chart)."""
     return [(name, d["spec"]["template"]["spec"]) for name, r in renders.items() for d in r.of_kind("Deployment")
-            if not d["metadata"]["name"].endswith("-admin")]
+            if not d["metadata"]["name"].endswith(("-admin", SHIPPER_SUFFIX))]
+
+
+def shipper_deployments(rendered: Rendered) -> list[dict[str, Any]]:
+    return [d for d in rendered.of_kind("Deployment") if d["metadata"]["name"].endswith(SHIPPER_SUFFIX)]
+
+
+def cli_containers(pod: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Every container that runs the quota-sidecar console script, whatever its verb."""
+    return [c for c in all_containers(pod) if c.get("command") == ["quota-sidecar"]]
 
 
 def admin_deployments(renders: Mapping[str, Rendered]) -> list[tuple[str, Rendered, dict[str, Any]]]:
@@ -363,22 +409,42 @@ def test_every_manifest_validates_strictly(renders: dict[str, Rendered], version
             except kubernetes_validate.SchemaNotFoundError as exc:
                 pytest.fail(f"[{name}] {exc.message}")
     assert {"Deployment", "Service", "PodDisruptionBudget", "ConfigMap", "Secret", "NetworkPolicy",
-            "ServiceMonitor"} <= seen_kinds
+            "ServiceMonitor", "PrometheusRule"} <= seen_kinds
 
 
-def test_service_monitor_scrapes_the_admin_metrics_port(renders: dict[str, Rendered]) -> None:
-    rendered = renders["monitoring-networkpolicy-tls"]
-    (monitor,) = rendered.of_kind("ServiceMonitor")
-    (service,) = rendered.of_kind("Service")
-    assert monitor["metadata"]["labels"]["release"] == "prometheus"
-    assert set(monitor) == {"apiVersion", "kind", "metadata", "spec"}
-    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
-    (endpoint,) = monitor["spec"]["endpoints"]
-    assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
-    assert endpoint["path"] == "/metrics" and re.fullmatch(r"\d+[smh]", endpoint["interval"])
+def _selected(selector: Mapping[str, str], objects: list[dict[str, Any]], labels: Any) -> list[dict[str, Any]]:
+    return [o for o in objects if selector.items() <= labels(o).items()]
+
+
+def test_service_monitors_scrape_the_admin_and_shipper_metrics_ports(renders: dict[str, Rendered]) -> None:
+    """Each ServiceMonitor selects one Service, whose metrics port reaches the --metrics-listen port of
+    the containers of one Deployment: the admin's always, the shipper's with the books."""
+    monitored = {"monitoring-networkpolicy-tls", "books-monitoring", "monitoring-without-books"}
     for name in VALUE_SETS:
-        if name != "monitoring-networkpolicy-tls":
-            assert not renders[name].of_kind("ServiceMonitor"), name
+        rendered = renders[name]
+        monitors = rendered.of_kind("ServiceMonitor")
+        if name not in monitored:
+            assert not monitors, name
+            continue
+        expected = {"-admin"} | ({SHIPPER_SUFFIX} if name in SHIPPER_SETS else set())
+        assert {next(s for s in expected if m["metadata"]["name"].endswith(s)) for m in monitors} == expected, name
+        assert len(monitors) == len(expected), name
+        for monitor in monitors:
+            assert set(monitor) == {"apiVersion", "kind", "metadata", "spec"}
+            assert set(monitor["spec"]) == {"selector", "endpoints"}
+            labels = rendered.values["serviceMonitor"].get("labels", {})
+            assert labels.items() <= monitor["metadata"]["labels"].items()
+            (service,) = _selected(monitor["spec"]["selector"]["matchLabels"], rendered.of_kind("Service"),
+                                   lambda o: o["metadata"]["labels"])
+            (endpoint,) = monitor["spec"]["endpoints"]
+            assert endpoint["path"] == "/metrics" and re.fullmatch(r"\d+[smh]", endpoint["interval"])
+            (port,) = [p for p in service["spec"]["ports"] if p["name"] == endpoint["port"]]
+            (deployment,) = _selected(service["spec"]["selector"], rendered.of_kind("Deployment"),
+                                      lambda d: d["spec"]["template"]["metadata"]["labels"])
+            assert deployment["metadata"]["name"] == monitor["metadata"]["name"], name
+            (c,) = cli_containers(deployment["spec"]["template"]["spec"])
+            (container_port,) = [p for p in c["ports"] if p["name"] == port["targetPort"]]
+            assert port_of(flag_value(c["args"], "--metrics-listen")) == container_port["containerPort"], name
 
 
 # --------------------------------------------------------------------------- what the containers run
@@ -442,7 +508,7 @@ def test_native_sidecar_mode(renders: dict[str, Rendered]) -> None:
 
 
 def test_redis_url_and_tokens_only_in_secrets(renders: dict[str, Rendered]) -> None:
-    secrets = (REDIS_URL, REDIS_PASSWORD, ADMIN_TOKEN, ADMIN_TOKEN_NEXT)
+    secrets = (REDIS_URL, REDIS_PASSWORD, ADMIN_TOKEN, ADMIN_TOKEN_NEXT, BOOKS_URL, BOOKS_PASSWORD)
     for name, rendered in renders.items():
         for doc in rendered.docs:
             if doc["kind"] == "Secret":
@@ -451,7 +517,7 @@ def test_redis_url_and_tokens_only_in_secrets(renders: dict[str, Rendered]) -> N
             for secret in secrets:
                 assert secret not in text, f"[{name}] {doc['kind']}/{doc['metadata']['name']} contains a secret"
         for pod in pod_specs(rendered):
-            for c in quota_containers(pod):
+            for c in cli_containers(pod):  # the sidecars, the admin and the shipper
                 (env,) = [e for e in c["env"] if e["name"] == "QUOTA_REDIS_URL"]
                 assert set(env) == {"name", "valueFrom"} and "secretKeyRef" in env["valueFrom"], name
                 assert not flag_values(c["args"], "--redis-url"), "a URL in args is visible in the pod spec"
@@ -469,6 +535,7 @@ def test_redis_url_and_tokens_only_in_secrets(renders: dict[str, Rendered]) -> N
     # With existing Secrets the chart renders none of its own.
     assert not renders["existing-secrets"].of_kind("Secret")
     assert not renders["existing-secrets"].of_kind("ConfigMap")
+    assert not renders["books-existing-secret"].of_kind("Secret")
 
 
 def test_admin_reads_its_token_file_from_the_mounted_secret(renders: dict[str, Rendered]) -> None:
@@ -542,18 +609,19 @@ def test_pod_disruption_budget_selects_the_admin_pods_only(renders: dict[str, Re
         for other in rendered.of_kind("Deployment"):
             if other is not deployment:
                 assert not selector.items() <= other["spec"]["template"]["metadata"]["labels"].items(), name
-        (service,) = rendered.of_kind("Service")
-        assert service["spec"]["selector"] == selector
+        service = rendered.get("Service", deployment["metadata"]["name"])
+        assert service is not None and service["spec"]["selector"] == selector
+        for other in rendered.of_kind("Service"):
+            if other is not service:
+                assert other["spec"]["selector"] != selector, name
 
 
-def test_network_policy_admits_only_the_named_namespaces(renders: dict[str, Rendered]) -> None:
-    rendered = renders["monitoring-networkpolicy-tls"]
-    (policy,) = rendered.of_kind("NetworkPolicy")
-    deployment = rendered.deployment("-admin")
-    (admin,) = quota_containers(deployment["spec"]["template"]["spec"])
-    port_names = {p["name"]: p["containerPort"] for p in admin["ports"]}
+def _policy_allows(policy: Mapping[str, Any], deployment: Mapping[str, Any]) -> dict[str, list[str]]:
+    """The namespaces each named port of the deployment's pods admits, checking the policy's shape."""
     assert policy["spec"]["podSelector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
     assert policy["spec"]["policyTypes"] == ["Ingress"]
+    (c,) = cli_containers(deployment["spec"]["template"]["spec"])
+    port_names = {p["name"] for p in c["ports"]}
     allowed: dict[str, list[str]] = {}
     for rule in policy["spec"]["ingress"]:
         (source,) = rule["from"]
@@ -563,11 +631,447 @@ def test_network_policy_admits_only_the_named_namespaces(renders: dict[str, Rend
         for port in rule["ports"]:
             assert port["port"] in port_names
             allowed[port["port"]] = expr["values"]
-    assert allowed == {"admin-grpc": ["billing", "support-tools"], "metrics": ["monitoring"]}
+    return allowed
+
+
+def test_network_policy_admits_only_the_named_namespaces(renders: dict[str, Rendered]) -> None:
+    rendered = renders["monitoring-networkpolicy-tls"]
+    (policy,) = rendered.of_kind("NetworkPolicy")
+    deployment = rendered.deployment("-admin")
+    (admin,) = quota_containers(deployment["spec"]["template"]["spec"])
+    port_names = {p["name"]: p["containerPort"] for p in admin["ports"]}
+    assert _policy_allows(policy, deployment) == {"admin-grpc": ["billing", "support-tools"], "metrics": ["monitoring"]}
     assert port_names["admin-grpc"] == port_of(flag_value(admin["args"], "--admin-listen"))
+    # The shipper serves nothing but /metrics: that alone, from the metrics namespaces.
+    books = renders["books-monitoring"]
+    policies = {p["metadata"]["name"]: p for p in books.of_kind("NetworkPolicy")}
+    admin_deployment, shipper = books.deployment("-admin"), books.deployment(SHIPPER_SUFFIX)
+    assert set(policies) == {admin_deployment["metadata"]["name"], shipper["metadata"]["name"]}
+    assert _policy_allows(policies[shipper["metadata"]["name"]], shipper) == {"metrics": ["monitoring"]}
+    assert _policy_allows(policies[admin_deployment["metadata"]["name"]], admin_deployment) == {
+        "admin-grpc": ["billing"], "metrics": ["monitoring"]}
     for name in VALUE_SETS:
-        if name != "monitoring-networkpolicy-tls":
+        if name not in ("monitoring-networkpolicy-tls", "books-monitoring"):
             assert not renders[name].of_kind("NetworkPolicy"), name
+
+
+# --------------------------------------------------------------------------- the books
+
+
+def _env_ref(container: Mapping[str, Any], name: str) -> dict[str, str] | None:
+    """The secretKeyRef of env ``name`` (which must come from a Secret), or None when absent."""
+    found = [e for e in container.get("env", []) if e["name"] == name]
+    if not found:
+        return None
+    (env,) = found
+    assert set(env) == {"name", "valueFrom"} and set(env["valueFrom"]) == {"secretKeyRef"}, f"{name} must come from a Secret"
+    return env["valueFrom"]["secretKeyRef"]
+
+
+def test_shipper_runs_once_per_release_with_the_books_only(renders: dict[str, Rendered]) -> None:
+    for name, rendered in renders.items():
+        assert len(shipper_deployments(rendered)) == (1 if name in SHIPPER_SETS else 0), name
+        if name not in SHIPPER_SETS:
+            # No books: no Secret of theirs, no Service for the shipper, nothing else named after it.
+            assert not [d for d in rendered.docs if SHIPPER_SUFFIX in d["metadata"]["name"]], name
+    for name in SHIPPER_SETS:
+        rendered = renders[name]
+        deployment = rendered.deployment(SHIPPER_SUFFIX)
+        spec = deployment["spec"]
+        # One shipper per release; Recreate: the old pod is gone before the new one migrates the schema.
+        assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}, name
+        assert spec["selector"]["matchLabels"]["app.kubernetes.io/component"] == "books-shipper"
+        pod = spec["template"]["spec"]
+        assert pod["automountServiceAccountToken"] is False and pod["enableServiceLinks"] is False
+        (c,) = pod["containers"]
+        assert not pod.get("initContainers")
+        assert c["command"] == ["quota-sidecar"] and c["args"][:2] == ["books", "ship"]
+        assert "--once" not in c["args"], "the Deployment's shipper runs until SIGTERM"
+        # The same Redis and key layout as the sidecars: compared with the admin container's flags.
+        (admin,) = quota_containers(rendered.deployment("-admin")["spec"]["template"]["spec"])
+        for flag in ("--redis-mode", "--key-prefix", "--key-buckets", "--log-level"):
+            assert flag_value(c["args"], flag) == flag_value(admin["args"], flag), (name, flag)
+        assert {"name": "QUOTA_LOG_FORMAT", "value": flag_value(admin["args"], "--log-format")} in c["env"]
+        assert _env_ref(c, "QUOTA_REDIS_URL") == _env_ref(admin, "QUOTA_REDIS_URL"), name
+        shipper_values = rendered.values["books"].get("shipper", {})
+        assert flag_value(c["args"], "--batch-entries") == str(shipper_values.get("batchEntries", 10000))
+        # The real command line parser accepts the rendered arguments (ship's own flags, not serve's).
+        from quota_sidecar.tools.cli import build_parser
+        parsed = build_parser().parse_args(c["args"])
+        assert (parsed.verb, parsed.books_verb, parsed.once) == ("books", "ship", False)
+        assert parsed.books_url is None and parsed.redis_url is None, "URLs come from the environment only"
+        # Metrics: the port the ServiceMonitor and the probes use is the one --metrics-listen binds.
+        metrics = flag_value(c["args"], "--metrics-listen")
+        assert metrics.startswith("0.0.0.0:")
+        (port,) = c["ports"]
+        assert (port["name"], port["containerPort"]) == ("metrics", port_of(metrics))
+        assert port["containerPort"] == shipper_values.get("metricsPort", 9464)
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert c[probe]["httpGet"] == {"path": "/metrics", "port": "metrics"}, (name, probe)
+        # Resources and security as the other quota-sidecar containers.
+        assert c["securityContext"] == admin["securityContext"]
+        assert pod["securityContext"] == rendered.deployment("-admin")["spec"]["template"]["spec"]["securityContext"]
+        assert c["resources"]["requests"]["cpu"] and c["resources"]["limits"]["memory"]
+        assert "cpu" not in c["resources"]["limits"], "CFS throttling"
+        assert volume(pod, mount_for(c, "/tmp")["name"]).get("emptyDir") is not None
+        assert pod["terminationGracePeriodSeconds"] > 0
+
+
+def test_books_url_only_in_secrets_and_only_where_it_is_read(renders: dict[str, Rendered]) -> None:
+    """QUOTA_BOOKS_URL reaches the shipper and the admin pods from a Secret (the chart's or yours),
+    never the worker sidecars, never a flag; the admin pods leave the shipping to the shipper."""
+    for name, rendered in renders.items():
+        configured = name in BOOKS_SETS
+        books = rendered.values.get("books", {})
+        for _, pod in worker_pods({name: rendered}):
+            sidecar, worker = sidecar_and_worker(pod)
+            assert _env_ref(sidecar, "QUOTA_BOOKS_URL") is None and _env_ref(worker, "QUOTA_BOOKS_URL") is None
+        chart_secret = rendered.get("Secret", f"{RELEASE}-quota-sidecar-books")
+        assert (chart_secret is not None) == bool(books.get("url")), name
+        for deployment in rendered.of_kind("Deployment"):
+            if not deployment["metadata"]["name"].endswith(("-admin", SHIPPER_SUFFIX)):
+                continue
+            (c,) = cli_containers(deployment["spec"]["template"]["spec"])
+            assert not flag_values(c["args"], "--books-url"), "a URL in args is visible in the pod spec"
+            ref = _env_ref(c, "QUOTA_BOOKS_URL")
+            if not configured:
+                assert ref is None and not flag_values(c["args"], "--ship-books"), name
+                continue
+            assert ref is not None, (name, deployment["metadata"]["name"])
+            if books.get("existingSecret"):
+                assert (ref["name"], ref["key"]) == (books["existingSecret"], books.get("existingSecretKey", "url"))
+            else:
+                assert rendered.secret_value(ref["name"], ref["key"]) == BOOKS_URL, name
+                # A changed URL restarts the pods that read it at start-up.
+                annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+                assert annotations["checksum/books-url"] == hashlib.sha256(BOOKS_URL.encode()).hexdigest()
+            if deployment["metadata"]["name"].endswith("-admin"):
+                assert flag_value(c["args"], "--ship-books") == "false", "the release's shipper is its own Deployment"
+    off = renders["books-shipper-off"]
+    assert not shipper_deployments(off)
+    (admin,) = quota_containers(off.deployment("-admin")["spec"]["template"]["spec"])
+    assert _env_ref(admin, "QUOTA_BOOKS_URL") is not None, "books.enabled false still gives the admin its books"
+
+
+# --------------------------------------------------------------------------- dashboard and alerts
+
+# Labels Prometheus adds to every scraped series (Kubernetes service discovery, Prometheus Operator).
+TARGET_LABELS = {"namespace", "pod", "container", "job", "instance", "service", "endpoint"}
+_GROUPING = {"by", "without", "on", "ignoring", "group_left", "group_right"}
+_KEYWORDS = _GROUPING | {"and", "or", "unless", "bool", "offset", "inf", "nan"}
+_PROMQL_TOKEN = re.compile(r"""\s*(?:(?P<str>"(?:\\.|[^"\\])*")|(?P<braces>\{[^{}]*\})|(?P<range>\[[^\]]*\])"""
+                           r"|(?P<name>[A-Za-z_:][A-Za-z0-9_:]*)|(?P<num>[0-9][0-9.eE+-]*[a-z]*)|(?P<other>\S))")
+_MATCHER = re.compile(r'([A-Za-z_][A-Za-z0-9_]*)\s*(=~|!~|!=|=)\s*"((?:\\.|[^"\\])*)"')
+
+
+def exported_metrics() -> dict[str, set[str]]:
+    """Every sample name the sidecar, admin and shipper export (from a live ``Metrics`` registry, so
+    a renamed metric breaks this test), each with its label names."""
+    from quota_sidecar.server.metrics import Metrics
+
+    registry = Metrics().registry
+    suffixes = {"counter": ("_total", "_created"), "gauge": ("",), "histogram": ("_bucket", "_count", "_sum", "_created"),
+                "info": ("_info",)}
+    out: dict[str, set[str]] = {}
+    for family in registry.collect():
+        labels = set(getattr(registry._names_to_collectors[family.name], "_labelnames", ()))
+        for suffix in suffixes[family.type]:
+            out[family.name + suffix] = labels | ({"le"} if suffix == "_bucket" else set())
+    return out
+
+
+def promql_parts(expr: str) -> tuple[list[tuple[str, list[tuple[str, str, str]]]], list[str]]:
+    """The vector selectors of a PromQL expression, (metric name, [(label, operator, value)]), and
+    the label names of its by/without/on/ignoring clauses. Enough PromQL for these queries."""
+    tokens = [(m.lastgroup, m.group(m.lastgroup)) for m in _PROMQL_TOKEN.finditer(expr) if m.lastgroup]
+    selectors: list[tuple[str, list[tuple[str, str, str]]]] = []
+    grouping: list[str] = []
+    i = 0
+    while i < len(tokens):
+        kind, text = tokens[i]
+        following = tokens[i + 1][1] if i + 1 < len(tokens) else ""
+        if kind == "name" and text in _GROUPING and following == "(":
+            i += 2
+            while tokens[i][1] != ")":
+                if tokens[i][0] == "name":
+                    grouping.append(tokens[i][1])
+                i += 1
+        elif kind == "name" and following != "(" and following not in _GROUPING and text not in _KEYWORDS:
+            braces = tokens[i + 1][1] if i + 1 < len(tokens) and tokens[i + 1][0] == "braces" else ""
+            selectors.append((text, _MATCHER.findall(braces)))
+        elif kind == "braces":
+            assert i > 0 and tokens[i - 1][0] == "name", f"a selector without a metric name in {expr!r}"
+        i += 1
+    return selectors, grouping
+
+
+def check_promql(expr: str, exported: Mapping[str, set[str]], where: str) -> set[str]:
+    """Asserts every metric ``expr`` names is exported, with labels it has; returns the names."""
+    from quota_sidecar.domain.model import DenialReason
+
+    selectors, grouping = promql_parts(expr)
+    assert selectors, f"{where}: no metric in {expr!r}"
+    known_values = {
+        "reason": {r.value for r in DenialReason} | {"none"},
+        "outcome": {"allowed", "denied"},
+        "code": {c.name for c in grpc.StatusCode},
+        "service": {pb.DESCRIPTOR.services_by_name[n].full_name for n in ("QuotaService", "QuotaAdmin")},
+    }
+    names = set()
+    for metric, matchers in selectors:
+        assert metric in exported, f"{where}: {metric} is not a metric quota_sidecar exports ({expr!r})"
+        names.add(metric)
+        for label, op, value in matchers:
+            assert label in exported[metric] | TARGET_LABELS, f"{where}: {metric} has no label {label}"
+            if label in known_values and label in exported[metric] and "$" not in value:
+                values = set(value.split("|")) if op in ("=~", "!~") else {value}
+                assert values <= known_values[label], f"{where}: {label} values {values - known_values[label]}"
+    labels = set().union(*(exported[m] for m in names)) | TARGET_LABELS
+    assert set(grouping) <= labels, f"{where}: grouping by {set(grouping) - labels}, which {names} lack"
+    return names
+
+
+def test_promql_checker_catches_unknown_metrics_and_labels() -> None:
+    exported = exported_metrics()
+    ok = 'histogram_quantile(0.99, sum by (le, method) (rate(quota_rpc_duration_seconds_bucket{code!="OK"}[5m])))'
+    assert check_promql(ok, exported, "ok") == {"quota_rpc_duration_seconds_bucket"}
+    for bad in ("sum(rate(quota_decisions[5m]))",  # the counter's sample is quota_decisions_total
+                'sum(rate(quota_decisions_total{reason="PURCHASE_NEEDED"}[5m]))',
+                "sum by (script) (rate(quota_decisions_total[5m]))",
+                'max(quota_redis_up{colour="red"})', "vector(1)"):
+        with pytest.raises(AssertionError):
+            check_promql(bad, exported, "bad")
+
+
+def _dashboard_panels(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    for panel in panels:
+        yield panel
+        yield from _dashboard_panels(panel.get("panels", []))
+
+
+def test_grafana_dashboard_is_valid_and_queries_real_metrics(renders: dict[str, Rendered]) -> None:
+    enabled = {"books-monitoring", "monitoring-without-books"}
+    exported = exported_metrics()
+    source = json.loads((CHART / "files" / "grafana-dashboard.json").read_text())
+    for name, rendered in renders.items():
+        maps = [m for m in rendered.of_kind("ConfigMap") if m["metadata"]["name"].endswith("-dashboard")]
+        assert len(maps) == (name in enabled), name
+        for config_map in maps:
+            values = rendered.values["dashboards"]
+            assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+            assert config_map["metadata"].get("namespace") == values.get("namespace")
+            assert config_map["metadata"].get("annotations") == values.get("annotations")
+            (text,) = config_map["data"].values()
+            assert json.loads(text) == source, "the ConfigMap holds files/grafana-dashboard.json as it is"
+    assert renders["books-monitoring"].get("ConfigMap", f"{RELEASE}-quota-sidecar-dashboard")["metadata"]["namespace"] \
+        == "monitoring"
+
+    assert source["uid"] and source["title"] and isinstance(source["schemaVersion"], int)
+    variables = {v["name"]: v for v in source["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    (metric,) = re.findall(r"label_values\((\w+), namespace\)", variables["namespace"]["query"]["query"])
+    assert metric in exported
+    panels = list(_dashboard_panels(source["panels"]))
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    exprs: list[str] = []
+    for panel in panels:
+        grid = panel["gridPos"]
+        assert grid["x"] + grid["w"] <= 24 and grid["h"] > 0, panel["title"]
+        if panel["type"] == "row":
+            continue
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+        assert panel["targets"], panel["title"]
+        ref_ids = [t["refId"] for t in panel["targets"]]
+        assert len(ref_ids) == len(set(ref_ids)), panel["title"]
+        for target in panel["targets"]:
+            check_promql(target["expr"], exported, f"panel {panel['title']!r}")
+            assert 'namespace=~"$namespace"' in target["expr"], f"panel {panel['title']!r} ignores the variable"
+            exprs.append(target["expr"])
+
+    def shown(*needles: str) -> bool:
+        return any(all(n in e for n in needles) for e in exprs)
+
+    # What the issue asks the dashboard to show.
+    assert shown("quota_decisions_total", "by (product, outcome)", "rate("), "decisions/s by product and outcome"
+    assert shown("quota_decisions_total", 'reason="PURCHASE_REQUIRED"', "rate("), "purchase-required rate"
+    assert shown("histogram_quantile(0.99", "quota_rpc_duration_seconds_bucket"), "p99 latency"
+    assert shown("quota_redis_errors_total", "rate("), "Redis errors"
+    assert shown("quota_redis_up"), "sidecars reaching Redis (NOT_SERVING)"
+    assert shown("quota_books_lag_seconds"), "books lag"
+    assert shown("quota_books_outbox_entries"), "outbox entries"
+
+
+PROMETHEUS_DURATION = re.compile(r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?"
+                                 r"(([0-9]+)ms)?)$")
+SIDECAR_ALERTS = {"QuotaRedisDown", "QuotaSidecarsNotServing", "QuotaErrorRateHigh"}
+BOOKS_ALERTS = {"QuotaBooksLagHigh", "QuotaBooksShipperDown", "QuotaBooksShipperErrors", "QuotaBooksConflicts"}
+
+
+def prometheus_rule(rendered: Rendered) -> dict[str, Any]:
+    """The one PrometheusRule, its structure checked as the CRD's schema and Prometheus would."""
+    (rule,) = rendered.of_kind("PrometheusRule")
+    assert (rule["apiVersion"], rule["kind"]) == ("monitoring.coreos.com/v1", "PrometheusRule")
+    assert set(rule) == {"apiVersion", "kind", "metadata", "spec"} and set(rule["spec"]) == {"groups"}
+    assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", rule["metadata"]["name"])
+    groups = rule["spec"]["groups"]
+    assert len({g["name"] for g in groups}) == len(groups), "group names must be unique"
+    alerts = []
+    for group in groups:
+        assert set(group) == {"name", "rules"} and group["rules"], group
+        for r in group["rules"]:
+            assert set(r) <= {"alert", "expr", "for", "labels", "annotations"} and {"alert", "expr"} <= set(r), r
+            assert re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", r["alert"]), r["alert"]
+            assert isinstance(r["expr"], str) and r["expr"].strip(), r["alert"]
+            assert PROMETHEUS_DURATION.match(str(r.get("for", "0"))), (r["alert"], r.get("for"))
+            for key in ("labels", "annotations"):
+                assert all(isinstance(k, str) and isinstance(v, str) for k, v in r.get(key, {}).items()), (r["alert"], key)
+            assert r["labels"]["severity"] in ("critical", "warning", "info"), r["alert"]
+            assert r["annotations"]["summary"] and r["annotations"]["description"], r["alert"]
+            alerts.append(r)
+    assert len({a["alert"] for a in alerts}) == len(alerts), "alert names must be unique"
+    return rule
+
+
+def test_prometheus_rule_alerts_on_real_metrics(renders: dict[str, Rendered]) -> None:
+    exported = exported_metrics()
+    enabled = {"books-monitoring": SIDECAR_ALERTS | BOOKS_ALERTS, "monitoring-without-books": SIDECAR_ALERTS}
+    for name, rendered in renders.items():
+        if name not in enabled:
+            assert not rendered.of_kind("PrometheusRule"), name
+            continue
+        rule = prometheus_rule(rendered)
+        values = rendered.values["prometheusRule"]
+        assert values.get("labels", {}).items() <= rule["metadata"]["labels"].items()
+        alerts = {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"]}
+        assert set(alerts) == enabled[name], name
+        for alert in alerts.values():
+            metrics = check_promql(alert["expr"], exported, f"[{name}] {alert['alert']}")
+            assert values.get("alertLabels", {}).items() <= alert["labels"].items()
+            # The alert templates reached Prometheus unexpanded by Helm.
+            assert "{{" not in alert["expr"]
+            selectors, _ = promql_parts(alert["expr"])
+            if alert["alert"] in BOOKS_ALERTS:
+                assert all(m.startswith("quota_books_") for m in metrics), alert["alert"]
+            elif values.get("sidecarSelector"):
+                for _, matchers in selectors:  # every selector narrowed to the deployment
+                    assert ("namespace", "=~", "workers|quota") in matchers, alert["alert"]
+        assert "{{ $labels.pod }}" in alerts["QuotaSidecarsNotServing"]["annotations"]["description"]
+        assert "quota_redis_up" in alerts["QuotaRedisDown"]["expr"]
+        assert "quota_redis_up" in alerts["QuotaSidecarsNotServing"]["expr"]
+        assert "quota_rpc_duration_seconds_count" in alerts["QuotaErrorRateHigh"]["expr"]
+    books = {r["alert"]: r for g in prometheus_rule(renders["books-monitoring"])["spec"]["groups"] for r in g["rules"]}
+    lag = books["QuotaBooksLagHigh"]
+    assert re.search(r"quota_books_lag_seconds\{[^}]*\}\) > 300$", lag["expr"]) and lag["for"] == "5m"
+    # The books' alerts watch the shipper's pods, not the sidecars (which export the books gauges at 0).
+    shipper = renders["books-monitoring"].deployment(SHIPPER_SUFFIX)["metadata"]["name"]
+    for alert in BOOKS_ALERTS:
+        ((_, matchers),) = promql_parts(books[alert]["expr"])[0]
+        matched = {label: (op, value) for label, op, value in matchers}
+        assert matched["namespace"] == ("=", NAMESPACE), alert
+        op, pattern = matched["pod"]
+        assert op == "=~" and re.fullmatch(pattern, f"{shipper}-7d9c8b5f4-x2k8q"), alert
+        assert not re.fullmatch(pattern, f"{RELEASE}-quota-sidecar-admin-7d9c8b5f4-x2k8q"), alert
+
+
+@pytest.fixture(scope="session")
+def promtool() -> str:
+    """Prometheus' promtool: $QUOTA_TEST_PROMTOOL or the PATH's (Debian's prometheus package)."""
+    binary = os.environ.get("QUOTA_TEST_PROMTOOL", "") or shutil.which("promtool")
+    if not binary:
+        pytest.skip("promtool not installed (apt-get install prometheus, or QUOTA_TEST_PROMTOOL=/path/to/promtool); "
+                    "the rules' structure and metric names are still checked above")
+    return binary
+
+
+# Unit tests of the alerts for `promtool test rules`, on the rules of the books-monitoring value set
+# (sidecarSelector namespace=~"workers|quota", alertLabels team: billing; shipper pods of release qs).
+SHIPPER_POD = 'namespace="quota", pod="qs-quota-sidecar-books-shipper-7d9c8b5f4-x2k8q"'
+ALERT_TESTS: list[dict[str, Any]] = [
+    {"interval": "1m", "input_series": [
+        # The shipper's lag grows a minute a minute: over 300 s from minute 6, firing 5 minutes later.
+        {"series": f"quota_books_lag_seconds{{{SHIPPER_POD}}}", "values": "0+60x30"},
+        # A worker's sidecar exports the books gauges at 0: ignored, and not "a shipper".
+        {"series": 'quota_books_lag_seconds{namespace="workers", pod="worker-1"}', "values": "0x30"},
+        {"series": f"quota_books_errors_total{{{SHIPPER_POD}}}", "values": "0x30"},
+        {"series": f"quota_books_conflicts_total{{{SHIPPER_POD}}}", "values": "0x30"}],
+     "alert_rule_test": [
+         {"eval_time": "9m", "alertname": "QuotaBooksLagHigh", "exp_alerts": []},
+         {"eval_time": "12m", "alertname": "QuotaBooksLagHigh",
+          "exp_alerts": [{"exp_labels": {"severity": "warning", "team": "billing"}}]},
+         {"eval_time": "12m", "alertname": "QuotaBooksShipperDown", "exp_alerts": []},
+         {"eval_time": "12m", "alertname": "QuotaBooksShipperErrors", "exp_alerts": []},
+         {"eval_time": "12m", "alertname": "QuotaBooksConflicts", "exp_alerts": []}]},
+    {"interval": "1m", "input_series": [
+        # No shipper scraped at all (only a sidecar's zero): QuotaBooksShipperDown after 10 minutes.
+        {"series": 'quota_books_lag_seconds{namespace="workers", pod="worker-1"}', "values": "0x30"}],
+     "alert_rule_test": [
+         {"eval_time": "5m", "alertname": "QuotaBooksShipperDown", "exp_alerts": []},
+         {"eval_time": "11m", "alertname": "QuotaBooksShipperDown",
+          "exp_alerts": [{"exp_labels": {"severity": "warning", "team": "billing", "namespace": "quota"}}]},
+         {"eval_time": "11m", "alertname": "QuotaBooksLagHigh", "exp_alerts": []}]},
+    {"interval": "1m", "input_series": [
+        {"series": f"quota_books_lag_seconds{{{SHIPPER_POD}}}", "values": "0x30"},
+        # Failing passes for good from minute 0; a conflict at minute 3.
+        {"series": f"quota_books_errors_total{{{SHIPPER_POD}}}", "values": "0+1x30"},
+        {"series": f"quota_books_conflicts_total{{{SHIPPER_POD}}}", "values": "0 0 0 1x27"}],
+     "alert_rule_test": [
+         {"eval_time": "5m", "alertname": "QuotaBooksShipperErrors", "exp_alerts": []},
+         {"eval_time": "13m", "alertname": "QuotaBooksShipperErrors",
+          "exp_alerts": [{"exp_labels": {"severity": "warning", "team": "billing"}}]},
+         {"eval_time": "2m", "alertname": "QuotaBooksConflicts", "exp_alerts": []},
+         {"eval_time": "4m", "alertname": "QuotaBooksConflicts",
+          "exp_alerts": [{"exp_labels": {"severity": "critical", "team": "billing"}}]}]},
+    {"interval": "1m", "input_series": [
+        # Redis lost by every pod from minute 2; a pod of another deployment keeps it (not selected).
+        {"series": 'quota_redis_up{namespace="workers", pod="worker-1"}', "values": "1 1 0x30"},
+        {"series": 'quota_redis_up{namespace="quota", pod="qs-quota-sidecar-admin-1"}', "values": "1 1 0x30"},
+        {"series": 'quota_redis_up{namespace="elsewhere", pod="other-1"}', "values": "1x32"}],
+     "alert_rule_test": [
+         {"eval_time": "2m", "alertname": "QuotaRedisDown", "exp_alerts": []},
+         {"eval_time": "4m", "alertname": "QuotaRedisDown",
+          "exp_alerts": [{"exp_labels": {"severity": "critical", "team": "billing"}}]},
+         {"eval_time": "3m", "alertname": "QuotaSidecarsNotServing", "exp_alerts": []},
+         {"eval_time": "5m", "alertname": "QuotaSidecarsNotServing", "exp_alerts": [
+             {"exp_labels": {"severity": "warning", "team": "billing", "namespace": "workers", "pod": "worker-1"}},
+             {"exp_labels": {"severity": "warning", "team": "billing", "namespace": "quota",
+                             "pod": "qs-quota-sidecar-admin-1"}}]}]},
+    {"interval": "1m", "input_series": [
+        # 5 calls in 105 fail UNAVAILABLE (4.8% > 1%); QuotaAdmin has no failures.
+        {"series": 'quota_rpc_duration_seconds_count{namespace="workers", service="quota.v1.QuotaService", '
+                   'method="CheckAndReserve", code="OK"}', "values": "0+100x30"},
+        {"series": 'quota_rpc_duration_seconds_count{namespace="workers", service="quota.v1.QuotaService", '
+                   'method="CheckAndReserve", code="UNAVAILABLE"}', "values": "0+5x30"},
+        {"series": 'quota_rpc_duration_seconds_count{namespace="quota", service="quota.v1.QuotaAdmin", '
+                   'method="GrantCredits", code="OK"}', "values": "0+10x30"}],
+     "alert_rule_test": [
+         {"eval_time": "3m", "alertname": "QuotaErrorRateHigh", "exp_alerts": []},
+         {"eval_time": "10m", "alertname": "QuotaErrorRateHigh", "exp_alerts": [
+             {"exp_labels": {"severity": "warning", "team": "billing", "service": "quota.v1.QuotaService"}}]}]},
+]
+
+
+def test_prometheus_rules_pass_promtool(renders: dict[str, Rendered], promtool: str, tmp_path: Path) -> None:
+    for name in ("books-monitoring", "monitoring-without-books"):
+        rules = tmp_path / f"{name}.rules.yaml"
+        rules.write_text(yaml.safe_dump(prometheus_rule(renders[name])["spec"]))
+        result = subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True, text=True,
+                                timeout=HELM_TIMEOUT_SECONDS, check=False)
+        assert result.returncode == 0, f"[{name}] {result.stdout}{result.stderr}"
+    # The unit tests compare labels; the annotations (templates promtool check has parsed) are left out.
+    spec = copy.deepcopy(prometheus_rule(renders["books-monitoring"])["spec"])
+    for group in spec["groups"]:
+        for rule in group["rules"]:
+            rule.pop("annotations")
+    (tmp_path / "alerts.rules.yaml").write_text(yaml.safe_dump(spec))
+    tests = tmp_path / "alerts.test.yaml"
+    tests.write_text(yaml.safe_dump({"rule_files": ["alerts.rules.yaml"], "evaluation_interval": "1m",
+                                     "tests": ALERT_TESTS}))
+    tested = {t["alertname"] for group in ALERT_TESTS for t in group["alert_rule_test"]}
+    assert tested == SIDECAR_ALERTS | BOOKS_ALERTS
+    result = subprocess.run([promtool, "test", "rules", str(tests)], capture_output=True, text=True,
+                            timeout=HELM_TIMEOUT_SECONDS, check=False, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_every_value_is_documented() -> None:
@@ -664,6 +1168,18 @@ BAD_VALUES = [
     pytest.param({"networkPolicy": {"enabled": True}}, "networkPolicy.adminClientNamespaces",
                  id="network-policy-without-namespaces"),
     pytest.param({"admin": {"tls": {"enabled": True}}}, "admin.tls.secretName", id="tls-without-secret"),
+    pytest.param({"books": {"url": "mysql://quota@db/quota"}}, "books.url", id="books-url-scheme"),
+    pytest.param({"books": {"url": BOOKS_URL, "existingSecret": "mine"}}, "books.existingSecret",
+                 id="books-url-and-existing-secret"),
+    pytest.param({"books": {"url": BOOKS_URL, "shipper": {"metricsPort": 0}}}, "books.shipper.metricsPort",
+                 id="shipper-without-metrics-port"),
+    pytest.param({"books": {"shipper": {"replicas": 2}}}, "replicas", id="shipper-replicas-unknown"),
+    pytest.param({"prometheusRule": {"errorRateThreshold": 5}}, "prometheusRule.errorRateThreshold",
+                 id="error-rate-above-one"),
+    pytest.param({"prometheusRule": {"booksLagFor": "5 minutes"}}, "prometheusRule.booksLagFor", id="lag-for-duration"),
+    pytest.param({"prometheusRule": {"sidecarSelector": '{namespace="x"}'}}, "prometheusRule.sidecarSelector",
+                 id="selector-with-braces"),
+    pytest.param({"dashboards": {"folder": "Quota"}}, "folder", id="dashboards-unknown-key"),
 ]
 
 
@@ -735,8 +1251,8 @@ def test_dockerfile_runs_what_the_chart_runs(renders: dict[str, Rendered]) -> No
     checked = 0
     for rendered in renders.values():
         for pod in pod_specs(rendered):
-            for c in quota_containers(pod):
-                assert c["command"] == entrypoint and c["args"][:len(cmd)] == cmd
+            for c in cli_containers(pod):  # serve, or the shipper's books ship
+                assert c["command"] == entrypoint and (c["args"][:len(cmd)] == cmd or c["args"][:2] == ["books", "ship"])
                 assert (c["securityContext"]["runAsUser"], c["securityContext"]["runAsGroup"]) == (int(uid), int(gid))
                 checked += 1
     assert checked
@@ -970,5 +1486,82 @@ def test_rendered_sidecar_and_admin_serve_on_real_redis(
 
             stop(side_proc, short / f"{sidecar['name']}.log")
             stop(admin_proc, short / "admin.log")
+    finally:
+        shutil.rmtree(short, ignore_errors=True)
+
+
+def metric_value(address: str, name: str) -> float | None:
+    """The value of the unlabelled sample ``name`` on the endpoint, or None when it is not there."""
+    for line in scrape(address).splitlines():
+        sample, _, value = line.partition(" ")
+        if sample == name:
+            return float(value)
+    return None
+
+
+def wait_for_value(address: str, name: str, ok: Any, proc: subprocess.Popen[bytes], log: Path) -> float:
+    """Polls the endpoint (refused while the process starts) until ``ok(value)``."""
+    deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+    value: float | None = None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"exited with {proc.returncode}:\n{log.read_text(errors='replace')}")
+        try:
+            value = metric_value(address, name)
+        except OSError:
+            value = None
+        if value is not None and ok(value):
+            return value
+        time.sleep(POLL_SECONDS)
+    pytest.fail(f"{name} on {address} still {value} after {READY_TIMEOUT_SECONDS} s:\n{log.read_text(errors='replace')}")
+
+
+@pytest.mark.slow
+def test_rendered_shipper_ships_the_admin_grants_into_real_postgresql(
+        helm: str, helm_home: dict[str, str], redis_server: RedisServerProcess, key_prefix: str,
+        books_url: str) -> None:
+    """The rendered shipper and admin pods on a real Redis and a real PostgreSQL: a grant made through
+    the admin API reaches the books (the quota_purchases view) through the shipper, which the
+    probes' /metrics reports; ListLedger of the admin pod, given the same books, lists it."""
+    import psycopg
+
+    short = Path(tempfile.mkdtemp(prefix="qsb", dir="/tmp"))  # unix socket paths must stay short
+    try:
+        values = merged(VALUE_SETS["books"], {"redis": {"url": redis_server.url}, "books": {"url": books_url},
+                                              "config": {"keyPrefix": key_prefix}})
+        rendered = render(helm, helm_home, values, short)
+        shipper_pod = rendered.deployment(SHIPPER_SUFFIX)["spec"]["template"]["spec"]
+        admin_pod = rendered.deployment("-admin")["spec"]["template"]["spec"]
+        (shipper,) = cli_containers(shipper_pod)
+        (admin,) = quota_containers(admin_pod)
+        ship_run, admin_run = PodRun(rendered, shipper_pod, short / "s"), PodRun(rendered, admin_pod, short / "a")
+        with ship_run.start(shipper, short) as ship_proc:
+            (metrics,) = flag_values(ship_run.args(shipper), "--metrics-listen")
+            probe = shipper["livenessProbe"]["httpGet"]
+            assert (probe["path"], [p["containerPort"] for p in shipper["ports"] if p["name"] == probe["port"]]) \
+                == ("/metrics", [port_of(flag_value(shipper["args"], "--metrics-listen"))])
+            ship_log = short / f"{shipper['name']}.log"
+            wait_for_value(metrics, "quota_books_outbox_entries", lambda v: v == 0, ship_proc, ship_log)  # the probes
+            with admin_run.start(admin, short) as admin_proc:
+                wait_serving(admin_proc, *admin_run.probe_target(admin), short / "admin.log")
+                admin_address = f"127.0.0.1:{admin_run.ports[port_of(flag_value(admin['args'], '--admin-listen'))]}"
+                auth = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
+                with grpc.insecure_channel(admin_address) as channel:
+                    stub = pb_grpc.QuotaAdminStub(channel)
+                    stub.GrantCredits(pb.GrantCreditsRequest(
+                        account_id="helm-books", credits=500, purchase_id="pur-helm-1", price_minor_units=400,
+                        currency="USD"), timeout=CALL_TIMEOUT_SECONDS, metadata=auth)
+                    wait_for_value(metrics, "quota_books_shipped_entries_total", lambda v: v >= 1, ship_proc, ship_log)
+                    wait_for_value(metrics, "quota_books_outbox_entries", lambda v: v == 0, ship_proc, ship_log)
+                    ledger = stub.ListLedger(pb.ListLedgerRequest(account_id="helm-books"),
+                                             timeout=CALL_TIMEOUT_SECONDS, metadata=auth)
+                    assert [(e.type, e.purchase_id, e.credits) for e in ledger.entries] == [("grant", "pur-helm-1", 500)]
+                stop(admin_proc, short / "admin.log")
+            with psycopg.connect(books_url) as conn:
+                rows = conn.execute("SELECT purchase_id, account_id, credits, price_minor_units, currency "
+                                    "FROM quota_purchases").fetchall()
+            assert rows == [("pur-helm-1", "helm-books", 500, 400, "USD")]
+            assert metric_value(metrics, "quota_books_errors_total") == 0
+            stop(ship_proc, ship_log)
     finally:
         shutil.rmtree(short, ignore_errors=True)

@@ -56,6 +56,43 @@ app.kubernetes.io/component: admin
 {{- if .values.redis.existingSecret -}}{{ .values.redis.existingSecretKey }}{{- else -}}redis-url{{- end -}}
 {{- end -}}
 
+{{/* The books (PostgreSQL): "true" when a URL or an existing Secret is given, else empty. */}}
+{{- define "quota-sidecar.booksConfigured" -}}
+{{- if or .values.books.url .values.books.existingSecret -}}true{{- end -}}
+{{- end -}}
+
+{{/* The shipper Deployment is rendered: books configured and books.enabled. */}}
+{{- define "quota-sidecar.shipperEnabled" -}}
+{{- if and .values.books.enabled (include "quota-sidecar.booksConfigured" .) -}}true{{- end -}}
+{{- end -}}
+
+{{- define "quota-sidecar.booksSecretName" -}}
+{{- .values.books.existingSecret | default (printf "%s-books" (include "quota-sidecar.fullname" .)) -}}
+{{- end -}}
+
+{{- define "quota-sidecar.booksSecretKey" -}}
+{{- if .values.books.existingSecret -}}{{ .values.books.existingSecretKey }}{{- else -}}url{{- end -}}
+{{- end -}}
+
+{{/* QUOTA_BOOKS_URL, from a Secret only (it carries the password); a list item. */}}
+{{- define "quota-sidecar.booksEnv" -}}
+- name: QUOTA_BOOKS_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "quota-sidecar.booksSecretName" . }}
+      key: {{ include "quota-sidecar.booksSecretKey" . }}
+{{- end -}}
+
+{{- define "quota-sidecar.shipperSelectorLabels" -}}
+{{ include "quota-sidecar.selectorLabels" . }}
+app.kubernetes.io/component: books-shipper
+{{- end -}}
+
+{{- define "quota-sidecar.shipperLabels" -}}
+{{ include "quota-sidecar.labels" . }}
+app.kubernetes.io/component: books-shipper
+{{- end -}}
+
 {{- define "quota-sidecar.adminSecretName" -}}
 {{- .values.admin.auth.existingSecret | default (printf "%s-admin" (include "quota-sidecar.fullname" .)) -}}
 {{- end -}}
@@ -93,6 +130,9 @@ need the Redis URL, which the sidecar itself would otherwise refuse by starting 
 {{- end -}}
 {{- if and $v.redis.url $v.redis.existingSecret -}}
 {{- fail "quota-sidecar: set redis.url or redis.existingSecret, not both" -}}
+{{- end -}}
+{{- if and $v.books.url $v.books.existingSecret -}}
+{{- fail "quota-sidecar: set books.url or books.existingSecret, not both" -}}
 {{- end -}}
 {{- if $v.admin.enabled -}}
 {{- if and (not $v.admin.auth.tokens) (not $v.admin.auth.existingSecret) -}}
