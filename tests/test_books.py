@@ -9,6 +9,7 @@ import inspect
 import os
 import shutil
 import tempfile
+import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -17,7 +18,12 @@ import pytest
 
 from quota_sidecar.books.migrate import load_migrations
 from quota_sidecar.books.pg import PgBooks
-from quota_sidecar.books.postgres_server import PostgresServerProcess, find_postgres, postgres_candidates
+from quota_sidecar.books.postgres_server import (
+    SUPERUSER,
+    PostgresServerProcess,
+    find_postgres,
+    postgres_candidates,
+)
 from quota_sidecar.domain.errors import BooksUnavailable, ConfigError, InvalidArgument, Unavailable
 from quota_sidecar.domain.finance import decimal_amount, month_bounds_ms, render_text, to_json
 from quota_sidecar.domain.model import CreditTotals, Deltas, LedgerEntry
@@ -442,3 +448,25 @@ def test_a_postgres_left_running_by_an_earlier_process_is_stopped_at_start(
         assert f"stopping postgres pid {orphaned_pid}" in successor.log_path.read_text()
     finally:
         successor.stop()
+
+
+async def test_a_shipper_role_without_create_rights_starts_on_an_up_to_date_schema(books: PgBooks,
+                                                                                   books_url: str) -> None:
+    """Production gives the shipper a role that may only read and write the books: once the schema is
+    up to date, migrate() must need no DDL (and append no more than TEMP, which PUBLIC has)."""
+    role = f"shipper_{uuid.uuid4().hex[:8]}"
+    async with await psycopg.AsyncConnection.connect(books_url, autocommit=True) as admin:
+        await admin.execute(f"CREATE ROLE {role} LOGIN")
+        await admin.execute(f"GRANT SELECT, INSERT ON quota_ledger_entries, quota_ledger_conflicts, "
+                            f"quota_schema_migrations TO {role}")
+        await admin.execute(f"REVOKE CREATE ON SCHEMA public FROM PUBLIC, {role}")
+    assert books_url.startswith(f"postgresql://{SUPERUSER}@"), books_url
+    url = books_url.replace(f"{SUPERUSER}@", f"{role}@", 1)
+    limited = await PgBooks.connect(url)
+    try:
+        assert await limited.migrate() == []
+        entry = LedgerEntry(entry_id="b1:1-0", at_ms=1_700_000_000_000, type="grant", account_id="role-1", seq=1,
+                            fields={"pid": "p1", "credits": "3"}, deltas=Deltas(granted=3))
+        assert (await limited.append([entry])).inserted == 1
+    finally:
+        await limited.close()

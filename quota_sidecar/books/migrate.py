@@ -48,10 +48,25 @@ def load_migrations() -> list[Migration]:
     return found
 
 
+async def _applied(conn: AsyncConnection[TupleRow]) -> set[int] | None:
+    """The versions already applied, or None when the bookkeeping table does not exist yet. Read only."""
+    cursor = await conn.execute("SELECT to_regclass('quota_schema_migrations') IS NOT NULL")
+    row = await cursor.fetchone()
+    if row is None or not row[0]:
+        return None
+    cursor = await conn.execute("SELECT version FROM quota_schema_migrations")
+    return {int(r[0]) for r in await cursor.fetchall()}
+
+
 async def apply_migrations(conn: AsyncConnection[TupleRow], migrations: list[Migration] | None = None) -> list[str]:
     """Applies the migrations ``conn``'s database lacks; returns their names. ``conn`` is in autocommit
     mode (each migration opens its own transaction)."""
     migrations = load_migrations() if migrations is None else migrations
+    applied = await _applied(conn)
+    if applied is not None and all(m.version in applied for m in migrations):
+        # Up to date: no DDL, no lock, so a shipper whose role may only read and write the
+        # books' tables starts without CREATE rights.
+        return []
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_KEY,))
         await conn.execute(_BOOKKEEPING)

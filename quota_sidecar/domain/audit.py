@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Mapping, Sequence
 
 from quota_sidecar.domain.ledger import merge_by_seq, summed
@@ -690,8 +690,16 @@ def audit_state(account_id: str, state: Mapping[str, Any], books: Sequence[Ledge
 async def audit_account(store: Any, account_id: str, books: Books | None = None) -> AccountAudit:
     """``store``: RedisStore (its raw_state). Redis first, then the books (see audit_state)."""
     state = await store.raw_state(account_id)
-    entries = await books.account_entries(account_id) if books is not None else None
-    return audit_state(account_id, state, entries)
+    if books is None:
+        return audit_state(account_id, state, None)
+    audit = audit_state(account_id, state, await books.account_entries(account_id))
+    # A movement the books set aside: its seq was already stored under another entry id (Redis lost
+    # acknowledged writes and numbered new ones again). Never resolved silently: support must look.
+    found = [Violation(account_id, "ledger_conflict",
+                       f"outbox entry {c.entry_id} ({c.type}, seq {c.seq}) reuses a sequence number the books "
+                       "already hold under another entry id; kept in quota_ledger_conflicts")
+             for c in await books.conflicts(account_id)]
+    return replace(audit, violations=audit.violations + tuple(found)) if found else audit
 
 
 async def audit_all(store: Any, books: Books | None = None) -> list[AccountAudit]:
