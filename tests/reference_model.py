@@ -5,7 +5,7 @@ compares every answer. It covers only what that machine drives, for the
 default plans: accounts on plan ``free`` or ``pro`` in UTC, product ``sora``
 (durations of a few seconds, 720p or 1080p), the daily free window, credit
 lots, holds with a TTL, Commit / Release / ExtendReservation, GrantCredits
-and the idempotent retries of each. Not modelled: codex, time zones, spend
+and the idempotent retries of each, and Quote (a reserve that is forgotten). Not modelled: codex, time zones, spend
 caps, overrides, concurrency caps, revocation, refunds, and the pruning of
 resolved reservations (the machine keeps its runs shorter than the
 retention).
@@ -18,6 +18,7 @@ model is what an "eager" sidecar would answer at that instant.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -276,6 +277,15 @@ class ReferenceModel:
                                              expires_ms=expires_ms, ttl_ms=ttl_ms, decision=answer,
                                              plan=acct.plan, cost=cost)
         return answer
+
+    def quote(self, account_id: str, rid: str, duration: float, resolution: str,
+              ttl_seconds: int = 0) -> ReserveReply:
+        """What reserve would answer now, holding nothing: reserve on a copy of the state, forgotten."""
+        saved = copy.deepcopy(self.accounts)
+        try:
+            return self.reserve(account_id, rid, duration, resolution, ttl_seconds)
+        finally:
+            self.accounts = saved
 
     def _reservation(self, acct: Account, rid: str) -> Reservation:
         res = acct.reservations.get(rid)

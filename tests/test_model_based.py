@@ -2,7 +2,9 @@
 
 A hypothesis RuleBasedStateMachine drives a real QuotaEngine on the session's
 Redis (a fresh key prefix per run, a ManualClock that only the machine moves)
-and the pure-Python model with the same calls. After every step the two must
+and the pure-Python model with the same calls. Quotes are among them: the
+model's is its reserve, forgotten, so a quote that disagrees with the decision
+it announces, or leaves anything held, fails the comparison. After every step the two must
 give the same answer (decision, funding, denial, amounts, balances, replay
 flags, error class and reason), and the touched account's balance must agree.
 
@@ -182,6 +184,22 @@ class QuotaMachine(RuleBasedStateMachine):
         if same:
             duration, resolution, ttl = self.model.params_of(account, rid) or self.rids[account][rid]
         self._reserve(account, rid, duration, resolution, ttl)
+        self._check_balance(account)
+
+    @rule(data=st.data(), account=st.sampled_from(ACCOUNTS), duration=DURATIONS,
+          resolution=st.sampled_from(RESOLUTIONS), ttl=TTLS)
+    def quote(self, data: st.DataObject, account: str, duration: float, resolution: str, ttl: int) -> None:
+        """A quote of a new job (no id), or of a used id with its own parameters or others: what
+        reserve would answer, and nothing held afterwards (the balance check sees every hold)."""
+        rid, used = "", sorted(self.rids[account])
+        if used and data.draw(st.sampled_from((False, True)), label="quote a used id"):
+            rid = data.draw(st.sampled_from(used), label="rid")
+            if data.draw(st.booleans(), label="same parameters"):
+                duration, resolution, ttl = self.model.params_of(account, rid) or self.rids[account][rid]
+        job = JobParams(duration_seconds=duration, resolution=resolution)
+        self._both(lambda: self.engine.quote(account, "sora", rid, job, ttl),
+                   lambda d: (d.reservation_id, _reserve_reply(d)),
+                   lambda: (rid, self.model.quote(account, rid, duration, resolution, ttl)))
         self._check_balance(account)
 
     @rule(account=st.sampled_from(ACCOUNTS))

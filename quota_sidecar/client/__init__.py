@@ -30,7 +30,7 @@ from quota_sidecar._proto.quota.v1 import quota_pb2 as pb
 from quota_sidecar._proto.quota.v1 import quota_pb2_grpc as pb_grpc
 
 __all__ = [
-    "QuotaClient", "SyncQuotaClient", "Job", "Reservation", "Offer", "CommitResult", "ReleaseResult",
+    "QuotaClient", "SyncQuotaClient", "Job", "Reservation", "Quote", "Offer", "CommitResult", "ReleaseResult",
     "Balance", "CreditLot", "Hold", "QuotaClientError", "Denied", "InvalidRequest", "Unavailable",
     "ReservationError", "SyncAdminClient", "Grant",
 ]
@@ -77,6 +77,25 @@ class Reservation:
     job_cost_credits: int
     replayed: bool
     plans_version: str
+
+
+@dataclass(frozen=True)
+class Quote:
+    """What reserve() would answer now (QuotaService.Quote); nothing is held. The amounts are the
+    would-be hold's: ``credit_balance`` is what would be left after it."""
+    allowed: bool
+    reservation_id: str  # the id quoted for; "" when none was given
+    funding: str  # "free" or "credits" when allowed, else ""
+    credits_held: int
+    free_used: int
+    free_limit: int
+    free_resets_at: datetime | None
+    expires_at: datetime | None  # when the hold would expire (allowed only)
+    credit_balance: int
+    job_cost_credits: int  # the price to show
+    replayed: bool  # reservation_id names a live hold of the same request
+    plans_version: str
+    denial: Denied | None  # what reserve() would raise, when not allowed
 
 
 @dataclass(frozen=True)
@@ -256,7 +275,7 @@ def _offer(o: pb.CreditPack) -> Offer:
                  total_minor_units=o.total_price.minor_units, currency=o.price.currency_code)
 
 
-def _denied(r: pb.CheckAndReserveResponse) -> Denied:
+def _denied(r: pb.CheckAndReserveResponse | pb.QuoteResponse) -> Denied:
     reason = pb.DenialReason.Name(r.denial.reason).removeprefix("DENIAL_REASON_")
     return Denied(reason, r.denial.message, credits_short=r.denial.credits_short,
                   offers=tuple(_offer(o) for o in r.denial.offers), free_resets_at=_time(r.free_resets_at),
@@ -269,6 +288,14 @@ def _reservation(r: pb.CheckAndReserveResponse) -> Reservation:
                        free_used=r.free_used, free_limit=r.free_limit, free_resets_at=_time(r.free_resets_at),
                        expires_at=_time(r.expires_at), credit_balance=r.credit_balance,
                        job_cost_credits=r.job_cost_credits, replayed=r.replayed, plans_version=r.plans_version)
+
+
+def _quote(r: pb.QuoteResponse) -> Quote:
+    return Quote(allowed=r.allowed, reservation_id=r.reservation_id, funding=_funding(r.funding),
+                 credits_held=r.credits_held, free_used=r.free_used, free_limit=r.free_limit,
+                 free_resets_at=_time(r.free_resets_at), expires_at=_time(r.expires_at),
+                 credit_balance=r.credit_balance, job_cost_credits=r.job_cost_credits, replayed=r.replayed,
+                 plans_version=r.plans_version, denial=None if r.allowed else _denied(r))
 
 
 def _balance(r: pb.GetBalanceResponse) -> Balance:
@@ -384,6 +411,15 @@ class QuotaClient:
         if not r.allowed:
             raise _denied(r)
         return _reservation(r)
+
+    async def quote(self, account_id: str, product: str, params: Mapping[str, Any], *,
+                    reservation_id: str | None = None, ttl_seconds: int = 0) -> Quote:
+        """Quote: what reserve() with these arguments would answer now, holding nothing. A would-be
+        denial is not raised: it is ``quote.denial`` (``raise quote.denial`` if you want reserve's
+        behaviour). No id is made when none is given: a quote records nothing."""
+        request = pb.QuoteRequest(account_id=account_id, product=product, reservation_id=reservation_id or "",
+                                  params=_params(params), ttl_seconds=ttl_seconds)
+        return _quote(await self._call("Quote", request))
 
     async def commit(self, account_id: str, reservation_id: str,
                      actual: Mapping[str, Any] | None = None) -> CommitResult:
@@ -585,6 +621,9 @@ class SyncQuotaClient:
 
     def reserve(self, account_id: str, product: str, params: Mapping[str, Any], **kw: Any) -> Reservation:
         return self._run(self._client.reserve(account_id, product, params, **kw))
+
+    def quote(self, account_id: str, product: str, params: Mapping[str, Any], **kw: Any) -> Quote:
+        return self._run(self._client.quote(account_id, product, params, **kw))
 
     def commit(self, account_id: str, reservation_id: str, actual: Mapping[str, Any] | None = None) -> CommitResult:
         return self._run(self._client.commit(account_id, reservation_id, actual))

@@ -444,13 +444,15 @@ class QuotaEngine:
     # -- QuotaService -----------------------------------------------------
 
     def _prepare(self, account_id: str, product: str, reservation_id: str, job: JobParams,
-                 ttl_seconds: int) -> _Prepared:
-        """Validates a CheckAndReserve request (InvalidArgument naming the field) and prices it."""
+                 ttl_seconds: int, *, mint_id: bool = True) -> _Prepared:
+        """Validates a CheckAndReserve request (InvalidArgument naming the field) and prices it.
+        Without ``mint_id`` (a quote) an empty reservation id stays empty: no record has it."""
         base = self.plans
         plans = base.at(self.clock.local_now_ms())
         check_id("account_id", account_id)
         plans.product(product)
-        rid = check_id("reservation_id", reservation_id) if reservation_id else new_reservation_id()
+        rid = check_id("reservation_id", reservation_id) if reservation_id else (
+            new_reservation_id() if mint_id else "")
         plans.job_cost(product, job)
         check_ttl_seconds("ttl_seconds", ttl_seconds)
         return _Prepared(account_id=account_id, product=product, reservation_id=rid, job=job, plans=plans,
@@ -504,6 +506,25 @@ class QuotaEngine:
                 allowance=product_rules.degraded_free_per_window, at_ms=self.clock.local_now_ms(),
                 ttl_ms=p.ttl_ms, plans_version=p.plans.version), exc)
         return self._decision(p, outcome)
+
+    async def quote(self, account_id: str, product: str, reservation_id: str, job: JobParams,
+                    ttl_seconds: int = 0) -> Decision:
+        """What check_and_reserve with these arguments would answer now, holding nothing: the same
+        validation, and the store's dry run of the same script decision (store.quote).
+
+        A reservation id decided without Redis and not yet written to it replays as
+        check_and_reserve would replay it. Redis unreachable is Unavailable whatever the product's
+        policy: a quote is never answered from the degraded allowance, which only a hold may use."""
+        p = self._prepare(account_id, product, reservation_id, job, ttl_seconds, mint_id=False)
+        local = self.degraded.get(account_id, p.reservation_id) if self.degraded and p.reservation_id else None
+        if local is not None and not await self.flush_degraded():
+            return self._degraded_replay(local, p.fingerprint)
+
+        def quote(tz: str, days: tuple[Window, ...], weeks: tuple[Window, ...],
+                  months: tuple[Window, ...]) -> Awaitable[ReserveOutcome]:
+            return self.store.quote(self._command(p, tz, days, weeks, months))
+
+        return self._decision(p, await self._in_account_zone(account_id, quote))
 
     # -- batches ----------------------------------------------------------
     #

@@ -44,6 +44,12 @@ class Store(Protocol):
     async def reserve(self, cmd: ReserveCommand) -> ReserveOutcome:
         """CheckAndReserve, and again when the account's zone was stale (StaleTimeZone). One EVALSHA."""
 
+    async def quote(self, cmd: ReserveCommand) -> ReserveOutcome:
+        """Quote, and again when the account's zone was stale: what reserve(cmd) would answer now,
+        decided by the same script code as a dry run, nothing held (an empty reservation_id quotes
+        a new job). Writes only lazy expiry's settlements, when something is past due. One EVALSHA,
+        the cost of a denied reserve()."""
+
     async def reserve_many(self, cmds: Sequence[ReserveCommand]) -> list[ReserveOutcome | Exception]:
         """CheckAndReserveBatch: each item decided as reserve() would, failures as values. One pipeline."""
 
@@ -154,6 +160,10 @@ class Books(Protocol):
 
     async def account_entries(self, account_id: str) -> list[LedgerEntry]:
         """The audit: every entry of the account in the books, in seq order. One query."""
+
+    async def conflicts(self, account_id: str | None = None) -> list[LedgerEntry]:
+        """The audit, per account: outbox entries the books set aside (quota_ledger_conflicts) because
+        their (account, seq) was already stored under another entry id. One query."""
 
     async def close(self) -> None:
         """Closes the connection (pool)."""

@@ -113,6 +113,10 @@ class Metrics:
             "quota_decisions", "CheckAndReserve decisions (batch items included; replays of a retried call "
             "excluded) by product, outcome (allowed, denied), funding (free, credits, none) and denial reason "
             "(none when allowed)", ["product", "outcome", "funding", "reason"], registry=self.registry)
+        self._quotes = Counter(
+            "quota_quotes", "Quote answers (what CheckAndReserve would decide; nothing held) by product, outcome "
+            "(allowed, denied) and the denial reason it would meet (none when allowed): prices and purchase "
+            "offers shown before a job", ["product", "outcome", "reason"], registry=self.registry)
         self._replays = Counter(
             "quota_decision_replays", "CheckAndReserve calls answered from the stored decision of an earlier call "
             "with the same reservation id (a retry), by product", ["product"], registry=self.registry)
@@ -154,6 +158,10 @@ class Metrics:
             self._child(self._replays, (product,)).inc()
         else:
             self._child(self._decisions, (product, "allowed" if allowed else "denied", funding, reason)).inc()
+
+    def quote(self, product: str, allowed: bool, reason: str) -> None:
+        """One Quote answer; ``reason`` is the denial it would meet, or ``none``."""
+        self._child(self._quotes, (product, "allowed" if allowed else "denied", reason)).inc()
 
     def rpc_handled(self, service: str, method: str, code: str, seconds: float) -> None:
         self._child(self._rpc_seconds, (service, method, code)).observe(seconds)

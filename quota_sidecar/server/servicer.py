@@ -249,9 +249,13 @@ def _override(o: pb.LimitOverride, index: int) -> LimitOverride:
     return LimitOverride(product=o.product, limits=tuple(limits), max_concurrent=o.max_concurrent)
 
 
-def decision_response(decision: Decision) -> pb.CheckAndReserveResponse:
+# CheckAndReserve's answer, or Quote's: the same fields under the same names.
+_Answer = TypeVar("_Answer", pb.CheckAndReserveResponse, pb.QuoteResponse)
+
+
+def _answer(kind: type[_Answer], decision: Decision) -> _Answer:
     o = decision.outcome
-    response = pb.CheckAndReserveResponse(
+    response = kind(
         allowed=o.allowed, reservation_id=decision.reservation_id, funding=_FUNDING[o.funding],
         credits_held=o.credits_held, free_used=o.free_used, free_limit=o.free_limit,
         free_resets_at=_ts(o.free_resets_ms), credit_balance=o.credit_balance,
@@ -266,6 +270,14 @@ def decision_response(decision: Decision) -> pb.CheckAndReserveResponse:
                                            credits_short=o.credits_short,
                                            offers=[_offer(x) for x in decision.offers]))
     return response
+
+
+def decision_response(decision: Decision) -> pb.CheckAndReserveResponse:
+    return _answer(pb.CheckAndReserveResponse, decision)
+
+
+def quote_response(decision: Decision) -> pb.QuoteResponse:
+    return _answer(pb.QuoteResponse, decision)
 
 
 def _lot(lot: Lot) -> pb.CreditLot:
@@ -393,6 +405,16 @@ class QuotaService(pb_grpc.QuotaServiceServicer):
             request.ttl_seconds)
         self._observe(request.account_id, request.product, decision)
         return decision_response(decision)
+
+    @_rpc
+    async def Quote(self, request: pb.QuoteRequest, context: Any) -> pb.QuoteResponse:
+        decision = await self._engine.quote(request.account_id, request.product, request.reservation_id,
+                                            job_params(request.params), request.ttl_seconds)
+        metrics = self._telemetry.metrics
+        if metrics is not None:
+            o = decision.outcome
+            metrics.quote(request.product, o.allowed, o.denial.value if o.denial else "none")
+        return quote_response(decision)
 
     @_rpc
     async def Commit(self, request: pb.CommitRequest, context: Any) -> pb.CommitResponse:

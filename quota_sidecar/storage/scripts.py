@@ -6,12 +6,12 @@ from __future__ import annotations
 from importlib import resources
 
 SCRIPT_NAMES = ("reserve", "commit", "release", "extend", "grant", "revoke", "refund_job", "set_account",
-                "balance", "sweep", "degraded", "reserve_all")
+                "balance", "sweep", "degraded", "reserve_all", "quote")
 
 
 # Shared pieces prepended (after _prelude.lua) to the scripts that use them: reserve_all
-# runs reserve's whole decision once per item.
-SCRIPT_LIBRARIES = {"reserve": ("_reserve",), "reserve_all": ("_reserve",)}
+# runs reserve's whole decision once per item, quote once as a dry run.
+SCRIPT_LIBRARIES = {"reserve": ("_reserve",), "reserve_all": ("_reserve",), "quote": ("_reserve",)}
 
 
 def load_script_source(name: str) -> str:

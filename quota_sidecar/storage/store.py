@@ -218,6 +218,11 @@ class RedisStore:
     async def reserve(self, cmd: ReserveCommand) -> ReserveOutcome:
         return decode_reserve_outcome(await self._run("reserve", cmd.account_id, cmd.stamp, reserve_args(cmd)))
 
+    async def quote(self, cmd: ReserveCommand) -> ReserveOutcome:
+        """reserve()'s decision as a dry run (quote.lua): the same arguments and the same reply,
+        nothing held. An empty reservation id quotes a new job."""
+        return decode_reserve_outcome(await self._run("quote", cmd.account_id, cmd.stamp, reserve_args(cmd)))
+
     async def commit(self, account_id: str, reservation_id: str, costs: Mapping[tuple[str, str], ActualCost],
                      stamp: Stamp) -> CommitResult:
         """``costs``: (plans version or "*" for the current plans, product) -> actual cost."""

@@ -2,6 +2,7 @@
 
     quota-sidecar serve [--listen ADDR ...] [--redis-url URL] [--plans FILE] [--admin-listen ADDR ...]
     quota-sidecar reserve --account A --product sora --duration 10 --resolution 720p
+    quota-sidecar quote   --account A --product sora --duration 10 --resolution 720p   (nothing held)
     quota-sidecar commit  --account A --id RID [--duration 8 --resolution 720p]
     quota-sidecar release --account A --id RID
     quota-sidecar extend  --account A --id RID [--ttl 600]
@@ -93,6 +94,16 @@ def _job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--units", type=int, default=None, help="number of tasks (codex)")
 
 
+def _reserve_args(p: argparse.ArgumentParser, id_help: str) -> None:
+    """reserve's flags (quote takes the same)."""
+    p.add_argument("--account", required=True)
+    p.add_argument("--product", required=True, help="sora or codex (or a product of your plans file)")
+    p.add_argument("--id", default="", help=id_help)
+    p.add_argument("--ttl", type=int, default=0, help="hold lifetime in seconds; 0 = the product's default")
+    _job_args(p)
+    _target(p, admin=False)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quota-sidecar", formatter_class=argparse.RawDescriptionHelpFormatter,
                                      description=(
@@ -105,12 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
         "CheckAndReserve a job. Exit status: 0 ALLOWED (commit or release the hold), "
         f"{EXIT_DENIED} DENIED (nothing held; the reason and any purchase offer are printed), 1 the call "
         "failed, 2 bad usage; so `quota-sidecar reserve ... && render` renders only an allowed job."))
-    p.add_argument("--account", required=True)
-    p.add_argument("--product", required=True, help="sora or codex (or a product of your plans file)")
-    p.add_argument("--id", default="", help="reservation id (idempotency key); default: the server makes one")
-    p.add_argument("--ttl", type=int, default=0, help="hold lifetime in seconds; 0 = the product's default")
-    _job_args(p)
-    _target(p, admin=False)
+    _reserve_args(p, "reservation id (idempotency key); default: the server makes one")
+
+    p = sub.add_parser("quote", help="Quote a job: what reserve would answer now, holding nothing", description=(
+        "Quote a job: what `reserve` with the same flags would answer now (its price, funding, limits and any "
+        "purchase offer), without holding anything. Exit status: 0 would be allowed, "
+        f"{EXIT_DENIED} would be denied, 1 the call failed, 2 bad usage."))
+    _reserve_args(p, "quote a retry of this reservation id (a live hold replays); default: a new job")
 
     p = sub.add_parser("commit", help="Commit a reservation (optionally at its actual, smaller size)")
     p.add_argument("--account", required=True)

@@ -72,22 +72,48 @@ def _ms(ts: timestamp_pb2.Timestamp) -> int:
 
 
 def _print_decision(r: pb.CheckAndReserveResponse) -> None:
-    resets = format_time(_ms(r.free_resets_at))
     if r.allowed:
         held = "1 free unit" if r.funding == pb.FUNDING_FREE_QUOTA else f"{r.credits_held} credit(s)"
         _say(f"ALLOWED  reservation {r.reservation_id}")
         _say(f"  funded by {_FUNDING_TEXT[r.funding]}: {held} held until {format_time(_ms(r.expires_at))}")
     else:
-        reason = pb.DenialReason.Name(r.denial.reason).removeprefix("DENIAL_REASON_")
-        _say(f"DENIED   {reason}: {r.denial.message}")
+        _say(f"DENIED   {_denial_text(r)}")
+    _print_decision_details(r)
+    _say(f"  job cost: {r.job_cost_credits} credit(s); credits available: {r.credit_balance}"
+         + ("  (replayed earlier decision)" if r.replayed else ""))
+
+
+def _print_quote(r: pb.QuoteResponse) -> None:
+    """As reserve prints its decision, in the conditional: nothing was held."""
+    if r.allowed:
+        held = "1 free unit" if r.funding == pb.FUNDING_FREE_QUOTA else f"{r.credits_held} credit(s)"
+        replay = f"  (reservation {r.reservation_id} already holds it)" if r.replayed else ""
+        _say(f"QUOTE  would be allowed{replay}")
+        _say(f"  funded by {_FUNDING_TEXT[r.funding]}: {held} would be held until {format_time(_ms(r.expires_at))}")
+    else:
+        _say(f"QUOTE  would be denied: {_denial_text(r)}")
+    _print_decision_details(r)
+    if r.replayed:  # the live hold's own decision: its balance is the one after that hold
+        _say(f"  job cost: {r.job_cost_credits} credit(s); credits available: {r.credit_balance}  "
+             "(replayed earlier decision)")
+        return
+    after = f", {r.credit_balance} after this job" if r.credits_held else ""
+    _say(f"  job cost: {r.job_cost_credits} credit(s); credits available: {r.credit_balance + r.credits_held}{after}")
+
+
+def _denial_text(r: pb.CheckAndReserveResponse | pb.QuoteResponse) -> str:
+    return f"{pb.DenialReason.Name(r.denial.reason).removeprefix('DENIAL_REASON_')}: {r.denial.message}"
+
+
+def _print_decision_details(r: pb.CheckAndReserveResponse | pb.QuoteResponse) -> None:
+    """The purchase offers of a denial, the free allowance and the shadow limits."""
+    if not r.allowed:
         for offer in r.denial.offers:
             _say(f"  offer: {offer.quantity} x {offer.pack_id} ({offer.credits} credits, {_money(offer.price)}) "
                  f"= {_money(offer.total_price)}")
-    _say(f"  free today: {r.free_used}/{r.free_limit}, resets {resets}")
+    _say(f"  free today: {r.free_used}/{r.free_limit}, resets {format_time(_ms(r.free_resets_at))}")
     if r.shadow_limits:
         _say(f"  shadow limits that would have applied: {', '.join(r.shadow_limits)}")
-    _say(f"  job cost: {r.job_cost_credits} credit(s); credits available: {r.credit_balance}"
-         + ("  (replayed earlier decision)" if r.replayed else ""))
 
 
 def _limit_text(limit: Any) -> str:
@@ -227,6 +253,9 @@ _CALLS: dict[str, tuple[str, Callable[[argparse.Namespace], Any]]] = {
     "reserve": ("CheckAndReserve", lambda a: pb.CheckAndReserveRequest(
         account_id=a.account, product=a.product, reservation_id=a.id, ttl_seconds=a.ttl,
         params=_job(a) or pb.JobParams())),
+    "quote": ("Quote", lambda a: pb.QuoteRequest(
+        account_id=a.account, product=a.product, reservation_id=a.id, ttl_seconds=a.ttl,
+        params=_job(a) or pb.JobParams())),
     "commit": ("Commit", _commit_request),
     "release": ("Release", lambda a: pb.ReleaseRequest(account_id=a.account, reservation_id=a.id)),
     "extend": ("ExtendReservation", lambda a: pb.ExtendReservationRequest(
@@ -297,6 +326,7 @@ def _print_ledger(r: pb.ListLedgerResponse, tz: str = "UTC") -> None:
 
 _PRINTERS: dict[str, Callable[[Any], None]] = {
     "reserve": _print_decision,
+    "quote": _print_quote,
     "balance": _print_balance,
     "account": _print_account,
     "commit": lambda r: _say(
@@ -395,8 +425,8 @@ def _check_zone(args: argparse.Namespace) -> None:
 
 
 def run_verb(args: argparse.Namespace) -> int:
-    """EXIT_OK; EXIT_DENIED for a denied reserve (printed like an allowed one); EXIT_ERROR when the
-    call failed; EXIT_USAGE for a bad flag value."""
+    """EXIT_OK; EXIT_DENIED for a denied reserve, or a quote that would be denied (printed like an
+    allowed one); EXIT_ERROR when the call failed; EXIT_USAGE for a bad flag value."""
     try:
         _check_zone(args)
         response = _call(args)
@@ -407,6 +437,6 @@ def run_verb(args: argparse.Namespace) -> int:
         _say(f"error: {exc}", err=True)
         return EXIT_USAGE
     _print(args, response)
-    if args.verb == "reserve" and not response.allowed:
+    if args.verb in ("reserve", "quote") and not response.allowed:
         return EXIT_DENIED
     return EXIT_OK

@@ -29,18 +29,18 @@ ADMIN_TOKEN_ENV = "QUOTA_ADMIN_TOKEN"
 EXIT_OK = 0
 EXIT_ERROR = 1           # a failed call, an unreachable sidecar; audit: violations found
 EXIT_USAGE = 2           # bad flags or settings; audit: could not run at all (grep's convention)
-EXIT_DENIED = 3          # reserve: the job may not run; nothing is held
+EXIT_DENIED = 3          # reserve: the job may not run; nothing is held. quote: it would be denied
 # stdout closed early (`ledger | head`): what a process killed by SIGPIPE reports in a shell
 # (128 + 13), as cat or grep would; 0 would claim the whole output was delivered.
 EXIT_BROKEN_PIPE = 141
 EXIT_STATUS_TEXT = """exit status:
-  0    success (reserve: ALLOWED; commit or release the hold)
+  0    success (reserve: ALLOWED; commit or release the hold; quote: would be allowed)
   1    error: a failed gRPC call or an unreachable sidecar; serve could not start;
        audit: violations found
   2    bad usage or setting; serve: its data folder is used by another serve;
        audit: could not run (no or unreachable Redis)
   3    reserve: DENIED (nothing held), so `quota-sidecar reserve ... && render`
-       renders only what was allowed
+       renders only what was allowed; quote: would be denied
   141  standard output was closed early (e.g. piped into head)"""
 
 

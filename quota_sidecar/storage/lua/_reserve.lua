@@ -1,7 +1,7 @@
 -- CheckAndReserve's decision, as a function: reserve.lua runs it once,
--- reserve_all.lua once per item of an all_or_nothing batch. It reads its
--- arguments with next_arg() (all of them before any return) and returns the
--- encoded reply.
+-- reserve_all.lua once per item of an all_or_nothing batch, quote.lua once as
+-- a dry run (Quote). It reads its arguments with next_arg() (all of them
+-- before any return) and returns the encoded reply.
 --
 -- The whole decision in one atomic step.
 --
@@ -26,7 +26,11 @@
 --
 -- Times are in milliseconds; credits are integers.
 -- swept: lazy expiry already ran for this call (reserve_all.lua runs it once for the batch).
-local function reserve_one(swept)
+-- dry_run: Quote. The same decision and the same reply, but nothing of its own is written: no
+-- hold, record, outbox entry, usage event or note. Only lazy expiry writes (settle_if_due and
+-- sweep, as for CheckAndReserve): it records what time already decided, and the answer is then
+-- CheckAndReserve's by construction instead of by a second model of what settling changes.
+local function reserve_one(swept, dry_run)
   local rid           = next_arg()
   local product       = next_arg()
   local fingerprint   = next_arg()
@@ -47,6 +51,10 @@ local function reserve_one(swept)
     if from_ms <= now_ms then cost_credits, plans_version, rows_at = cost, version, at end
   end
   local packs_at      = skip_block(4)  -- {pack_id, credits, price minor units, currency}
+  -- A usage event (and its note) of this decision; a quote's decision tells no one.
+  local function notify(note, kind, fields)
+    if not dry_run then emit_once(note, kind, fields) end
+  end
 
   local existing = load_record(rid)
   if existing then
@@ -160,7 +168,11 @@ local function reserve_one(swept)
   local rec = {s = 'held', p = product, fp = fingerprint, c = 0, l = {}, fw = {}, m = '', pv = plans_version,
                cr = now_ms, e = now_ms + ttl_ms, ttl = ttl_ms, pl = plan, rc = cost_credits}
 
+  -- The reply first (what a quote answers), then the writes that make it true.
   local function hold_free()
+    rec.f = 'free'
+    report_limits(true)
+    if dry_run then return '[]' end
     -- The oldest candidate of each block is its first row.
     if headline.used == 0 then prune_old_windows(ARGV[days_at + 1], ARGV[weeks_at + 1], ARGV[months_at + 1]) end
     local units = {}
@@ -168,21 +180,24 @@ local function reserve_one(swept)
       rec.fw[i] = take_free_unit(st.key, rid)
       units[i] = {k = rec.fw[i], u = st.used + 1, l = st.limit, s = st.shadow}
     end
-    rec.f = 'free'
-    report_limits(true)
     local scope = product .. '|' .. label
     local usage = {'product', product, 'window', label, 'used', decision.free_used, 'limit', headline.limit}
     if headline.limit > 0 and decision.free_used * 100 >= warn_percent * headline.limit then
-      emit_once('free_warning|' .. scope, 'free_warning', usage)
+      notify('free_warning|' .. scope, 'free_warning', usage)
     end
     if headline.limit > 0 and decision.free_used == headline.limit then
-      emit_once('free_exhausted|' .. scope, 'free_exhausted', usage)
+      notify('free_exhausted|' .. scope, 'free_exhausted', usage)
     end
     return cjson.encode(units)
   end
 
   -- Soonest expiry (then promo before purchase) first, as live_lots orders them.
   local function hold_credits()
+    rec.f, rec.c, rec.m = 'credits', cost_credits, month
+    decision.held = cost_credits
+    decision.balance = balance - cost_credits
+    report_limits(false)
+    if dry_run then return end
     local need = cost_credits
     for i = 1, #lots, 3 do
       if need == 0 then break end
@@ -196,22 +211,18 @@ local function reserve_one(swept)
       taken[#taken + 1] = lots[i + 2]
       need = need - take
     end
-    rec.f, rec.c, rec.m = 'credits', cost_credits, month
     hold_lots(rec.l)
     redis.call('HINCRBY', K_SPEND, month, cost_credits)
     incr('credits_held', cost_credits)
-    decision.held = cost_credits
-    decision.balance = balance - cost_credits
-    report_limits(false)
   end
 
   local function after_balance_drop(new_balance)
     if credits_low > 0 and new_balance < credits_low then
-      emit_once('credits_low', 'credits_low', {'balance', new_balance, 'threshold', credits_low, 'plan', plan})
+      notify('credits_low', 'credits_low', {'balance', new_balance, 'threshold', credits_low, 'plan', plan})
     end
     if topup_on and new_balance < topup_threshold then
-      emit_once('auto_topup', 'auto_topup_requested', {'balance', new_balance, 'threshold', topup_threshold,
-                                                       'pack_id', topup_pack})
+      notify('auto_topup', 'auto_topup_requested', {'balance', new_balance, 'threshold', topup_threshold,
+                                                    'pack_id', topup_pack})
     end
   end
 
@@ -226,27 +237,28 @@ local function reserve_one(swept)
       report_limits(false)
       decision.month_spend, decision.cap = month_spend, cap
       decision.denial = 'BUDGET_EXCEEDED'
-      emit_once('budget_reached|' .. month, 'budget_reached', {'month', month, 'cap', cap, 'spend', month_spend})
+      notify('budget_reached|' .. month, 'budget_reached', {'month', month, 'cap', cap, 'spend', month_spend})
       return reply(decision)
     end
     hold_credits()
     if cap > 0 and month_spend + cost_credits == cap then
-      emit_once('budget_reached|' .. month, 'budget_reached', {'month', month, 'cap', cap, 'spend', cap})
+      notify('budget_reached|' .. month, 'budget_reached', {'month', month, 'cap', cap, 'spend', cap})
     end
     after_balance_drop(decision.balance)
   else
     report_limits(false)
     decision.short = cost_credits - balance
     decision.denial = 'PURCHASE_REQUIRED'
-    emit_once('purchase_required|' .. product .. '|' .. label, 'purchase_required',
-              {'product', product, 'window', label, 'credits_short', decision.short, 'cost', cost_credits,
-               'offers', offers_json(decision.short)})
+    notify('purchase_required|' .. product .. '|' .. label, 'purchase_required',
+           {'product', product, 'window', label, 'credits_short', decision.short, 'cost', cost_credits,
+            'offers', offers_json(decision.short)})
     return reply(decision)
   end
 
   decision.allowed = 1
   decision.funding = rec.f
   decision.expires_ms = rec.e
+  if dry_run then return reply(decision) end
   -- Encoded once: the reply, and what a replay answers (a string in the record, so
   -- commits and releases do not decode and re-encode it).
   local answer = reply(decision)

@@ -203,6 +203,56 @@ class CheckAndReserveResponse(_message.Message):
     degraded: bool
     def __init__(self, allowed: _Optional[bool] = ..., reservation_id: _Optional[str] = ..., funding: _Optional[_Union[Funding, str]] = ..., credits_held: _Optional[int] = ..., free_used: _Optional[int] = ..., free_limit: _Optional[int] = ..., free_resets_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., credit_balance: _Optional[int] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., denial: _Optional[_Union[Denial, _Mapping]] = ..., job_cost_credits: _Optional[int] = ..., replayed: _Optional[bool] = ..., limits: _Optional[_Iterable[_Union[LimitStatus, _Mapping]]] = ..., shadow_limits: _Optional[_Iterable[str]] = ..., plans_version: _Optional[str] = ..., degraded: _Optional[bool] = ...) -> None: ...
 
+class QuoteRequest(_message.Message):
+    __slots__ = ("account_id", "product", "reservation_id", "params", "ttl_seconds")
+    ACCOUNT_ID_FIELD_NUMBER: _ClassVar[int]
+    PRODUCT_FIELD_NUMBER: _ClassVar[int]
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    account_id: str
+    product: str
+    reservation_id: str
+    params: JobParams
+    ttl_seconds: int
+    def __init__(self, account_id: _Optional[str] = ..., product: _Optional[str] = ..., reservation_id: _Optional[str] = ..., params: _Optional[_Union[JobParams, _Mapping]] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
+
+class QuoteResponse(_message.Message):
+    __slots__ = ("allowed", "reservation_id", "funding", "credits_held", "free_used", "free_limit", "free_resets_at", "credit_balance", "expires_at", "denial", "job_cost_credits", "replayed", "limits", "shadow_limits", "plans_version", "degraded")
+    ALLOWED_FIELD_NUMBER: _ClassVar[int]
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    FUNDING_FIELD_NUMBER: _ClassVar[int]
+    CREDITS_HELD_FIELD_NUMBER: _ClassVar[int]
+    FREE_USED_FIELD_NUMBER: _ClassVar[int]
+    FREE_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    FREE_RESETS_AT_FIELD_NUMBER: _ClassVar[int]
+    CREDIT_BALANCE_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    DENIAL_FIELD_NUMBER: _ClassVar[int]
+    JOB_COST_CREDITS_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_LIMITS_FIELD_NUMBER: _ClassVar[int]
+    PLANS_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_FIELD_NUMBER: _ClassVar[int]
+    allowed: bool
+    reservation_id: str
+    funding: Funding
+    credits_held: int
+    free_used: int
+    free_limit: int
+    free_resets_at: _timestamp_pb2.Timestamp
+    credit_balance: int
+    expires_at: _timestamp_pb2.Timestamp
+    denial: Denial
+    job_cost_credits: int
+    replayed: bool
+    limits: _containers.RepeatedCompositeFieldContainer[LimitStatus]
+    shadow_limits: _containers.RepeatedScalarFieldContainer[str]
+    plans_version: str
+    degraded: bool
+    def __init__(self, allowed: _Optional[bool] = ..., reservation_id: _Optional[str] = ..., funding: _Optional[_Union[Funding, str]] = ..., credits_held: _Optional[int] = ..., free_used: _Optional[int] = ..., free_limit: _Optional[int] = ..., free_resets_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., credit_balance: _Optional[int] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., denial: _Optional[_Union[Denial, _Mapping]] = ..., job_cost_credits: _Optional[int] = ..., replayed: _Optional[bool] = ..., limits: _Optional[_Iterable[_Union[LimitStatus, _Mapping]]] = ..., shadow_limits: _Optional[_Iterable[str]] = ..., plans_version: _Optional[str] = ..., degraded: _Optional[bool] = ...) -> None: ...
+
 class CommitRequest(_message.Message):
     __slots__ = ("account_id", "reservation_id", "params")
     ACCOUNT_ID_FIELD_NUMBER: _ClassVar[int]

@@ -40,6 +40,11 @@ class QuotaServiceStub:
                 request_serializer=quota_dot_v1_dot_quota__pb2.CheckAndReserveRequest.SerializeToString,
                 response_deserializer=quota_dot_v1_dot_quota__pb2.CheckAndReserveResponse.FromString,
                 _registered_method=True)
+        self.Quote = channel.unary_unary(
+                '/quota.v1.QuotaService/Quote',
+                request_serializer=quota_dot_v1_dot_quota__pb2.QuoteRequest.SerializeToString,
+                response_deserializer=quota_dot_v1_dot_quota__pb2.QuoteResponse.FromString,
+                _registered_method=True)
         self.Commit = channel.unary_unary(
                 '/quota.v1.QuotaService/Commit',
                 request_serializer=quota_dot_v1_dot_quota__pb2.CommitRequest.SerializeToString,
@@ -93,6 +98,42 @@ class QuotaServiceServicer:
         reservation_id to run it again). A denied reservation_id is not recorded:
         a retry decides again. An account may have at most
         --max-open-holds-per-account open holds: past that, CONCURRENCY_LIMIT.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Quote(self, request, context):
+        """The price before the job: what CheckAndReserve would answer at this
+        instant for the same request, holding nothing. The app shows it before the
+        user starts a job ("this video costs 2 credits", or the purchase offer).
+        It runs CheckAndReserve's own decision in Redis as a dry run (the same Lua
+        code, one EVALSHA), so the two cannot disagree: a CheckAndReserve of the
+        same request right after it, with no other call in between, answers the
+        same (allowed or the same denial and offers, the same funding, cost,
+        limits, balance and plans version). It is an answer about now, not a
+        promise: nothing is held, so another job, the window's end or a scheduled
+        plans change can make the next decision differ.
+
+        A quote writes nothing of its own: no reservation record, hold or ledger
+        (outbox) entry, and no usage event or note, not even purchase_required or
+        budget_reached (a price looked at is not a denial met; quotes are counted
+        by the quota_quotes_total metric instead). Lazy expiry: holds and lots
+        already past their expiry are settled first (and resolved records past
+        their retention dropped), exactly as CheckAndReserve and GetBalance do it,
+        each settlement with its ledger entry. That records what time already
+        decided (the sweeper or the account's next call of any kind records the
+        same), so it moves nothing the user has not already got back (an expired
+        hold's free unit and credits) or lost (an expired lot), and it makes the
+        quote CheckAndReserve's answer by running the same code, where computing
+        "as if settled" would take a second model of what settling changes. When
+        nothing is past due (the usual case: the sweeper keeps up) a quote writes
+        nothing at all.
+
+        Errors: those of CheckAndReserve for the same request (INVALID_ARGUMENT
+        naming the same field; for a reservation_id, see QuoteRequest). Redis
+        unreachable is UNAVAILABLE even for a product with a fail_open_free
+        policy: that allowance is only for jobs that run.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -167,6 +208,11 @@ def add_QuotaServiceServicer_to_server(servicer, server):
                     request_deserializer=quota_dot_v1_dot_quota__pb2.CheckAndReserveRequest.FromString,
                     response_serializer=quota_dot_v1_dot_quota__pb2.CheckAndReserveResponse.SerializeToString,
             ),
+            'Quote': grpc.unary_unary_rpc_method_handler(
+                    servicer.Quote,
+                    request_deserializer=quota_dot_v1_dot_quota__pb2.QuoteRequest.FromString,
+                    response_serializer=quota_dot_v1_dot_quota__pb2.QuoteResponse.SerializeToString,
+            ),
             'Commit': grpc.unary_unary_rpc_method_handler(
                     servicer.Commit,
                     request_deserializer=quota_dot_v1_dot_quota__pb2.CommitRequest.FromString,
@@ -231,6 +277,33 @@ class QuotaService:
             '/quota.v1.QuotaService/CheckAndReserve',
             quota_dot_v1_dot_quota__pb2.CheckAndReserveRequest.SerializeToString,
             quota_dot_v1_dot_quota__pb2.CheckAndReserveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Quote(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/quota.v1.QuotaService/Quote',
+            quota_dot_v1_dot_quota__pb2.QuoteRequest.SerializeToString,
+            quota_dot_v1_dot_quota__pb2.QuoteResponse.FromString,
             options,
             channel_credentials,
             insecure,
