@@ -17,7 +17,7 @@ from quota_sidecar._proto.quota.v1 import quota_pb2_grpc
 from quota_sidecar.domain.audit import audit_all
 from quota_sidecar.domain.clock import ManualClock
 from quota_sidecar.domain.degraded import DegradedMode
-from quota_sidecar.domain.engine import QuotaEngine
+from quota_sidecar.domain.engine import QuotaEngine, ReserveItem
 from quota_sidecar.domain.errors import PlansError, ResolutionConflict, Unavailable
 from quota_sidecar.domain.model import Funding, JobParams
 from quota_sidecar.domain.plans import Plans
@@ -147,3 +147,18 @@ def test_the_policy_is_validated() -> None:
         "default_plans.yaml").read_text())).product("sora").on_redis_failure == "fail_closed"
 
 
+
+
+async def test_a_job_with_cameos_is_never_allowed_without_redis(rig: Rig) -> None:
+    """Its cameo fees must be held in credits, which only Redis can do: fail closed, even on a
+    fail_open_free product, alone or in a batch."""
+    engine = rig.engine
+    await engine.set_cameo("cam-a", "owner-1", 2, True)
+    await engine.grant("a", 10, "p")
+    rig.redis.kill()
+    job = JobParams(duration_seconds=10, resolution="720p", cameo_ids=("cam-a",))
+    with pytest.raises(Unavailable):
+        await engine.check_and_reserve("a", "sora", "d1", job)
+    [out] = await engine.check_and_reserve_many([ReserveItem("a", "sora", "d2", job)])
+    assert isinstance(out, Unavailable)
+    assert engine.degraded is not None and engine.degraded.pending == ()

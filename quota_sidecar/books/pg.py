@@ -26,6 +26,7 @@ from quota_sidecar.books.migrate import apply_migrations
 from quota_sidecar.domain.errors import BooksUnavailable, ConfigError, QuotaError
 from quota_sidecar.domain.finance import (
     Balances,
+    CameoRoyalty,
     FinanceReport,
     MoneyByCurrency,
     ProductUse,
@@ -349,6 +350,10 @@ _MONEY = (f"SELECT currency, count(*), sum(price_minor_units)::bigint FROM quota
 _BY_PRODUCT = (f"SELECT product, coalesce(sum(spent_delta), 0)::bigint, coalesce(sum(refunded_delta), 0)::bigint "
                f"FROM quota_ledger_entries WHERE (spent_delta <> 0 OR refunded_delta <> 0) AND {_IN_MONTH} "
                "GROUP BY product ORDER BY product")
+# Royalties owed per owner for the month, net of refunds (the view quota_royalties, 0002_royalties.sql).
+_ROYALTIES = (f"SELECT owner_account_id, cameo_id, count(*) FILTER (WHERE kind = 'commit'), "
+              f"count(*) FILTER (WHERE kind = 'refund'), coalesce(sum(credits), 0)::bigint FROM quota_royalties "
+              f"WHERE {_IN_MONTH} GROUP BY owner_account_id, cameo_id ORDER BY owner_account_id, cameo_id")
 _AVAILABLE = "granted_delta + refunded_delta - spent_delta - expired_delta - revoked_delta - held_delta"
 _BEFORE_START = f"occurred_at < {_ts('%(start)s')}"
 # The month's movements, and the balances before its start and before its end, in one scan.
@@ -376,6 +381,9 @@ async def _report(conn: Conn, month: str, start_ms: int, end_ms: int) -> Finance
         by_product = [ProductUse(r[0], int(r[1]), int(r[2]))
                       for r in await (await conn.execute(_BY_PRODUCT, params)).fetchall()]
         totals = await (await conn.execute(_MONTH_TOTALS, params)).fetchone()
+        royalties = [CameoRoyalty(owner_account_id=r[0], cameo_id=r[1], uses=int(r[2]), refunds=int(r[3]),
+                                  credits=int(r[4]))
+                     for r in await (await conn.execute(_ROYALTIES, params)).fetchall()]
     assert totals is not None  # an aggregate without GROUP BY returns one row
     granted, spent, refunded, expired, revoked, open_available, open_held, close_available, close_held = (
         int(v) for v in totals)
@@ -384,4 +392,4 @@ async def _report(conn: Conn, month: str, start_ms: int, end_ms: int) -> Finance
         unpriced_grants=sum(s.grants for s in sold) - sum(m.grants for m in money), by_product=tuple(by_product),
         granted=granted, spent=spent, refunded=refunded, expired=expired, revoked=revoked,
         opening=Balances(available=open_available, held=open_held),
-        closing=Balances(available=close_available, held=close_held))
+        closing=Balances(available=close_available, held=close_held), royalties=tuple(royalties))

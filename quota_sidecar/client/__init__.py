@@ -32,7 +32,7 @@ from quota_sidecar._proto.quota.v1 import quota_pb2_grpc as pb_grpc
 __all__ = [
     "QuotaClient", "SyncQuotaClient", "Job", "Reservation", "Quote", "Offer", "CommitResult", "ReleaseResult",
     "Balance", "CreditLot", "Hold", "QuotaClientError", "Denied", "InvalidRequest", "Unavailable",
-    "ReservationError", "SyncAdminClient", "Grant",
+    "ReservationError", "SyncAdminClient", "Grant", "Cameo",
 ]
 
 T = TypeVar("T")
@@ -48,7 +48,7 @@ DEFAULT_SETTLE_TIMEOUT_SECONDS = 30.0
 # Codes after which the same request may be sent again: the sidecar documents that
 # retrying with the same reservation_id is always safe (CANCELLED: grpc/grpc#41785).
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
-_PARAM_FIELDS = {"duration_seconds", "resolution", "model", "units", "extra"}
+_PARAM_FIELDS = {"duration_seconds", "resolution", "model", "units", "extra", "cameo_ids"}
 
 
 # -- results -------------------------------------------------------------------------------------
@@ -77,6 +77,7 @@ class Reservation:
     job_cost_credits: int
     replayed: bool
     plans_version: str
+    cameo_fees_credits: int = 0  # of job_cost_credits: the cameos' fees (paid from credits)
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,7 @@ class Quote:
     replayed: bool  # reservation_id names a live hold of the same request
     plans_version: str
     denial: Denied | None  # what reserve() would raise, when not allowed
+    cameo_fees_credits: int = 0  # of job_cost_credits: the cameos' fees (paid from credits)
 
 
 @dataclass(frozen=True)
@@ -152,6 +154,16 @@ class Grant:
     expires_at: datetime | None
     credit_balance: int
     replayed: bool  # this purchase_id had been granted before: nothing was added
+
+
+@dataclass(frozen=True)
+class Cameo:
+    """A cameo (SetCameo / GetCameo): each job using it pays ``fee_credits`` to its owner."""
+    cameo_id: str
+    owner_account_id: str
+    fee_credits: int
+    active: bool
+    updated_at: datetime | None
 
 
 # -- errors --------------------------------------------------------------------------------------
@@ -267,7 +279,8 @@ def _params(params: Mapping[str, Any]) -> pb.JobParams:
     extra = {str(k): str(v) for k, v in dict(params.get("extra") or {}).items()}
     return pb.JobParams(duration_seconds=float(params.get("duration_seconds") or 0.0),
                         resolution=str(params.get("resolution") or ""), model=str(params.get("model") or ""),
-                        units=int(params.get("units") or 0), extra=extra)
+                        units=int(params.get("units") or 0), extra=extra,
+                        cameo_ids=[str(c) for c in params.get("cameo_ids") or ()])
 
 
 def _offer(o: pb.CreditPack) -> Offer:
@@ -287,7 +300,8 @@ def _reservation(r: pb.CheckAndReserveResponse) -> Reservation:
     return Reservation(reservation_id=r.reservation_id, funding=_funding(r.funding), credits_held=r.credits_held,
                        free_used=r.free_used, free_limit=r.free_limit, free_resets_at=_time(r.free_resets_at),
                        expires_at=_time(r.expires_at), credit_balance=r.credit_balance,
-                       job_cost_credits=r.job_cost_credits, replayed=r.replayed, plans_version=r.plans_version)
+                       job_cost_credits=r.job_cost_credits, replayed=r.replayed, plans_version=r.plans_version,
+                       cameo_fees_credits=r.cameo_fees_credits)
 
 
 def _quote(r: pb.QuoteResponse) -> Quote:
@@ -295,7 +309,8 @@ def _quote(r: pb.QuoteResponse) -> Quote:
                  credits_held=r.credits_held, free_used=r.free_used, free_limit=r.free_limit,
                  free_resets_at=_time(r.free_resets_at), expires_at=_time(r.expires_at),
                  credit_balance=r.credit_balance, job_cost_credits=r.job_cost_credits, replayed=r.replayed,
-                 plans_version=r.plans_version, denial=None if r.allowed else _denied(r))
+                 plans_version=r.plans_version, denial=None if r.allowed else _denied(r),
+                 cameo_fees_credits=r.cameo_fees_credits)
 
 
 def _balance(r: pb.GetBalanceResponse) -> Balance:
@@ -712,3 +727,28 @@ class SyncAdminClient:
             raise _error(err, 1) from None
         return Grant(lot_id=r.lot.lot_id, credits=r.lot.credits_granted, expires_at=_time(r.lot.expires_at),
                      credit_balance=r.credit_balance, replayed=r.replayed)
+
+    def set_cameo(self, cameo_id: str, owner_account_id: str, fee_credits: int, *, active: bool = True) -> Cameo:
+        """Defines or changes a cameo: each job using it pays ``fee_credits`` to ``owner_account_id``.
+        Every sidecar applies it within a few seconds; a hold keeps the fee it was made with."""
+        request = pb.SetCameoRequest(cameo_id=cameo_id, owner_account_id=owner_account_id, fee_credits=fee_credits,
+                                     active=active)
+        try:
+            r = self._stub.SetCameo(request, timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as err:
+            raise _error(err, 1) from None
+        return _cameo(r.cameo)
+
+    def get_cameo(self, cameo_id: str) -> Cameo:
+        """The cameo as stored; ReservationError (NOT_FOUND, reason CAMEO_NOT_FOUND) when never set."""
+        try:
+            r = self._stub.GetCameo(pb.GetCameoRequest(cameo_id=cameo_id), timeout=self.timeout,
+                                    metadata=self._metadata)
+        except grpc.RpcError as err:
+            raise _error(err, 1) from None
+        return _cameo(r.cameo)
+
+
+def _cameo(c: pb.Cameo) -> Cameo:
+    return Cameo(cameo_id=c.cameo_id, owner_account_id=c.owner_account_id, fee_credits=c.fee_credits,
+                 active=c.active, updated_at=_time(c.updated_at))

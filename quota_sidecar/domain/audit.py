@@ -280,24 +280,31 @@ def entry_int(entry: LedgerEntry, name: str) -> int:
 
 
 def _by_funding(entry: LedgerEntry) -> bool:
-    return entry.fields.get("funding") == "credits"
+    """Whether the entry moves credits: a credits job, or a free job's cameo fees (``fees``)."""
+    return entry.fields.get("funding") == "credits" or _num(entry.fields.get("fees")) > 0
+
+
+def _free_unit(entry: LedgerEntry) -> bool:
+    return entry.fields.get("funding") == "free"
 
 
 def expected_deltas(entry: LedgerEntry) -> Deltas:
     """What an entry of its kind must move, from its own fields (see ledger() in _prelude.lua)."""
     credits, kind = entry_int(entry, "credits"), entry.type
     to_expired, to_revoked = entry_int(entry, "to_expired"), entry_int(entry, "to_revoked")
+    # A free job with cameo fees moves both its free unit and the fees' credits.
+    unit = 1 if _free_unit(entry) else 0
     if kind == "hold":
-        return Deltas(held=credits) if _by_funding(entry) else Deltas(free_units=1)
+        return Deltas(held=credits if _by_funding(entry) else 0, free_units=unit)
     if kind == "commit":
         return Deltas(held=-(credits + entry_int(entry, "returned")), spent=credits, expired=to_expired,
                       revoked=to_revoked)
     if kind in ("release", "expire"):
-        return Deltas(held=-credits, expired=to_expired, revoked=to_revoked) if _by_funding(entry) \
-            else Deltas(free_units=-1)
+        return Deltas(held=-credits, expired=to_expired, revoked=to_revoked, free_units=-unit) \
+            if _by_funding(entry) else Deltas(free_units=-unit)
     if kind == "refund":
-        return Deltas(refunded=credits, expired=to_expired, revoked=to_revoked) if _by_funding(entry) \
-            else Deltas(free_units=-1)
+        return Deltas(refunded=credits, expired=to_expired, revoked=to_revoked, free_units=-unit) \
+            if _by_funding(entry) else Deltas(free_units=-unit)
     if kind == "grant":
         return Deltas(granted=credits)
     if kind == "revoke":

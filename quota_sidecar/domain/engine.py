@@ -50,6 +50,7 @@ from quota_sidecar.domain.model import (
     AutoTopUp,
     Balance,
     BalanceSnapshot,
+    Cameo,
     CommitResult,
     CreditPack,
     CreditSource,
@@ -82,6 +83,8 @@ MAX_GRANT_CREDITS = 1_000_000_000
 MAX_LOT_LIFETIME_DAYS = 20 * 366  # keeps every stored time within 13 digits
 MAX_SPEND_CAP_CREDITS = 1_000_000_000
 MAX_REASON_CHARS = 256
+MAX_CAMEOS_PER_JOB = 8
+MAX_CAMEO_FEE_CREDITS = 1_000_000
 MAX_PRICE_MINOR_UNITS = 10**15  # far above any one purchase; keeps the books' bigint exact
 MAX_LEDGER_PAGE = 1000
 DEFAULT_LEDGER_PAGE = 100
@@ -100,11 +103,11 @@ log = logging.getLogger("quota_sidecar.domain.engine")
 
 def fingerprint(product: str, job: JobParams, ttl_seconds: int) -> str:
     """Identity of a CheckAndReserve request, for telling a retry from a reuse."""
-    canonical = json.dumps(
-        [product, repr(float(job.duration_seconds)), job.resolution, job.model, job.units,
-         sorted(job.extra.items()), ttl_seconds],
-        separators=(",", ":"),
-    )
+    fields: list[Any] = [product, repr(float(job.duration_seconds)), job.resolution, job.model, job.units,
+                         sorted(job.extra.items()), ttl_seconds]
+    if job.cameo_ids:  # only then: a job without cameos keeps the fingerprint it always had
+        fields.append(list(job.cameo_ids))
+    canonical = json.dumps(fields, separators=(",", ":"))
     return hashlib.blake2b(canonical.encode(), digest_size=16).hexdigest()
 
 
@@ -127,6 +130,8 @@ def check_ttl_seconds(field: str, ttl_seconds: int) -> None:
 
 
 def denial_message(plans: Plans, product: str, job: JobParams, outcome: ReserveOutcome) -> str:
+    if outcome.denial is DenialReason.NOT_ENTITLED and outcome.cameo_id:
+        return f"cameo {outcome.cameo_id!r} is unknown or not active; it cannot be used in a job"
     if outcome.denial is DenialReason.NOT_ENTITLED:
         return plans.entitlement_denial(outcome.plan, product, job) or "not entitled"
     if outcome.denial is DenialReason.CONCURRENCY_LIMIT:
@@ -141,6 +146,10 @@ def denial_message(plans: Plans, product: str, job: JobParams, outcome: ReserveO
     # Cost, balance and shortfall each named once, in that order: "2 more credit(s) needed for this
     # job (2 credits)" read as two different amounts.
     cost, short = outcome.cost_credits, outcome.credits_short
+    if outcome.fees_credits and outcome.free_used < outcome.free_limit:
+        # The free allowance pays the generation; the cameo fees are paid in credits.
+        return (f"this job's cameo fees cost {outcome.fees_credits} {credits(outcome.fees_credits)} (the "
+                f"generation is free); {outcome.credit_balance} available, {short} more {credits(short)} needed")
     return (f"daily free {product} allowance used ({outcome.free_used}/{outcome.free_limit} {unit}s); "
             f"this job costs {cost} {credits(cost)}; {outcome.credit_balance} available, "
             f"{short} more {credits(short)} needed")
@@ -240,6 +249,17 @@ def plan_rows(plans: Plans, product: str, job: JobParams) -> tuple[PlanRow, ...]
             max_concurrent=rules.max_concurrent if rules else 0,
             concurrency_shadow=rules.concurrency_shadow if rules else False))
     return tuple(rows)
+
+
+def check_cameo_ids(cameo_ids: Sequence[str]) -> tuple[str, ...]:
+    """A job's cameos: at most MAX_CAMEOS_PER_JOB ids, each once."""
+    if len(cameo_ids) > MAX_CAMEOS_PER_JOB:
+        raise InvalidArgument("params.cameo_ids", f"{len(cameo_ids)} cameos; at most {MAX_CAMEOS_PER_JOB} per job")
+    for cameo_id in cameo_ids:
+        check_id("params.cameo_ids", cameo_id)
+    if len(set(cameo_ids)) != len(cameo_ids):
+        raise InvalidArgument("params.cameo_ids", "a cameo is listed more than once")
+    return tuple(cameo_ids)
 
 
 def check_override(plans: Plans, override: LimitOverride) -> None:
@@ -354,6 +374,9 @@ class QuotaEngine:
         self.degraded = degraded
         # The system of record ListLedger reads (decisions never do); None: the outbox alone.
         self.books = books
+        # The cameos as last read from Redis (refresh_cameos, on an interval) or set through this
+        # sidecar; replaced whole, never mutated. The fee a hold is stamped with is what is charged.
+        self.cameos: dict[str, Cameo] = {}
 
     def set_plans(self, plans: Plans) -> None:
         """Use ``plans`` for every call from now on; calls in flight finish with the plans they read."""
@@ -404,7 +427,7 @@ class QuotaEngine:
 
     def _fingerprint(self, product: str, job: JobParams, ttl_seconds: int) -> str:
         """fingerprint(), remembered: workers send the same few job sizes over and over."""
-        key = (product, _job_key(job), ttl_seconds)
+        key = (product, _job_key(job), job.cameo_ids, ttl_seconds)
         cached = self._fingerprints.get(key)
         if cached is None:
             if len(self._fingerprints) >= SEGMENTS_CACHE_ENTRIES:
@@ -454,6 +477,7 @@ class QuotaEngine:
         rid = check_id("reservation_id", reservation_id) if reservation_id else (
             new_reservation_id() if mint_id else "")
         plans.job_cost(product, job)
+        check_cameo_ids(job.cameo_ids)
         check_ttl_seconds("ttl_seconds", ttl_seconds)
         return _Prepared(account_id=account_id, product=product, reservation_id=rid, job=job, plans=plans,
                          ttl_seconds=ttl_seconds, ttl_ms=(ttl_seconds or plans.default_ttl_seconds(product)) * 1000,
@@ -471,7 +495,16 @@ class QuotaEngine:
             fingerprint=p.fingerprint, ttl_ms=p.ttl_ms, segments=p.segments, default_plan=p.plans.default_plan,
             time_zone=tz, windows=days, weeks=weeks, months=months,
             packs=p.plans.packs, free_warning_percent=p.plans.notifications.free_warning_percent,
-            stamp=self._stamp(p.plans))
+            stamp=self._stamp(p.plans), cameos=self._job_cameos(p.job))
+
+    def _job_cameos(self, job: JobParams) -> tuple[tuple[str, str, int, bool], ...]:
+        """The job's cameos as this sidecar knows them, for the script (unknown: inactive)."""
+        rows = []
+        for cameo_id in job.cameo_ids:
+            cameo = self.cameos.get(cameo_id)
+            rows.append((cameo_id, cameo.owner_account_id, cameo.fee_credits, cameo.active) if cameo
+                        else (cameo_id, "", 0, False))
+        return tuple(rows)
 
     def _decision(self, p: _Prepared, outcome: ReserveOutcome) -> Decision:
         if outcome.allowed:
@@ -496,8 +529,9 @@ class QuotaEngine:
             outcome = await self._in_account_zone(account_id, reserve)
         except Unavailable as exc:
             product_rules = p.plans.product(product)
+            # A job with cameos is never allowed without Redis: its fees must be held in credits.
             if not isinstance(exc, StoreUnavailable) or product_rules.on_redis_failure != "fail_open_free" \
-                    or self.degraded is None:
+                    or self.degraded is None or p.job.cameo_ids:
                 raise
             return self._degraded_reserve(DegradedReservation(
                 account_id=account_id, reservation_id=p.reservation_id, product=product, fingerprint=p.fingerprint,
@@ -534,7 +568,7 @@ class QuotaEngine:
     # Redis, a fail_open_free product while Redis is away) take the single-call path after it.
 
     def _fails_open(self, p: _Prepared, out: object) -> bool:
-        return (isinstance(out, StoreUnavailable) and self.degraded is not None
+        return (isinstance(out, StoreUnavailable) and self.degraded is not None and not p.job.cameo_ids
                 and p.plans.product(p.product).on_redis_failure == "fail_open_free")
 
     def _prepare_items(self, items: Sequence[ReserveItem]) -> list[_Prepared | QuotaError]:
@@ -852,6 +886,29 @@ class QuotaEngine:
         return self._balance(account_id, await self._snapshot(account_id))
 
     # -- QuotaAdmin -------------------------------------------------------
+
+    async def set_cameo(self, cameo_id: str, owner_account_id: str, fee_credits: int, active: bool) -> Cameo:
+        """Defines or changes a cameo. Other sidecars see it at their next refresh_cameos."""
+        check_id("cameo_id", cameo_id)
+        check_id("owner_account_id", owner_account_id)
+        if not 0 <= fee_credits <= MAX_CAMEO_FEE_CREDITS:
+            raise InvalidArgument("fee_credits", f"must be between 0 and {MAX_CAMEO_FEE_CREDITS}")
+        cameo = Cameo(cameo_id=cameo_id, owner_account_id=owner_account_id, fee_credits=fee_credits,
+                      active=active, updated_ms=self.clock.local_now_ms())
+        await self.store.set_cameo(cameo)
+        self.cameos = {**self.cameos, cameo_id: cameo}
+        return cameo
+
+    async def get_cameo(self, cameo_id: str) -> Cameo | None:
+        """The cameo as Redis holds it now (None: not defined); refreshes this sidecar's copy."""
+        check_id("cameo_id", cameo_id)
+        await self.refresh_cameos()
+        return self.cameos.get(cameo_id)
+
+    async def refresh_cameos(self) -> int:
+        """Reads every cameo from Redis into memory (the server does it every few seconds)."""
+        self.cameos = await self.store.cameos()
+        return len(self.cameos)
 
     async def grant(self, account_id: str, credits: int, purchase_id: str, expires_ms: int | None = None, *,
                     source: CreditSource = CreditSource.PURCHASE, reason: str = "",

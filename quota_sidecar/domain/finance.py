@@ -84,6 +84,18 @@ class ProductUse:
 
 
 @dataclass(frozen=True)
+class CameoRoyalty:
+    """What one owner is owed for one cameo in the month: its fees of the month's commits, net of
+    the refunds of the month (a refund gives the royalty back)."""
+
+    owner_account_id: str
+    cameo_id: str
+    uses: int  # commits of jobs that used it
+    refunds: int  # refunds of such jobs
+    credits: int  # net royalty, credits
+
+
+@dataclass(frozen=True)
 class Balances:
     """Every account's credits at one instant, from the sum of the deltas of the movements before it."""
 
@@ -116,6 +128,14 @@ class FinanceReport:
     revoked: int
     opening: Balances
     closing: Balances
+    royalties: tuple[CameoRoyalty, ...] = ()  # per owner and cameo, ordered by owner
+
+    def royalties_by_owner(self) -> dict[str, int]:
+        """Net credits owed to each owner for the month."""
+        owed: dict[str, int] = {}
+        for r in self.royalties:
+            owed[r.owner_account_id] = owed.get(r.owner_account_id, 0) + r.credits
+        return owed
 
     @property
     def balanced(self) -> bool:
@@ -143,6 +163,11 @@ def to_json(report: FinanceReport) -> dict[str, object]:
         "opening_balance": {"available": report.opening.available, "held": report.opening.held},
         "closing_balance": {"available": report.closing.available, "held": report.closing.held},
         "balanced": report.balanced,
+        "royalties_by_owner": [
+            {"owner_account_id": owner, "credits": credits,
+             "cameos": [{"cameo_id": r.cameo_id, "uses": r.uses, "refunds": r.refunds, "credits": r.credits}
+                        for r in report.royalties if r.owner_account_id == owner]}
+            for owner, credits in report.royalties_by_owner().items()],
     }
 
 
@@ -174,7 +199,16 @@ def render_text(report: FinanceReport) -> str:
         f"Balance at end      {report.closing.available:>15,} available, {report.closing.held:,} held",
         "Roll-forward        start + sold + refunded - spent - expired - revoked = end: "
         + ("yes" if report.balanced else "NO (the books are inconsistent: run `quota-sidecar audit`)"),
+        "",
+        "Royalties owed (cameo fees of the month's commits, net of refunds; part of credits spent)",
     ]
+    for owner, credits in report.royalties_by_owner().items():
+        lines.append(f"  {owner:<18}{credits:>15,}")
+        lines += [f"    {r.cameo_id:<16}{r.credits:>15,}  in {_plural(r.uses, 'use')}"
+                  + (f", {_plural(r.refunds, 'refund')}" if r.refunds else "")
+                  for r in report.royalties if r.owner_account_id == owner]
+    if not report.royalties:
+        lines.append("  none")
     return "\n".join(lines) + "\n"
 
 

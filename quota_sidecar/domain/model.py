@@ -25,6 +25,20 @@ class JobParams:
     model: str = ""
     units: int = 0
     extra: Mapping[str, str] = field(default_factory=dict)
+    # The cameos (characters, likenesses) the job uses; each active one's fee is added to its cost.
+    cameo_ids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Cameo:
+    """A rights-holder's character or likeness: each job using it pays ``fee_credits`` (per use),
+    the owner's royalty. Admin data, like the plans: every sidecar keeps them in memory."""
+
+    cameo_id: str
+    owner_account_id: str
+    fee_credits: int
+    active: bool
+    updated_ms: int = 0
 
 
 class Funding(enum.Enum):
@@ -178,6 +192,8 @@ class ReserveCommand:
     packs: tuple[CreditPack, ...]
     free_warning_percent: int
     stamp: Stamp
+    # The job's cameos as the registry knows them: (cameo_id, owner, fee, active); unknown: ("", 0, False).
+    cameos: tuple[tuple[str, str, int, bool], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -200,6 +216,8 @@ class ReserveOutcome:
     shadow_limits: tuple[str, ...] = ()
     plans_version: str = ""
     degraded: bool = False  # decided without Redis (fail_open_free)
+    fees_credits: int = 0  # the cameo fees in cost_credits (paid from credits even on a free job)
+    cameo_id: str = ""  # NOT_ENTITLED because of this cameo (unknown or inactive)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from quota_sidecar.domain.model import (
     ActualCost,
     AppendResult,
     BalanceSnapshot,
+    Cameo,
     CommitResult,
     CreditSource,
     CreditTotals,
@@ -101,6 +102,12 @@ class Store(Protocol):
 
     async def sweep_account(self, account_id: str, notice_ms: int, stamp: Stamp) -> int:
         """The sweeper, per account returned by accounts_to_sweep: holds expired. One EVALSHA."""
+
+    async def set_cameo(self, cameo: Cameo) -> None:
+        """Stores a cameo's definition (admin data under its own key, no account's)."""
+
+    async def cameos(self) -> dict[str, Cameo]:
+        """Every cameo defined, by id (each sidecar's registry refresh)."""
 
     async def accounts_to_sweep(self) -> list[str]:
         """The sweeper, once per pass (lease holder only): accounts with holds, lots or records.

@@ -326,6 +326,21 @@ async def replay_degraded_forever(engine: QuotaEngine, interval_seconds: float =
         await asyncio.sleep(interval_seconds)
 
 
+CAMEO_REFRESH_SECONDS = 5.0
+
+
+async def refresh_cameos_forever(engine: QuotaEngine, interval_seconds: float = CAMEO_REFRESH_SECONDS) -> None:
+    """Keeps this sidecar's copy of the cameos (admin data in Redis) at most ``interval_seconds``
+    old: a cameo set or deactivated through another sidecar applies here within that delay.
+    A failed read keeps the copy in use (decisions never read cameos from Redis themselves)."""
+    while True:
+        try:
+            await engine.refresh_cameos()
+        except Exception:  # noqa: BLE001 - keep the last copy; retry at the next interval
+            log.warning("reading the cameos from Redis failed; keeping the last copy", exc_info=True)
+        await asyncio.sleep(interval_seconds)
+
+
 async def sweep_forever(engine: QuotaEngine, store: RedisStore, interval_seconds: float,
                         metrics: Metrics | None = None) -> None:
     """Refunds expired holds of idle accounts; one sidecar of a fleet per interval (a Redis lease)."""
@@ -619,7 +634,8 @@ def _watch_tasks(settings: Settings, engine: QuotaEngine, store: RedisStore, hea
                  metrics: Metrics, fd_limit: int | None, books_url: str = "",
                  stop: asyncio.Event | None = None) -> list[asyncio.Task[None]]:
     """The running server's timers: degraded replay, Redis health, sweeper, shipper, file descriptors."""
-    tasks = [asyncio.create_task(replay_degraded_forever(engine), name="degraded-replay")]
+    tasks = [asyncio.create_task(replay_degraded_forever(engine), name="degraded-replay"),
+             asyncio.create_task(refresh_cameos_forever(engine), name="cameo-refresh")]
     if settings.redis_unhealthy_after_seconds:
         tasks.append(asyncio.create_task(watch_redis_health(
             store, health, settings.redis_unhealthy_after_seconds, metrics=metrics), name="redis-health"))

@@ -45,6 +45,7 @@ from quota_sidecar.domain.model import (
     Account,
     AutoTopUp,
     Balance,
+    Cameo,
     CommitResult,
     CreditSource,
     CreditTotals,
@@ -211,7 +212,7 @@ def _log_failure(level: int, method: str, request: Any, exc: QuotaError) -> None
 
 def job_params(params: pb.JobParams) -> JobParams:
     return JobParams(duration_seconds=params.duration_seconds, resolution=params.resolution, model=params.model,
-                     units=params.units, extra=dict(params.extra))
+                     units=params.units, extra=dict(params.extra), cameo_ids=tuple(params.cameo_ids))
 
 
 def _money(money: Money) -> pb.Money:
@@ -260,6 +261,7 @@ def _answer(kind: type[_Answer], decision: Decision) -> _Answer:
         credits_held=o.credits_held, free_used=o.free_used, free_limit=o.free_limit,
         free_resets_at=_ts(o.free_resets_ms), credit_balance=o.credit_balance,
         job_cost_credits=o.cost_credits, replayed=o.replayed, plans_version=o.plans_version, degraded=o.degraded,
+        cameo_fees_credits=o.fees_credits,
         limits=[_limit_status(st) for st in o.limits], shadow_limits=list(o.shadow_limits),
     )
     if o.allowed:
@@ -267,7 +269,7 @@ def _answer(kind: type[_Answer], decision: Decision) -> _Answer:
     else:
         assert o.denial is not None
         response.denial.CopyFrom(pb.Denial(reason=_DENIAL[o.denial.value], message=decision.denial_message,
-                                           credits_short=o.credits_short,
+                                           credits_short=o.credits_short, cameo_id=o.cameo_id,
                                            offers=[_offer(x) for x in decision.offers]))
     return response
 
@@ -339,6 +341,11 @@ def balance_response(b: Balance) -> pb.GetBalanceResponse:
         holds=[pb.Hold(reservation_id=h.reservation_id, product=h.product, funding=_FUNDING[h.funding],
                        credits_held=h.credits_held, expires_at=_ts(h.expires_ms)) for h in b.holds],
     )
+
+
+def cameo_pb(c: Cameo) -> pb.Cameo:
+    return pb.Cameo(cameo_id=c.cameo_id, owner_account_id=c.owner_account_id, fee_credits=c.fee_credits,
+                    active=c.active, updated_at=_ts(c.updated_ms))
 
 
 def commit_response(r: CommitResult) -> pb.CommitResponse:
@@ -524,6 +531,19 @@ class QuotaAdmin(pb_grpc.QuotaAdminServicer):
     @_rpc
     async def GetAccount(self, request: pb.GetAccountRequest, context: Any) -> pb.GetAccountResponse:
         return account_response(await self._engine.account(request.account_id))
+
+    @_rpc
+    async def SetCameo(self, request: pb.SetCameoRequest, context: Any) -> pb.SetCameoResponse:
+        cameo = await self._engine.set_cameo(request.cameo_id, request.owner_account_id, request.fee_credits,
+                                             request.active)
+        return pb.SetCameoResponse(cameo=cameo_pb(cameo))
+
+    @_rpc
+    async def GetCameo(self, request: pb.GetCameoRequest, context: Any) -> pb.GetCameoResponse:
+        cameo = await self._engine.get_cameo(request.cameo_id)
+        if cameo is None:
+            raise NotFound(f"no cameo {request.cameo_id!r}", reason="CAMEO_NOT_FOUND")
+        return pb.GetCameoResponse(cameo=cameo_pb(cameo))
 
     @_rpc
     async def ListLedger(self, request: pb.ListLedgerRequest, context: Any) -> pb.ListLedgerResponse:

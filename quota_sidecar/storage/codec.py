@@ -165,6 +165,8 @@ def decode_reserve_outcome(r: Mapping[str, Any]) -> ReserveOutcome:
         limits=decode_limit_statuses(r.get("limits")),
         shadow_limits=tuple(as_list(r.get("shadow"))),
         plans_version=r.get("pv", ""),
+        fees_credits=int(r.get("fees", 0)),
+        cameo_id=r.get("cameo", ""),
     )
 
 
@@ -210,7 +212,8 @@ def reserve_args(cmd: ReserveCommand) -> list[Any]:
         encode_windows(cmd.windows) + encode_windows(cmd.weeks) + encode_windows(cmd.months)))
     plan = PACKED_BLOCKS.get((cmd.segments, cmd.packs), lambda: encode_plan_args(cmd.segments, cmd.packs))
     return [cmd.reservation_id, cmd.product, cmd.fingerprint, cmd.ttl_ms, cmd.default_plan, cmd.time_zone,
-            cmd.free_warning_percent, windows, plan]
+            cmd.free_warning_percent, windows, plan,
+            *encode_block([(c, owner, fee, 1 if active else 0) for c, owner, fee, active in cmd.cameos])]
 
 
 def commit_args(reservation_id: str, costs: Mapping[tuple[str, str], ActualCost]) -> list[Any]:

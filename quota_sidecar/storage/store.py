@@ -37,6 +37,7 @@ from quota_sidecar.domain.model import (
     AccountSettings,
     ActualCost,
     BalanceSnapshot,
+    Cameo,
     CommitResult,
     CreditSource,
     Funding,
@@ -435,6 +436,35 @@ class RedisStore:
         lengths, heads = values[0::2], values[1::2]
         oldest = [int(head[0][0].split("-")[0]) for head in heads if head]
         return OutboxStats(entries=sum(int(n) for n in lengths), oldest_ms=min(oldest) if oldest else None)
+
+    # -- cameos (admin data, like the plans: no script reads this key) -----
+
+    def _cameos_key(self) -> str:
+        """One hash of every cameo (cameo_id -> JSON), under its own key: never in an account's
+        slot, so a reservation script never touches it; each sidecar keeps a copy in memory."""
+        return f"{self._prefix}:cameos"
+
+    async def set_cameo(self, cameo: Cameo) -> None:
+        value = json.dumps({"o": cameo.owner_account_id, "f": cameo.fee_credits, "a": 1 if cameo.active else 0,
+                            "u": cameo.updated_ms}, separators=(",", ":"))
+        try:
+            await self._client.hset(self._cameos_key(), cameo.cameo_id, value)
+        except redis_errors.RedisError as exc:
+            raise domain_error(exc) from exc
+
+    async def cameos(self) -> dict[str, Cameo]:
+        """Every cameo defined (the registry's refresh)."""
+        try:
+            raw = await self._client.hgetall(self._cameos_key())
+        except redis_errors.RedisError as exc:
+            raise domain_error(exc) from exc
+        out: dict[str, Cameo] = {}
+        for key, value in (raw or {}).items():
+            cameo_id = key.decode() if isinstance(key, bytes) else str(key)
+            d = json.loads(value)
+            out[cameo_id] = Cameo(cameo_id=cameo_id, owner_account_id=str(d["o"]), fee_credits=int(d["f"]),
+                                  active=bool(d["a"]), updated_ms=int(d.get("u", 0)))
+        return out
 
     async def try_lock(self, name: str, owner: str, ttl_ms: int) -> bool:
         """A lease so that only one sidecar of a fleet runs a periodic job at a time."""

@@ -101,6 +101,8 @@ def _reserve_args(p: argparse.ArgumentParser, id_help: str) -> None:
     p.add_argument("--id", default="", help=id_help)
     p.add_argument("--ttl", type=int, default=0, help="hold lifetime in seconds; 0 = the product's default")
     _job_args(p)
+    p.add_argument("--cameo", action="append", default=None, metavar="ID", dest="cameo",
+                   help="a cameo the job uses (repeatable, at most 8): its fee is added, paid from credits")
     _target(p, admin=False)
 
 
@@ -176,6 +178,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--auto-topup-pack", default="", help="opt in to auto top-up with this pack")
     p.add_argument("--auto-topup-threshold", type=int, default=0, help="credits below which top-up is requested")
     p.add_argument("--no-auto-topup", action="store_true", help="opt out of auto top-up")
+    _target(p, admin=True)
+
+    p = sub.add_parser("set-cameo", help="SetCameo: define or change a cameo and its fee (admin address)")
+    p.add_argument("--cameo", required=True, metavar="ID")
+    p.add_argument("--owner", required=True, metavar="ACCOUNT", help="the rights-holder's account id")
+    p.add_argument("--fee", type=int, required=True, help="credits each job using the cameo pays its owner")
+    p.add_argument("--inactive", action="store_true", help="refuse jobs using it (NOT_ENTITLED)")
+    _target(p, admin=True)
+
+    p = sub.add_parser("cameo", help="GetCameo: a cameo's owner, fee and state (admin address)")
+    p.add_argument("--cameo", required=True, metavar="ID")
     _target(p, admin=True)
 
     for verb, text in (("account", "GetAccount: everything about an account (admin address)"),

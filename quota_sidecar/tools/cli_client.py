@@ -57,10 +57,11 @@ def _say(line: str = "", *, err: bool = False) -> None:
 
 def _job(args: argparse.Namespace) -> pb.JobParams | None:
     given = {k: getattr(args, k) for k in ("duration", "resolution", "model", "units")}
-    if all(v is None for v in given.values()):
+    cameos = getattr(args, "cameo", None) or []
+    if all(v is None for v in given.values()) and not cameos:
         return None
     return pb.JobParams(duration_seconds=given["duration"] or 0.0, resolution=given["resolution"] or "",
-                        model=given["model"] or "", units=given["units"] or 0)
+                        model=given["model"] or "", units=given["units"] or 0, cameo_ids=cameos)
 
 
 def _money(m: pb.Money) -> str:
@@ -71,22 +72,32 @@ def _ms(ts: timestamp_pb2.Timestamp) -> int:
     return ts.ToMilliseconds()
 
 
+def _held_text(r: pb.CheckAndReserveResponse | pb.QuoteResponse) -> str:
+    if r.funding != pb.FUNDING_FREE_QUOTA:
+        return f"{r.credits_held} credit(s)"
+    return "1 free unit" + (f" + {r.credits_held} credit(s) of cameo fees" if r.credits_held else "")
+
+
+def _fees_text(r: pb.CheckAndReserveResponse | pb.QuoteResponse) -> str:
+    return f" (cameo fees {r.cameo_fees_credits})" if r.cameo_fees_credits else ""
+
+
 def _print_decision(r: pb.CheckAndReserveResponse) -> None:
     if r.allowed:
-        held = "1 free unit" if r.funding == pb.FUNDING_FREE_QUOTA else f"{r.credits_held} credit(s)"
+        held = _held_text(r)
         _say(f"ALLOWED  reservation {r.reservation_id}")
         _say(f"  funded by {_FUNDING_TEXT[r.funding]}: {held} held until {format_time(_ms(r.expires_at))}")
     else:
         _say(f"DENIED   {_denial_text(r)}")
     _print_decision_details(r)
-    _say(f"  job cost: {r.job_cost_credits} credit(s); credits available: {r.credit_balance}"
+    _say(f"  job cost: {r.job_cost_credits} credit(s){_fees_text(r)}; credits available: {r.credit_balance}"
          + ("  (replayed earlier decision)" if r.replayed else ""))
 
 
 def _print_quote(r: pb.QuoteResponse) -> None:
     """As reserve prints its decision, in the conditional: nothing was held."""
     if r.allowed:
-        held = "1 free unit" if r.funding == pb.FUNDING_FREE_QUOTA else f"{r.credits_held} credit(s)"
+        held = _held_text(r)
         replay = f"  (reservation {r.reservation_id} already holds it)" if r.replayed else ""
         _say(f"QUOTE  would be allowed{replay}")
         _say(f"  funded by {_FUNDING_TEXT[r.funding]}: {held} would be held until {format_time(_ms(r.expires_at))}")
@@ -98,7 +109,8 @@ def _print_quote(r: pb.QuoteResponse) -> None:
              "(replayed earlier decision)")
         return
     after = f", {r.credit_balance} after this job" if r.credits_held else ""
-    _say(f"  job cost: {r.job_cost_credits} credit(s); credits available: {r.credit_balance + r.credits_held}{after}")
+    _say(f"  job cost: {r.job_cost_credits} credit(s){_fees_text(r)}; credits available: "
+         f"{r.credit_balance + r.credits_held}{after}")
 
 
 def _denial_text(r: pb.CheckAndReserveResponse | pb.QuoteResponse) -> str:
@@ -270,7 +282,16 @@ _CALLS: dict[str, tuple[str, Callable[[argparse.Namespace], Any]]] = {
     "account": ("GetAccount", lambda a: pb.GetAccountRequest(account_id=a.account)),
     "ledger": ("ListLedger", lambda a: pb.ListLedgerRequest(account_id=a.account, page_size=a.page_size,
                                                             page_token=a.page_token)),
+    "set-cameo": ("SetCameo", lambda a: pb.SetCameoRequest(cameo_id=a.cameo, owner_account_id=a.owner,
+                                                           fee_credits=a.fee, active=not a.inactive)),
+    "cameo": ("GetCameo", lambda a: pb.GetCameoRequest(cameo_id=a.cameo)),
 }
+
+
+def _print_cameo(r: pb.SetCameoResponse | pb.GetCameoResponse) -> None:
+    c = r.cameo
+    _say(f"CAMEO  {visible(c.cameo_id)}: owner {visible(c.owner_account_id)}, fee {c.fee_credits} credit(s) per job, "
+         f"{'active' if c.active else 'INACTIVE'}; updated {format_time(_ms(c.updated_at))}")
 
 
 def _call(args: argparse.Namespace) -> Any:
@@ -329,6 +350,8 @@ _PRINTERS: dict[str, Callable[[Any], None]] = {
     "quote": _print_quote,
     "balance": _print_balance,
     "account": _print_account,
+    "set-cameo": _print_cameo,
+    "cameo": _print_cameo,
     "commit": lambda r: _say(
         f"COMMITTED  charged {r.credits_charged} credit(s), {r.free_charged} free unit(s); refunded "
         f"{r.credits_refunded}; credits available {r.credit_balance}" + _replay(r, "already committed")),

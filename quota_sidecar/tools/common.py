@@ -21,7 +21,7 @@ DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_ADMIN_TARGET = "127.0.0.1:50052"
 CLIENT_TIMEOUT_SECONDS = 10.0
 # Verbs that call QuotaAdmin: they default to the admin target and take the admin credentials flags.
-ADMIN_VERBS = frozenset({"grant", "set-account", "revoke", "refund", "account", "ledger"})
+ADMIN_VERBS = frozenset({"grant", "set-account", "revoke", "refund", "account", "ledger", "set-cameo", "cameo"})
 ADMIN_TOKEN_ENV = "QUOTA_ADMIN_TOKEN"
 
 # Exit statuses. A denial is not an error (the call worked) but must not read as "go ahead":

@@ -350,17 +350,37 @@ end
 
 -- Gives a whole hold back (Release and expiry). Returns the outbox fields and
 -- deltas of the movement.
+-- A free hold with cameo fees (rec.cf) gives back both its free unit and the fees' credits.
 local function refund_hold(rec)
+  local fields, deltas = {}, {}
   if rec.f == 'free' then
     return_free_units(rec.fw)
-    return {'free', 1, 'free_units', cjson.encode(rec.fw)}, {f = -1}
+    fields, deltas = {'free', 1, 'free_units', cjson.encode(rec.fw)}, {f = -1}
+    if (rec.c or 0) == 0 then return fields, deltas end
   end
   incr('credits_held', -rec.c)
   unspend(rec.m, rec.c)
   unhold_lots(rec.l)
   local to_lots, to_expired, to_revoked = return_credits(rec.l)
-  return {'credits', rec.c, 'to_lots', to_lots, 'to_expired', to_expired, 'to_revoked', to_revoked,
-          'lots', lots_text(rec.l)}, {h = -rec.c, x = to_expired, v = to_revoked}
+  local moved = {'credits', rec.c, 'to_lots', to_lots, 'to_expired', to_expired, 'to_revoked', to_revoked,
+                 'lots', lots_text(rec.l)}
+  for i = 1, #moved do fields[#fields + 1] = moved[i] end
+  if (rec.cf or 0) > 0 then
+    fields[#fields + 1] = 'fees'
+    fields[#fields + 1] = rec.cf
+  end
+  deltas.h, deltas.x, deltas.v = -rec.c, to_expired, to_revoked
+  return fields, deltas
+end
+
+-- Royalties are recorded as "<cameo>|<owner>|<credits>,..." ('|' and ',' are outside the id
+-- alphabet). This one with every amount negated: a refund gives the royalty back.
+local function negate_royalties(text)
+  local parts = {}
+  for cameo, owner, credits in string.gmatch(text or '', '([^,|]+)|([^,|]+)|(%d+)') do
+    parts[#parts + 1] = cameo .. '|' .. owner .. '|-' .. credits
+  end
+  return table.concat(parts, ',')
 end
 
 local function hold_fields(rid, rec, extra)

@@ -51,6 +51,9 @@ local function reserve_one(swept, dry_run)
     if from_ms <= now_ms then cost_credits, plans_version, rows_at = cost, version, at end
   end
   local packs_at      = skip_block(4)  -- {pack_id, credits, price minor units, currency}
+  -- The job's cameos as this sidecar's registry knows them: {cameo_id, owner, fee, active 0|1}
+  -- (an unknown cameo is sent inactive). Their fees are stamped on the hold.
+  local cameos_at     = skip_block(4)
   -- A usage event (and its note) of this decision; a quote's decision tells no one.
   local function notify(note, kind, fields)
     if not dry_run then emit_once(note, kind, fields) end
@@ -135,6 +138,23 @@ local function reserve_one(swept, dry_run)
     decision.denial = 'NOT_ENTITLED'
     return reply(decision)
   end
+  -- Cameo fees: each active cameo's fee, per use; an inactive or unknown one refuses the job.
+  local fees, royalties = 0, {}
+  for i = 1, tonumber(ARGV[cameos_at]) do
+    local c = cameos_at + 1 + (i - 1) * 4
+    if ARGV[c + 3] ~= '1' then
+      report_limits(false)
+      decision.denial = 'NOT_ENTITLED'
+      decision.cameo = ARGV[c]
+      return reply(decision)
+    end
+    local fee = tonumber(ARGV[c + 2])
+    if fee > 0 then
+      fees = fees + fee
+      royalties[#royalties + 1] = ARGV[c] .. '|' .. ARGV[c + 1] .. '|' .. fee
+    end
+  end
+  if fees > 0 then decision.fees = fees end
   -- The account-wide bound on open holds (what one account may make Redis keep) is never in shadow.
   local open_holds = redis.call('ZCARD', K_HOLDS)
   if open_holds >= MAX_HOLDS then
@@ -167,6 +187,10 @@ local function reserve_one(swept, dry_run)
 
   local rec = {s = 'held', p = product, fp = fingerprint, c = 0, l = {}, fw = {}, m = '', pv = plans_version,
                cr = now_ms, e = now_ms + ttl_ms, ttl = ttl_ms, pl = plan, rc = cost_credits}
+  if fees > 0 then rec.cf, rec.cm = fees, table.concat(royalties, ',') end
+  -- What credits pay: the whole cost, or only the cameo fees when the free allowance pays the generation.
+  local credits_cost = cost_credits + fees
+  decision.cost = credits_cost
 
   -- The reply first (what a quote answers), then the writes that make it true.
   local function hold_free()
@@ -192,13 +216,14 @@ local function reserve_one(swept, dry_run)
   end
 
   -- Soonest expiry (then promo before purchase) first, as live_lots orders them.
-  local function hold_credits()
-    rec.f, rec.c, rec.m = 'credits', cost_credits, month
-    decision.held = cost_credits
-    decision.balance = balance - cost_credits
-    report_limits(false)
+  local function hold_credits(amount)
+    if rec.f == nil then rec.f = 'credits' end
+    rec.c, rec.m = amount, month
+    decision.held = amount
+    decision.balance = balance - amount
+    if rec.f == 'credits' then report_limits(false) end
     if dry_run then return end
-    local need = cost_credits
+    local need = amount
     for i = 1, #lots, 3 do
       if need == 0 then break end
       local lot_id, left = lots[i], lots[i + 1]
@@ -212,8 +237,8 @@ local function reserve_one(swept, dry_run)
       need = need - take
     end
     hold_lots(rec.l)
-    redis.call('HINCRBY', K_SPEND, month, cost_credits)
-    incr('credits_held', cost_credits)
+    redis.call('HINCRBY', K_SPEND, month, amount)
+    incr('credits_held', amount)
   end
 
   local function after_balance_drop(new_balance)
@@ -226,31 +251,35 @@ local function reserve_one(swept, dry_run)
     end
   end
 
+  -- A free job's cameo fees still come from credits (the rights-holder is paid): the
+  -- generation from the free allowance, the fees from credits, in one hold.
+  local paid = room and fees or credits_cost
   local free_units = '[]'
-  if room then
+  if room and fees == 0 then
     free_units = hold_free()
-  elseif balance >= cost_credits then
+  elseif balance >= paid then
     -- Checked before hold_credits writes anything: the values are used only on this path.
     if cap == nil or (topup_on and topup_threshold == nil) then return fail('ACCOUNT_CORRUPT', {plan = plan}) end
     local month_spend = tonumber(redis.call('HGET', K_SPEND, month) or '0')
-    if cap > 0 and month_spend + cost_credits > cap then
+    if cap > 0 and month_spend + paid > cap then
       report_limits(false)
       decision.month_spend, decision.cap = month_spend, cap
       decision.denial = 'BUDGET_EXCEEDED'
       notify('budget_reached|' .. month, 'budget_reached', {'month', month, 'cap', cap, 'spend', month_spend})
       return reply(decision)
     end
-    hold_credits()
-    if cap > 0 and month_spend + cost_credits == cap then
+    if room then free_units = hold_free() end
+    hold_credits(paid)
+    if cap > 0 and month_spend + paid == cap then
       notify('budget_reached|' .. month, 'budget_reached', {'month', month, 'cap', cap, 'spend', cap})
     end
     after_balance_drop(decision.balance)
   else
     report_limits(false)
-    decision.short = cost_credits - balance
+    decision.short = paid - balance
     decision.denial = 'PURCHASE_REQUIRED'
     notify('purchase_required|' .. product .. '|' .. label, 'purchase_required',
-           {'product', product, 'window', label, 'credits_short', decision.short, 'cost', cost_credits,
+           {'product', product, 'window', label, 'credits_short', decision.short, 'cost', paid,
             'offers', offers_json(decision.short)})
     return reply(decision)
   end
@@ -267,8 +296,11 @@ local function reserve_one(swept, dry_run)
   redis.call('ZADD', K_HOLDS, rec.e, rid)
   redis.call('HINCRBY', K_INFLIGHT, product, 1)
   local free = rec.f == 'free'
-  ledger('hold', free and {f = 1} or {h = rec.c},
-         hold_fields(rid, rec, {'credits', rec.c, 'free', free and 1 or 0, 'window', label, 'free_units', free_units,
-                                'month', rec.m, 'lots', lots_text(rec.l), 'cost', cost_credits}))
+  local fields = {'credits', rec.c, 'free', free and 1 or 0, 'window', label, 'free_units', free_units,
+                  'month', rec.m, 'lots', lots_text(rec.l), 'cost', cost_credits}
+  if rec.cf then
+    for _, v in ipairs({'fees', rec.cf, 'roy', rec.cm}) do fields[#fields + 1] = v end
+  end
+  ledger('hold', {f = free and 1 or 0, h = rec.c}, hold_fields(rid, rec, fields))
   return answer
 end

@@ -29,13 +29,16 @@ end
 -- Bad input changes nothing, not even lazy expiry.
 if actual == -2 then return fail('INVALID_PARAMS', {product = rec.p, pv = priced_with}) end
 
+-- Cameo fees (rec.cf) are per use, not per second: any commit charges them whole, on top
+-- of the actual generation cost (a free hold: the fees alone).
+local fees = rec.cf or 0
 local charge = rec.c
-if rec.f == 'credits' and actual >= 0 then charge = actual end
-if rec.f == 'free' then charge = 0 end
+if rec.f == 'credits' and actual >= 0 then charge = actual + fees end
+if rec.f == 'free' then charge = fees end
 
 settle_if_due(rid, rec)
 local result = {funding = rec.f, charged = charge, refunded = rec.c - charge,
-                free_charged = (rec.f == 'free') and 1 or 0, replayed = 0}
+                free_charged = (rec.f == 'free') and 1 or 0, replayed = 0, fees = fees}
 
 if rec.s == 'committed' then
   if rec.ch ~= charge then return fail('COMMIT_COST_MISMATCH', {charged = rec.ch}) end
@@ -55,7 +58,7 @@ if actual >= 0 and rec.dg ~= 1 then
 end
 
 sweep()
-commit_hold(rid, rec, charge, {})
+commit_hold(rid, rec, charge, fees > 0 and {'fees', fees, 'roy', rec.cm} or {})
 
 local _, balance = live_lots()
 result.balance = balance

@@ -16,20 +16,26 @@ if rec.rj ~= nil then
 end
 
 sweep()
-local fields, deltas
+local fields, deltas = {}, {}
 if free == 1 then
   return_free_units(rec.fw)
   rec.rj = 0
   fields, deltas = {'free', 1, 'free_units', cjson.encode(rec.fw)}, {f = -1}
-else
+end
+-- Credits charged (a credits job's, or a free job's cameo fees) go back; with them the royalty.
+if free == 0 or (rec.ch or 0) > 0 then
   local to_lots, to_expired, to_revoked = return_credits(rec.l)
   incr('credits_refunded', rec.ch)
   unspend(rec.m, rec.ch)
-  fields = {'credits', rec.ch, 'to_lots', to_lots, 'to_expired', to_expired, 'to_revoked', to_revoked,
-            'lots', lots_text(rec.l)}
-  deltas = {r = rec.ch, x = to_expired, v = to_revoked}
+  local moved = {'credits', rec.ch, 'to_lots', to_lots, 'to_expired', to_expired, 'to_revoked', to_revoked,
+                 'lots', lots_text(rec.l)}
+  for i = 1, #moved do fields[#fields + 1] = moved[i] end
+  deltas.r, deltas.x, deltas.v = rec.ch, to_expired, to_revoked
   rec.rj = rec.ch
   rec.l = {}
+  if (rec.cf or 0) > 0 then
+    for _, v in ipairs({'fees', rec.cf, 'roy', negate_royalties(rec.cm)}) do fields[#fields + 1] = v end
+  end
 end
 save_record(rid, rec)
 fields[#fields + 1] = 'reason'

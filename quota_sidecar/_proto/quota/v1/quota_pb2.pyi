@@ -57,7 +57,7 @@ CREDIT_SOURCE_REFUND: CreditSource
 CREDIT_SOURCE_COMPENSATION: CreditSource
 
 class JobParams(_message.Message):
-    __slots__ = ("duration_seconds", "resolution", "model", "units", "extra")
+    __slots__ = ("duration_seconds", "resolution", "model", "units", "extra", "cameo_ids")
     class ExtraEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -70,12 +70,14 @@ class JobParams(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     UNITS_FIELD_NUMBER: _ClassVar[int]
     EXTRA_FIELD_NUMBER: _ClassVar[int]
+    CAMEO_IDS_FIELD_NUMBER: _ClassVar[int]
     duration_seconds: float
     resolution: str
     model: str
     units: int
     extra: _containers.ScalarMap[str, str]
-    def __init__(self, duration_seconds: _Optional[float] = ..., resolution: _Optional[str] = ..., model: _Optional[str] = ..., units: _Optional[int] = ..., extra: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    cameo_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, duration_seconds: _Optional[float] = ..., resolution: _Optional[str] = ..., model: _Optional[str] = ..., units: _Optional[int] = ..., extra: _Optional[_Mapping[str, str]] = ..., cameo_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LimitStatus(_message.Message):
     __slots__ = ("limit_id", "kind", "rolling_hours", "used", "limit", "resets_at", "shadow")
@@ -142,16 +144,18 @@ class CreditPack(_message.Message):
     def __init__(self, pack_id: _Optional[str] = ..., credits: _Optional[int] = ..., price: _Optional[_Union[Money, _Mapping]] = ..., quantity: _Optional[int] = ..., total_price: _Optional[_Union[Money, _Mapping]] = ...) -> None: ...
 
 class Denial(_message.Message):
-    __slots__ = ("reason", "message", "credits_short", "offers")
+    __slots__ = ("reason", "message", "credits_short", "offers", "cameo_id")
     REASON_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     CREDITS_SHORT_FIELD_NUMBER: _ClassVar[int]
     OFFERS_FIELD_NUMBER: _ClassVar[int]
+    CAMEO_ID_FIELD_NUMBER: _ClassVar[int]
     reason: DenialReason
     message: str
     credits_short: int
     offers: _containers.RepeatedCompositeFieldContainer[CreditPack]
-    def __init__(self, reason: _Optional[_Union[DenialReason, str]] = ..., message: _Optional[str] = ..., credits_short: _Optional[int] = ..., offers: _Optional[_Iterable[_Union[CreditPack, _Mapping]]] = ...) -> None: ...
+    cameo_id: str
+    def __init__(self, reason: _Optional[_Union[DenialReason, str]] = ..., message: _Optional[str] = ..., credits_short: _Optional[int] = ..., offers: _Optional[_Iterable[_Union[CreditPack, _Mapping]]] = ..., cameo_id: _Optional[str] = ...) -> None: ...
 
 class CheckAndReserveRequest(_message.Message):
     __slots__ = ("account_id", "product", "reservation_id", "params", "ttl_seconds")
@@ -168,7 +172,7 @@ class CheckAndReserveRequest(_message.Message):
     def __init__(self, account_id: _Optional[str] = ..., product: _Optional[str] = ..., reservation_id: _Optional[str] = ..., params: _Optional[_Union[JobParams, _Mapping]] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
 
 class CheckAndReserveResponse(_message.Message):
-    __slots__ = ("allowed", "reservation_id", "funding", "credits_held", "free_used", "free_limit", "free_resets_at", "credit_balance", "expires_at", "denial", "job_cost_credits", "replayed", "limits", "shadow_limits", "plans_version", "degraded")
+    __slots__ = ("allowed", "reservation_id", "funding", "credits_held", "free_used", "free_limit", "free_resets_at", "credit_balance", "expires_at", "denial", "job_cost_credits", "replayed", "limits", "shadow_limits", "plans_version", "degraded", "cameo_fees_credits")
     ALLOWED_FIELD_NUMBER: _ClassVar[int]
     RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
     FUNDING_FIELD_NUMBER: _ClassVar[int]
@@ -185,6 +189,7 @@ class CheckAndReserveResponse(_message.Message):
     SHADOW_LIMITS_FIELD_NUMBER: _ClassVar[int]
     PLANS_VERSION_FIELD_NUMBER: _ClassVar[int]
     DEGRADED_FIELD_NUMBER: _ClassVar[int]
+    CAMEO_FEES_CREDITS_FIELD_NUMBER: _ClassVar[int]
     allowed: bool
     reservation_id: str
     funding: Funding
@@ -201,7 +206,8 @@ class CheckAndReserveResponse(_message.Message):
     shadow_limits: _containers.RepeatedScalarFieldContainer[str]
     plans_version: str
     degraded: bool
-    def __init__(self, allowed: _Optional[bool] = ..., reservation_id: _Optional[str] = ..., funding: _Optional[_Union[Funding, str]] = ..., credits_held: _Optional[int] = ..., free_used: _Optional[int] = ..., free_limit: _Optional[int] = ..., free_resets_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., credit_balance: _Optional[int] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., denial: _Optional[_Union[Denial, _Mapping]] = ..., job_cost_credits: _Optional[int] = ..., replayed: _Optional[bool] = ..., limits: _Optional[_Iterable[_Union[LimitStatus, _Mapping]]] = ..., shadow_limits: _Optional[_Iterable[str]] = ..., plans_version: _Optional[str] = ..., degraded: _Optional[bool] = ...) -> None: ...
+    cameo_fees_credits: int
+    def __init__(self, allowed: _Optional[bool] = ..., reservation_id: _Optional[str] = ..., funding: _Optional[_Union[Funding, str]] = ..., credits_held: _Optional[int] = ..., free_used: _Optional[int] = ..., free_limit: _Optional[int] = ..., free_resets_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., credit_balance: _Optional[int] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., denial: _Optional[_Union[Denial, _Mapping]] = ..., job_cost_credits: _Optional[int] = ..., replayed: _Optional[bool] = ..., limits: _Optional[_Iterable[_Union[LimitStatus, _Mapping]]] = ..., shadow_limits: _Optional[_Iterable[str]] = ..., plans_version: _Optional[str] = ..., degraded: _Optional[bool] = ..., cameo_fees_credits: _Optional[int] = ...) -> None: ...
 
 class QuoteRequest(_message.Message):
     __slots__ = ("account_id", "product", "reservation_id", "params", "ttl_seconds")
@@ -218,7 +224,7 @@ class QuoteRequest(_message.Message):
     def __init__(self, account_id: _Optional[str] = ..., product: _Optional[str] = ..., reservation_id: _Optional[str] = ..., params: _Optional[_Union[JobParams, _Mapping]] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
 
 class QuoteResponse(_message.Message):
-    __slots__ = ("allowed", "reservation_id", "funding", "credits_held", "free_used", "free_limit", "free_resets_at", "credit_balance", "expires_at", "denial", "job_cost_credits", "replayed", "limits", "shadow_limits", "plans_version", "degraded")
+    __slots__ = ("allowed", "reservation_id", "funding", "credits_held", "free_used", "free_limit", "free_resets_at", "credit_balance", "expires_at", "denial", "job_cost_credits", "replayed", "limits", "shadow_limits", "plans_version", "degraded", "cameo_fees_credits")
     ALLOWED_FIELD_NUMBER: _ClassVar[int]
     RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
     FUNDING_FIELD_NUMBER: _ClassVar[int]
@@ -235,6 +241,7 @@ class QuoteResponse(_message.Message):
     SHADOW_LIMITS_FIELD_NUMBER: _ClassVar[int]
     PLANS_VERSION_FIELD_NUMBER: _ClassVar[int]
     DEGRADED_FIELD_NUMBER: _ClassVar[int]
+    CAMEO_FEES_CREDITS_FIELD_NUMBER: _ClassVar[int]
     allowed: bool
     reservation_id: str
     funding: Funding
@@ -251,7 +258,8 @@ class QuoteResponse(_message.Message):
     shadow_limits: _containers.RepeatedScalarFieldContainer[str]
     plans_version: str
     degraded: bool
-    def __init__(self, allowed: _Optional[bool] = ..., reservation_id: _Optional[str] = ..., funding: _Optional[_Union[Funding, str]] = ..., credits_held: _Optional[int] = ..., free_used: _Optional[int] = ..., free_limit: _Optional[int] = ..., free_resets_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., credit_balance: _Optional[int] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., denial: _Optional[_Union[Denial, _Mapping]] = ..., job_cost_credits: _Optional[int] = ..., replayed: _Optional[bool] = ..., limits: _Optional[_Iterable[_Union[LimitStatus, _Mapping]]] = ..., shadow_limits: _Optional[_Iterable[str]] = ..., plans_version: _Optional[str] = ..., degraded: _Optional[bool] = ...) -> None: ...
+    cameo_fees_credits: int
+    def __init__(self, allowed: _Optional[bool] = ..., reservation_id: _Optional[str] = ..., funding: _Optional[_Union[Funding, str]] = ..., credits_held: _Optional[int] = ..., free_used: _Optional[int] = ..., free_limit: _Optional[int] = ..., free_resets_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., credit_balance: _Optional[int] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., denial: _Optional[_Union[Denial, _Mapping]] = ..., job_cost_credits: _Optional[int] = ..., replayed: _Optional[bool] = ..., limits: _Optional[_Iterable[_Union[LimitStatus, _Mapping]]] = ..., shadow_limits: _Optional[_Iterable[str]] = ..., plans_version: _Optional[str] = ..., degraded: _Optional[bool] = ..., cameo_fees_credits: _Optional[int] = ...) -> None: ...
 
 class CommitRequest(_message.Message):
     __slots__ = ("account_id", "reservation_id", "params")
@@ -706,3 +714,47 @@ class ReleaseBatchResponse(_message.Message):
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[BatchReleaseResult]
     def __init__(self, results: _Optional[_Iterable[_Union[BatchReleaseResult, _Mapping]]] = ...) -> None: ...
+
+class Cameo(_message.Message):
+    __slots__ = ("cameo_id", "owner_account_id", "fee_credits", "active", "updated_at")
+    CAMEO_ID_FIELD_NUMBER: _ClassVar[int]
+    OWNER_ACCOUNT_ID_FIELD_NUMBER: _ClassVar[int]
+    FEE_CREDITS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    cameo_id: str
+    owner_account_id: str
+    fee_credits: int
+    active: bool
+    updated_at: _timestamp_pb2.Timestamp
+    def __init__(self, cameo_id: _Optional[str] = ..., owner_account_id: _Optional[str] = ..., fee_credits: _Optional[int] = ..., active: _Optional[bool] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class SetCameoRequest(_message.Message):
+    __slots__ = ("cameo_id", "owner_account_id", "fee_credits", "active")
+    CAMEO_ID_FIELD_NUMBER: _ClassVar[int]
+    OWNER_ACCOUNT_ID_FIELD_NUMBER: _ClassVar[int]
+    FEE_CREDITS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    cameo_id: str
+    owner_account_id: str
+    fee_credits: int
+    active: bool
+    def __init__(self, cameo_id: _Optional[str] = ..., owner_account_id: _Optional[str] = ..., fee_credits: _Optional[int] = ..., active: _Optional[bool] = ...) -> None: ...
+
+class SetCameoResponse(_message.Message):
+    __slots__ = ("cameo",)
+    CAMEO_FIELD_NUMBER: _ClassVar[int]
+    cameo: Cameo
+    def __init__(self, cameo: _Optional[_Union[Cameo, _Mapping]] = ...) -> None: ...
+
+class GetCameoRequest(_message.Message):
+    __slots__ = ("cameo_id",)
+    CAMEO_ID_FIELD_NUMBER: _ClassVar[int]
+    cameo_id: str
+    def __init__(self, cameo_id: _Optional[str] = ...) -> None: ...
+
+class GetCameoResponse(_message.Message):
+    __slots__ = ("cameo",)
+    CAMEO_FIELD_NUMBER: _ClassVar[int]
+    cameo: Cameo
+    def __init__(self, cameo: _Optional[_Union[Cameo, _Mapping]] = ...) -> None: ...

@@ -548,6 +548,16 @@ class QuotaAdminStub:
                 request_serializer=quota_dot_v1_dot_quota__pb2.ListLedgerRequest.SerializeToString,
                 response_deserializer=quota_dot_v1_dot_quota__pb2.ListLedgerResponse.FromString,
                 _registered_method=True)
+        self.SetCameo = channel.unary_unary(
+                '/quota.v1.QuotaAdmin/SetCameo',
+                request_serializer=quota_dot_v1_dot_quota__pb2.SetCameoRequest.SerializeToString,
+                response_deserializer=quota_dot_v1_dot_quota__pb2.SetCameoResponse.FromString,
+                _registered_method=True)
+        self.GetCameo = channel.unary_unary(
+                '/quota.v1.QuotaAdmin/GetCameo',
+                request_serializer=quota_dot_v1_dot_quota__pb2.GetCameoRequest.SerializeToString,
+                response_deserializer=quota_dot_v1_dot_quota__pb2.GetCameoResponse.FromString,
+                _registered_method=True)
 
 
 class QuotaAdminServicer:
@@ -614,6 +624,23 @@ class QuotaAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetCameo(self, request, context):
+        """Defines or changes a cameo (a rights-holder's character or likeness): its
+        owner and the fee in credits each job using it pays, the owner's royalty.
+        Every sidecar applies it within a few seconds (each refreshes its copy of
+        the cameos every 5 s); a hold keeps the fee it was stamped with.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCameo(self, request, context):
+        """A cameo as stored in Redis; NOT_FOUND when it was never set.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_QuotaAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -646,6 +673,16 @@ def add_QuotaAdminServicer_to_server(servicer, server):
                     servicer.ListLedger,
                     request_deserializer=quota_dot_v1_dot_quota__pb2.ListLedgerRequest.FromString,
                     response_serializer=quota_dot_v1_dot_quota__pb2.ListLedgerResponse.SerializeToString,
+            ),
+            'SetCameo': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetCameo,
+                    request_deserializer=quota_dot_v1_dot_quota__pb2.SetCameoRequest.FromString,
+                    response_serializer=quota_dot_v1_dot_quota__pb2.SetCameoResponse.SerializeToString,
+            ),
+            'GetCameo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCameo,
+                    request_deserializer=quota_dot_v1_dot_quota__pb2.GetCameoRequest.FromString,
+                    response_serializer=quota_dot_v1_dot_quota__pb2.GetCameoResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -815,6 +852,60 @@ class QuotaAdmin:
             '/quota.v1.QuotaAdmin/ListLedger',
             quota_dot_v1_dot_quota__pb2.ListLedgerRequest.SerializeToString,
             quota_dot_v1_dot_quota__pb2.ListLedgerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetCameo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/quota.v1.QuotaAdmin/SetCameo',
+            quota_dot_v1_dot_quota__pb2.SetCameoRequest.SerializeToString,
+            quota_dot_v1_dot_quota__pb2.SetCameoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCameo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/quota.v1.QuotaAdmin/GetCameo',
+            quota_dot_v1_dot_quota__pb2.GetCameoRequest.SerializeToString,
+            quota_dot_v1_dot_quota__pb2.GetCameoResponse.FromString,
             options,
             channel_credentials,
             insecure,
