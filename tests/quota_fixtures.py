@@ -144,7 +144,7 @@ class ShippedBooks:
         return (held[-1].seq, held[-1].totals_after) if held else (0, CreditTotals())
 
     async def conflicts(self, account_id: str | None = None) -> list[LedgerEntry]:
-        """What ship() moves is never a conflict: one bucket, read in order, kept by entry id."""
+        """Entries it moves out of the outbox always get stored: none is ever set aside."""
         return []
 
 

@@ -8,6 +8,12 @@ timed out or found Redis unavailable with the SAME ids, as docs/api.md says is
 safe. Afterwards, with the faults off, the audit must find every account
 clean, and what the clients were told must match what Redis kept.
 
+The books too (tests/chaos_books.py): a shipper daemon reads the outbox through the same faulty
+proxy and ships into a PostgreSQL of the test's own, which is stopped once and SIGKILLed once
+(crash recovery) while the clients run; the decisions must go on meanwhile. At the end the outbox
+is drained and the books must hold every movement exactly once (each account's seq 1..N), and the
+audit across Redis and the books must be clean.
+
 QUOTA_CHAOS_OPS scales the run (default 10,000 operations). The faults' schedule and the
 clients' choices come from one seed, fixed by default and printed; QUOTA_CHAOS_SEED=<n> runs
 another one. `pytest -s` shows the counters (a failure shows them anyway).
@@ -28,19 +34,25 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, cast
 
 import grpc
 import pytest
+from chaos_books import drain_and_check, hang_watchdog, outage_problems, pg_chaos, running_shipper
 from fault_proxy import FaultProxy
 from google.protobuf import timestamp_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from quota_sidecar._proto.quota.v1 import quota_pb2 as pb
 from quota_sidecar._proto.quota.v1 import quota_pb2_grpc
-from quota_sidecar.domain.audit import audit_all, format_report
+from quota_sidecar.books.postgres_server import PostgresServerProcess
+from quota_sidecar.domain.audit import format_report
 from quota_sidecar.domain.clock import RedisClock
 from quota_sidecar.domain.engine import QuotaEngine
+from quota_sidecar.domain.errors import BooksUnavailable
+from quota_sidecar.domain.model import JobParams
+from quota_sidecar.domain.ports import Books
+from quota_sidecar.domain.shipping import ShipCounts, Shipper, ShipperOptions
 from quota_sidecar.server.app import create_admin_server, create_server
 from quota_sidecar.server.plans_file import load_plans
 from quota_sidecar.server.settings import Settings
@@ -51,6 +63,8 @@ pytestmark = pytest.mark.slow
 
 OPS = int(os.environ.get("QUOTA_CHAOS_OPS", "10000"))
 SEED = int(os.environ.get("QUOTA_CHAOS_SEED", "20261121"))
+# The run takes ~35 s on a quiet 2-core machine; far past that it is hung, not slow.
+HANG_BOUND_S = float(os.environ.get("QUOTA_CHAOS_HANG_BOUND_S", "420"))
 _JITTER = random.Random(SEED)  # the retries' backoff jitter: from the seed too
 ACCOUNTS = 60
 PRO_ACCOUNTS = 6
@@ -66,6 +80,7 @@ ABANDON_TTLS_S = (1, 2)  # the minimum TTL; the end of the test waits them out (
 SETTLE_S = 60.0  # bounds the end's waits; only a hold that never goes away reaches it
 PURCHASES_PER_ACCOUNT = 6
 RESTARTS = ((0.3, "graceful"), (0.65, "kill"))  # (share of ops done, how)
+DECISIONS = ("CheckAndReserve", "Commit", "Release", "ExtendReservation")  # counted when answered
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
 # How a job ends if the client has its way, and how often.
 ACTIONS = ("commit", "commit_smaller", "release", "extend_commit", "abandon", "balance")
@@ -89,6 +104,7 @@ def error_reason(err: grpc.aio.AioRpcError) -> str:
 class Counters:
     ops: int = 0
     allowed: int = 0
+    answered: int = 0  # decisions (DECISIONS) answered, at any attempt
     denied: Counter[str] = field(default_factory=Counter)
     errors: Counter[str] = field(default_factory=Counter)  # "Method CODE reason", every failed attempt
     retries: Counter[str] = field(default_factory=Counter)
@@ -103,7 +119,8 @@ class Counters:
     unexpected: list[str] = field(default_factory=list)
 
     def report(self) -> str:
-        lines = [f"ops {self.ops}, allowed {self.allowed}, purchases {self.purchases}"]
+        lines = [f"ops {self.ops}, allowed {self.allowed}, purchases {self.purchases}, "
+                 f"decisions answered {self.answered}"]
         for name in ("denied", "outcomes", "errors", "retries", "replays", "inner_replays", "already_on_retry",
                      "gave_up", "cleanup", "chaos"):
             values: Counter[str] = getattr(self, name)
@@ -138,6 +155,7 @@ class Rig:
     redis: RedisServerProcess
     proxy: FaultProxy
     engine: QuotaEngine
+    store: RedisStore  # through the proxy: the engine's, and the shipper's
     direct: RedisStore  # straight to Redis: the audit and the final reads
     quota: quota_pb2_grpc.QuotaServiceStub
     admin: quota_pb2_grpc.QuotaAdminStub
@@ -171,7 +189,7 @@ async def chaos_rig(redis_binary: str, data_dir: Path, key_prefix: str) -> Async
         stack.push_async_callback(channel.close)
         admin_channel = grpc.aio.insecure_channel(f"127.0.0.1:{ports[1]}")
         stack.push_async_callback(admin_channel.close)
-        yield Rig(redis=redis, proxy=proxy, engine=engine, direct=direct,
+        yield Rig(redis=redis, proxy=proxy, engine=engine, store=store, direct=direct,
                   quota=quota_pb2_grpc.QuotaServiceStub(channel), admin=quota_pb2_grpc.QuotaAdminStub(admin_channel),
                   accounts=[f"chaos-{i:02d}" for i in range(ACCOUNTS)])
 
@@ -199,6 +217,7 @@ async def call(c: Counters, name: str, method: Callable[..., Awaitable[Any]], re
         try:
             reply.response = await method(request, timeout=deadline_s)
             reply.error = None
+            c.answered += name in DECISIONS
             return reply
         except grpc.aio.AioRpcError as err:
             reply.error = err
@@ -564,35 +583,44 @@ async def holds_past_ttl(rig: Rig) -> list[str]:
     return late
 
 
-async def test_chaos_run_leaves_every_account_clean(redis_binary: str, tmp_path: Path, key_prefix: str) -> None:
+async def test_chaos_run_leaves_every_account_clean(redis_binary: str, tmp_path: Path, key_prefix: str,
+                                                    postgres_server: PostgresServerProcess) -> None:
     """Once, on the newest redis-server (or the pinned one): the run is long."""
     seed = SEED
     print(f"\nchaos run: seed {seed} (QUOTA_CHAOS_SEED={seed} makes the same choices), {OPS} ops, "
-          f"redis {redis_binary}")
+          f"redis {redis_binary}, {postgres_server.describe()}")
     c = Counters()
     started = time.monotonic()
-    async with chaos_rig(redis_binary, tmp_path / "redis", key_prefix) as rig:
+    async with hang_watchdog(HANG_BOUND_S), chaos_rig(redis_binary, tmp_path / "redis", key_prefix) as rig, \
+            running_shipper(postgres_server, rig.store) as books:
         await set_up_accounts(rig, c)
         clients, done = Clients(rig, c, seed), asyncio.Event()
         chaos_task = asyncio.create_task(chaos(rig, c, clients, done, seed))
+        pg_task = asyncio.create_task(pg_chaos(books, rig.direct, ops=OPS, started=lambda: clients.started,
+                                               answered=lambda: c.answered, clients_done=done, bound_s=SETTLE_S,
+                                               chaos=c.chaos))
         try:
             await clients.run()
         finally:
             done.set()
-            await chaos_task
+            for failure in await asyncio.gather(chaos_task, pg_task, return_exceptions=True):
+                if isinstance(failure, BaseException):
+                    raise failure
         client_phase_s = time.monotonic() - started
         # Faults off: what the proxy still held back (a delay, a blackhole) reaches Redis first.
         await rig.proxy.wait_for(lambda s: s.bytes_held == 0, timeout=SETTLE_S)
         await clean_up(rig, c, clients)
         await expire_abandoned(rig, c, clients)
         late = await holds_past_ttl(rig)
-        audits = await audit_all(rig.direct)
+        # The shipper stops; a drain ships the rest; the books and the audit across both stores.
+        end = await drain_and_check(books, rig.direct)
+        audits = end.audits
         problems = job_problems(clients.jobs, await all_records(rig))
         for account in rig.accounts:
             problems += await account_problems(rig, c, account)
         stats = rig.proxy.stats
     print(f"chaos run (seed {seed}): {time.monotonic() - started:.1f} s ({client_phase_s:.1f} s of clients)\n"
-          f"{c.report()}\n  proxy: {stats}")
+          f"{c.report()}\n  proxy: {stats}\n{books.report()}\n  books: {end.rows} entries")
     where = f"[chaos seed {seed}] "
     assert not [a for a in audits if a.violations], where + format_report(audits)
     assert len(audits) >= min(ACCOUNTS, OPS // 100), f"{where}only {len(audits)} accounts audited"
@@ -601,3 +629,51 @@ async def test_chaos_run_leaves_every_account_clean(redis_binary: str, tmp_path:
     assert not problems, where + "\n".join(problems[:30])
     assert c.ops == OPS, f"{where}{c.ops} of {OPS} operations"
     assert (c.chaos["restart_graceful"], c.chaos["restart_kill"]) == (1, 1), where + str(c.chaos)
+    # The books: exactly once, the outbox empty, and decisions never waited for PostgreSQL.
+    assert not end.problems, where + "\n".join(end.problems[:30]) + "\n" + books.report()
+    assert not (bad := outage_problems(books.outages, OPS)), where + "\n".join(bad) + "\n" + books.report()
+    assert not [e for e in c.errors if "BOOKS" in e], where + f"a decision failed on the books: {c.errors}"
+    assert books.watch.inserted > 0, where + "the shipper shipped nothing during the run\n" + books.report()
+
+
+class BooksDownOnce:
+    """The books, away for the shipper's first append (PostgreSQL restarting), there afterwards."""
+
+    def __init__(self, books: Any) -> None:
+        self.books, self.appends = books, 0
+
+    def __getattr__(self, name: str) -> Any:  # migrate, and whatever else the shipper asks the books
+        return getattr(self.books, name)
+
+    async def append(self, entries: Any) -> Any:
+        self.appends += 1
+        if self.appends == 1:
+            raise BooksUnavailable("books unavailable (append): the database system is shutting down")
+        return await self.books.append(entries)
+
+
+async def test_a_shipper_keeps_its_lease_through_a_failed_pass(store: RedisStore, books: Any) -> None:
+    """Found with the chaos run's shipper: a failed pass (PostgreSQL or Redis away) made the daemon forget
+    its lease, and SET NX then refused it its own lease until that lapsed (lease_ttl_ms, 15 s by
+    default), so it stood by, shipping nothing, after every outage. No timing here: the passes run
+    back to back (no sleep), and the second must ship what the first could not."""
+    engine = QuotaEngine(load_plans(), store, RedisClock())
+    await engine.grant("lease-1", 10, "lease-1-p1")
+    await engine.check_and_reserve("lease-1", "sora", "lease-r1", JobParams(duration_seconds=5, resolution="720p"))
+    queued = (await store.outbox_stats()).entries
+    assert queued > 0
+    stop, passes = asyncio.Event(), []
+
+    def on_pass(counts: ShipCounts, stats: Any, failed: bool) -> None:
+        passes.append((counts.inserted, failed))
+        if len(passes) == 2:
+            stop.set()
+
+    async def no_sleep(_: float) -> None:
+        await asyncio.sleep(0)
+
+    shipper = Shipper(store, cast(Books, BooksDownOnce(books)), RedisClock(), owner="only-shipper",
+                      options=ShipperOptions(lease_ttl_ms=600_000), on_pass=on_pass, sleep=no_sleep)
+    await asyncio.wait_for(shipper.run(stop), SETTLE_S)
+    assert passes == [(0, True), (queued, False)]
+    assert (await store.outbox_stats()).entries == 0

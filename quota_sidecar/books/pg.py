@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import Any, Awaitable, Callable, Iterable, Sequence, TypeVar
+from typing import Any, Awaitable, Callable, Iterable, Mapping, Sequence, TypeVar
 
 import psycopg
 from psycopg import AsyncConnection
@@ -121,28 +121,39 @@ def _ts(param: str) -> str:
     return f"(timestamptz 'epoch' + {param} * interval '1 millisecond')"
 
 
+# Every field a staging row has a column for (the rest go to details), and the details' encoder (one
+# JSONEncoder for every row: json.dumps with options would build a new one per call).
+_COLUMN_FIELDS = frozenset(_TEXT_FIELDS) | frozenset(_INT_FIELDS) | _ENTRY_KEYS
+_encode_details = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def _int_column(fields: Mapping[str, str], name: str, default: int | None, details: dict[str, str]) -> int | None:
+    """An integer field's column: ``default`` when absent or "", else its value; a value that is not an
+    integer stays in details as sent (and the column keeps ``default``)."""
+    value = fields.get(name)
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        details[name] = value
+        return default
+
+
 def _staging_row(ord_: int, entry: LedgerEntry) -> tuple[object, ...]:
-    text = dict.fromkeys(_TEXT_FIELDS.values(), "")
-    ints: dict[str, int | None] = {"credits": 0, "price_minor_units": None, "expires_ms": None}
-    details: dict[str, str] = {}
-    for name, value in entry.fields.items():
-        if name in _TEXT_FIELDS:
-            text[_TEXT_FIELDS[name]] = value
-        elif name in _INT_FIELDS:
-            try:
-                ints[_INT_FIELDS[name]] = int(value) if value != "" else ints[_INT_FIELDS[name]]
-            except ValueError:
-                details[name] = value
-        elif name not in _ENTRY_KEYS:
-            details[name] = value
-    if ints["expires_ms"] == 0:
-        ints["expires_ms"] = None  # 0: never expires
+    """One row of the staging table (_STAGING_COLUMNS; the text fields are _TEXT_FIELDS', by name).
+    Runs for every shipped entry, so one pass and no per-row dicts but details."""
+    f = entry.fields
+    get = f.get
+    details = {name: value for name, value in f.items() if name not in _COLUMN_FIELDS}
+    credits = _int_column(f, "credits", 0, details)
+    price = _int_column(f, "price", None, details)
+    expires_ms = _int_column(f, "expires_ms", None, details) or None  # 0: never expires
     d = entry.deltas
-    return (ord_, entry.entry_id, entry.account_id, entry.seq, entry.at_ms, entry.type, text["product"],
-            text["reservation_id"], text["purchase_id"], text["funding"], ints["credits"], d.granted, d.refunded,
-            d.spent, d.expired, d.revoked, d.held, d.free_units, text["plans_version"], text["source"],
-            ints["price_minor_units"], text["currency"], text["pack_id"], ints["expires_ms"], text["reason"],
-            json.dumps(details, separators=(",", ":")))
+    return (ord_, entry.entry_id, entry.account_id, entry.seq, entry.at_ms, entry.type, get("product", ""),
+            get("rid", ""), get("pid", ""), get("funding", ""), credits, d.granted, d.refunded,
+            d.spent, d.expired, d.revoked, d.held, d.free_units, get("pv", ""), get("source", ""),
+            price, get("cur", ""), get("pack", ""), expires_ms, get("reason", ""), _encode_details(details))
 
 
 def _totals(granted: int, refunded: int, spent: int, expired: int, revoked: int, held: int) -> CreditTotals:

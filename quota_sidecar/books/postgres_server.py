@@ -20,6 +20,7 @@ clients use 127.0.0.1, and there is no socket path to keep short or to make writ
 from __future__ import annotations
 
 import atexit
+import contextlib
 import importlib.util
 import os
 import pwd
@@ -180,6 +181,25 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return stat_line.rpartition(")")[2].split()[:1] != ["Z"]
+
+
+def _children(pid: int) -> list[int]:
+    """The pids whose parent is ``pid`` (from /proc; empty where there is none)."""
+    found = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/stat", "rb") as f:
+                    stat_line = f.read()
+            except OSError:
+                continue  # gone meanwhile
+            # "pid (comm) state ppid ...": comm may hold spaces and parentheses, so split after the last ')'.
+            fields = stat_line[stat_line.rfind(b")") + 2:].split()
+            if len(fields) > 1 and int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return found
 
 
 def _free_loopback_port() -> int:
@@ -383,9 +403,8 @@ class PostgresServerProcess:
                 "--locale=C", "--auth-local=trust", "--auth-host=trust"]
         if not self._fsync:
             args.append("--no-sync")
-        uid, gid, groups = self._ids()
-        done = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120,
-                              check=False, cwd="/", env=self._child_env(), user=uid, group=gid, extra_groups=groups)
+        done = subprocess.run(self._as_run_user(args), stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=120, check=False, cwd="/", env=self._child_env())
         if done.returncode != 0:
             shutil.rmtree(self.pgdata, ignore_errors=True)
             raise RuntimeError(f"initdb ({self.engine.describe()}) failed with status {done.returncode}:\n"
@@ -398,11 +417,17 @@ class PostgresServerProcess:
         if self._run_as is not None:
             os.chown(path, self._run_as.uid, self._run_as.gid)
 
-    def _ids(self) -> tuple[int | None, int | None, list[int] | None]:
-        """(user, group, extra_groups) for subprocess: the run user's, or None (ours) when not root."""
+    def _as_run_user(self, args: list[str]) -> list[str]:
+        """``args`` run as the unprivileged user when we are root, through util-linux's setpriv.
+
+        Not subprocess's user=/group=: those make Python fork() instead of vfork(), and a fork while
+        gRPC's threads are busy (a sidecar or a test restarting PostgreSQL under load) runs gRPC's
+        fork handlers in the child, which crashed it (SIGSEGV) before postgres started."""
         if self._run_as is None:
-            return None, None, None
-        return self._run_as.uid, self._run_as.gid, []
+            return args
+        setpriv = shutil.which("setpriv") or "/usr/bin/setpriv"
+        return [setpriv, f"--reuid={self._run_as.uid}", f"--regid={self._run_as.gid}", "--clear-groups", "--",
+                *args]
 
     @staticmethod
     def _child_env() -> dict[str, str]:
@@ -443,13 +468,12 @@ class PostgresServerProcess:
         log_path = self.log_path
         self._log_offset = log_path.stat().st_size if log_path.exists() else 0
         fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        uid, gid, groups = self._ids()
         with os.fdopen(fd, "ab") as log:
             # A new session: the terminal's Ctrl-C stays away from postgres (its owner stops it), and
             # kill() reaches the postmaster and every backend through the process group.
-            self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                          cwd=self.pgdata, env=self._child_env(), start_new_session=True,
-                                          close_fds=True, user=uid, group=gid, extra_groups=groups)
+            self._proc = subprocess.Popen(self._as_run_user(args), stdin=subprocess.DEVNULL, stdout=log,
+                                          stderr=subprocess.STDOUT, cwd=self.pgdata, env=self._child_env(),
+                                          start_new_session=True, close_fds=True)
         return self._proc
 
     def _ready(self, proc: subprocess.Popen[bytes]) -> bool:
@@ -500,12 +524,20 @@ class PostgresServerProcess:
         self._forget()
 
     @staticmethod
-    def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass  # already gone with its group
+    def _kill_group(proc: subprocess.Popen[bytes], timeout_seconds: float = 10.0) -> None:
+        """SIGKILL to the postmaster and each of its children, then wait until all are gone.
+
+        Each backend calls setsid() (InitPostmasterChild), so the postmaster's process group does not
+        hold them: they are found by parent pid. One still exiting keeps the shared memory attached,
+        and a start meanwhile would be refused ("pre-existing shared memory block is still in use")."""
+        victims = [proc.pid, *_children(proc.pid)]
+        for pid in victims:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         proc.wait()
+        deadline = time.monotonic() + timeout_seconds
+        while any(_alive(pid) for pid in victims[1:]) and time.monotonic() < deadline:
+            time.sleep(_POLL_INTERVAL_SECONDS)
 
     def restart(self, timeout_seconds: float = 30.0) -> None:
         """Stop and start again on the same port and data folder."""

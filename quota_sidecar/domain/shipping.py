@@ -80,6 +80,7 @@ class Shipper:
         self._on_pass = on_pass
         self._sleep = sleep
         self._leader = False
+        self._migrated = False
 
     # -- one pass ----------------------------------------------------------
 
@@ -96,14 +97,27 @@ class Shipper:
         """Reads each bucket once, ships what was read; returns the buckets that had a full page."""
         full: list[int] = []
         step = self.options.parallel_buckets
-        for start in range(0, len(buckets), step):
-            group = buckets[start:start + step]
-            pages = await asyncio.gather(*(self.outbox.read_outbox(b, self.options.per_bucket_entries)
-                                           for b in group))
-            read = [(b, page) for b, page in zip(group, pages) if page]
-            full.extend(b for b, page in read if len(page) >= self.options.per_bucket_entries)
-            await self._ship_pages(read, counts)
+        groups = [buckets[start:start + step] for start in range(0, len(buckets), step)]
+        # The next group is read (and decoded) while this one is in the books' transactions: the groups
+        # are other buckets, so no read overlaps a trim of its own bucket.
+        reading = asyncio.ensure_future(self._read_group(groups[0])) if groups else None
+        try:
+            for i in range(len(groups)):
+                assert reading is not None
+                read = await reading
+                reading = asyncio.ensure_future(self._read_group(groups[i + 1])) if i + 1 < len(groups) else None
+                full.extend(b for b, page in read if len(page) >= self.options.per_bucket_entries)
+                await self._ship_pages(read, counts)
+        finally:
+            if reading is not None:  # shipping failed: the read ahead is not wanted
+                reading.cancel()
+                await asyncio.gather(reading, return_exceptions=True)
         return full
+
+    async def _read_group(self, group: Sequence[int]) -> list[tuple[int, list[LedgerEntry]]]:
+        """One page of each bucket of ``group``, the empty ones left out."""
+        pages = await asyncio.gather(*(self.outbox.read_outbox(b, self.options.per_bucket_entries) for b in group))
+        return [(b, page) for b, page in zip(group, pages) if page]
 
     async def _ship_pages(self, read: Sequence[tuple[int, list[LedgerEntry]]], counts: ShipCounts) -> None:
         """Appends the pages in transactions of at most batch_entries, each followed by the trims
@@ -142,38 +156,56 @@ class Shipper:
             if not self._leader:
                 log.warning("books shipper: lost the lease; another shipper ships now")
         else:
-            self._leader = await self.outbox.try_lock(LEASE_NAME, self.owner, ttl_ms)
+            # Free, or still ours after a failed pass (run() forgets it then: SET NX alone would wait out
+            # our own lease, lease_ttl_ms, before shipping again).
+            self._leader = (await self.outbox.try_lock(LEASE_NAME, self.owner, ttl_ms)
+                            or await self.outbox.renew_lock(LEASE_NAME, self.owner, ttl_ms))
             if self._leader:
                 log.info("books shipper: holds the lease, shipping")
         return self._leader
 
     async def run_once(self) -> ShipCounts | None:
-        """One pass of the daemon: the lease, then a drain; None when another shipper holds the lease."""
+        """One pass of the daemon: the lease, then a drain; None when another shipper holds the lease.
+        The active shipper first applies the books' pending migrations (once it has succeeded), so a
+        shipper that started while PostgreSQL was away still creates the schema when it is back."""
         if not await self._hold_lease():
             return None
+        if not self._migrated:
+            applied = await self.books.migrate()
+            if applied:
+                log.info("books: applied migration(s) %s", ", ".join(applied))
+            self._migrated = True
         return await self.drain()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Ships until ``stop`` is set. Failures (Redis or PostgreSQL unreachable) are logged and retried
         with a growing pause: the stores reconnect on their next call."""
         backoff_ms = self.options.idle_interval_ms
-        while not stop.is_set():
-            counts: ShipCounts | None = None
-            stats: OutboxStats | None = None
-            failed = False
-            try:
-                counts = await self.run_once()
-                stats = await self.outbox.outbox_stats()
-                backoff_ms = self.options.idle_interval_ms
-            except QuotaError as exc:
-                failed = True
-                self._leader = False  # the lease may have lapsed while we could not reach Redis
-                log.warning("books shipper: %s; retrying in %d ms", exc, backoff_ms)
-                backoff_ms = min(backoff_ms * 2, self.options.max_backoff_ms)
-            if self._on_pass is not None:
-                self._on_pass(counts or ShipCounts(), stats, failed)
-            await _wait(stop, backoff_ms / 1000, self._sleep)
-        await self._give_up_lease()
+        try:
+            while not stop.is_set():
+                counts: ShipCounts | None = None
+                failed = False
+                try:
+                    counts = await self.run_once()
+                    backoff_ms = self.options.idle_interval_ms
+                except QuotaError as exc:
+                    failed = True
+                    self._leader = False  # the lease may have lapsed while we could not reach Redis
+                    log.warning("books shipper: %s; retrying in %d ms", exc, backoff_ms)
+                    backoff_ms = min(backoff_ms * 2, self.options.max_backoff_ms)
+                if self._on_pass is not None:
+                    # Measured even after a failed pass: with PostgreSQL away the outbox grows and the
+                    # lag with it, which is what the alert must see.
+                    self._on_pass(counts or ShipCounts(), await self._stats(), failed)
+                await _wait(stop, backoff_ms / 1000, self._sleep)
+        finally:
+            await self._give_up_lease()
+
+    async def _stats(self) -> OutboxStats | None:
+        try:
+            return await self.outbox.outbox_stats()
+        except QuotaError:
+            return None  # Redis is away: the gauges keep their last values
 
     async def _give_up_lease(self) -> None:
         """On a clean stop the lease lapses at once (renewed for 1 ms, only if still ours), so a

@@ -75,8 +75,6 @@ MESSAGES = {
 # An outbox entry's delta fields (see ledger() in _prelude.lua) -> Deltas' names.
 DELTA_FIELDS = {"dg": "granted", "dr": "refunded", "ds": "spent", "dx": "expired", "dv": "revoked", "dh": "held",
                 "df": "free_units"}
-# Every entry's own fields: account, seq, time, kind. The rest are the kind's fields.
-ENTRY_HEAD = frozenset({"a", "q", "t", "k"})
 
 
 # XRANGE's reply with decoded responses: (entry id, fields) pairs.
@@ -271,17 +269,37 @@ def decode_auto_topup(r: Mapping[str, Any]) -> AutoTopUp:
 def stream_rows(raw: Any) -> StreamRows:
     """An XRANGE reply as (id, fields) pairs: redis-py's already are; the multiplexed
     connection's are [id, [field, value, ...]]."""
-    return [(row[0], row[1] if isinstance(row[1], dict) else dict(zip(row[1][::2], row[1][1::2])))
-            for row in raw or []]
+    return [(row[0], row[1] if isinstance(row[1], dict) else _pairs(row[1])) for row in raw or []]
+
+
+def _pairs(flat: list[str]) -> dict[str, str]:
+    it = iter(flat)
+    return dict(zip(it, it))
+
+
+_NO_DELTAS = Deltas()
 
 
 def outbox_entry(bucket: int, stream_id: str, raw: Mapping[str, str]) -> LedgerEntry:
     """An outbox stream entry as a LedgerEntry (totals_after left zero: readers sum the deltas)."""
-    deltas = Deltas(**{name: int(raw.get(short) or 0) for short, name in DELTA_FIELDS.items()})
-    fields = {k: v for k, v in raw.items() if k not in DELTA_FIELDS and k not in ENTRY_HEAD}
-    return LedgerEntry(entry_id=outbox_entry_id(bucket, stream_id), account_id=raw.get("a", ""),
-                       seq=int(raw.get("q") or 0), at_ms=int(raw.get("t") or 0), type=raw.get("k", ""),
-                       fields=fields, deltas=deltas)
+    return _outbox_entry(bucket, stream_id, dict(raw))
+
+
+def outbox_entries(bucket: int, rows: StreamRows) -> list[LedgerEntry]:
+    """A bucket's outbox rows (stream_rows' fresh pairs) as LedgerEntries. Consumes the rows' dicts:
+    each becomes its entry's ``fields`` (the shipper's path, for every entry: no copy)."""
+    return [_outbox_entry(bucket, stream_id, fields) for stream_id, fields in rows]
+
+
+def _outbox_entry(bucket: int, stream_id: str, fields: dict[str, str]) -> LedgerEntry:
+    """Pops every entry's own fields (account, seq, time, kind) and the deltas out of ``fields``; what
+    remains is the kind's fields."""
+    pop = fields.pop
+    account_id, seq, at_ms, kind = pop("a", ""), pop("q", ""), pop("t", ""), pop("k", "")
+    present = DELTA_FIELDS.keys() & fields.keys()  # usually one or two of the seven
+    deltas = Deltas(**{DELTA_FIELDS[short]: int(pop(short) or 0) for short in present}) if present else _NO_DELTAS
+    return LedgerEntry(entry_id=outbox_entry_id(bucket, stream_id), account_id=account_id, seq=int(seq or 0),
+                       at_ms=int(at_ms or 0), type=kind, fields=fields, deltas=deltas)
 
 
 def outbox_entry_id(bucket: int, stream_id: str) -> str:

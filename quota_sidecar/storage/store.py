@@ -73,6 +73,7 @@ from quota_sidecar.storage.codec import (
     encode_block,
     encode_limits,
     encode_windows,
+    outbox_entries,
     outbox_entry,
     parse_outbox_entry_id,
     reserve_args,
@@ -407,7 +408,7 @@ class RedisStore:
             rows = await self._xrange(bucket, "-", count)
         except redis_errors.RedisError as exc:
             raise domain_error(exc) from exc
-        return [outbox_entry(bucket, stream_id, fields) for stream_id, fields in rows]
+        return outbox_entries(bucket, rows)
 
     async def trim_outbox(self, bucket: int, through_id: str) -> int:
         entry_bucket, stream_id = parse_outbox_entry_id(through_id)

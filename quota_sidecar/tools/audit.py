@@ -84,11 +84,12 @@ def cli_main(args: argparse.Namespace) -> int:
         print(f"quota-sidecar audit: using Redis {mask_credentials(redis.url)} (from {redis.source})",
               file=sys.stderr)
     books_url = _books_url(args)
-    if not books_url:
-        print("quota-sidecar audit: no books (--books-url, QUOTA_BOOKS_URL or a development sidecar's books.url): "
-              "checking Redis and its unshipped outbox only", file=sys.stderr)
     try:
-        return asyncio.run(_audit_with_books(args, redis, books_url))
+        status = asyncio.run(_audit_with_books(args, redis, books_url))
+        if not books_url:  # said once it ran: an audit that could not run needs no such footnote
+            print("quota-sidecar audit: no books (--books-url, QUOTA_BOOKS_URL or a development sidecar's "
+                  "books.url): checked Redis and its unshipped outbox only", file=sys.stderr)
+        return status
     except QuotaError as exc:  # Redis unreachable or refusing, a malformed URL or mode
         return cannot_run(exc.message)
     except (OSError, ValueError) as exc:
