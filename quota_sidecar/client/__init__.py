@@ -48,7 +48,8 @@ DEFAULT_SETTLE_TIMEOUT_SECONDS = 30.0
 # Codes after which the same request may be sent again: the sidecar documents that
 # retrying with the same reservation_id is always safe (CANCELLED: grpc/grpc#41785).
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
-_PARAM_FIELDS = {"duration_seconds", "resolution", "model", "units", "extra", "cameo_ids"}
+_PARAM_FIELDS = {"duration_seconds", "resolution", "model", "units", "extra", "cameo_ids",
+                 "input_tokens", "cached_input_tokens", "output_tokens", "fast"}
 
 
 # -- results -------------------------------------------------------------------------------------
@@ -280,7 +281,10 @@ def _params(params: Mapping[str, Any]) -> pb.JobParams:
     return pb.JobParams(duration_seconds=float(params.get("duration_seconds") or 0.0),
                         resolution=str(params.get("resolution") or ""), model=str(params.get("model") or ""),
                         units=int(params.get("units") or 0), extra=extra,
-                        cameo_ids=[str(c) for c in params.get("cameo_ids") or ()])
+                        cameo_ids=[str(c) for c in params.get("cameo_ids") or ()],
+                        input_tokens=int(params.get("input_tokens") or 0),
+                        cached_input_tokens=int(params.get("cached_input_tokens") or 0),
+                        output_tokens=int(params.get("output_tokens") or 0), fast=bool(params.get("fast")))
 
 
 def _offer(o: pb.CreditPack) -> Offer:

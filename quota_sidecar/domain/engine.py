@@ -107,12 +107,15 @@ def fingerprint(product: str, job: JobParams, ttl_seconds: int) -> str:
                          sorted(job.extra.items()), ttl_seconds]
     if job.cameo_ids:  # only then: a job without cameos keeps the fingerprint it always had
         fields.append(list(job.cameo_ids))
+    if job.has_usage or job.fast:  # likewise: only a metered job's estimate adds to it
+        fields.append(["usage", job.input_tokens, job.cached_input_tokens, job.output_tokens, job.fast])
     canonical = json.dumps(fields, separators=(",", ":"))
     return hashlib.blake2b(canonical.encode(), digest_size=16).hexdigest()
 
 
 def _job_key(job: JobParams) -> tuple[Any, ...]:
-    return (job.duration_seconds, job.resolution, job.model, job.units, tuple(sorted(job.extra.items())))
+    return (job.duration_seconds, job.resolution, job.model, job.units, tuple(sorted(job.extra.items())),
+            job.input_tokens, job.cached_input_tokens, job.output_tokens, job.fast)
 
 
 def add_months_ms(at_ms: int, months: int) -> int:
@@ -819,7 +822,7 @@ class QuotaEngine:
         cached = self._actual_cache.get(key)
         if cached is not None and cached[0] is plans:
             return cached[1]
-        cost = ActualCost(plans.job_cost(product, actual),
+        cost = ActualCost(plans.actual_cost(product, actual),
                           tuple(name for name in plans.plans
                                 if plans.entitlement_denial(name, product, actual) is None))
         if len(self._actual_cache) >= SEGMENTS_CACHE_ENTRIES:

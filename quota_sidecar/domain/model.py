@@ -27,6 +27,16 @@ class JobParams:
     extra: Mapping[str, str] = field(default_factory=dict)
     # The cameos (characters, likenesses) the job uses; each active one's fee is added to its cost.
     cameo_ids: tuple[str, ...] = ()
+    # Usage of a metered product (see the plans file's `kind: metered`): at CheckAndReserve the
+    # worker's estimate (all 0: the product's default hold), at Commit the actual usage.
+    input_tokens: int = 0
+    cached_input_tokens: int = 0
+    output_tokens: int = 0
+    fast: bool = False  # the fast mode: the rate card times the product's fast_multiplier
+
+    @property
+    def has_usage(self) -> bool:
+        return bool(self.input_tokens or self.cached_input_tokens or self.output_tokens)
 
 
 @dataclass(frozen=True)

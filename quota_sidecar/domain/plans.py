@@ -19,6 +19,15 @@ from quota_sidecar.domain.model import CreditPack, JobParams, Limit, LimitKind, 
 
 VIDEO = "video"
 TASK = "task"
+METERED = "metered"
+
+# Metered prices are exact integers: a rate card's "credits per 1M tokens" is held in
+# milli-credits per 1M tokens (12.5 -> 12_500, 1.875 -> 1_875), a usage's price in milli-credits
+# (rounded up to the next milli-credit), and a job's cost in whole credits, rounded up: lots,
+# holds, charges and the books stay integer credits.
+MILLI_PER_CREDIT = 1000
+TOKENS_PER_RATE = 1_000_000
+OVERAGE_POLICIES = ("reject",)
 
 # The longest rolling window a limit may have: uses older than this are pruned.
 MAX_ROLLING_HOURS = 168
@@ -48,6 +57,15 @@ class ProductRules:
 
 
 @dataclass(frozen=True)
+class Rate:
+    """A metered model's rate card, in milli-credits per 1M tokens."""
+
+    input_milli: int
+    cached_input_milli: int
+    output_milli: int
+
+
+@dataclass(frozen=True)
 class Product:
     name: str
     kind: str  # VIDEO or TASK
@@ -64,6 +82,14 @@ class Product:
     # degraded_free_per_window free jobs per account, per sidecar, per local day).
     on_redis_failure: str = "fail_closed"
     degraded_free_per_window: int = 0
+    # Metered products only (kind METERED): the rate card per model, the fast mode's multiplier,
+    # the hold when the worker gives no estimate, the sanity bound on each token count, and what
+    # Commit does with usage above the hold ("reject": COST_EXCEEDS_HOLD).
+    rates: Mapping[str, Rate] = field(default_factory=lambda: MappingProxyType({}))
+    fast_multiplier: int = 1
+    default_hold_credits: int = 0
+    max_tokens: int = 0
+    overage: str = "reject"
 
 
 @dataclass(frozen=True)
@@ -144,8 +170,26 @@ class Plans:
         found = self.product(product)
         _check_extra(job.extra)
         if found.kind == VIDEO:
+            _no_usage(found, job)
             return _video_cost(found, job)
+        if found.kind == METERED:
+            usage_milli = _usage_milli(found, job)
+            return credits_of_milli(usage_milli) if job.has_usage else found.default_hold_credits
+        _no_usage(found, job)
         return _task_cost(found, job)
+
+    def actual_cost(self, product: str, job: JobParams) -> int:
+        """Credits an actual job costs (what Commit charges): job_cost, except that a metered
+        product prices the usage given, none being 0 credits (not the default hold)."""
+        found = self.product(product)
+        if found.kind != METERED:
+            return self.job_cost(product, job)
+        _check_extra(job.extra)
+        return credits_of_milli(_usage_milli(found, job))
+
+    def usage_milli(self, product: str, job: JobParams) -> int:
+        """The exact price of a metered job's usage, in milli-credits."""
+        return _usage_milli(self.product(product), job)
 
     def entitlement_denial(self, plan: str, product: str, job: JobParams) -> str | None:
         """Why the plan does not allow this (valid) job, or None when it does."""
@@ -194,6 +238,37 @@ def _video_cost(product: Product, job: JobParams) -> int:
 def _task_cost(product: Product, job: JobParams) -> int:
     model_multiplier = product.models[_model(product, job.model)]
     return _task_units(product, job.units) * model_multiplier
+
+
+def credits_of_milli(milli: int) -> int:
+    """Whole credits for a price in milli-credits: every started credit is charged."""
+    return -(-milli // MILLI_PER_CREDIT)
+
+
+def _usage_milli(product: Product, job: JobParams) -> int:
+    """sum(tokens * rate) / 1M, in milli-credits rounded up, times the fast mode; exact integers."""
+    if product.kind != METERED:
+        raise InvalidArgument("product", f"{product.name} is not metered")
+    if job.units not in (0, 1):
+        raise InvalidArgument("params.units", f"must be 0 or 1 for {product.name} (got {job.units})")
+    rate = product.rates[_model(product, job.model)]
+    total = 0
+    for name, tokens, milli in (("input_tokens", job.input_tokens, rate.input_milli),
+                                ("cached_input_tokens", job.cached_input_tokens, rate.cached_input_milli),
+                                ("output_tokens", job.output_tokens, rate.output_milli)):
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+            raise InvalidArgument(f"params.{name}", f"must be an integer >= 0 (got {tokens!r})")
+        if tokens > product.max_tokens:
+            raise InvalidArgument(f"params.{name}", f"must be at most {product.max_tokens} (got {tokens})")
+        total += tokens * milli
+    usage_milli = -(-total // TOKENS_PER_RATE)
+    return usage_milli * (product.fast_multiplier if job.fast else 1)
+
+
+def _no_usage(product: Product, job: JobParams) -> None:
+    if job.has_usage or job.fast:
+        raise InvalidArgument("params.input_tokens",
+                              f"token usage and fast apply to metered products only, not {product.name}")
 
 
 def _duration_ms(product: Product, duration_seconds: float) -> int:

@@ -54,6 +54,9 @@ from quota_sidecar.domain.errors import PlansError
 from quota_sidecar.domain.model import CreditPack, Limit, LimitKind, Money
 from quota_sidecar.domain.plans import (
     MAX_ROLLING_HOURS,
+    METERED,
+    MILLI_PER_CREDIT,
+    OVERAGE_POLICIES,
     TASK,
     VIDEO,
     Notifications,
@@ -61,6 +64,7 @@ from quota_sidecar.domain.plans import (
     Plans,
     Product,
     ProductRules,
+    Rate,
     format_seconds,
     resolution_height,
     seconds_to_ms,
@@ -75,6 +79,9 @@ _RESOLUTION_PATTERN = "[0-9]{3,4}p"
 # amount is money.
 _PRICE_RE = re.compile(r"(0|[1-9][0-9]{0,8})(\.[0-9]{1,2})?")
 _MINOR_UNITS_PER_MAJOR = 100  # every accepted price has at most 2 decimals
+# A metered rate: credits per 1M tokens with at most 3 decimals (exact in milli-credits).
+_RATE_RE = re.compile(r"(0|[1-9][0-9]{0,6})(\.[0-9]{1,3})?")
+_MAX_TOKENS_BOUND = 1_000_000_000
 
 _MAX_CREDITS = 1_000_000
 _MAX_MULTIPLIER = 1_000
@@ -94,6 +101,9 @@ _OVERLAID = ("plans", "products", "packs", "notifications")  # the sections a sc
 _RULE_KEYS = {
     VIDEO: ("daily_free", "limits", "max_concurrent", "max_duration_seconds", "max_resolution", "models"),
     TASK: ("daily_free", "limits", "max_concurrent", "models", "max_units"),
+    # Included usage of metered products (issue 17, part 2.3) is not built: their jobs are paid
+    # with credits, and a plan says daily_free: 0.
+    METERED: ("daily_free", "max_concurrent", "models"),
 }
 _DEFAULT_NOTIFICATIONS = Notifications()
 
@@ -204,6 +214,16 @@ def _price_minor_units(value: Any) -> int:
     return minor_units
 
 
+def _rate_milli(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise _refusal(f"must be credits per 1M tokens such as \"12.5\" (got {_type_name(value)})")
+    text = value if isinstance(value, str) else repr(value)
+    if not _RATE_RE.fullmatch(text):
+        raise _refusal(f"must be credits per 1M tokens >= 0 with at most 3 decimals such as \"1.875\" "
+                       f"(got {text!r})")
+    return int(Decimal(text) * MILLI_PER_CREDIT)
+
+
 def _instant(value: Any) -> datetime:
     if isinstance(value, datetime):  # YAML parses unquoted timestamps
         moment = value
@@ -247,6 +267,12 @@ LimitKindName = Annotated[Literal["day", "week", "rolling"], _Says(
     lambda value: f"must be one of {', '.join(kind.value for kind in LimitKind)} (got {value!r})")]
 Flag = Annotated[bool, _Says(lambda value: f"must be true or false (got {_type_name(value)})")]
 Names = Annotated[list[str], _Says(lambda value: f"must be a list of names (got {_type_name(value)})")]
+# Validated into integer milli-credits per 1M tokens ("1.875" -> 1875): a rate is never a float.
+RateMilli = Annotated[int, PlainValidator(_rate_milli), WithJsonSchema({
+    "anyOf": [{"type": "string", "pattern": f"^{_RATE_RE.pattern}$"}, {"type": "number", "minimum": 0}],
+})]
+OveragePolicy = Annotated[Literal["reject"], _Says(
+    lambda value: f"must be one of {', '.join(OVERAGE_POLICIES)} (got {value!r})")]
 Instant = Annotated[datetime, PlainValidator(_instant), WithJsonSchema({"type": "string", "format": "date-time"})]
 
 
@@ -333,18 +359,50 @@ class TaskProductSection(_ProductSection):
     degraded_free_per_window: Annotated[int, _Between(0, _MAX_DEGRADED_FREE)] = _ABSENT
 
 
+class RateSection(_Section):
+    """A metered model's rate card: credits per 1M tokens, at most 3 decimals (exact milli-credits)."""
+
+    input: RateMilli
+    cached_input: RateMilli
+    output: RateMilli
+
+
+class MeteredProductSection(_ProductSection):
+    """Priced by usage: ceil(sum(tokens * rate) / 1M) milli-credits per models[m], times
+    fast_multiplier in the fast mode; a job costs that rounded up to whole credits."""
+
+    kind: Literal["metered"]
+    models: Annotated[dict[NameKey, RateSection], Field(min_length=1),
+                      _a_mapping("must list at least one entry")] = Field(  # type: ignore[assignment]
+        description="Model -> rate card (credits per 1M input, cached input and output tokens).")
+    fast_multiplier: Annotated[int, _Between(1, _MAX_MULTIPLIER)] = Field(
+        default=1, description="The fast mode's price multiplier.")
+    default_hold_credits: Annotated[int, _Between(1, _MAX_CREDITS)] = Field(
+        description="Credits held when the worker gives no usage estimate.")
+    max_tokens: Annotated[int, _Between(1, _MAX_TOKENS_BOUND)] = Field(
+        description="Sanity bound on each token count of a job, whatever the plan.")
+    overage: OveragePolicy = Field(default="reject", description="Usage above the hold at Commit: reject "
+                                                                 "(COST_EXCEEDS_HOLD).")
+    on_redis_failure: FailurePolicy = Field(default="fail_closed", description=_FAILURE_POLICY_DESCRIPTION)
+    degraded_free_per_window: Annotated[int, _Between(0, _MAX_DEGRADED_FREE)] = _ABSENT
+
+
+_KINDS = (METERED, TASK, VIDEO)
+
+
 def _product_kind(value: Any) -> Any:
     """Before the kinds' models: say which kinds there are (they decide the other keys)."""
     if isinstance(value, dict):
         _string_keys(value)
-        if value.get("kind") not in (TASK, VIDEO):
-            raise _refusal(f"must be one of {_listing((TASK, VIDEO))} (got {value.get('kind')!r})", "kind")
+        if value.get("kind") not in _KINDS:
+            raise _refusal(f"must be one of {_listing(_KINDS)} (got {value.get('kind')!r})", "kind")
     elif not isinstance(value, _ProductSection):
         raise _refusal(f"must be a mapping (got {_type_name(value)})")
     return value
 
 
-ProductSection = Annotated[Union[VideoProductSection, TaskProductSection], Field(discriminator="kind"),
+AnyProductSection = Union[VideoProductSection, TaskProductSection, MeteredProductSection]
+ProductSection = Annotated[AnyProductSection, Field(discriminator="kind"),
                            BeforeValidator(_product_kind)]
 
 
@@ -489,7 +547,7 @@ class PlansVersion(_Section):
         return self
 
 
-def _check_rules(rules: RulesSection, name: str, product: VideoProductSection | TaskProductSection,
+def _check_rules(rules: RulesSection, name: str, product: AnyProductSection,
                  at: tuple[str, ...]) -> None:
     """A plan's rules (at ``at``) against the product they are for."""
     allowed = _RULE_KEYS[product.kind]
@@ -513,6 +571,9 @@ def _check_rules(rules: RulesSection, name: str, product: VideoProductSection | 
                 raise _refusal(f"unknown model {model!r}; known: {_listing(product.models)}", *at, "models")
         if len(set(rules.models)) != len(rules.models):
             raise _refusal("lists a model twice", *at, "models")
+    if isinstance(product, MeteredProductSection) and rules.daily_free not in (None, 0):
+        raise _refusal(f"must be 0: a metered product's jobs are paid with credits (got {rules.daily_free!r})",
+                       *at, "daily_free")
     if isinstance(product, TaskProductSection) and "max_units" in rules.model_fields_set:
         value = rules.max_units
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= product.max_units:
@@ -586,7 +647,7 @@ def _dotted(loc: tuple[str | int, ...]) -> str:
     if len(parts) > 2 and parts[0] == "scheduled" and isinstance(parts[1], int) and parts[2] in _OVERLAID:
         # Within a scheduled change, paths read as in a whole file: "scheduled[0]: plans.free...".
         prefix, parts = f"scheduled[{parts[1]}]: ", parts[2:]
-    if len(parts) > 2 and parts[0] == "products" and parts[2] in (VIDEO, TASK):
+    if len(parts) > 2 and parts[0] == "products" and parts[2] in _KINDS:
         del parts[2]  # the tag pydantic adds for the product's kind
     path = ""
     for index, part in enumerate(parts):
@@ -602,19 +663,25 @@ def _dotted(loc: tuple[str | int, ...]) -> str:
 # --- building the domain's plans --------------------------------------------------
 
 
-def _product(name: str, section: VideoProductSection | TaskProductSection) -> Product:
+def _product(name: str, section: AnyProductSection) -> Product:
     product = Product(
         name=name,
         kind=section.kind,
         unit_name=section.unit,
         default_ttl_seconds=section.default_ttl_seconds,
-        models=MappingProxyType(dict(section.models)),
+        models=MappingProxyType({model: 1 for model in section.models} if isinstance(section, MeteredProductSection)
+                                else dict(section.models)),
         default_model=section.default_model,
         on_redis_failure=section.on_redis_failure,
         degraded_free_per_window=section.degraded_free_per_window or 0,
     )
     if isinstance(section, TaskProductSection):
         return replace(product, max_units=section.max_units)
+    if isinstance(section, MeteredProductSection):
+        rates = {model: Rate(r.input, r.cached_input, r.output) for model, r in section.models.items()}
+        return replace(product, rates=MappingProxyType(rates), fast_multiplier=section.fast_multiplier,
+                       default_hold_credits=section.default_hold_credits, max_tokens=section.max_tokens,
+                       overage=section.overage)
     return replace(
         product,
         seconds_per_step=section.seconds_per_step,

@@ -212,7 +212,9 @@ def _log_failure(level: int, method: str, request: Any, exc: QuotaError) -> None
 
 def job_params(params: pb.JobParams) -> JobParams:
     return JobParams(duration_seconds=params.duration_seconds, resolution=params.resolution, model=params.model,
-                     units=params.units, extra=dict(params.extra), cameo_ids=tuple(params.cameo_ids))
+                     units=params.units, extra=dict(params.extra), cameo_ids=tuple(params.cameo_ids),
+                     input_tokens=params.input_tokens, cached_input_tokens=params.cached_input_tokens,
+                     output_tokens=params.output_tokens, fast=params.fast)
 
 
 def _money(money: Money) -> pb.Money:

@@ -57,7 +57,7 @@ CREDIT_SOURCE_REFUND: CreditSource
 CREDIT_SOURCE_COMPENSATION: CreditSource
 
 class JobParams(_message.Message):
-    __slots__ = ("duration_seconds", "resolution", "model", "units", "extra", "cameo_ids")
+    __slots__ = ("duration_seconds", "resolution", "model", "units", "extra", "cameo_ids", "input_tokens", "cached_input_tokens", "output_tokens", "fast")
     class ExtraEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -71,13 +71,21 @@ class JobParams(_message.Message):
     UNITS_FIELD_NUMBER: _ClassVar[int]
     EXTRA_FIELD_NUMBER: _ClassVar[int]
     CAMEO_IDS_FIELD_NUMBER: _ClassVar[int]
+    INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FAST_FIELD_NUMBER: _ClassVar[int]
     duration_seconds: float
     resolution: str
     model: str
     units: int
     extra: _containers.ScalarMap[str, str]
     cameo_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, duration_seconds: _Optional[float] = ..., resolution: _Optional[str] = ..., model: _Optional[str] = ..., units: _Optional[int] = ..., extra: _Optional[_Mapping[str, str]] = ..., cameo_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    input_tokens: int
+    cached_input_tokens: int
+    output_tokens: int
+    fast: bool
+    def __init__(self, duration_seconds: _Optional[float] = ..., resolution: _Optional[str] = ..., model: _Optional[str] = ..., units: _Optional[int] = ..., extra: _Optional[_Mapping[str, str]] = ..., cameo_ids: _Optional[_Iterable[str]] = ..., input_tokens: _Optional[int] = ..., cached_input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., fast: _Optional[bool] = ...) -> None: ...
 
 class LimitStatus(_message.Message):
     __slots__ = ("limit_id", "kind", "rolling_hours", "used", "limit", "resets_at", "shadow")
