@@ -10,7 +10,7 @@ from typing import Any
 import grpc
 import pytest
 import yaml
-from quota_fixtures import Sidecar
+from quota_fixtures import T0_MS, Sidecar
 
 from quota_sidecar._proto.quota.v1 import quota_pb2 as pb
 from quota_sidecar.domain.audit import audit_all, format_report
@@ -19,6 +19,7 @@ from quota_sidecar.domain.engine import QuotaEngine, fingerprint
 from quota_sidecar.domain.errors import InvalidArgument, PlansError, ResolutionConflict
 from quota_sidecar.domain.model import DenialReason, Funding, JobParams
 from quota_sidecar.domain.plans import Plans, credits_of_milli
+from quota_sidecar.domain.shipping import Shipper, ShipperOptions
 from quota_sidecar.server.plans_file import parse_plans
 from quota_sidecar.storage.store import RedisStore
 
@@ -233,3 +234,60 @@ async def test_metered_through_grpc(sidecar: Sidecar) -> None:
             params=pb.JobParams(duration_seconds=10, resolution="720p", output_tokens=5)))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     await assert_audit_clean(engine)
+
+
+# --- overage: cap -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def capped_engine(store: RedisStore, clock: ManualClock) -> QuotaEngine:
+    return QuotaEngine(parse_plans(metered_document(overage="cap")), store, clock)
+
+
+async def test_cap_charges_the_hold_and_records_the_write_off(capped_engine: QuotaEngine) -> None:
+    engine = capped_engine
+    await engine.set_account("acct", plan="pro")
+    await engine.grant("acct", 100, "p1")
+    d = await engine.check_and_reserve("acct", "codex-usage", "r1", usage("mini", o=100_000))  # 11.3 -> 12
+    assert d.outcome.credits_held == 12
+    c = await engine.commit("acct", "r1", usage("mini", o=200_000))  # 22.6 -> 23: 11 written off
+    assert (c.credits_charged, c.credits_refunded, c.written_off, c.credit_balance) == (12, 0, 11, 88)
+    # A retry replays the same outcome.
+    again = await engine.commit("acct", "r1", usage("mini", o=200_000))
+    assert again.replayed and again.credits_charged == 12
+    entries, _ = await engine.ledger("acct")
+    commit = [e for e in entries if e.type == "commit"][-1]
+    assert commit.fields["wo"] == "11" and commit.fields["credits"] == "12"
+    # Below the hold, cap changes nothing: the rest goes back, nothing is written off.
+    await engine.check_and_reserve("acct", "codex-usage", "r2", usage("mini", o=100_000))
+    c = await engine.commit("acct", "r2", usage("mini", o=50_000))  # 5.65 -> 6
+    assert (c.credits_charged, c.credits_refunded, c.written_off) == (6, 6, 0)
+    entries, _ = await engine.ledger("acct")
+    assert "wo" not in [e for e in entries if e.type == "commit"][-1].fields
+    await assert_audit_clean(engine)
+
+
+async def test_cap_still_refuses_an_actual_job_the_plan_does_not_include(capped_engine: QuotaEngine) -> None:
+    engine = capped_engine
+    await engine.grant("acct", 100, "p1")  # the free plan: mini and mid only
+    await engine.check_and_reserve("acct", "codex-usage", "r1", usage("mini", o=1))
+    with pytest.raises(ResolutionConflict) as err:
+        await engine.commit("acct", "r1", usage("large", o=1_000))
+    assert err.value.reason == "ACTUAL_NOT_ENTITLED"
+    await assert_audit_clean(engine)
+
+
+async def test_metered_movements_reach_the_books(capped_engine: QuotaEngine, store: RedisStore, books) -> None:
+    engine = capped_engine
+    await engine.set_account("acct", plan="pro")
+    await engine.grant("acct", 100, "p1")
+    await engine.check_and_reserve("acct", "codex-usage", "r1", usage("large", i=100_000, o=20_000))  # 28 held
+    await engine.commit("acct", "r1", usage("large", i=80_000, c=10_000, o=12_000))  # 19.125 -> 20
+    await engine.check_and_reserve("acct", "codex-usage", "r2", usage("mini", o=100_000))  # 12 held
+    await engine.commit("acct", "r2", usage("mini", o=200_000))  # 23: 12 charged, 11 written off
+    await Shipper(store, books, ManualClock(T0_MS), owner="t", options=ShipperOptions()).drain()
+    shipped = [e for e in await books.account_entries("acct") if e.type == "commit"]
+    assert [(e.fields["credits"], e.fields.get("wo")) for e in shipped] == [("20", None), ("12", "11")]
+    assert shipped[-1].totals_after.spent == 32 and shipped[-1].totals_after.available == 68
+    audits = await audit_all(store, books=books)
+    assert all(a.ok for a in audits), format_report(audits)

@@ -108,6 +108,7 @@ class CommitResult:
     free_charged: int
     credit_balance: int
     replayed: bool
+    credits_written_off: int = 0  # usage above the hold not charged (a metered product's overage cap)
 
 
 @dataclass(frozen=True)
@@ -446,7 +447,8 @@ class QuotaClient:
         if actual is not None:
             request.params.CopyFrom(_params(actual))
         r = await self._call("Commit", request)
-        return CommitResult(r.credits_charged, r.credits_refunded, r.free_charged, r.credit_balance, r.replayed)
+        return CommitResult(r.credits_charged, r.credits_refunded, r.free_charged, r.credit_balance, r.replayed,
+                            r.credits_written_off)
 
     async def release(self, account_id: str, reservation_id: str) -> ReleaseResult:
         r = await self._call("Release", pb.ReleaseRequest(account_id=account_id, reservation_id=reservation_id))

@@ -824,7 +824,8 @@ class QuotaEngine:
             return cached[1]
         cost = ActualCost(plans.actual_cost(product, actual),
                           tuple(name for name in plans.plans
-                                if plans.entitlement_denial(name, product, actual) is None))
+                                if plans.entitlement_denial(name, product, actual) is None),
+                          cap=plans.product(product).overage == "cap")
         if len(self._actual_cache) >= SEGMENTS_CACHE_ENTRIES:
             self._actual_cache.clear()
         self._actual_cache[key] = (plans, cost)

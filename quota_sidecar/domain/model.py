@@ -249,6 +249,7 @@ class CommitResult:
     credit_balance: int
     replayed: bool
     degraded: bool = False
+    written_off: int = 0  # credits of usage above the hold not charged (overage: cap)
 
 
 @dataclass(frozen=True)
@@ -504,3 +505,6 @@ class ActualCost:
 
     cost_credits: int
     entitled_plans: tuple[str, ...] = ()
+    # The product's overage policy is cap: a cost above the hold charges the hold, the excess
+    # written off (recorded as "wo" in the commit's outbox entry); else COST_EXCEEDS_HOLD.
+    cap: bool = False

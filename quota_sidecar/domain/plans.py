@@ -27,7 +27,7 @@ METERED = "metered"
 # holds, charges and the books stay integer credits.
 MILLI_PER_CREDIT = 1000
 TOKENS_PER_RATE = 1_000_000
-OVERAGE_POLICIES = ("reject",)
+OVERAGE_POLICIES = ("reject", "cap")
 
 # The longest rolling window a limit may have: uses older than this are pruned.
 MAX_ROLLING_HOURS = 168
@@ -84,7 +84,8 @@ class Product:
     degraded_free_per_window: int = 0
     # Metered products only (kind METERED): the rate card per model, the fast mode's multiplier,
     # the hold when the worker gives no estimate, the sanity bound on each token count, and what
-    # Commit does with usage above the hold ("reject": COST_EXCEEDS_HOLD).
+    # Commit does with usage above the hold ("reject": COST_EXCEEDS_HOLD; "cap": charge the hold,
+    # the excess written off and recorded in the commit's outbox entry).
     rates: Mapping[str, Rate] = field(default_factory=lambda: MappingProxyType({}))
     fast_multiplier: int = 1
     default_hold_credits: int = 0

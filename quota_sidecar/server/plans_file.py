@@ -271,7 +271,7 @@ Names = Annotated[list[str], _Says(lambda value: f"must be a list of names (got 
 RateMilli = Annotated[int, PlainValidator(_rate_milli), WithJsonSchema({
     "anyOf": [{"type": "string", "pattern": f"^{_RATE_RE.pattern}$"}, {"type": "number", "minimum": 0}],
 })]
-OveragePolicy = Annotated[Literal["reject"], _Says(
+OveragePolicy = Annotated[Literal["reject", "cap"], _Says(
     lambda value: f"must be one of {', '.join(OVERAGE_POLICIES)} (got {value!r})")]
 Instant = Annotated[datetime, PlainValidator(_instant), WithJsonSchema({"type": "string", "format": "date-time"})]
 
@@ -382,7 +382,7 @@ class MeteredProductSection(_ProductSection):
     max_tokens: Annotated[int, _Between(1, _MAX_TOKENS_BOUND)] = Field(
         description="Sanity bound on each token count of a job, whatever the plan.")
     overage: OveragePolicy = Field(default="reject", description="Usage above the hold at Commit: reject "
-                                                                 "(COST_EXCEEDS_HOLD).")
+                                   "(COST_EXCEEDS_HOLD) or cap (charge the hold, the excess written off).")
     on_redis_failure: FailurePolicy = Field(default="fail_closed", description=_FAILURE_POLICY_DESCRIPTION)
     degraded_free_per_window: Annotated[int, _Between(0, _MAX_DEGRADED_FREE)] = _ABSENT
 

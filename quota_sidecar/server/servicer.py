@@ -353,7 +353,8 @@ def cameo_pb(c: Cameo) -> pb.Cameo:
 def commit_response(r: CommitResult) -> pb.CommitResponse:
     return pb.CommitResponse(credits_charged=r.credits_charged, credits_refunded=r.credits_refunded,
                              free_charged=r.free_charged, funding=_FUNDING[r.funding],
-                             credit_balance=r.credit_balance, replayed=r.replayed, degraded=r.degraded)
+                             credit_balance=r.credit_balance, replayed=r.replayed, degraded=r.degraded,
+                             credits_written_off=r.written_off)
 
 
 def release_response(r: ReleaseResult) -> pb.ReleaseResponse:

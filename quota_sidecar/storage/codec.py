@@ -215,14 +215,16 @@ def reserve_args(cmd: ReserveCommand) -> list[Any]:
 
 
 def commit_args(reservation_id: str, costs: Mapping[tuple[str, str], ActualCost]) -> list[Any]:
-    return [reservation_id, *encode_block([(pv, product, c.cost_credits, "|" + "|".join(c.entitled_plans) + "|")
-                                     for (pv, product), c in costs.items()])]
+    return [reservation_id, *encode_block([(pv, product, c.cost_credits, "|" + "|".join(c.entitled_plans) + "|",
+                                            1 if c.cap else 0)
+                                           for (pv, product), c in costs.items()])]
 
 
 def decode_commit_result(r: Mapping[str, Any]) -> CommitResult:
     return CommitResult(funding=Funding(r["funding"]), credits_charged=int(r["charged"]),
                         credits_refunded=int(r["refunded"]), free_charged=int(r["free_charged"]),
-                        credit_balance=int(r["balance"]), replayed=bool(r["replayed"]))
+                        credit_balance=int(r["balance"]), replayed=bool(r["replayed"]),
+                        written_off=int(r.get("written_off", 0)))
 
 
 def decode_release_result(r: Mapping[str, Any]) -> ReleaseResult:

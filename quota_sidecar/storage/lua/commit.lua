@@ -11,23 +11,31 @@
 -- job of up to the reserved size, not a larger one).
 -- Times are in milliseconds; credits are integers.
 local rid   = next_arg()
--- {plans version or '*', product, actual_cost, entitled plans as "|a|b|"}: cost
--- -1 (or no row) charges the whole hold; -2: params invalid for the product.
-local costs = next_block(4)
+-- {plans version or '*', product, actual_cost, entitled plans as "|a|b|", cap}: cost
+-- -1 (or no row) charges the whole hold; -2: params invalid for the product; cap 1:
+-- the product's overage policy is cap (a cost above the hold charges the hold, the
+-- excess is written off and recorded as wo in the commit's entry).
+local costs = next_block(5)
 
 local rec = load_record(rid)
 if not rec then return fail('RESERVATION_NOT_FOUND') end
 
 -- Priced with the plans version the reservation was made under when the
 -- sidecar still knows it ('*' rows: the current plans).
-local actual, entitled_plans, priced_with = -1, '', ''
+local actual, entitled_plans, priced_with, capped = -1, '', '', false
 for _, row in ipairs(costs) do
   if row[2] == rec.p and (row[1] == rec.pv or (row[1] == '*' and priced_with == '')) then
-    actual, entitled_plans, priced_with = tonumber(row[3]), row[4], row[1]
+    actual, entitled_plans, priced_with, capped = tonumber(row[3]), row[4], row[1], row[5] == '1'
   end
 end
 -- Bad input changes nothing, not even lazy expiry.
 if actual == -2 then return fail('INVALID_PARAMS', {product = rec.p, pv = priced_with}) end
+-- Overage cap: what the hold does not cover is written off (not a credit: no lot moves).
+local written_off = 0
+if capped and actual > rec.rc and rec.dg ~= 1 then
+  written_off = actual - rec.rc
+  actual = rec.rc
+end
 
 -- Cameo fees (rec.cf) are per use, not per second: any commit charges them whole, on top
 -- of the actual generation cost (a free hold: the fees alone).
@@ -38,7 +46,8 @@ if rec.f == 'free' then charge = fees end
 
 settle_if_due(rid, rec)
 local result = {funding = rec.f, charged = charge, refunded = rec.c - charge,
-                free_charged = (rec.f == 'free') and 1 or 0, replayed = 0, fees = fees}
+                free_charged = (rec.f == 'free') and 1 or 0, replayed = 0, fees = fees,
+                written_off = written_off}
 
 if rec.s == 'committed' then
   if rec.ch ~= charge then return fail('COMMIT_COST_MISMATCH', {charged = rec.ch}) end
@@ -58,7 +67,12 @@ if actual >= 0 and rec.dg ~= 1 then
 end
 
 sweep()
-commit_hold(rid, rec, charge, fees > 0 and {'fees', fees, 'roy', rec.cm} or {})
+local extra = fees > 0 and {'fees', fees, 'roy', rec.cm} or {}
+if written_off > 0 then
+  extra[#extra + 1] = 'wo'
+  extra[#extra + 1] = written_off
+end
+commit_hold(rid, rec, charge, extra)
 
 local _, balance = live_lots()
 result.balance = balance

@@ -280,7 +280,7 @@ class CommitRequest(_message.Message):
     def __init__(self, account_id: _Optional[str] = ..., reservation_id: _Optional[str] = ..., params: _Optional[_Union[JobParams, _Mapping]] = ...) -> None: ...
 
 class CommitResponse(_message.Message):
-    __slots__ = ("credits_charged", "credits_refunded", "free_charged", "funding", "credit_balance", "replayed", "degraded")
+    __slots__ = ("credits_charged", "credits_refunded", "free_charged", "funding", "credit_balance", "replayed", "degraded", "credits_written_off")
     CREDITS_CHARGED_FIELD_NUMBER: _ClassVar[int]
     CREDITS_REFUNDED_FIELD_NUMBER: _ClassVar[int]
     FREE_CHARGED_FIELD_NUMBER: _ClassVar[int]
@@ -288,6 +288,7 @@ class CommitResponse(_message.Message):
     CREDIT_BALANCE_FIELD_NUMBER: _ClassVar[int]
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
     DEGRADED_FIELD_NUMBER: _ClassVar[int]
+    CREDITS_WRITTEN_OFF_FIELD_NUMBER: _ClassVar[int]
     credits_charged: int
     credits_refunded: int
     free_charged: int
@@ -295,7 +296,8 @@ class CommitResponse(_message.Message):
     credit_balance: int
     replayed: bool
     degraded: bool
-    def __init__(self, credits_charged: _Optional[int] = ..., credits_refunded: _Optional[int] = ..., free_charged: _Optional[int] = ..., funding: _Optional[_Union[Funding, str]] = ..., credit_balance: _Optional[int] = ..., replayed: _Optional[bool] = ..., degraded: _Optional[bool] = ...) -> None: ...
+    credits_written_off: int
+    def __init__(self, credits_charged: _Optional[int] = ..., credits_refunded: _Optional[int] = ..., free_charged: _Optional[int] = ..., funding: _Optional[_Union[Funding, str]] = ..., credit_balance: _Optional[int] = ..., replayed: _Optional[bool] = ..., degraded: _Optional[bool] = ..., credits_written_off: _Optional[int] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("account_id", "reservation_id")
