@@ -4,6 +4,7 @@ Commit carries the actual usage; overage policy reject (COST_EXCEEDS_HOLD)."""
 
 from __future__ import annotations
 
+import asyncio
 import importlib.resources
 from typing import Any
 
@@ -13,6 +14,7 @@ import yaml
 from quota_fixtures import T0_MS, Sidecar
 
 from quota_sidecar._proto.quota.v1 import quota_pb2 as pb
+from quota_sidecar.client import QuotaClient
 from quota_sidecar.domain.audit import audit_all, format_report
 from quota_sidecar.domain.clock import ManualClock
 from quota_sidecar.domain.engine import QuotaEngine, fingerprint
@@ -22,6 +24,7 @@ from quota_sidecar.domain.plans import Plans, credits_of_milli
 from quota_sidecar.domain.shipping import Shipper, ShipperOptions
 from quota_sidecar.server.plans_file import parse_plans
 from quota_sidecar.storage.store import RedisStore
+from quota_sidecar.tools import cli
 
 M = 1_000_000  # tokens per rate
 
@@ -291,3 +294,24 @@ async def test_metered_movements_reach_the_books(capped_engine: QuotaEngine, sto
     assert shipped[-1].totals_after.spent == 32 and shipped[-1].totals_after.available == 68
     audits = await audit_all(store, books=books)
     assert all(a.ok for a in audits), format_report(audits)
+
+
+async def test_client_and_cli(sidecar: Sidecar, capsys: pytest.CaptureFixture[str]) -> None:
+    await sidecar.engine.grant("acct", 50, "p1")
+    target = f"127.0.0.1:{sidecar.port}"
+    async with QuotaClient(target) as client:
+        d = await client.reserve("acct", "codex-usage", {"model": "mid", "input_tokens": 160_000}, reservation_id="c1")
+        assert d.credits_held == 10  # 62.5 x 0.16
+        c = await client.commit("acct", "c1", {"model": "mid", "output_tokens": 10_000})  # 3.75 -> 4
+        assert (c.credits_charged, c.credits_refunded, c.credits_written_off) == (4, 6, 0)
+    status = await asyncio.to_thread(cli.main, [
+        "reserve", "--account", "acct", "--product", "codex-usage", "--id", "c2", "--model", "mini",
+        "--output-tokens", "10000", "--fast", "--target", target])  # 1.13 x 2 = 2.26 -> 3
+    out = capsys.readouterr().out
+    assert status == 0 and "3 credit(s)" in out, out
+    status = await asyncio.to_thread(cli.main, [
+        "commit", "--account", "acct", "--id", "c2", "--model", "mini", "--input-tokens", "1000",
+        "--cached-input-tokens", "1000", "--fast", "--target", target])  # 0.0411 -> 1
+    out = capsys.readouterr().out
+    assert status == 0 and "charged 1 credit(s)" in out and "refunded 2" in out, out
+    await assert_audit_clean(sidecar.engine)

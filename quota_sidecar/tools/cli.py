@@ -92,6 +92,11 @@ def _job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resolution", default=None, help="e.g. 720p or 1080p (sora)")
     p.add_argument("--model", default=None, help="model name; default: the product's default model")
     p.add_argument("--units", type=int, default=None, help="number of tasks (codex)")
+    for flag, what in (("--input-tokens", "input"), ("--cached-input-tokens", "cached input"),
+                       ("--output-tokens", "output")):
+        p.add_argument(flag, type=int, default=None, help=(
+            f"{what} tokens of a metered product: the estimate at reserve/quote, the actual usage at commit"))
+    p.add_argument("--fast", action="store_true", default=None, help="a metered product's fast mode")
 
 
 def _reserve_args(p: argparse.ArgumentParser, id_help: str) -> None:

@@ -56,12 +56,16 @@ def _say(line: str = "", *, err: bool = False) -> None:
 
 
 def _job(args: argparse.Namespace) -> pb.JobParams | None:
-    given = {k: getattr(args, k) for k in ("duration", "resolution", "model", "units")}
+    given = {k: getattr(args, k, None) for k in ("duration", "resolution", "model", "units", "input_tokens",
+                                                 "cached_input_tokens", "output_tokens", "fast")}
     cameos = getattr(args, "cameo", None) or []
     if all(v is None for v in given.values()) and not cameos:
         return None
     return pb.JobParams(duration_seconds=given["duration"] or 0.0, resolution=given["resolution"] or "",
-                        model=given["model"] or "", units=given["units"] or 0, cameo_ids=cameos)
+                        model=given["model"] or "", units=given["units"] or 0, cameo_ids=cameos,
+                        input_tokens=given["input_tokens"] or 0,
+                        cached_input_tokens=given["cached_input_tokens"] or 0,
+                        output_tokens=given["output_tokens"] or 0, fast=bool(given["fast"]))
 
 
 def _money(m: pb.Money) -> str:
@@ -354,7 +358,9 @@ _PRINTERS: dict[str, Callable[[Any], None]] = {
     "cameo": _print_cameo,
     "commit": lambda r: _say(
         f"COMMITTED  charged {r.credits_charged} credit(s), {r.free_charged} free unit(s); refunded "
-        f"{r.credits_refunded}; credits available {r.credit_balance}" + _replay(r, "already committed")),
+        f"{r.credits_refunded}; credits available {r.credit_balance}"
+        + (f"; written off {r.credits_written_off} (overage cap)" if r.credits_written_off else "")
+        + _replay(r, "already committed")),
     "release": lambda r: _say(
         f"RELEASED  refunded {r.credits_refunded} credit(s), {r.free_refunded} free unit(s); "
         f"credits available {r.credit_balance}" + _replay(r, "already released")),
