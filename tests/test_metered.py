@@ -315,3 +315,23 @@ async def test_client_and_cli(sidecar: Sidecar, capsys: pytest.CaptureFixture[st
     out = capsys.readouterr().out
     assert status == 0 and "charged 1 credit(s)" in out and "refunded 2" in out, out
     await assert_audit_clean(sidecar.engine)
+
+
+async def test_quote_prices_the_estimate_as_reserve_holds_it(metered_engine: QuotaEngine) -> None:
+    engine = metered_engine
+    await engine.set_account("acct", plan="pro")
+    await engine.grant("acct", 30, "p1")
+    for rid, job in (("q1", usage("large", i=100_000, o=20_000)), ("q2", JobParams()),
+                     ("q3", usage("large", o=100_000)), ("q4", usage("mini", c=8, fast=True))):
+        quoted = await engine.quote("acct", "codex-usage", rid, job)
+        decided = await engine.check_and_reserve("acct", "codex-usage", rid, job)
+        assert quoted.outcome.allowed == decided.outcome.allowed, rid
+        assert quoted.outcome.cost_credits == decided.outcome.cost_credits, rid
+        assert quoted.outcome.credits_short == decided.outcome.credits_short, rid
+        if decided.outcome.allowed:
+            await engine.release("acct", rid)
+    # q3: 75 credits against 30: 45 short.
+    assert (await engine.quote("acct", "codex-usage", "q5", usage("large", o=100_000))).outcome.credits_short == 45
+    balance = await engine.balance("acct")
+    assert (balance.credit_balance, balance.credits_held) == (30, 0)
+    await assert_audit_clean(engine)
