@@ -38,9 +38,10 @@ from quota_sidecar.storage.store import RedisStore
 
 MONITOR_MAX_LINES = 500_000
 MONITOR_STOP_TIMEOUT_SECONDS = 10.0
-# The sidecar's periodic background work, not part of a decision: the health probe (PING), and
-# the sweeper's lease (SET NX), account scan (SCAN) and per-account sweep script.
-BACKGROUND_COMMANDS = {"PING", "SCAN", "SET", "EVALSHA sweep"}
+# The sidecar's periodic background work, not part of a decision: the health probe (PING), the
+# sweeper's lease (SET NX), account scan (SCAN) and per-account sweep script, and the cameo
+# registry's refresh (HGETALL of <prefix>:cameos every few seconds).
+BACKGROUND_COMMANDS = {"PING", "SCAN", "SET", "EVALSHA sweep", "HGETALL"}
 
 
 def script_shas() -> dict[str, str]:

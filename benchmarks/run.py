@@ -22,7 +22,8 @@ Figures (the table; ratio = sidecar / no-op unless said otherwise):
      script included) during a and c (target <= 25 us), and Redis CPU (INFO cpu) per EVALSHA.
      MONITOR over ~200 unary decisions and a few batch RPCs counts the top-level commands the
      sidecar sent (commands issued from Lua, the benchmark's own connection and the periodic
-     health PING left out): 1 per unary decision, 64 per 64-item batch. A counting proxy in
+     background work left out: health PING, sweeper, cameo registry refresh): 1 per unary
+     decision, 64 per 64-item batch. A counting proxy in
      front of Redis, with a second sidecar behind it, counts round trips (a round trip lasts
      while a connection has commands waiting for replies): 1 per decision for one caller, 1 per
      batch RPC, and fewer than 1 per decision with 32 callers (the store writes the scripts of
