@@ -28,6 +28,7 @@ from quota_sidecar.domain.finance import (
     Balances,
     CameoRoyalty,
     FinanceReport,
+    JobRecord,
     MoneyByCurrency,
     ProductUse,
     PurchaseRecord,
@@ -114,6 +115,18 @@ _PURCHASES = ("SELECT purchase_id, account_id, credits, source, price_minor_unit
               "round(extract(epoch FROM granted_at) * 1000)::bigint, "
               "round(extract(epoch FROM expires_at) * 1000)::bigint, credits_expired, credits_revoked, reason, "
               "entry_id FROM quota_purchases")
+
+_JOBS = ("SELECT account_id, reservation_id, product, round(extract(epoch FROM held_at) * 1000)::bigint, "
+         "round(extract(epoch FROM resolved_at) * 1000)::bigint, state, funding, credits_charged, free_units, "
+         "lots, royalty_credits, fees, written_off, plans_version, credits_refunded, hold_seq FROM quota_jobs")
+
+
+def _job(row: Sequence[Any]) -> JobRecord:
+    return JobRecord(account_id=row[0], reservation_id=row[1], product=row[2], held_ms=int(row[3]),
+                     resolved_ms=None if row[4] is None else int(row[4]), state=row[5], funding=row[6],
+                     credits_charged=int(row[7]), free_units=int(row[8]), lots=row[9], royalty_credits=int(row[10]),
+                     fees=int(row[11]), written_off=int(row[12]), plans_version=row[13],
+                     credits_refunded=int(row[14]))
 
 
 def _ts(param: str) -> str:
@@ -346,6 +359,16 @@ class PgBooks:
             return [_purchase(row) for row in await (await conn.execute(sql, params)).fetchall()]
 
         return await self._run("purchases", work)
+
+    async def jobs(self, account_id: str, limit: int = 1000) -> list[JobRecord]:
+        """One account's jobs the books hold (quota_jobs), the latest ``limit`` oldest first. Movements still
+        in Redis' outbox are not listed."""
+        sql = f"SELECT * FROM ({_JOBS} WHERE account_id = %(a)s ORDER BY hold_seq DESC LIMIT %(n)s) j ORDER BY hold_seq"
+
+        async def work(conn: Conn) -> list[JobRecord]:
+            return [_job(row) for row in await (await conn.execute(sql, {"a": account_id, "n": limit})).fetchall()]
+
+        return await self._run("jobs", work)
 
     async def report(self, month: str) -> FinanceReport:
         """The month's finance report (UTC calendar month ``YYYY-MM``); InvalidArgument("month") if malformed."""

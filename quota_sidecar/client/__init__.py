@@ -146,6 +146,8 @@ class Balance:
     lots: tuple[CreditLot, ...]
     holds: tuple[Hold, ...]  # the 100 soonest-expiring open holds at most
     holds_total: int = 0  # all open holds
+    credits_expiring_30d: int = 0  # credits left in the lots expiring within 30 days (Redis' clock)
+    expiring_lots: tuple[CreditLot, ...] = ()  # those lots, soonest expiry first
 
 
 @dataclass(frozen=True)
@@ -324,7 +326,9 @@ def _balance(r: pb.GetBalanceResponse) -> Balance:
                   for h in r.holds)
     return Balance(account_id=r.account_id, plan=r.plan, time_zone=r.time_zone, credit_balance=r.credit_balance,
                    credits_held=r.credits_held, free={a.product: (a.free_used, a.free_limit) for a in r.allowances},
-                   lots=lots, holds=holds, holds_total=r.holds_total)
+                   lots=lots, holds=holds, holds_total=r.holds_total, credits_expiring_30d=r.credits_expiring_30d,
+                   expiring_lots=tuple(CreditLot(lot.lot_id, lot.credits_left, _time(lot.expires_at))
+                                       for lot in r.expiring_lots))
 
 
 # -- async client ----------------------------------------------------------------------------------

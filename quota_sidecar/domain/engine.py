@@ -43,6 +43,7 @@ from quota_sidecar.domain.ledger import before, contiguous, merge_by_seq, with_r
 from quota_sidecar.domain.model import (
     COST_INVALID,
     COST_WHOLE_HOLD,
+    EXPIRING_WINDOW_MS,
     Account,
     AccountChanges,
     AccountSettings,
@@ -867,9 +868,15 @@ class QuotaEngine:
     def _balance(self, account_id: str, snap: BalanceSnapshot) -> Balance:
         allowances = tuple(a if a.overridden else replace(a, upcoming=self._upcoming(snap.plan, a.product))
                            for a in snap.allowances)
+        # Redis' clock at the read (the one that expires lots), not this process': the script swept the
+        # expired lots, so what is left with an expiry inside the window is what will lapse if unspent.
+        horizon_ms = snap.now_ms + EXPIRING_WINDOW_MS
+        expiring = tuple(sorted((lot for lot in snap.lots if snap.now_ms < lot.expires_ms <= horizon_ms),
+                                key=lambda lot: (lot.expires_ms, lot.lot_id)))
         return Balance(account_id=account_id, plan=snap.plan, time_zone=snap.time_zone, allowances=allowances,
                        credit_balance=snap.credit_balance, lots=snap.lots, holds=snap.holds,
-                       holds_total=snap.holds_total, credits_held=snap.totals.held)
+                       holds_total=snap.holds_total, credits_held=snap.totals.held,
+                       expiring_lots=expiring, credits_expiring=sum(lot.credits_left for lot in expiring))
 
     def _upcoming(self, plan: str, product: str) -> tuple[ScheduledLimits, ...]:
         """Announced changes to what ``plan`` allows for ``product``, soonest first."""

@@ -253,3 +253,47 @@ class PurchaseRecord:
                                                           (self.credits_revoked, "revoked")) if n)
         return (f"{self.purchase_id}  account {self.account_id}: {self.credits:,} credits ({self.source}), "
                 f"{price}{pack}, granted {iso_utc(self.granted_ms)}, {expires}{taken}")
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """One job the books hold (the view quota_jobs): what it cost and from where."""
+
+    account_id: str
+    reservation_id: str
+    product: str
+    held_ms: int
+    resolved_ms: int | None  # None: still held (or its resolution is still in the outbox)
+    state: str  # held, committed, released, expired, refunded
+    funding: str  # free or credits
+    credits_charged: int  # by the commit, cameo fees included
+    free_units: int
+    lots: str  # "<lot>:<credits>,...": the lots charged (or held)
+    royalty_credits: int
+    fees: int
+    written_off: int
+    plans_version: str
+    credits_refunded: int = 0
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "account_id": self.account_id, "reservation_id": self.reservation_id, "product": self.product,
+            "held_at": iso_utc(self.held_ms),
+            "resolved_at": None if self.resolved_ms is None else iso_utc(self.resolved_ms),
+            "state": self.state, "funding": self.funding, "credits_charged": self.credits_charged,
+            "free_units": self.free_units, "lots": self.lots, "royalty_credits": self.royalty_credits,
+            "fees": self.fees, "written_off": self.written_off, "plans_version": self.plans_version,
+            "credits_refunded": self.credits_refunded,
+        }
+
+    def describe(self) -> str:
+        """One line for a terminal."""
+        if self.funding == "free":
+            source = f"free ({self.free_units} unit)"
+        else:
+            source = f"{self.credits_charged} credit(s)" + (f" from {self.lots}" if self.lots else "")
+        extras = "".join(f", {what} {n}" for what, n in (("royalty", self.royalty_credits), ("fees", self.fees),
+                                                          ("written off", self.written_off),
+                                                          ("refunded", self.credits_refunded)) if n)
+        return (f"{self.reservation_id}  {self.product}  {self.state}  {source}{extras}  "
+                f"held {iso_utc(self.held_ms)}  plans {self.plans_version}")

@@ -377,6 +377,13 @@ class Balance:
     # ... and all of them: their number and the credits they hold.
     holds_total: int = 0
     credits_held: int = 0
+    # Lots (of lots) expiring within EXPIRING_WINDOW_MS of Redis' clock at the read, and their credits left.
+    expiring_lots: tuple[Lot, ...] = ()
+    credits_expiring: int = 0
+
+
+# GetBalance's "credits expiring soon": the next 30 days.
+EXPIRING_WINDOW_MS = 30 * 24 * 3600 * 1000
 
 
 @dataclass(frozen=True)

@@ -342,6 +342,7 @@ def balance_response(b: Balance) -> pb.GetBalanceResponse:
         lots=[_lot(lot) for lot in b.lots],
         holds=[pb.Hold(reservation_id=h.reservation_id, product=h.product, funding=_FUNDING[h.funding],
                        credits_held=h.credits_held, expires_at=_ts(h.expires_ms)) for h in b.holds],
+        credits_expiring_30d=b.credits_expiring, expiring_lots=[_lot(lot) for lot in b.expiring_lots],
     )
 
 

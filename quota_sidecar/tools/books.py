@@ -4,6 +4,7 @@
     quota-sidecar books ship      [--once] [--books-url URL] [--redis-url URL ...] [--metrics-listen HOST:PORT]
     quota-sidecar books report    --month YYYY-MM [--json] [--books-url URL]
     quota-sidecar books purchases [--account A] [--purchase-id P ...] [--since T] [--until T] [--json]
+    quota-sidecar books jobs --account A [--limit N] [--json]
 
 Each finds the books as the other tools find Redis: --books-url, else QUOTA_BOOKS_URL, else the
 URL a development ``serve`` keeps in <data dir>/books.url while it runs.
@@ -72,6 +73,19 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--until", default=None, metavar="TIME", help="granted before (ISO 8601; UTC if no zone)")
     p.add_argument("--json", action="store_true", help="print JSON")
     _books_flag(p)
+    _jobs_parser(verbs)
+
+
+def _jobs_parser(verbs: Any) -> None:
+    p = verbs.add_parser("jobs", help="one line per job of an account: what it cost and from where",
+                         description=(
+        "List an account's jobs the books hold (the view quota_jobs), oldest first: state, free units or credits "
+        "and the lots they came from, cameo royalties and fees, metered cost written off, refunds (docs/books.md). "
+        "Movements still in the Redis outbox are not listed: run `books ship --once` first."))
+    p.add_argument("--account", required=True, help="the account")
+    p.add_argument("--limit", type=int, default=1000, help="at most this many, the latest (default 1000)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    _books_flag(p)
 
 
 def _books_flag(p: argparse.ArgumentParser, *, data_dir: bool = True) -> None:
@@ -98,7 +112,8 @@ def cli_main(args: argparse.Namespace) -> int:
     if source:
         print(f"quota-sidecar books: using books {mask_credentials(url)} (from {source})", file=sys.stderr)
     verb: Callable[[argparse.Namespace, str], Coroutine[Any, Any, int]] = {
-        "migrate": _migrate, "ship": _ship, "report": _report, "purchases": _purchases}[args.books_verb]
+        "migrate": _migrate, "ship": _ship, "report": _report, "purchases": _purchases,
+        "jobs": _jobs}[args.books_verb]
     try:
         return asyncio.run(verb(args, url))
     except QuotaError as exc:  # InvalidArgument's message names its field
@@ -169,6 +184,22 @@ async def _purchases(args: argparse.Namespace, url: str) -> int:
         for p in missing:
             print(f"MISSING  {p}: not in the books (not granted, or still in the Redis outbox)")
     return EXIT_ERROR if missing else EXIT_OK
+
+
+async def _jobs(args: argparse.Namespace, url: str) -> int:
+    if args.limit < 1:
+        raise InvalidArgument("--limit", "must be at least 1")
+    books = await _connect(url)
+    try:
+        rows = await books.jobs(args.account, limit=args.limit)
+    finally:
+        await books.close()
+    if args.json:
+        print_json({"jobs": [r.to_json() for r in rows]})
+    else:
+        for r in rows:
+            print(r.describe())
+    return EXIT_OK
 
 
 # -- the shipper --------------------------------------------------------------------------------

@@ -13,7 +13,7 @@
     quota-sidecar refund  --account A --id RID                          (admin address)
     quota-sidecar account --account A / ledger --account A              (admin address)
     quota-sidecar audit   (--account A | --all) [--redis-url URL]
-    quota-sidecar books migrate | ship [--once] | report --month YYYY-MM | purchases   (the books)
+    quota-sidecar books migrate | ship [--once] | report --month YYYY-MM | purchases | jobs   (the books)
     quota-sidecar check-plans FILE
     quota-sidecar loadtest [--concurrency N | --rate R] [--duration S | --requests N] [--plot FILE] ...
 

@@ -185,6 +185,11 @@ def _print_balance(r: pb.GetBalanceResponse) -> None:
                  pb.CreditSource.Name(lot.source).removeprefix("CREDIT_SOURCE_").lower(),
                  format_time(_ms(lot.expires_at), tz)] for lot in r.lots]):
             _say(row)
+    if r.expiring_lots:
+        _say()
+        _say(f"credits expiring in the next 30 days: {r.credits_expiring_30d}")
+        for lot in r.expiring_lots:
+            _say(f"  {lot.credits_left} in lot {visible(lot.lot_id)}, expires {format_time(_ms(lot.expires_at), tz)}")
     if r.holds:
         _say()
         for row in table(["HOLD", "PRODUCT", "FUNDED BY", "CREDITS", "EXPIRES"], [

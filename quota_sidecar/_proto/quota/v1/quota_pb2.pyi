@@ -410,7 +410,7 @@ class Hold(_message.Message):
     def __init__(self, reservation_id: _Optional[str] = ..., product: _Optional[str] = ..., funding: _Optional[_Union[Funding, str]] = ..., credits_held: _Optional[int] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class GetBalanceResponse(_message.Message):
-    __slots__ = ("account_id", "plan", "time_zone", "allowances", "credit_balance", "lots", "holds", "credits_held", "holds_total")
+    __slots__ = ("account_id", "plan", "time_zone", "allowances", "credit_balance", "lots", "holds", "credits_held", "holds_total", "credits_expiring_30d", "expiring_lots")
     ACCOUNT_ID_FIELD_NUMBER: _ClassVar[int]
     PLAN_FIELD_NUMBER: _ClassVar[int]
     TIME_ZONE_FIELD_NUMBER: _ClassVar[int]
@@ -420,6 +420,8 @@ class GetBalanceResponse(_message.Message):
     HOLDS_FIELD_NUMBER: _ClassVar[int]
     CREDITS_HELD_FIELD_NUMBER: _ClassVar[int]
     HOLDS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    CREDITS_EXPIRING_30D_FIELD_NUMBER: _ClassVar[int]
+    EXPIRING_LOTS_FIELD_NUMBER: _ClassVar[int]
     account_id: str
     plan: str
     time_zone: str
@@ -429,7 +431,9 @@ class GetBalanceResponse(_message.Message):
     holds: _containers.RepeatedCompositeFieldContainer[Hold]
     credits_held: int
     holds_total: int
-    def __init__(self, account_id: _Optional[str] = ..., plan: _Optional[str] = ..., time_zone: _Optional[str] = ..., allowances: _Optional[_Iterable[_Union[ProductAllowance, _Mapping]]] = ..., credit_balance: _Optional[int] = ..., lots: _Optional[_Iterable[_Union[CreditLot, _Mapping]]] = ..., holds: _Optional[_Iterable[_Union[Hold, _Mapping]]] = ..., credits_held: _Optional[int] = ..., holds_total: _Optional[int] = ...) -> None: ...
+    credits_expiring_30d: int
+    expiring_lots: _containers.RepeatedCompositeFieldContainer[CreditLot]
+    def __init__(self, account_id: _Optional[str] = ..., plan: _Optional[str] = ..., time_zone: _Optional[str] = ..., allowances: _Optional[_Iterable[_Union[ProductAllowance, _Mapping]]] = ..., credit_balance: _Optional[int] = ..., lots: _Optional[_Iterable[_Union[CreditLot, _Mapping]]] = ..., holds: _Optional[_Iterable[_Union[Hold, _Mapping]]] = ..., credits_held: _Optional[int] = ..., holds_total: _Optional[int] = ..., credits_expiring_30d: _Optional[int] = ..., expiring_lots: _Optional[_Iterable[_Union[CreditLot, _Mapping]]] = ...) -> None: ...
 
 class GrantCreditsRequest(_message.Message):
     __slots__ = ("account_id", "credits", "purchase_id", "expires_at", "source", "reason", "price_minor_units", "currency", "pack_id")
