@@ -523,6 +523,21 @@ async def open_books(url: str) -> Books:
     return books
 
 
+def shipper_owner() -> str:
+    """Who holds the shipper's lease, as its log lines and the lease key say: host and pid."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def record_ship_pass(metrics: Metrics, clock: Clock) -> Callable[[ShipCounts, OutboxStats | None, bool], None]:
+    """The shipper's on_pass: its counts and the outbox's size and age into the books metrics."""
+
+    def on_pass(counts: ShipCounts, stats: OutboxStats | None, failed: bool) -> None:
+        metrics.books_pass(counts.inserted, counts.conflicts, stats.entries if stats else None,
+                           lag_seconds(stats, clock.local_now_ms()) if stats else None, failed)
+
+    return on_pass
+
+
 async def ship_forever(outbox: RedisStore, books_url: str, metrics: Metrics, stop: asyncio.Event) -> None:
     """The in-process shipper (quota_sidecar.domain.shipping): the fleet lease, then the outbox to the books.
     Its own connection to the books, so ListLedger never waits behind a shipping transaction."""
@@ -530,12 +545,7 @@ async def ship_forever(outbox: RedisStore, books_url: str, metrics: Metrics, sto
 
     books = PgBooks(books_url)
     clock = RedisClock()
-
-    def on_pass(counts: ShipCounts, stats: OutboxStats | None, failed: bool) -> None:
-        metrics.books_pass(counts.inserted, counts.conflicts, stats.entries if stats else None,
-                           lag_seconds(stats, clock.local_now_ms()) if stats else None, failed)
-
-    shipper = Shipper(outbox, books, clock, owner=f"{socket.gethostname()}:{os.getpid()}", on_pass=on_pass)
+    shipper = Shipper(outbox, books, clock, owner=shipper_owner(), on_pass=record_ship_pass(metrics, clock))
     try:
         await shipper.run(stop)
     finally:

@@ -17,7 +17,6 @@ import asyncio
 import logging
 import os
 import signal
-import socket
 import sys
 from datetime import datetime, timezone
 from typing import Any, Callable, Coroutine
@@ -207,7 +206,8 @@ async def _jobs(args: argparse.Namespace, url: str) -> int:
 
 async def _ship(args: argparse.Namespace, url: str) -> int:
     from quota_sidecar.domain.clock import RedisClock
-    from quota_sidecar.domain.shipping import Shipper, ShipperOptions, lag_seconds
+    from quota_sidecar.domain.shipping import Shipper, ShipperOptions
+    from quota_sidecar.server.app import record_ship_pass, shipper_owner
     from quota_sidecar.server.logs import configure as configure_logging
     from quota_sidecar.server.metrics import Metrics, MetricsHTTPServer
     from quota_sidecar.storage.store import RedisStore
@@ -223,15 +223,10 @@ async def _ship(args: argparse.Namespace, url: str) -> int:
     books = await _connect(url)
     metrics = Metrics()
     clock = RedisClock()
-
-    def on_pass(counts: Any, stats: Any, failed: bool) -> None:
-        metrics.books_pass(counts.inserted, counts.conflicts, stats.entries if stats else None,
-                           lag_seconds(stats, clock.local_now_ms()) if stats else None, failed)
-
     options = ShipperOptions(batch_entries=args.batch_entries,
                              per_bucket_entries=min(ShipperOptions.per_bucket_entries, args.batch_entries))
-    shipper = Shipper(store, books, clock, owner=f"{socket.gethostname()}:{os.getpid()}", options=options,
-                      on_pass=on_pass)
+    shipper = Shipper(store, books, clock, owner=shipper_owner(), options=options,
+                      on_pass=record_ship_pass(metrics, clock))
     metrics_listen = args.metrics_listen or os.environ.get("QUOTA_METRICS_LISTEN", "")
     http = MetricsHTTPServer(metrics, metrics_listen) if metrics_listen and not args.once else None
     try:
