@@ -12,6 +12,7 @@ $QUOTA_POSTGRES_BIN_DIR pins the PostgreSQL installation, as for serve (docs/boo
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import shutil
 import tempfile
@@ -31,8 +32,9 @@ def _server_folder() -> str:
     return tempfile.mkdtemp(prefix="quota-pg-")
 
 
-@pytest.fixture(scope="session")
-def books_postgres() -> Iterator[PostgresServerProcess]:
+@contextlib.contextmanager
+def _running_server() -> Iterator[PostgresServerProcess]:
+    """A PostgreSQL of its own (fsync off), stopped and its folder removed at the end."""
     folder = _server_folder()
     server = PostgresServerProcess(folder, fsync=False)
     server.start()
@@ -41,6 +43,12 @@ def books_postgres() -> Iterator[PostgresServerProcess]:
     finally:
         server.stop()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def books_postgres() -> Iterator[PostgresServerProcess]:
+    with _running_server() as server:
+        yield server
 
 
 @pytest.fixture
@@ -70,11 +78,5 @@ async def books(books_url: str) -> AsyncIterator[PgBooks]:
 
 @pytest.fixture
 def postgres_server() -> Iterator[PostgresServerProcess]:
-    folder = _server_folder()
-    server = PostgresServerProcess(folder, fsync=False)
-    server.start()
-    try:
+    with _running_server() as server:
         yield server
-    finally:
-        server.stop()
-        shutil.rmtree(folder, ignore_errors=True)

@@ -487,13 +487,13 @@ def start_embedded_books(settings: Settings) -> Any:
     Redis' AOF), its URL in <data_dir>/books.url for the local tools while it runs. Called with the data
     folder's lock held (start_embedded_redis took it)."""
     from quota_sidecar.books.postgres_server import PostgresServerProcess
-    from quota_sidecar.server.data_dir import BOOKS_URL_FILE, write_redis_url
+    from quota_sidecar.server.data_dir import BOOKS_URL_FILE, write_url
 
     # grant_traverse: as root PostgreSQL runs as an unprivileged user, which needs the search bit (not
     # the right to list) on the owner-only data folder and those above it to reach its own.
     process = PostgresServerProcess(os.path.join(os.path.abspath(settings.data_dir), "books"), grant_traverse=True)
     process.start()
-    write_redis_url(settings.data_dir, process.url, BOOKS_URL_FILE)
+    write_url(settings.data_dir, BOOKS_URL_FILE, process.url)
     log.warning("no --books-url: started embedded books, %s, on %s with data in %s (URL in %s for the local "
                 "tools); this is for development only", process.describe(), process.url, process.data_dir,
                 os.path.join(settings.data_dir, BOOKS_URL_FILE))
@@ -501,9 +501,9 @@ def start_embedded_books(settings: Settings) -> Any:
 
 
 def stop_embedded_books(settings: Settings, process: Any) -> None:
-    from quota_sidecar.server.data_dir import BOOKS_URL_FILE, remove_redis_url
+    from quota_sidecar.server.data_dir import BOOKS_URL_FILE, remove_url
 
-    remove_redis_url(settings.data_dir, process.url, BOOKS_URL_FILE)
+    remove_url(settings.data_dir, BOOKS_URL_FILE, process.url)
     process.stop()
 
 

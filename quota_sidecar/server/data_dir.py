@@ -80,9 +80,9 @@ class DataDirLock:
             self._fd = None
 
 
-def write_redis_url(data_dir: str | os.PathLike[str], url: str, name: str = REDIS_URL_FILE) -> None:
-    """Writes ``url`` to <data_dir>/redis.url (or ``name``) atomically (a reader never sees half a URL),
-    owner-only."""
+def write_url(data_dir: str | os.PathLike[str], name: str, url: str) -> None:
+    """Writes ``url`` to <data_dir>/<name> (redis.url, books.url) atomically (a reader never sees half a
+    URL), owner-only."""
     path = Path(data_dir) / name
     tmp = path.with_name(f".{name}.{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -91,8 +91,8 @@ def write_redis_url(data_dir: str | os.PathLike[str], url: str, name: str = REDI
     os.replace(tmp, path)
 
 
-def remove_redis_url(data_dir: str | os.PathLike[str], url: str, name: str = REDIS_URL_FILE) -> None:
-    """Removes <data_dir>/redis.url (or ``name``) if it still names ``url`` (never another process's)."""
+def remove_url(data_dir: str | os.PathLike[str], name: str, url: str) -> None:
+    """Removes <data_dir>/<name> if it still names ``url`` (never another process's)."""
     path = Path(data_dir) / name
     try:
         if path.read_text(encoding="utf-8").strip() == url:
@@ -101,7 +101,7 @@ def remove_redis_url(data_dir: str | os.PathLike[str], url: str, name: str = RED
         pass  # already gone: nothing to withdraw
 
 
-def read_redis_url(data_dir: str | os.PathLike[str], name: str = REDIS_URL_FILE) -> str | None:
+def read_url(data_dir: str | os.PathLike[str], name: str) -> str | None:
     try:
         text = (Path(data_dir) / name).read_text(encoding="utf-8").strip()
     except OSError:
@@ -123,7 +123,7 @@ def resolve_redis_url(flag: str | None, *, data_dir: str | None = None,
     if environ.get(REDIS_URL_ENV):
         return environ[REDIS_URL_ENV], REDIS_URL_ENV
     folder = data_dir or environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR
-    url = read_redis_url(folder)
+    url = read_url(folder, REDIS_URL_FILE)
     if url is None:
         raise NoRedisUrl(f"no Redis URL: give --redis-url or set {REDIS_URL_ENV}, or run this where a "
                          f"development `quota-sidecar serve` (no --redis-url) is running ({shown(folder)}/"
@@ -145,7 +145,7 @@ def resolve_books_url(flag: str | None, *, data_dir: str | None = None,
     if environ.get(BOOKS_URL_ENV):
         return environ[BOOKS_URL_ENV], BOOKS_URL_ENV
     folder = data_dir or environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR
-    url = read_redis_url(folder, BOOKS_URL_FILE)
+    url = read_url(folder, BOOKS_URL_FILE)
     if url is None:
         raise NoBooksUrl(f"no books URL: give --books-url or set {BOOKS_URL_ENV}, or run this where a development "
                          f"`quota-sidecar serve` (no --redis-url, no --books-url) is running ({shown(folder)}/"
@@ -164,7 +164,7 @@ class EmbeddedRedis(RedisServerProcess):
 
     def start(self, timeout_seconds: float = 10.0) -> None:
         super().start(timeout_seconds)
-        write_redis_url(self.data_dir, self.url)
+        write_url(self.data_dir, REDIS_URL_FILE, self.url)
 
     def stop(self, timeout_seconds: float = 10.0) -> None:
         try:
@@ -184,4 +184,4 @@ class EmbeddedRedis(RedisServerProcess):
             url = self.url
         except RuntimeError:
             return  # never started: nothing was published
-        remove_redis_url(self.data_dir, url)
+        remove_url(self.data_dir, REDIS_URL_FILE, url)
