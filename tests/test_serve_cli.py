@@ -247,8 +247,12 @@ def test_readme_walkthrough_via_cli(sidecar: Sidecar) -> None:
     assert f"account {account}  plan free  time zone UTC" in out, out
     assert "credits available 9, held 0" in out, out
     # Tables: each limit with its reset time in the account's zone, the lots, the holds.
-    assert re.search(r"^PRODUCT +FREE LIMIT +USED +OF +RESETS +NOTE$", out, re.MULTILINE), out
-    assert re.search(r"^sora +daily \(per day\) +30 +30 +\d{4}-\d\d-\d\d 00:00:00 UTC$", out, re.MULTILINE), out
+    assert re.search(r"^PRODUCT +FREE LIMIT +USED +OF +LEFT +UNIT +RESETS +NOTE$", out, re.MULTILINE), out
+    assert re.search(r"^sora +daily \(per day\) +30 +30 +0 +generation +\d{4}-\d\d-\d\d 00:00:00 UTC$", out,
+                     re.MULTILINE), out
+    # codex's included usage: credits left per window.
+    assert re.search(r"^codex +five_hour \(last 5 h\) +0 +10 +10 +credits +", out, re.MULTILINE), out
+    assert re.search(r"^codex +weekly \(per week\) +0 +40 +40 +credits +", out, re.MULTILINE), out
     assert re.search(r"^pay-1 +9 +10 +purchase +\d{4}-", out, re.MULTILINE), out
     assert "HOLD" not in out, out  # everything was committed
 

@@ -288,17 +288,25 @@ def _free_unit(entry: LedgerEntry) -> bool:
     return entry.fields.get("funding") == "free"
 
 
+def _free_amount(entry: LedgerEntry) -> int:
+    """What each window's use of a free job counts: 1, or a metered job's included usage
+    (``usage``, in credits) as the entry records it."""
+    return _num(entry.fields["usage"]) if "usage" in entry.fields else 1
+
+
 def expected_deltas(entry: LedgerEntry) -> Deltas:
     """What an entry of its kind must move, from its own fields (see ledger() in _prelude.lua)."""
     credits, kind = entry_int(entry, "credits"), entry.type
     to_expired, to_revoked = entry_int(entry, "to_expired"), entry_int(entry, "to_revoked")
-    # A free job with cameo fees moves both its free unit and the fees' credits.
-    unit = 1 if _free_unit(entry) else 0
+    # A free job with cameo fees moves both its free unit (its included usage) and the fees' credits.
+    unit = _free_amount(entry) if _free_unit(entry) else 0
     if kind == "hold":
         return Deltas(held=credits if _by_funding(entry) else 0, free_units=unit)
     if kind == "commit":
+        # Included usage settles at the actual usage: the windows move by actual - estimate.
+        adjusted = unit - entry_int(entry, "usage_held") if "usage" in entry.fields else 0
         return Deltas(held=-(credits + entry_int(entry, "returned")), spent=credits, expired=to_expired,
-                      revoked=to_revoked)
+                      revoked=to_revoked, free_units=adjusted)
     if kind in ("release", "expire"):
         return Deltas(held=-credits, expired=to_expired, revoked=to_revoked, free_units=-unit) \
             if _by_funding(entry) else Deltas(free_units=-unit)
@@ -575,6 +583,7 @@ def check_free_windows(ledger: Sequence[LedgerEntry], free: Mapping[str, int], *
     for entry in ledger:
         if entry.fields.get("free") != "1":
             continue
+        amount = _free_amount(entry)
         if entry.type == "hold":
             for unit in _free_units(entry):
                 key, used, limit = str(unit.get("k", "")), _num(unit.get("u")), _num(unit.get("l"))
@@ -582,7 +591,7 @@ def check_free_windows(ledger: Sequence[LedgerEntry], free: Mapping[str, int], *
                 expected = used
                 if key.startswith("h"):
                     # Entries shipped and not given start mid-window: the first hold seen sets the baseline.
-                    expected = count.get(window, 0 if complete else used - 1) + 1
+                    expected = count.get(window, 0 if complete else used - amount) + amount
                     if used != expected:
                         once("free_counter", window, f"window {window}: hold {entry.entry_id} recorded used={used} "
                                                      f"but the replay counts {expected}: the counter was changed "
@@ -596,7 +605,14 @@ def check_free_windows(ledger: Sequence[LedgerEntry], free: Mapping[str, int], *
                 window = str(key)[1:]
                 # Like return_free_units: never below zero; before the baseline it is already counted.
                 if str(key).startswith("h") and count.get(window, 0) > 0:
-                    count[window] -= 1
+                    count[window] = max(count[window] - amount, 0)
+        elif entry.type == "commit" and "usage" in entry.fields:
+            # Like adjust_free_units: a counter moves from the estimate to the actual usage, never
+            # below zero, and one no longer there (pruned, or before the baseline) stays so.
+            for key in _free_units(entry):
+                window = str(key)[1:]
+                if str(key).startswith("h") and count.get(window, 0) > 0:
+                    count[window] = max(count[window] + amount - entry_int(entry, "usage_held"), 0)
     for window, stored in sorted(free.items()):
         if window in count and stored != count[window]:
             found.append(("free_counter", f"window {window}: stored {stored} free units used but the ledger "

@@ -75,7 +75,7 @@ from quota_sidecar.domain.model import (
     Stamp,
     Window,
 )
-from quota_sidecar.domain.plans import MAX_ROLLING_HOURS, Plans
+from quota_sidecar.domain.plans import MAX_ROLLING_HOURS, METERED, Plans
 from quota_sidecar.domain.ports import Books, Store
 from quota_sidecar.domain.windows import candidates, daily_window, time_zone
 
@@ -425,8 +425,9 @@ class QuotaEngine:
                 # Valid now but not under that variant (a model withdrawn, say): not entitled there.
                 cost, rows = 0, tuple(replace(r, entitled=False) for r in plan_rows(plans.at(approx_now_ms),
                                                                                     product, job))
+            metered = product in variant.products and variant.product(product).kind == METERED
             segments.append(Segment(from_ms=from_ms, cost_credits=cost, plans_version=variant.version,
-                                    plan_rows=rows))
+                                    plan_rows=rows, metered=metered))
         return tuple(segments)
 
     def _fingerprint(self, product: str, job: JobParams, ttl_seconds: int) -> str:
@@ -866,7 +867,9 @@ class QuotaEngine:
         return await self._in_account_zone(account_id, read)
 
     def _balance(self, account_id: str, snap: BalanceSnapshot) -> Balance:
-        allowances = tuple(a if a.overridden else replace(a, upcoming=self._upcoming(snap.plan, a.product))
+        plans = self._current()
+        allowances = tuple(replace(a, unit=plans.allowance_unit(a.product),
+                                   upcoming=() if a.overridden else self._upcoming(snap.plan, a.product))
                            for a in snap.allowances)
         # Redis' clock at the read (the one that expires lots), not this process': the script swept the
         # expired lots, so what is left with an expiry inside the window is what will lapse if unspent.

@@ -184,6 +184,9 @@ class Segment:
     cost_credits: int
     plans_version: str
     plan_rows: tuple[PlanRow, ...]
+    # A metered product: its limits count included usage, a free job taking its cost_credits of
+    # each (else one unit per job).
+    metered: bool = False
 
 
 @dataclass(frozen=True)
@@ -302,6 +305,9 @@ class Allowance:
     max_concurrent: int = 0
     overridden: bool = False
     upcoming: tuple[ScheduledLimits, ...] = ()
+    # What used and limit count: the product's unit (one per job), or "credits" for a metered
+    # product's included usage (credits-equivalent).
+    unit: str = ""
 
 
 @dataclass(frozen=True)

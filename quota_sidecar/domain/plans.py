@@ -28,6 +28,8 @@ METERED = "metered"
 MILLI_PER_CREDIT = 1000
 TOKENS_PER_RATE = 1_000_000
 OVERAGE_POLICIES = ("reject", "cap")
+# What a metered product's limits count: included usage, in whole credits-equivalent.
+USAGE_UNIT = "credits"
 
 # The longest rolling window a limit may have: uses older than this are pruned.
 MAX_ROLLING_HOURS = 168
@@ -217,6 +219,14 @@ class Plans:
         offers = [Offer(pack, -(-credits_short // pack.credits)) for pack in self.packs]
         offers.sort(key=lambda offer: (offer.total_price.minor_units, offer.pack.pack_id))
         return tuple(offers)
+
+    def allowance_unit(self, product: str) -> str:
+        """What a product's limits count: its unit (one per job), or for a metered product its
+        included usage in credits-equivalent (USAGE_UNIT)."""
+        found = self.products.get(product)
+        if found is None:
+            return ""
+        return USAGE_UNIT if found.kind == METERED else found.unit_name
 
     def default_ttl_seconds(self, product: str) -> int:
         return self.product(product).default_ttl_seconds

@@ -101,9 +101,8 @@ _OVERLAID = ("plans", "products", "packs", "notifications")  # the sections a sc
 _RULE_KEYS = {
     VIDEO: ("daily_free", "limits", "max_concurrent", "max_duration_seconds", "max_resolution", "models"),
     TASK: ("daily_free", "limits", "max_concurrent", "models", "max_units"),
-    # Included usage of metered products (issue 17, part 2.3) is not built: their jobs are paid
-    # with credits, and a plan says daily_free: 0.
-    METERED: ("daily_free", "max_concurrent", "models"),
+    # A metered product's limits count included usage in credits-equivalent, not jobs.
+    METERED: ("daily_free", "limits", "max_concurrent", "models"),
 }
 _DEFAULT_NOTIFICATIONS = Notifications()
 
@@ -407,7 +406,8 @@ ProductSection = Annotated[AnyProductSection, Field(discriminator="kind"),
 
 
 class LimitSection(_Section):
-    """Free units per window; all of a plan's enforced limits must have room for a job to be free."""
+    """Free units per window (a metered product: included usage in credits); all of a plan's enforced
+    limits must have room for a job to be free."""
 
     id: Name
     kind: LimitKindName = Field(description="day and week: calendar windows in the account's zone; "
@@ -431,7 +431,8 @@ class RulesSection(_Section):
     model_config = ConfigDict(extra="allow", json_schema_extra={"additionalProperties": False})
 
     daily_free: Annotated[int, _Between(0, _MAX_DAILY_FREE)] = Field(
-        default=_ABSENT, description="Free jobs per local day: short for limits: [{id: daily, kind: day, free: N}].")
+        default=_ABSENT, description="Free jobs per local day (a metered product: included usage in credits): "
+                                     "short for limits: [{id: daily, kind: day, free: N}].")
     limits: Annotated[list[LimitSection], Field(min_length=1), _a_list("a non-empty list", non_empty=True)] = _ABSENT
     max_concurrent: Annotated[int, _Between(0, _MAX_CONCURRENT)] = Field(
         default=0, description="Jobs in flight per account; 0 = no cap.")
@@ -571,9 +572,6 @@ def _check_rules(rules: RulesSection, name: str, product: AnyProductSection,
                 raise _refusal(f"unknown model {model!r}; known: {_listing(product.models)}", *at, "models")
         if len(set(rules.models)) != len(rules.models):
             raise _refusal("lists a model twice", *at, "models")
-    if isinstance(product, MeteredProductSection) and rules.daily_free not in (None, 0):
-        raise _refusal(f"must be 0: a metered product's jobs are paid with credits (got {rules.daily_free!r})",
-                       *at, "daily_free")
     if isinstance(product, TaskProductSection) and "max_units" in rules.model_fields_set:
         value = rules.max_units
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= product.max_units:

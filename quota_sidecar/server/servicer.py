@@ -334,7 +334,7 @@ def balance_response(b: Balance) -> pb.GetBalanceResponse:
                                         free_resets_at=_ts(a.free_resets_ms),
                                         limits=[_limit_status(st) for st in a.limits],
                                         jobs_in_flight=a.jobs_in_flight, max_concurrent=a.max_concurrent,
-                                        overridden=a.overridden,
+                                        overridden=a.overridden, unit=a.unit,
                                         upcoming=[pb.ScheduledChange(effective_from=_ts(u.effective_from_ms),
                                                                      limits=[_limit_spec(x) for x in u.limits],
                                                                      max_concurrent=u.max_concurrent)

@@ -198,7 +198,7 @@ PACKED_BLOCKS = PackedBlocks(4096)
 def encode_plan_args(segments: Sequence[Segment], packs: Sequence[CreditPack]) -> list[Any]:
     args: list[Any] = [len(segments)]
     for seg in segments:
-        args += [seg.from_ms, seg.cost_credits, seg.plans_version]
+        args += [seg.from_ms, seg.cost_credits, seg.plans_version, 1 if seg.metered else 0]
         args += encode_block([(r.plan, 1 if r.entitled else 0, r.credits_low, r.max_concurrent,
                          1 if r.concurrency_shadow else 0, encode_limits(r.limits)) for r in seg.plan_rows])
     return args + encode_block([(p.pack_id, p.credits, p.price.minor_units, p.price.currency_code) for p in packs])

@@ -157,13 +157,15 @@ def _limit_rows(r: pb.GetBalanceResponse, tz: str) -> list[list[Any]]:
     for a in r.allowances:
         notes = ([f"in flight {a.jobs_in_flight}/{a.max_concurrent}"] if a.max_concurrent else []) + \
                 (["account override"] if a.overridden else [])
+        # A metered product's limits count included usage in credits, the others jobs (their unit).
+        unit = a.unit or "-"
         for st in a.limits or [None]:
             if st is None:  # a product the plan gives no free allowance for
-                rows.append([a.product, "-", a.free_used, a.free_limit, format_time(_ms(a.free_resets_at), tz),
-                             ", ".join(notes)])
+                rows.append([a.product, "-", a.free_used, a.free_limit, max(a.free_limit - a.free_used, 0), unit,
+                             format_time(_ms(a.free_resets_at), tz), ", ".join(notes)])
                 continue
-            rows.append([a.product, _limit_text(st), st.used, st.limit, format_time(_ms(st.resets_at), tz),
-                         ", ".join(notes + (["shadow"] if st.shadow else []))])
+            rows.append([a.product, _limit_text(st), st.used, st.limit, max(st.limit - st.used, 0), unit,
+                         format_time(_ms(st.resets_at), tz), ", ".join(notes + (["shadow"] if st.shadow else []))])
     return rows
 
 
@@ -172,7 +174,7 @@ def _print_balance(r: pb.GetBalanceResponse) -> None:
     _say(f"account {r.account_id}  plan {r.plan}  time zone {tz}")
     _say(f"credits available {r.credit_balance}, held {r.credits_held}")
     _say()
-    for row in table(["PRODUCT", "FREE LIMIT", "USED", "OF", "RESETS", "NOTE"], _limit_rows(r, tz)):
+    for row in table(["PRODUCT", "FREE LIMIT", "USED", "OF", "LEFT", "UNIT", "RESETS", "NOTE"], _limit_rows(r, tz)):
         _say(row)
     for a in r.allowances:
         for change in a.upcoming:

@@ -35,6 +35,9 @@
 -- "<product>|<limit>|d<YYYYMMDD>" or "|w<monday YYYYMMDD>"; a rolling limit
 -- counts the rolling zset members of the last `hours` hours, so it is exact.
 -- A reservation records what it took as "h<free field>" / "z<rolling member>".
+-- A job takes 1 unit of each; a metered product's job takes its usage in
+-- whole credits (included usage, rec.fu): the counters grow by that amount
+-- and its rolling member ends in "|<amount>".
 --
 -- ARGV starts with the same header everywhere; each script reads its own
 -- arguments after it with next_arg()/next_block():
@@ -283,7 +286,8 @@ local function limit_state(product, limit, day, week)
     local used, oldest_ms = 0, nil
     for i = 1, #uses, 2 do
       if string.sub(uses[i], 1, #scope) == scope then
-        used = used + 1
+        -- "<rid>" counts 1 (a job), "<rid>|<amount>" its amount (included usage).
+        used = used + (tonumber(string.match(string.sub(uses[i], #scope + 1), '|(%d+)$')) or 1)
         local at_ms = tonumber(uses[i + 1])
         if oldest_ms == nil or at_ms < oldest_ms then oldest_ms = at_ms end
       end
@@ -296,36 +300,69 @@ local function limit_state(product, limit, day, week)
 end
 
 -- Counts one use under a limit's key; returns what the reservation records.
-local function take_free_unit(key, rid)
+-- usage: nil for a job (1 unit), else the included usage it takes (credits; 0 counts nothing).
+local function take_free_unit(key, rid, usage)
   if string.sub(key, 1, 1) == 'z' then
     local member = string.sub(key, 2) .. rid
-    redis.call('ZADD', K_ROLLING, now_ms, member)
+    if usage then member = member .. '|' .. usage end
+    if usage ~= 0 then redis.call('ZADD', K_ROLLING, now_ms, member) end
     return 'z' .. member
   end
-  redis.call('HINCRBY', K_FREE, string.sub(key, 2), 1)
+  if usage ~= 0 then redis.call('HINCRBY', K_FREE, string.sub(key, 2), usage or 1) end
   return key
 end
 
--- A counter field one lower, dropped at zero (a counter never goes below zero,
--- and a zero is no different from no field: nothing left behind).
-local function decrement(key, field)
+-- A counter field `by` (default 1) lower, dropped at zero (a counter never goes below
+-- zero, and a zero is no different from no field: nothing left behind).
+local function decrement(key, field, by)
+  by = by or 1
+  if by <= 0 then return end
   local count = tonumber(redis.call('HGET', key, field) or '0')
-  if count > 1 then
-    redis.call('HINCRBY', key, field, -1)
-  elseif count == 1 then
+  if count > by then
+    redis.call('HINCRBY', key, field, -by)
+  elseif count > 0 then
     redis.call('HDEL', key, field)
   end
 end
 
-local function return_free_units(taken)
+-- usage: what each use counts (nil: 1, a job's unit).
+local function return_free_units(taken, usage)
   for _, key in ipairs(taken) do
     local name = string.sub(key, 2)
     if string.sub(key, 1, 1) == 'z' then
       redis.call('ZREM', K_ROLLING, name)
     else
-      decrement(K_FREE, name)
+      decrement(K_FREE, name, usage)
     end
   end
+end
+
+-- Commit of an included-usage hold: each use goes from the estimate held (rec.fu) to the
+-- actual `usage`, where the hold counted it: the rolling use keeps its time, a day or week
+-- counter is the hold's own even if that window has rolled since (a counter already pruned
+-- stays so: its window no longer decides anything). Rewrites rec.fw and rec.fu.
+local function adjust_free_units(rec, usage)
+  local delta = usage - rec.fu
+  for i, key in ipairs(rec.fw) do
+    local name = string.sub(key, 2)
+    if string.sub(key, 1, 1) == 'z' then
+      local member = string.gsub(name, '|%d+$', '') .. '|' .. usage
+      local at_ms = redis.call('ZSCORE', K_ROLLING, name)
+      if at_ms then
+        redis.call('ZREM', K_ROLLING, name)
+        if usage > 0 then redis.call('ZADD', K_ROLLING, at_ms, member) end
+      end
+      rec.fw[i] = 'z' .. member
+    else
+      local count = tonumber(redis.call('HGET', K_FREE, name) or '0')
+      if count > 0 and count + delta > 0 then
+        if delta ~= 0 then redis.call('HINCRBY', K_FREE, name, delta) end
+      elseif count > 0 then
+        redis.call('HDEL', K_FREE, name)
+      end
+    end
+  end
+  rec.fu = usage
 end
 
 -- Never sends a zero: Lua formats -0 as "-0", which HINCRBY rejects, and a
@@ -354,8 +391,12 @@ end
 local function refund_hold(rec)
   local fields, deltas = {}, {}
   if rec.f == 'free' then
-    return_free_units(rec.fw)
-    fields, deltas = {'free', 1, 'free_units', cjson.encode(rec.fw)}, {f = -1}
+    return_free_units(rec.fw, rec.fu)
+    fields, deltas = {'free', 1, 'free_units', cjson.encode(rec.fw)}, {f = -(rec.fu or 1)}
+    if rec.fu then
+      fields[#fields + 1] = 'usage'
+      fields[#fields + 1] = rec.fu
+    end
     if (rec.c or 0) == 0 then return fields, deltas end
   end
   incr('credits_held', -rec.c)
@@ -398,8 +439,9 @@ end
 -- Turns a live hold into spend of `charge` credits (at most the hold; 0 for a
 -- free hold, whose unit stays spent). The unused part goes back to the lots
 -- taken last, which expire latest, so the credits spent are the ones that
--- expire soonest. `extra`: more outbox fields. Returns the credits returned.
-local function commit_hold(rid, rec, charge, extra)
+-- expire soonest. `extra`: more outbox fields; `free_delta`: the included usage the commit
+-- adjusts (actual - held, see adjust_free_units), else nil. Returns the credits returned.
+local function commit_hold(rid, rec, charge, extra, free_delta)
   local refund = rec.c - charge
   local back, kept = {}, {}
   for i = #rec.l - 2, 1, -3 do
@@ -428,8 +470,10 @@ local function commit_hold(rid, rec, charge, extra)
   local fields = {'credits', charge, 'free', rec.f == 'free' and 1 or 0, 'returned', rec.c - charge,
                   'to_lots', to_lots, 'to_expired', to_expired, 'to_revoked', to_revoked, 'lots', lots_text(kept)}
   for i = 1, #extra do fields[#fields + 1] = extra[i] end
-  -- A free hold's unit stays spent: nothing moves (its rec.c and charge are 0).
-  ledger('commit', {h = -rec.c, s = charge, x = to_expired, v = to_revoked}, hold_fields(rid, rec, fields))
+  -- A free hold's unit stays spent: nothing moves (its rec.c and charge are 0); included usage
+  -- moves by what the actual usage differs from the estimate.
+  ledger('commit', {h = -rec.c, s = charge, x = to_expired, v = to_revoked, f = free_delta},
+         hold_fields(rid, rec, fields))
   return rec.c - charge
 end
 

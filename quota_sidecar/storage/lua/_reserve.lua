@@ -8,15 +8,18 @@
 -- Order: replay of a known reservation_id; time-zone agreement; lazy expiry
 -- of this account's lots and holds; entitlement; the concurrency cap; one
 -- free unit of every limit of the product when all enforced limits have
--- room; else the full cost in credits (within the monthly spend cap),
--- soonest-expiring lots first; else a denial. A job is funded wholly by one
--- or the other. Limits in shadow mode are evaluated and reported but never
+-- room (a metered product: its estimated cost in credits of every limit, the
+-- included usage, when all enforced limits have room for all of it); else the
+-- full cost in credits (within the monthly spend cap), soonest-expiring lots
+-- first; else a denial. A job is funded wholly by one or the other. Limits in shadow mode are evaluated and reported but never
 -- refuse anything. Denials are not recorded: they hold nothing, so a retry
 -- decides again.
 --
 -- The reservation record (res hash): s = state ("held", "committed",
 -- "released", "expired"), p = product, fp = request fingerprint, f = funding
 -- ("free" or "credits"), fw = free units taken ("h<field>" / "z<member>"),
+-- fu = the included usage each of them counts (metered products only; absent = 1 unit;
+-- Commit sets it to the actual usage and fh to the estimate held),
 -- c = credits held, l = flat {lot_id, credits, lot_expires_ms} triples the
 -- credits came from, m = spend month, pv = plans version, cr = created_ms,
 -- e = expires_ms, ttl = ttl_ms, pl = the account's plan, rc = the reserved
@@ -41,14 +44,15 @@ local function reserve_one(swept, dry_run)
   -- Blocks of {label, start_ms, end_ms}: read in place (see skip_block).
   local days_at, weeks_at, months_at = skip_block(3), skip_block(3), skip_block(3)
   -- Segments: the plans in force from from_ms on (a change scheduled near now
-  -- gives two). Each: from_ms, the job's cost, the plans version, then rows
+  -- gives two). Each: from_ms, the job's cost, the plans version, whether the product is
+  -- metered (1: its limits count included usage, the job's cost of each; 0: one unit per job), then rows
   -- {plan, entitled 0|1, credits_low, max_concurrent, concurrency shadow 0|1, limits JSON}.
   -- The last segment begun by Redis' now decides, so every sidecar switches at once.
-  local cost_credits, plans_version, rows_at = nil, nil, nil
+  local cost_credits, plans_version, rows_at, metered = nil, nil, nil, nil
   for _ = 1, tonumber(next_arg()) do
-    local from_ms, cost, version = tonumber(next_arg()), tonumber(next_arg()), next_arg()
+    local from_ms, cost, version, is_metered = tonumber(next_arg()), tonumber(next_arg()), next_arg(), next_arg()
     local at = skip_block(6)
-    if from_ms <= now_ms then cost_credits, plans_version, rows_at = cost, version, at end
+    if from_ms <= now_ms then cost_credits, plans_version, rows_at, metered = cost, version, at, is_metered == '1' end
   end
   local packs_at      = skip_block(4)  -- {pack_id, credits, price minor units, currency}
   -- The job's cameos as this sidecar's registry knows them: {cameo_id, owner, fee, active 0|1}
@@ -98,6 +102,9 @@ local function reserve_one(swept, dry_run)
 
   if not swept then sweep() end
 
+  -- What a free job takes of each limit: 1 unit, or a metered job's whole estimated cost.
+  local usage = metered and cost_credits or nil
+  local amount = usage or 1
   -- Every limit's state; the most constrained enforced one is the headline.
   local statuses, room, shadow_hits = {}, true, {}
   local headline = nil
@@ -106,7 +113,7 @@ local function reserve_one(swept, dry_run)
     local st = {id = limit.id, kind = limit.kind, hours = limit.hours, used = used, limit = limit.free,
                 resets_ms = resets_ms, shadow = limit.shadow, key = key}
     statuses[i] = st
-    if used >= limit.free then
+    if used + amount > limit.free then
       if limit.shadow == 1 then shadow_hits[#shadow_hits + 1] = limit.id else room = false end
     end
     if limit.shadow ~= 1 and (headline == nil or limit.free - used < headline.limit - headline.used) then
@@ -126,10 +133,10 @@ local function reserve_one(swept, dry_run)
   local function report_limits(taken)
     local out = {}
     for i, st in ipairs(statuses) do
-      out[i] = {st.id, st.kind, st.hours, st.used + (taken and 1 or 0), st.limit, st.resets_ms, st.shadow}
+      out[i] = {st.id, st.kind, st.hours, st.used + (taken and amount or 0), st.limit, st.resets_ms, st.shadow}
     end
     decision.limits = out
-    if taken then decision.free_used = headline.used + (headline.limit > 0 and 1 or 0) end
+    if taken then decision.free_used = headline.used + (headline.limit > 0 and amount or 0) end
     if #shadow_hits > 0 then decision.shadow = shadow_hits end
   end
 
@@ -194,15 +201,15 @@ local function reserve_one(swept, dry_run)
 
   -- The reply first (what a quote answers), then the writes that make it true.
   local function hold_free()
-    rec.f = 'free'
+    rec.f, rec.fu = 'free', usage
     report_limits(true)
     if dry_run then return '[]' end
     -- The oldest candidate of each block is its first row.
     if headline.used == 0 then prune_old_windows(ARGV[days_at + 1], ARGV[weeks_at + 1], ARGV[months_at + 1]) end
     local units = {}
     for i, st in ipairs(statuses) do
-      rec.fw[i] = take_free_unit(st.key, rid)
-      units[i] = {k = rec.fw[i], u = st.used + 1, l = st.limit, s = st.shadow}
+      rec.fw[i] = take_free_unit(st.key, rid, usage)
+      units[i] = {k = rec.fw[i], u = st.used + amount, l = st.limit, s = st.shadow}
     end
     local scope = product .. '|' .. label
     local usage = {'product', product, 'window', label, 'used', decision.free_used, 'limit', headline.limit}
@@ -301,6 +308,10 @@ local function reserve_one(swept, dry_run)
   if rec.cf then
     for _, v in ipairs({'fees', rec.cf, 'roy', rec.cm}) do fields[#fields + 1] = v end
   end
-  ledger('hold', {f = free and 1 or 0, h = rec.c}, hold_fields(rid, rec, fields))
+  if free and usage then
+    fields[#fields + 1] = 'usage'
+    fields[#fields + 1] = usage
+  end
+  ledger('hold', {f = free and amount or 0, h = rec.c}, hold_fields(rid, rec, fields))
   return answer
 end

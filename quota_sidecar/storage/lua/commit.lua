@@ -9,6 +9,13 @@
 -- account's plan (at reservation time) is entitled to, costing no more than
 -- what was held (credits) or than the job reserved (a free unit covers one
 -- job of up to the reserved size, not a larger one).
+--
+-- A metered job funded by included usage (rec.fu, the estimate its windows counted): the
+-- actual usage is charged where the hold was, each window's use adjusted from the estimate to
+-- the actual (adjust_free_units); above the estimate the overage policy decides: reject
+-- (COST_EXCEEDS_HOLD), cap (the windows keep the estimate, the excess written off) or draw (the
+-- windows take it all, even past their allowance: usage is no debt). The entry's df is the
+-- difference.
 -- Times are in milliseconds; credits are integers.
 local rid   = next_arg()
 -- {plans version or '*', product, actual_cost, entitled plans as "|a|b|", cap}: cost
@@ -22,12 +29,15 @@ if not rec then return fail('RESERVATION_NOT_FOUND') end
 
 -- Priced with the plans version the reservation was made under when the
 -- sidecar still knows it ('*' rows: the current plans).
-local actual, entitled_plans, priced_with, capped = -1, '', '', false
+local actual, entitled_plans, priced_with, capped, drawn = -1, '', '', false, false
 for _, row in ipairs(costs) do
   if row[2] == rec.p and (row[1] == rec.pv or (row[1] == '*' and priced_with == '')) then
     actual, entitled_plans, priced_with, capped = tonumber(row[3]), row[4], row[1], row[5] == '1'
+    drawn = row[5] == 'draw'
   end
 end
+-- Included usage under draw: the windows take the whole actual usage (nothing to hold it back).
+local usage_drawn = drawn and rec.fu ~= nil
 -- Bad input changes nothing, not even lazy expiry.
 if actual == -2 then return fail('INVALID_PARAMS', {product = rec.p, pv = priced_with}) end
 -- Overage cap: what the hold does not cover is written off (not a credit: no lot moves).
@@ -51,6 +61,10 @@ local result = {funding = rec.f, charged = charge, refunded = rec.c - charge,
 
 if rec.s == 'committed' then
   if rec.ch ~= charge then return fail('COMMIT_COST_MISMATCH', {charged = rec.ch}) end
+  -- Included usage: the same actual usage replays (rec.fh: the estimate the hold counted).
+  if rec.fh and rec.fu ~= (actual >= 0 and actual or rec.fh) then
+    return fail('COMMIT_COST_MISMATCH', {charged = rec.ch})
+  end
   sweep()  -- the balance reported is the one a GetBalance at this instant shows
   local _, balance = live_lots()
   result.replayed, result.balance, result.refunded = 1, balance, rec.rf
@@ -63,7 +77,9 @@ if actual >= 0 and rec.dg ~= 1 then
   if not string.find(entitled_plans, '|' .. rec.pl .. '|', 1, true) then
     return fail('ACTUAL_NOT_ENTITLED', {plan = rec.pl})
   end
-  if actual > rec.rc then return fail('COST_EXCEEDS_HOLD', {held = rec.c, reserved = rec.rc, actual = actual}) end
+  if actual > rec.rc and not usage_drawn then
+    return fail('COST_EXCEEDS_HOLD', {held = rec.c, reserved = rec.rc, actual = actual})
+  end
 end
 
 sweep()
@@ -72,7 +88,18 @@ if written_off > 0 then
   extra[#extra + 1] = 'wo'
   extra[#extra + 1] = written_off
 end
-commit_hold(rid, rec, charge, extra)
+local free_delta = nil
+if rec.fu then
+  -- Included usage: no params charge the estimate; after cap, `actual` is at most the estimate.
+  local held = rec.fu
+  rec.fh = held
+  adjust_free_units(rec, actual >= 0 and actual or held)
+  free_delta = rec.fu - held
+  for _, v in ipairs({'usage', rec.fu, 'usage_held', held, 'free_units', cjson.encode(rec.fw)}) do
+    extra[#extra + 1] = v
+  end
+end
+commit_hold(rid, rec, charge, extra, free_delta)
 
 local _, balance = live_lots()
 result.balance = balance

@@ -18,9 +18,14 @@ end
 sweep()
 local fields, deltas = {}, {}
 if free == 1 then
-  return_free_units(rec.fw)
+  -- Included usage (rec.fu): the actual usage the commit charged goes back to its windows.
+  return_free_units(rec.fw, rec.fu)
   rec.rj = 0
-  fields, deltas = {'free', 1, 'free_units', cjson.encode(rec.fw)}, {f = -1}
+  fields, deltas = {'free', 1, 'free_units', cjson.encode(rec.fw)}, {f = -(rec.fu or 1)}
+  if rec.fu then
+    fields[#fields + 1] = 'usage'
+    fields[#fields + 1] = rec.fu
+  end
 end
 -- Credits charged (a credits job's, or a free job's cameo fees) go back; with them the royalty.
 if free == 0 or (rec.ch or 0) > 0 then

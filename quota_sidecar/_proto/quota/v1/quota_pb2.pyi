@@ -346,7 +346,7 @@ class GetBalanceRequest(_message.Message):
     def __init__(self, account_id: _Optional[str] = ...) -> None: ...
 
 class ProductAllowance(_message.Message):
-    __slots__ = ("product", "free_used", "free_limit", "free_resets_at", "limits", "jobs_in_flight", "max_concurrent", "overridden", "upcoming")
+    __slots__ = ("product", "free_used", "free_limit", "free_resets_at", "limits", "jobs_in_flight", "max_concurrent", "overridden", "upcoming", "unit")
     PRODUCT_FIELD_NUMBER: _ClassVar[int]
     FREE_USED_FIELD_NUMBER: _ClassVar[int]
     FREE_LIMIT_FIELD_NUMBER: _ClassVar[int]
@@ -356,6 +356,7 @@ class ProductAllowance(_message.Message):
     MAX_CONCURRENT_FIELD_NUMBER: _ClassVar[int]
     OVERRIDDEN_FIELD_NUMBER: _ClassVar[int]
     UPCOMING_FIELD_NUMBER: _ClassVar[int]
+    UNIT_FIELD_NUMBER: _ClassVar[int]
     product: str
     free_used: int
     free_limit: int
@@ -365,7 +366,8 @@ class ProductAllowance(_message.Message):
     max_concurrent: int
     overridden: bool
     upcoming: _containers.RepeatedCompositeFieldContainer[ScheduledChange]
-    def __init__(self, product: _Optional[str] = ..., free_used: _Optional[int] = ..., free_limit: _Optional[int] = ..., free_resets_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., limits: _Optional[_Iterable[_Union[LimitStatus, _Mapping]]] = ..., jobs_in_flight: _Optional[int] = ..., max_concurrent: _Optional[int] = ..., overridden: _Optional[bool] = ..., upcoming: _Optional[_Iterable[_Union[ScheduledChange, _Mapping]]] = ...) -> None: ...
+    unit: str
+    def __init__(self, product: _Optional[str] = ..., free_used: _Optional[int] = ..., free_limit: _Optional[int] = ..., free_resets_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., limits: _Optional[_Iterable[_Union[LimitStatus, _Mapping]]] = ..., jobs_in_flight: _Optional[int] = ..., max_concurrent: _Optional[int] = ..., overridden: _Optional[bool] = ..., upcoming: _Optional[_Iterable[_Union[ScheduledChange, _Mapping]]] = ..., unit: _Optional[str] = ...) -> None: ...
 
 class ScheduledChange(_message.Message):
     __slots__ = ("effective_from", "limits", "max_concurrent")
