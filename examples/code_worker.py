@@ -3,8 +3,10 @@
 
     examples/code_worker.py --target 127.0.0.1:50051 --account bob --tasks 3
 
-Each task is one codex job of a few units. Task 2 fails on purpose, to show that a failure
-releases the hold (the free unit or the credits go back) instead of charging.
+Each task is one codex job, metered: it reserves on an estimate of its tokens and commits the
+tokens it really used (the packaged plans include some codex usage per 5 hours and per week,
+spent before credits). Task 2 fails on purpose, to show that a failure releases the hold (the
+included usage or the credits go back) instead of charging.
 """
 
 from __future__ import annotations
@@ -20,13 +22,16 @@ class TaskFailed(Exception):
 
 
 async def run_task(client: QuotaClient, account: str, i: int) -> None:
-    params = {"model": "codex-mini", "units": 2}
+    # The estimate: 50k input and 10k output tokens of codex-mini, 2.07 credits: 3 held.
+    params = {"model": "codex-mini", "input_tokens": 50_000, "output_tokens": 10_000}
     try:
         async with client.job(account, "codex", params) as job:
             print(f"task {i}: reserved {job.reservation_id} funded by {job.funding}")
             await asyncio.sleep(0.01)  # simulated work
             if i == 2:
                 raise TaskFailed("tests did not pass")
+            # What the task really used: 1.65 credits, charged 2.
+            job.actual = {"model": "codex-mini", "input_tokens": 40_000, "output_tokens": 8_000}
         print(f"task {i}: committed ({job.commit_result})")
     except TaskFailed as exc:
         print(f"task {i}: failed ({exc}); hold released: {job.release_result}")
@@ -39,7 +44,7 @@ async def main_async(args: argparse.Namespace) -> int:
         await asyncio.gather(*(run_task(client, args.account, i) for i in range(args.tasks)))
         balance = await client.balance(args.account)
         used, limit = balance.free.get("codex", (0, 0))
-        print(f"codex free allowance used today: {used}/{limit}; holds left: {len(balance.holds)}")
+        print(f"codex included usage used: {used}/{limit} credits; holds left: {len(balance.holds)}")
     return 0
 
 

@@ -7,13 +7,16 @@ test can assert exactly which keys it wrote.
 from __future__ import annotations
 
 import asyncio
+import importlib.resources
 import uuid
 from datetime import datetime, timezone
-from typing import AsyncIterator, Awaitable, Callable, TypeVar
+from pathlib import Path
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 import grpc
 import pytest
 import redis.asyncio as aioredis
+import yaml
 
 from quota_sidecar._proto.quota.v1 import quota_pb2_grpc
 from quota_sidecar.domain.clock import ManualClock
@@ -21,8 +24,9 @@ from quota_sidecar.domain.engine import QuotaEngine
 from quota_sidecar.domain.errors import Unavailable
 from quota_sidecar.domain.ledger import with_running_totals
 from quota_sidecar.domain.model import CreditTotals, LedgerEntry
+from quota_sidecar.domain.plans import Plans
 from quota_sidecar.server.app import create_admin_server, create_server
-from quota_sidecar.server.plans_file import load_plans
+from quota_sidecar.server.plans_file import load_plans, parse_plans
 from quota_sidecar.server.settings import Settings
 from quota_sidecar.storage.keys import DEFAULT_KEY_BUCKETS, account_key
 from quota_sidecar.storage.redis_server import RedisServerProcess
@@ -65,6 +69,36 @@ async def store(redis_server: RedisServerProcess, key_prefix: str) -> AsyncItera
 @pytest.fixture
 def engine(store: RedisStore, clock: ManualClock) -> QuotaEngine:
     return QuotaEngine(load_plans(), store, clock)
+
+
+DOCS_PLANS = Path(__file__).resolve().parent.parent / "docs" / "plans.md"
+
+
+def default_document() -> dict[str, Any]:
+    """The packaged plans file, as a document to edit."""
+    text = importlib.resources.files("quota_sidecar").joinpath("default_plans.yaml").read_text("utf-8")
+    return yaml.safe_load(text)
+
+
+def per_task_codex_block() -> dict[str, Any]:
+    """The per-task codex of docs/plans.md (the YAML block after <!-- per-task-codex -->)."""
+    text = DOCS_PLANS.read_text("utf-8").split("<!-- per-task-codex -->", 1)[1]
+    return yaml.safe_load(text.split("```yaml\n", 1)[1].split("```", 1)[0])
+
+
+def per_task_document() -> dict[str, Any]:
+    """The packaged plans with codex priced per task (the documented alternative): what tests of
+    jobs counted one unit each, with a price known up front, use."""
+    document = default_document()
+    block = per_task_codex_block()
+    document["products"].update(block["products"])
+    for plan, rules in block["plans"].items():
+        document["plans"][plan].update(rules)
+    return document
+
+
+def per_task_plans() -> Plans:
+    return parse_plans(per_task_document())
 
 
 def key(prefix: str, account: str, suffix: str) -> str:

@@ -51,7 +51,9 @@ def small_free_plans() -> Plans:
     text = resources.files("quota_sidecar").joinpath("default_plans.yaml").read_text(encoding="utf-8")
     data = yaml.safe_load(text)
     data["plans"]["free"]["sora"]["daily_free"] = 2
-    data["plans"]["free"]["codex"]["daily_free"] = 1
+    # Metered codex: a little included usage (credits) per 5 hours and per week.
+    data["plans"]["free"]["codex"]["limits"] = [{"id": "five_hour", "kind": "rolling", "hours": 5, "free": 6},
+                                                {"id": "weekly", "kind": "week", "free": 15}]
     return parse_plans(data)
 
 
@@ -71,13 +73,15 @@ class Book:
 def random_job(rng: random.Random, product: str) -> JobParams:
     if product == "sora":
         return JobParams(duration_seconds=rng.randint(1, 15), resolution="720p")
-    return JobParams(model="codex-mini", units=rng.randint(1, 3))
+    # An estimate of 0 to 4 credits of usage (none: the default hold, 5).
+    return JobParams(model="codex-mini", input_tokens=rng.randint(0, 200_000))
 
 
 def smaller_job(rng: random.Random, product: str, job: JobParams) -> JobParams:
     if product == "sora":
         return JobParams(duration_seconds=rng.randint(1, int(job.duration_seconds)), resolution="720p")
-    return JobParams(model="codex-mini", units=rng.randint(1, job.units))
+    # The actual usage: below or above the estimate (above: capped, the excess written off).
+    return JobParams(model="codex-mini", input_tokens=rng.randint(0, 300_000))
 
 
 class RandomRun:
@@ -184,6 +188,11 @@ async def test_random_run_audits_clean(store: RedisStore, clock: ManualClock) ->
     kinds = {e.type for s in states for e in s["outbox"]}
     assert kinds >= {"hold", "commit", "release", "expire", "grant", "revoke", "lot_expire", "refund",
                      "account"}, kinds
+    # Included usage of the metered codex: taken by amount, settled below and above the estimate.
+    usage = [e for s in states for e in s["outbox"] if e.type == "commit" and "usage" in e.fields]
+    assert any(int(e.fields["usage"]) < int(e.fields["usage_held"]) for e in usage)
+    assert any("wo" in e.fields for e in usage)
+    assert any(e.type in ("release", "expire") and "usage" in e.fields for s in states for e in s["outbox"])
 
 
 # -- corruptions ---------------------------------------------------------------------------

@@ -93,7 +93,7 @@ async def test_video_worker_example(sidecar: Sidecar) -> None:
 async def test_code_worker_example(sidecar: Sidecar) -> None:
     out = await _run_example("code_worker", "--target", f"127.0.0.1:{sidecar.port}", "--account", "cod")
     assert out.count("committed") == 2 and "task 2: failed" in out
-    assert "used today: 2/10; holds left: 0" in out
+    assert "included usage used: 4/10 credits; holds left: 0" in out  # 2 tasks of 2 credits of usage
 
 
 async def test_story_example_plays_end_to_end(sidecar: Sidecar, clock: ManualClock) -> None:

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import copy
-import importlib.resources
 from typing import Any
 
 import pytest
-import yaml
-from quota_fixtures import T0_MS, utc_ms
+from quota_fixtures import T0_MS, per_task_document, per_task_plans, utc_ms
 
 from quota_sidecar.domain.clock import ManualClock
 from quota_sidecar.domain.engine import QuotaEngine
@@ -25,15 +22,17 @@ V10 = JobParams(duration_seconds=10, resolution="720p")
 HOUR_MS = 3_600_000
 
 
-def default_document() -> dict[str, Any]:
-    text = importlib.resources.files("quota_sidecar").joinpath("default_plans.yaml").read_text("utf-8")
-    return yaml.safe_load(text)
-
-
 def plans_with(edit: Any) -> Plans:
-    document = copy.deepcopy(default_document())
+    """The packaged plans with codex priced per task (one free unit per job), edited."""
+    document = per_task_document()
     edit(document)
     return parse_plans(document)
+
+
+@pytest.fixture
+def engine(store: RedisStore, clock: ManualClock) -> QuotaEngine:
+    """These tests count jobs: codex per task (docs/plans.md, the documented alternative)."""
+    return QuotaEngine(per_task_plans(), store, clock)
 
 
 @pytest.fixture

@@ -133,9 +133,21 @@ def test_plans_file_refusals() -> None:
     bad = metered_document(overage="forgive")
     with pytest.raises(PlansError, match=r"products\.codex-usage\.overage"):
         parse_plans(bad)
+    # Included usage: daily_free and limits count credits of usage; bad values name their path.
+    good = metered_document()
+    good["plans"]["pro"]["codex-usage"] = {"daily_free": 3}
+    assert parse_plans(good).rules("pro", "codex-usage").daily_free == 3  # type: ignore[union-attr]
     bad = metered_document()
-    bad["plans"]["pro"]["codex-usage"] = {"daily_free": 3}
+    bad["plans"]["pro"]["codex-usage"] = {"daily_free": -1}
     with pytest.raises(PlansError, match=r"plans\.pro\.codex-usage\.daily_free"):
+        parse_plans(bad)
+    bad = metered_document()
+    bad["plans"]["pro"]["codex-usage"] = {"limits": [{"id": "five_hour", "kind": "rolling", "free": 300}]}
+    with pytest.raises(PlansError, match=r"plans\.pro\.codex-usage\.limits\.0\.hours"):
+        parse_plans(bad)
+    bad = metered_document()
+    bad["plans"]["pro"]["codex-usage"] = {"limits": [{"id": "weekly", "kind": "week", "free": "lots"}]}
+    with pytest.raises(PlansError, match=r"plans\.pro\.codex-usage\.limits\.0\.free"):
         parse_plans(bad)
     bad = metered_document()
     bad["plans"]["pro"]["codex-usage"] = {"daily_free": 0, "max_units": 3}

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import pytest
 import yaml
+from quota_fixtures import per_task_document, per_task_plans
 
 from quota_sidecar.domain.errors import InvalidArgument, PlansError
 from quota_sidecar.domain.model import CreditPack, JobParams, Limit, LimitKind, Money, Offer
@@ -27,12 +28,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def plans() -> Plans:
-    return load_plans()
+    """The packaged plans with codex priced per task (the documented alternative, docs/plans.md):
+    what the pricing, entitlement and refusal tests of a task product below are written for.
+    The packaged (metered) codex: test_default_file_loads_with_the_product_rules and test_metered.py."""
+    return per_task_plans()
 
 
 def _default_document() -> dict[str, Any]:
-    text = importlib.resources.files("quota_sidecar").joinpath("default_plans.yaml").read_text("utf-8")
-    return yaml.safe_load(text)
+    return per_task_document()
 
 
 def video(duration_seconds: float, resolution: str = "720p", **kwargs: Any) -> JobParams:
@@ -42,7 +45,8 @@ def video(duration_seconds: float, resolution: str = "720p", **kwargs: Any) -> J
 # --- the packaged default ---------------------------------------------------
 
 
-def test_default_file_loads_with_the_product_rules(plans: Plans) -> None:
+def test_default_file_loads_with_the_product_rules() -> None:
+    plans = load_plans()
     assert plans.version == "2026-11-01"
     assert plans.default_plan == "free"
     assert plans.credit_validity_months == 12
@@ -58,9 +62,34 @@ def test_default_file_loads_with_the_product_rules(plans: Plans) -> None:
     assert sora.default_model == "sora-2"
 
     codex = plans.product("codex")
-    assert (codex.kind, codex.unit_name, codex.default_ttl_seconds) == ("task", "task", 1800)
-    assert dict(codex.models) == {"codex-mini": 1, "codex": 2, "codex-max": 5}
-    assert (codex.default_model, codex.max_units) == ("codex", 100)
+    assert (codex.kind, codex.unit_name, codex.default_ttl_seconds) == ("metered", "task", 1800)
+    assert {m: (r.input_milli, r.cached_input_milli, r.output_milli) for m, r in codex.rates.items()} == {
+        "codex-max": (125_000, 12_500, 750_000), "codex": (62_500, 6_250, 375_000),
+        "codex-mini": (18_750, 1_875, 113_000)}
+    assert (codex.default_model, codex.fast_multiplier, codex.default_hold_credits, codex.overage) == (
+        "codex", 2, 5, "cap")
+
+
+def test_packaged_codex_included_usage() -> None:
+    plans = load_plans()
+
+    def usage(five_hour: int, weekly: int) -> tuple[Limit, ...]:
+        return (Limit("five_hour", LimitKind.ROLLING, five_hour, hours=5), Limit("weekly", LimitKind.WEEK, weekly))
+    assert plans.plan("free").products["codex"] == ProductRules(usage(10, 40), models=frozenset({"codex-mini", "codex"}))
+    assert plans.plan("plus").products["codex"] == ProductRules(usage(50, 250))
+    assert plans.plan("pro").products["codex"] == ProductRules(usage(300, 1500))
+    assert plans.allowance_unit("codex") == "credits" and plans.allowance_unit("sora") == "generation"
+
+
+def test_per_task_codex_of_the_docs_loads() -> None:
+    # docs/plans.md's per-task codex is a block that loads into the packaged plans.
+    plans = per_task_plans()
+    codex = plans.product("codex")
+    assert (codex.kind, dict(codex.models), codex.max_units) == (
+        "task", {"codex-mini": 1, "codex": 2, "codex-max": 5}, 100)
+    assert plans.job_cost("codex", JobParams(model="codex-max", units=3)) == 15
+    assert plans.allowance_unit("codex") == "task"
+    assert plans.products["sora"] == load_plans().products["sora"]  # sora exactly as packaged
 
 
 def _daily(free: int) -> tuple[Limit, ...]:
@@ -96,6 +125,9 @@ def test_load_plans_explicit_path_equals_packaged_default(plans: Plans, tmp_path
     path = tmp_path / "plans.yaml"
     path.write_text(yaml.safe_dump(_default_document()), encoding="utf-8")
     assert load_plans(str(path)) == plans
+    packaged = importlib.resources.files("quota_sidecar").joinpath("default_plans.yaml").read_text("utf-8")
+    path.write_text(packaged, encoding="utf-8")
+    assert load_plans(str(path)) == load_plans()
 
 
 def test_parsed_plans_are_immutable(plans: Plans) -> None:

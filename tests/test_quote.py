@@ -11,8 +11,6 @@ through gRPC, the client library and the CLI.
 from __future__ import annotations
 
 import asyncio
-import copy
-import importlib.resources
 import json
 import subprocess
 import sys
@@ -22,11 +20,10 @@ from typing import Any, AsyncIterator
 import grpc
 import pytest
 import redis.asyncio as aioredis
-import yaml
 from google.protobuf import json_format
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-from quota_fixtures import T0_MS, Sidecar, key, keys_with_prefix, utc_ms
+from quota_fixtures import T0_MS, Sidecar, key, keys_with_prefix, per_task_document, per_task_plans, utc_ms
 
 from quota_sidecar._proto.quota.v1 import quota_pb2 as pb
 from quota_sidecar.client import Denied, QuotaClient, SyncQuotaClient
@@ -55,10 +52,16 @@ HOUR_MS = 3_600_000
 
 
 def plans_with(edit: Any) -> Plans:
-    text = importlib.resources.files("quota_sidecar").joinpath("default_plans.yaml").read_text("utf-8")
-    document = copy.deepcopy(yaml.safe_load(text))
+    """The packaged plans with codex priced per task (one free unit per job), edited."""
+    document = per_task_document()
     edit(document)
     return parse_plans(document)
+
+
+@pytest.fixture
+def engine(store: RedisStore, clock: ManualClock) -> QuotaEngine:
+    """Jobs counted one unit each: codex per task (docs/plans.md); metered codex: test_metered.py."""
+    return QuotaEngine(per_task_plans(), store, clock)
 
 
 async def snapshot(client: aioredis.Redis, prefix: str) -> dict[str, Any]:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import pytest
-from quota_fixtures import T0_MS, key
+from quota_fixtures import T0_MS, key, per_task_plans
 
 from quota_sidecar.domain.clock import ManualClock
 from quota_sidecar.domain.engine import QuotaEngine
 from quota_sidecar.domain.errors import Conflict, InvalidArgument, NotFound, ResolutionConflict
 from quota_sidecar.domain.model import DenialReason, Funding, JobParams
+from quota_sidecar.storage.store import RedisStore
 
 pytestmark = pytest.mark.all_redis_versions
 
@@ -257,7 +258,9 @@ async def test_server_makes_an_id_when_none_is_given(engine: QuotaEngine) -> Non
     assert (await engine.commit("a", d1.reservation_id)).free_charged == 1
 
 
-async def test_codex_allowance_and_model_pricing(engine: QuotaEngine) -> None:
+async def test_codex_allowance_and_model_pricing(store: RedisStore, clock: ManualClock) -> None:
+    # codex priced per task (docs/plans.md, the documented alternative); metered: test_metered.py.
+    engine = QuotaEngine(per_task_plans(), store, clock)
     await use_free(engine, "a", 10, product="codex", job=JobParams(model="codex-mini"))
     await engine.grant("a", 10, "p")
     d = await engine.check_and_reserve("a", "codex", "r", JobParams(model="codex", units=3))

@@ -156,5 +156,16 @@ async def test_old_free_windows_are_pruned(engine: QuotaEngine, clock: ManualClo
         await engine.commit("a", f"c{day}")
         clock.advance(days=1)
     fields = sorted(await redis_client.hkeys(key(key_prefix, "a", "free")))
-    # On 2026-11-24 the oldest window still proposed is yesterday's (11-23).
-    assert fields == ["codex|daily|d20261123", "codex|daily|d20261124", "sora|daily|d20261123", "sora|daily|d20261124"]
+    # On 2026-11-24 the oldest day still proposed is yesterday (11-23), the oldest week the one before
+    # this one (from Monday 11-16): codex's included usage counts 5 credits a task (its default hold).
+    assert fields == ["codex|weekly|w20261116", "codex|weekly|w20261123", "sora|daily|d20261123",
+                      "sora|daily|d20261124"]
+    assert await redis_client.hget(key(key_prefix, "a", "free"), "codex|weekly|w20261123") == "10"  # 2 x 5 credits
+    # The rolling window's uses carry their amounts (pruned after 168 hours).
+    assert await redis_client.zrange(key(key_prefix, "a", "rolling"), 0, -1) == [
+        f"codex|five_hour|c{day}|5" for day in range(4)]
+    clock.advance(days=7)
+    await engine.check_and_reserve("a", "codex", "later", JobParams())
+    assert sorted(await redis_client.hkeys(key(key_prefix, "a", "free"))) == [
+        "codex|weekly|w20261123", "codex|weekly|w20261130"]
+    assert await redis_client.zrange(key(key_prefix, "a", "rolling"), 0, -1) == ["codex|five_hour|later|5"]

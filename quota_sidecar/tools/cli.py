@@ -269,9 +269,10 @@ def _loadtest_parser(sub: Any) -> None:
                    help="seed of the account, job and follow-up draws; same seed, same sequence [default: 0]")
     p.add_argument("--product", default="sora", metavar="NAME", help="the product every job asks for [default: sora]")
     p.add_argument("--job", action="append", default=None, metavar="SPEC", help=(
-        "a job size of the mix, repeatable: key=value pairs of duration, resolution, model, units, weight "
-        "(e.g. duration=10,resolution=720p,weight=2), or a built-in mix by product kind: video (5/10/15 s at "
-        "480p/720p) or task (1..5 units) [default: the product's built-in mix: sora video, codex task]"))
+        "a job size of the mix, repeatable: key=value pairs of duration, resolution, model, units, input_tokens, "
+        "output_tokens, weight (e.g. duration=10,resolution=720p,weight=2), or a built-in mix by product kind: "
+        "video (5/10/15 s at 480p/720p), task (1..5 units) or metered (codex-mini estimates of 1..5 credits) "
+        "[default: the product's built-in mix: sora video, codex metered]"))
     p.add_argument("--mix", default="commit=0.8,release=0.1,abandon=0.05,extend=0.05", metavar="SPEC", help=(
         "follow-up weights of an allowed reservation: commit, release, abandon (nothing; the hold expires "
         "by its TTL), extend (ExtendReservation, then Commit) [default: commit=0.8,release=0.1,abandon=0.05,"

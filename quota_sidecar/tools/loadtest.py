@@ -118,21 +118,27 @@ class JobSpec:
     duration_seconds: float = 0.0  # sora-like products
     resolution: str = ""           # sora-like products, e.g. 720p
     model: str = ""                # "" = the product's default model
-    units: int = 0                 # codex-like products; 0 means 1
+    units: int = 0                 # task products; 0 means 1
+    input_tokens: int = 0          # metered products (codex): the usage estimate
+    output_tokens: int = 0
     weight: float = 1.0            # relative frequency in the mix
 
     def params(self) -> pb.JobParams:
         return pb.JobParams(duration_seconds=self.duration_seconds, resolution=self.resolution,
-                            model=self.model, units=self.units)
+                            model=self.model, units=self.units, input_tokens=self.input_tokens,
+                            output_tokens=self.output_tokens)
 
 
 # Built-in job mixes by product kind (the plans file's `kind`), all within the default free plan.
 BUILTIN_JOBS: Mapping[str, tuple[JobSpec, ...]] = {
     "video": tuple(JobSpec(duration_seconds=d, resolution=r) for d in (5.0, 10.0, 15.0) for r in ("480p", "720p")),
     "task": tuple(JobSpec(units=u) for u in range(1, 6)),
+    # codex-mini estimates of 1 to 5 credits (10k..50k input, 2k..10k output tokens per step).
+    "metered": tuple(JobSpec(model="codex-mini", input_tokens=10_000 * n, output_tokens=2_000 * n)
+                     for n in (1, 2, 4, 8, 10)),
 }
 # The default plans' products; another product needs --job (key=value or a kind name).
-PRODUCT_KINDS: Mapping[str, str] = {"sora": "video", "codex": "task"}
+PRODUCT_KINDS: Mapping[str, str] = {"sora": "video", "codex": "metered"}
 
 
 @dataclass(frozen=True)
@@ -188,11 +194,13 @@ def parse_job(text: str) -> tuple[JobSpec, ...]:
     for part in (p.strip() for p in text.split(",") if p.strip()):
         key, sep, value = part.partition("=")
         key = key.strip()
-        if not sep or key not in ("duration", "resolution", "model", "units", "weight"):
+        if not sep or key not in ("duration", "resolution", "model", "units", "input_tokens", "output_tokens",
+                                  "weight"):
             raise LoadConfigError(f"job {text!r}: expected key=value with keys duration, resolution, model, "
-                                  f"units, weight, or a built-in mix: {', '.join(BUILTIN_JOBS)}")
-        if key == "units":
-            values["units"] = _int("job units", value)
+                                  f"units, input_tokens, output_tokens, weight, or a built-in mix: "
+                                  f"{', '.join(BUILTIN_JOBS)}")
+        if key in ("units", "input_tokens", "output_tokens"):
+            values[key] = _int(f"job {key}", value)
         elif key in ("duration", "weight"):
             values["duration_seconds" if key == "duration" else "weight"] = _float(f"job {key}", value)
         else:
