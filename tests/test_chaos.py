@@ -280,9 +280,10 @@ def pick_job(rng: random.Random) -> tuple[str, pb.JobParams, pb.JobParams]:
         duration = rng.randint(5, 15)
         return ("sora", pb.JobParams(duration_seconds=duration, resolution="720p"),
                 pb.JobParams(duration_seconds=rng.randint(1, duration), resolution="720p"))
-    units = rng.randint(1, 3)
-    return ("codex", pb.JobParams(model="codex-mini", units=units),
-            pb.JobParams(model="codex-mini", units=rng.randint(1, units)))
+    # Metered codex: an estimate of 1 to 4 credits of usage, a smaller actual usage.
+    tokens = rng.randint(1, 3) * 60_000
+    return ("codex", pb.JobParams(model="codex-mini", input_tokens=tokens),
+            pb.JobParams(model="codex-mini", input_tokens=rng.randint(0, tokens)))
 
 
 class Clients:

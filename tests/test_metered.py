@@ -143,11 +143,11 @@ def test_plans_file_refusals() -> None:
         parse_plans(bad)
     bad = metered_document()
     bad["plans"]["pro"]["codex-usage"] = {"limits": [{"id": "five_hour", "kind": "rolling", "free": 300}]}
-    with pytest.raises(PlansError, match=r"plans\.pro\.codex-usage\.limits\.0\.hours"):
+    with pytest.raises(PlansError, match=r"plans\.pro\.codex-usage\.limits\[0\]\.hours"):
         parse_plans(bad)
     bad = metered_document()
     bad["plans"]["pro"]["codex-usage"] = {"limits": [{"id": "weekly", "kind": "week", "free": "lots"}]}
-    with pytest.raises(PlansError, match=r"plans\.pro\.codex-usage\.limits\.0\.free"):
+    with pytest.raises(PlansError, match=r"plans\.pro\.codex-usage\.limits\[0\]\.free"):
         parse_plans(bad)
     bad = metered_document()
     bad["plans"]["pro"]["codex-usage"] = {"daily_free": 0, "max_units": 3}
