@@ -172,3 +172,50 @@ async def test_quota_jobs_one_row_per_job(capped_engine: QuotaEngine, store: Red
     assert child.returncode == 0, child
     by_id = {j["reservation_id"]: j for j in json.loads(child.stdout)["jobs"]}
     assert (by_id["metered"]["written_off"], by_id["refunded"]["state"]) == (11, "refunded")
+
+
+# -- ListLedger: what each job cost and where it came from ----------------------------------------
+
+
+async def test_ledger_lines_say_lots_royalties_and_returns(sidecar: Sidecar, clock: ManualClock,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    engine = sidecar.engine
+    await engine.set_cameo("cam-a", "owner-1", 3, True)
+    for i in range(100):  # the free allowance first: the job below must be paid with credits
+        d = await engine.check_and_reserve("acct", "sora", f"free-{i}", V10)
+        if d.outcome.funding is not Funding.FREE_QUOTA:
+            assert not d.outcome.allowed
+            break
+        await engine.commit("acct", f"free-{i}")
+    await engine.grant("acct", 2, "soon", T0_MS + 10 * DAY_MS)
+    await engine.grant("acct", 10, "later", T0_MS + 90 * DAY_MS)
+    job = JobParams(duration_seconds=15, resolution="720p", cameo_ids=("cam-a",))  # 2 + a fee of 3
+    assert (await engine.check_and_reserve("acct", "sora", "job", job)).outcome.credits_held == 5
+    await engine.commit("acct", "job", JobParams(duration_seconds=5, resolution="720p"))  # 1 + 3
+    await engine.refund_job("acct", "job", "render failed")
+
+    r = await sidecar.admin.ListLedger(pb.ListLedgerRequest(account_id="acct", page_size=1000))
+    hold, commit, refund = (e for e in r.entries if e.reservation_id == "job")
+    portions = lambda e: [(p.lot_id, p.credits) for p in e.lots]  # noqa: E731
+    shares = lambda e: [(x.cameo_id, x.owner_account_id, x.credits) for x in e.royalties]  # noqa: E731
+    # Held soonest-expiring first; the unused credit went back to the lot that expires last.
+    assert (hold.type, hold.credits, hold.cost_credits, hold.fees_credits) == ("hold", 5, 2, 3)
+    assert portions(hold) == [("soon", 2), ("later", 3)] and shares(hold) == [("cam-a", "owner-1", 3)]
+    assert (commit.type, commit.credits, commit.credits_returned, commit.fees_credits) == ("commit", 4, 1, 3)
+    assert portions(commit) == [("soon", 2), ("later", 2)] and shares(commit) == [("cam-a", "owner-1", 3)]
+    assert commit.cost_credits == 0 and commit.credits_written_off == 0
+    assert (refund.type, refund.credits, portions(refund)) == ("refund", 4, [("soon", 2), ("later", 2)])
+    assert shares(refund) == [("cam-a", "owner-1", -3)]
+    free = [e for e in r.entries if e.reservation_id == "free-0"]
+    assert [(e.type, list(e.lots), list(e.royalties), e.free_units_delta) for e in free] == [
+        ("hold", [], [], 1), ("commit", [], [], 0)]
+
+    status = await asyncio.to_thread(cli.main, ["ledger", "--account", "acct", "--page-size", "1000",
+                                                "--target", f"127.0.0.1:{sidecar.admin_port}"])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    lines = [line for line in out.splitlines() if " job " in line]
+    assert len(lines) == 3, out
+    assert lines[0].endswith("(lots soon 2, later 3; royalty cam-a to owner-1 3)"), lines
+    assert lines[1].endswith("(lots soon 2, later 2; royalty cam-a to owner-1 3; returned 1)"), lines
+    assert lines[2].endswith("(lots soon 2, later 2; royalty cam-a to owner-1 -3)"), lines

@@ -224,3 +224,40 @@ async def test_free_job_with_fees_released_expired_and_undone_in_a_batch(engine:
     assert balance.credit_balance == 5 and balance.credits_held == 0 and balance.holds == ()
     audits = await audit_all(engine.store)
     assert all(a.ok for a in audits), format_report(audits)
+
+
+async def test_audit_proves_royalties_conserved(engine: QuotaEngine, store) -> None:  # noqa: F811
+    """Clean through hold, commit, refund and release; a share changed anywhere is a violation."""
+    from dataclasses import replace
+
+    from quota_sidecar.domain.audit import audit_state
+
+    await engine.set_cameo("cam-a", "owner-1", 3, True)
+    await engine.set_cameo("cam-b", "owner-2", 2, True)
+    await use_up_free(engine, "acct")
+    await engine.grant("acct", 50, "p1")
+    job = JobParams(duration_seconds=10, resolution="720p", cameo_ids=("cam-a", "cam-b"))
+    for rid in ("kept", "refunded", "released"):
+        await engine.check_and_reserve("acct", "sora", rid, job)
+    await engine.commit("acct", "kept")
+    await engine.commit("acct", "refunded")
+    await engine.refund_job("acct", "refunded", "failed")
+    await engine.release("acct", "released")
+    state = await store.raw_state("acct")
+    assert audit_state("acct", state).ok
+
+    def tampered(kind: str, rid: str, roy: str) -> list[str]:
+        entries = [replace(e, fields={**e.fields, "roy": roy}) if (e.type, e.fields.get("rid")) == (kind, rid) else e
+                   for e in state["outbox"]]
+        audit = audit_state("acct", {**state, "outbox": entries})
+        return [v.detail for v in audit.violations if v.check == "royalty"]
+
+    moved = tampered("commit", "kept", "cam-a|owner-1|4,cam-b|owner-2|1")  # the right sum, the wrong owner
+    assert len(moved) == 1 and "differ from those stamped on its hold" in moved[0], moved
+    short = tampered("commit", "kept", "cam-a|owner-1|3")
+    assert len(short) == 2 and "do not add up to 5 credit(s) of fees" in short[0], short
+    kept = tampered("refund", "refunded", "cam-a|owner-1|-3")
+    assert len(kept) == 2 and "do not add up to -5 credit(s)" in kept[0], kept
+    paid = tampered("release", "released", "cam-a|owner-1|3,cam-b|owner-2|2")
+    assert paid == [f"release {next(e.entry_id for e in state['outbox'] if e.type == 'release')} of 'released' "
+                    "pays royalties: cam-a|owner-1|3,cam-b|owner-2|2"], paid

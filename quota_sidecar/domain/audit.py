@@ -27,7 +27,7 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Mapping, Sequence
 
-from quota_sidecar.domain.ledger import merge_by_seq, summed
+from quota_sidecar.domain.ledger import merge_by_seq, royalty_shares, summed
 from quota_sidecar.domain.model import CreditTotals, Deltas, LedgerEntry
 from quota_sidecar.domain.ports import Books
 
@@ -470,6 +470,34 @@ def _check_refund(rid: str, entry: LedgerEntry, resolved: Mapping[str, LedgerEnt
     return found
 
 
+def check_royalties(ledger: Sequence[LedgerEntry]) -> Found:
+    """Cameo royalties are conserved: an entry's owners' shares add up to its fees, which are part of
+    the credits it moved; a commit pays exactly the shares stamped on the hold, a refund gives exactly
+    those back (negated), and a release or an expiry pays nobody."""
+    found: Found = []
+    stamped: dict[str, dict[tuple[str, str], int]] = {}
+    for entry in ledger:
+        rid, kind = entry.fields.get("rid", ""), entry.type
+        shares = royalty_shares(entry)
+        by_owner = {(s.cameo_id, s.owner_account_id): s.credits for s in shares}
+        fees, total = entry_int(entry, "fees"), sum(s.credits for s in shares)
+        if kind in ("release", "expire") and shares:
+            found.append(("royalty", f"{kind} {entry.entry_id} of {rid!r} pays royalties: {entry.fields['roy']}"))
+        if kind not in ("hold", "commit", "refund") or not (shares or fees):
+            continue
+        sign = -1 if kind == "refund" else 1
+        if total != sign * fees or fees > entry_int(entry, "credits") or any(sign * s.credits <= 0 for s in shares):
+            found.append(("royalty", f"{kind} {entry.entry_id} of {rid!r}: shares {entry.fields.get('roy', '')!r} "
+                                     f"do not add up to {sign * fees} credit(s) of fees within its "
+                                     f"{entry_int(entry, 'credits')} credit(s)"))
+        if kind == "hold":
+            stamped[rid] = by_owner
+        elif rid in stamped and by_owner != {k: sign * v for k, v in stamped[rid].items()}:
+            found.append(("royalty", f"{kind} {entry.entry_id} of {rid!r}: shares {entry.fields.get('roy', '')!r} "
+                                     f"differ from those stamped on its hold"))
+    return found
+
+
 def lots_taken(text: str) -> list[tuple[str, int]]:
     """The ledger's "lot:credits,lot:credits" text."""
     pairs = [part.rsplit(":", 1) for part in text.split(",") if part]
@@ -701,6 +729,7 @@ def audit_state(account_id: str, state: Mapping[str, Any], books: Sequence[Ledge
         found += check_totals(entries, p.totals, p.lotrem)
     found += check_purchases(entries, p.lots, complete=not trimmed)
     found += check_resolutions(entries)
+    found += check_royalties(entries)
     found += check_hold_sources(entries)
     found += check_returns(entries)
     found += check_free_windows(entries, p.free, complete=not trimmed)

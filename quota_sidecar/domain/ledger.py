@@ -10,7 +10,7 @@ shipped and trimmed between the two reads is in the books, so together they miss
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Iterable, Sequence
 
 from quota_sidecar.domain.model import CreditTotals, Deltas, LedgerEntry
@@ -70,3 +70,40 @@ def contiguous(entries: Sequence[LedgerEntry], first_seq: int) -> bool:
     """Whether ``entries`` are exactly seq first_seq, first_seq + 1, ... in order."""
     return all(entry.seq == first_seq + i for i, entry in enumerate(entries))
 
+
+
+@dataclass(frozen=True)
+class LotPortion:
+    """Credits one movement moved to or from one lot (the lot id is its purchase id)."""
+
+    lot_id: str
+    credits: int
+
+
+@dataclass(frozen=True)
+class RoyaltyShare:
+    """One cameo owner's share of a job's charge; negative when a refund gives it back."""
+
+    cameo_id: str
+    owner_account_id: str
+    credits: int
+
+
+def lot_portions(entry: LedgerEntry) -> tuple[LotPortion, ...]:
+    """The entry's ``lots`` field, ``"<lot_id>:<credits>,..."`` as the scripts write it (':' and ','
+    are outside the id alphabet); soonest-expiring lot first."""
+    portions = []
+    for part in filter(None, entry.fields.get("lots", "").split(",")):
+        lot_id, _, credits = part.rpartition(":")
+        portions.append(LotPortion(lot_id, int(credits)))
+    return tuple(portions)
+
+
+def royalty_shares(entry: LedgerEntry) -> tuple[RoyaltyShare, ...]:
+    """The entry's ``roy`` field, ``"<cameo>|<owner>|<credits>,..."`` ('|' and ',' are outside the id
+    alphabet; a refund's amounts are negative)."""
+    shares = []
+    for part in filter(None, entry.fields.get("roy", "").split(",")):
+        cameo_id, owner, credits = part.split("|")
+        shares.append(RoyaltyShare(cameo_id, owner, int(credits)))
+    return tuple(shares)

@@ -41,6 +41,7 @@ from quota_sidecar.domain.errors import (
     ResolutionConflict,
     Unavailable,
 )
+from quota_sidecar.domain.ledger import lot_portions, royalty_shares
 from quota_sidecar.domain.model import (
     Account,
     AutoTopUp,
@@ -323,7 +324,12 @@ def ledger_entry_pb(e: LedgerEntry) -> pb.LedgerEntry:
         credits=e.int_field("credits"), free_units=e.int_field("free"), plans_version=e.fields.get("pv", ""),
         reason=e.fields.get("reason", ""), totals_after=_totals(e.totals_after), seq=e.seq,
         credits_available_delta=e.deltas.available, credits_held_delta=e.deltas.held,
-        free_units_delta=e.deltas.free_units)
+        free_units_delta=e.deltas.free_units,
+        lots=[pb.LotPortion(lot_id=p.lot_id, credits=p.credits) for p in lot_portions(e)],
+        royalties=[pb.Royalty(cameo_id=r.cameo_id, owner_account_id=r.owner_account_id, credits=r.credits)
+                   for r in royalty_shares(e)],
+        fees_credits=e.int_field("fees"), cost_credits=e.int_field("cost") if e.type == "hold" else 0,
+        credits_returned=e.int_field("returned"), credits_written_off=e.int_field("wo"))
 
 
 def balance_response(b: Balance) -> pb.GetBalanceResponse:

@@ -344,6 +344,21 @@ def _print_account(r: pb.GetAccountResponse) -> None:
              f"expires {format_time(_ms(lot.expires_at), tz)}")
 
 
+def _job_detail(e: pb.LedgerEntry) -> str:
+    """Where a job's credits came from and went: per lot, each owner's royalty, what went back or was
+    written off (the support agent's "where did my credits go")."""
+    parts = []
+    if e.lots:
+        parts.append("lots " + ", ".join(f"{visible(p.lot_id)} {p.credits}" for p in e.lots))
+    if e.royalties:
+        parts.append("royalty " + ", ".join(f"{visible(r.cameo_id)} to {visible(r.owner_account_id)} {r.credits}"
+                                            for r in e.royalties))
+    for label, value in (("returned", e.credits_returned), ("written off", e.credits_written_off)):
+        if value:
+            parts.append(f"{label} {value}")
+    return "  (" + "; ".join(parts) + ")" if parts else ""
+
+
 def _print_ledger(r: pb.ListLedgerResponse, tz: str = "UTC") -> None:
     for e in r.entries:
         who = e.reservation_id or e.purchase_id
@@ -351,7 +366,7 @@ def _print_ledger(r: pb.ListLedgerResponse, tz: str = "UTC") -> None:
         # Escaped before padding, so the columns stay aligned.
         _say(f"{e.seq:>6}  {format_time(_ms(e.at), tz)}  {visible(e.type):<10} {visible(who):<24} "
              f"{amount:<16} available {e.totals_after.available}, held {e.totals_after.held}"
-             + (f"  [{e.reason}]" if e.reason else ""))
+             + (f"  [{e.reason}]" if e.reason else "") + _job_detail(e))
     if r.next_page_token:
         _say(f"more: --page-token {r.next_page_token}")
 

@@ -612,7 +612,7 @@ class ListLedgerRequest(_message.Message):
     def __init__(self, account_id: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class LedgerEntry(_message.Message):
-    __slots__ = ("id", "at", "type", "reservation_id", "purchase_id", "product", "funding", "credits", "free_units", "plans_version", "reason", "totals_after", "seq", "credits_available_delta", "credits_held_delta", "free_units_delta")
+    __slots__ = ("id", "at", "type", "reservation_id", "purchase_id", "product", "funding", "credits", "free_units", "plans_version", "reason", "totals_after", "seq", "credits_available_delta", "credits_held_delta", "free_units_delta", "lots", "royalties", "fees_credits", "cost_credits", "credits_returned", "credits_written_off")
     ID_FIELD_NUMBER: _ClassVar[int]
     AT_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -629,6 +629,12 @@ class LedgerEntry(_message.Message):
     CREDITS_AVAILABLE_DELTA_FIELD_NUMBER: _ClassVar[int]
     CREDITS_HELD_DELTA_FIELD_NUMBER: _ClassVar[int]
     FREE_UNITS_DELTA_FIELD_NUMBER: _ClassVar[int]
+    LOTS_FIELD_NUMBER: _ClassVar[int]
+    ROYALTIES_FIELD_NUMBER: _ClassVar[int]
+    FEES_CREDITS_FIELD_NUMBER: _ClassVar[int]
+    COST_CREDITS_FIELD_NUMBER: _ClassVar[int]
+    CREDITS_RETURNED_FIELD_NUMBER: _ClassVar[int]
+    CREDITS_WRITTEN_OFF_FIELD_NUMBER: _ClassVar[int]
     id: str
     at: _timestamp_pb2.Timestamp
     type: str
@@ -645,7 +651,31 @@ class LedgerEntry(_message.Message):
     credits_available_delta: int
     credits_held_delta: int
     free_units_delta: int
-    def __init__(self, id: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., type: _Optional[str] = ..., reservation_id: _Optional[str] = ..., purchase_id: _Optional[str] = ..., product: _Optional[str] = ..., funding: _Optional[_Union[Funding, str]] = ..., credits: _Optional[int] = ..., free_units: _Optional[int] = ..., plans_version: _Optional[str] = ..., reason: _Optional[str] = ..., totals_after: _Optional[_Union[CreditTotals, _Mapping]] = ..., seq: _Optional[int] = ..., credits_available_delta: _Optional[int] = ..., credits_held_delta: _Optional[int] = ..., free_units_delta: _Optional[int] = ...) -> None: ...
+    lots: _containers.RepeatedCompositeFieldContainer[LotPortion]
+    royalties: _containers.RepeatedCompositeFieldContainer[Royalty]
+    fees_credits: int
+    cost_credits: int
+    credits_returned: int
+    credits_written_off: int
+    def __init__(self, id: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., type: _Optional[str] = ..., reservation_id: _Optional[str] = ..., purchase_id: _Optional[str] = ..., product: _Optional[str] = ..., funding: _Optional[_Union[Funding, str]] = ..., credits: _Optional[int] = ..., free_units: _Optional[int] = ..., plans_version: _Optional[str] = ..., reason: _Optional[str] = ..., totals_after: _Optional[_Union[CreditTotals, _Mapping]] = ..., seq: _Optional[int] = ..., credits_available_delta: _Optional[int] = ..., credits_held_delta: _Optional[int] = ..., free_units_delta: _Optional[int] = ..., lots: _Optional[_Iterable[_Union[LotPortion, _Mapping]]] = ..., royalties: _Optional[_Iterable[_Union[Royalty, _Mapping]]] = ..., fees_credits: _Optional[int] = ..., cost_credits: _Optional[int] = ..., credits_returned: _Optional[int] = ..., credits_written_off: _Optional[int] = ...) -> None: ...
+
+class LotPortion(_message.Message):
+    __slots__ = ("lot_id", "credits")
+    LOT_ID_FIELD_NUMBER: _ClassVar[int]
+    CREDITS_FIELD_NUMBER: _ClassVar[int]
+    lot_id: str
+    credits: int
+    def __init__(self, lot_id: _Optional[str] = ..., credits: _Optional[int] = ...) -> None: ...
+
+class Royalty(_message.Message):
+    __slots__ = ("cameo_id", "owner_account_id", "credits")
+    CAMEO_ID_FIELD_NUMBER: _ClassVar[int]
+    OWNER_ACCOUNT_ID_FIELD_NUMBER: _ClassVar[int]
+    CREDITS_FIELD_NUMBER: _ClassVar[int]
+    cameo_id: str
+    owner_account_id: str
+    credits: int
+    def __init__(self, cameo_id: _Optional[str] = ..., owner_account_id: _Optional[str] = ..., credits: _Optional[int] = ...) -> None: ...
 
 class ListLedgerResponse(_message.Message):
     __slots__ = ("entries", "next_page_token")
