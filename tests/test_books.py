@@ -98,13 +98,13 @@ ACCOUNT_B = [
 async def test_migrate_applies_every_migration_once_and_nothing_the_second_time(books_url: str) -> None:
     books = await PgBooks.connect(books_url)
     try:
-        assert await books.migrate() == MIGRATIONS == ["0001_ledger", "0002_royalties", "0003_jobs"]
+        assert await books.migrate() == MIGRATIONS == ["0001_ledger", "0002_royalties", "0003_jobs", "0004_debt"]
         assert await books.migrate() == []
     finally:
         await books.close()
     with psycopg.connect(books_url) as conn:
         assert conn.execute("SELECT version, name FROM quota_schema_migrations").fetchall() == [
-            (1, "0001_ledger"), (2, "0002_royalties"), (3, "0003_jobs")]
+            (1, "0001_ledger"), (2, "0002_royalties"), (3, "0003_jobs"), (4, "0004_debt")]
         relations = {r[0] for r in conn.execute(
             "SELECT table_name FROM information_schema.tables WHERE table_name LIKE 'quota%'").fetchall()}
     assert relations == {"quota_ledger_entries", "quota_ledger_conflicts", "quota_schema_migrations",

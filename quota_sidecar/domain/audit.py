@@ -9,7 +9,8 @@ can be exercised on hand-made state). The scripts keep, per account,
 
     granted + refunded + debt = available + held + spent + expired + revoked
 
-(debt: credits spent past the lots under `overage: draw`, not paid yet) with available the stored sum of every lot's ``lotrem`` (lots past their
+(debt: credits spent past the lots under `overage: draw`, not paid yet) with available the
+stored sum of every lot's ``lotrem`` (lots past their
 expiry that nobody has settled yet still hold their credits there). The
 audit checks that identity, each lot, the hold index; that the books and the
 outbox together hold every sequence number 1..seq once, each entry moving what
