@@ -302,3 +302,20 @@ async def test_commit_response_reports_the_draw(sidecar: Sidecar) -> None:
     c = await sidecar.quota.Commit(pb.CommitRequest(account_id="acct", reservation_id="c1",
                                                     params=pb.JobParams(model="mini", output_tokens=700_000)))
     assert (c.credits_charged, c.credits_drawn, c.debt_credits, c.credits_written_off) == (64, 2, 50, 16)
+
+
+async def test_an_all_or_nothing_batch_repays_for_real_and_is_refused_while_debt_is_open(
+        engine: QuotaEngine) -> None:
+    from quota_sidecar.domain.engine import ReserveItem
+    await engine.set_account("acct", plan="pro")
+    await engine.grant("acct", 30, "p1")
+    await engine.check_and_reserve("acct", "codex-usage", "a", HOLD)
+    await engine.check_and_reserve("acct", "codex-usage", "b", HOLD)
+    await engine.commit("acct", "a", usage("mini", o=700_000))  # 6 drawn, 50 owed
+    await engine.release("acct", "b")  # 12 back to the lots
+    results = await engine.check_and_reserve_all([ReserveItem("acct", "codex-usage", f"n{i}", HOLD)
+                                                 for i in range(2)])
+    assert all(not r.outcome.allowed and r.outcome.debt_credits == 38 for r in results)  # type: ignore[union-attr]
+    balance = await engine.balance("acct")
+    assert (balance.credit_balance, balance.debt_credits) == (0, 38)  # the repayment stands
+    await assert_audit_clean(engine)
