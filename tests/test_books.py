@@ -284,7 +284,7 @@ async def test_the_month_report_counts_what_moved_inside_the_month_only(books: P
     assert as_json["money_by_currency"] == [
         {"currency": "EUR", "grants": 1, "minor_units": 1999, "amount": "19.99"},
         {"currency": "USD", "grants": 1, "minor_units": 499, "amount": "4.99"}]
-    assert as_json["closing_balance"] == {"available": 1310, "held": 40}
+    assert as_json["closing_balance"] == {"available": 1310, "held": 40, "debt": 0}
     text = render_text(report)
     assert "Books for 2026-11 (UTC, 2026-11-01T00:00:00Z to 2026-12-01T00:00:00Z)" in text
     assert "EUR" in text and "19.99" in text and "(breakage)" in text and ": yes" in text
