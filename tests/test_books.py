@@ -98,13 +98,13 @@ ACCOUNT_B = [
 async def test_migrate_applies_every_migration_once_and_nothing_the_second_time(books_url: str) -> None:
     books = await PgBooks.connect(books_url)
     try:
-        assert await books.migrate() == MIGRATIONS == ["0001_ledger", "0002_royalties", "0003_jobs"]
+        assert await books.migrate() == MIGRATIONS == ["0001_ledger", "0002_royalties", "0003_jobs", "0004_debt"]
         assert await books.migrate() == []
     finally:
         await books.close()
     with psycopg.connect(books_url) as conn:
         assert conn.execute("SELECT version, name FROM quota_schema_migrations").fetchall() == [
-            (1, "0001_ledger"), (2, "0002_royalties"), (3, "0003_jobs")]
+            (1, "0001_ledger"), (2, "0002_royalties"), (3, "0003_jobs"), (4, "0004_debt")]
         relations = {r[0] for r in conn.execute(
             "SELECT table_name FROM information_schema.tables WHERE table_name LIKE 'quota%'").fetchall()}
     assert relations == {"quota_ledger_entries", "quota_ledger_conflicts", "quota_schema_migrations",
@@ -284,7 +284,7 @@ async def test_the_month_report_counts_what_moved_inside_the_month_only(books: P
     assert as_json["money_by_currency"] == [
         {"currency": "EUR", "grants": 1, "minor_units": 1999, "amount": "19.99"},
         {"currency": "USD", "grants": 1, "minor_units": 499, "amount": "4.99"}]
-    assert as_json["closing_balance"] == {"available": 1310, "held": 40}
+    assert as_json["closing_balance"] == {"available": 1310, "held": 40, "debt": 0}
     text = render_text(report)
     assert "Books for 2026-11 (UTC, 2026-11-01T00:00:00Z to 2026-12-01T00:00:00Z)" in text
     assert "EUR" in text and "19.99" in text and "(breakage)" in text and ": yes" in text

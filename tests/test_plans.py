@@ -739,5 +739,5 @@ def test_schema_states_the_structure() -> None:
         assert definition["additionalProperties"] is False, name
     rules = schema["$defs"]["RulesSection"]["properties"]
     assert set(rules) == {"daily_free", "limits", "max_concurrent", "max_duration_seconds", "max_resolution",
-                          "models", "max_units"}
+                          "models", "max_units", "max_debt_credits"}
 

@@ -50,12 +50,13 @@ _TEXT_FIELDS = {"rid": "reservation_id", "pid": "purchase_id", "product": "produ
 _INT_FIELDS = {"credits": "credits", "price": "price_minor_units", "expires_ms": "expires_ms"}
 _FIELD_OF_INT = {column: field for field, column in _INT_FIELDS.items()}
 # The outbox's own keys, already in LedgerEntry's attributes (account_id, seq, at_ms, type, deltas).
-_ENTRY_KEYS = frozenset({"a", "q", "t", "k", "dg", "dr", "ds", "dx", "dv", "dh", "df"})
+_ENTRY_KEYS = frozenset({"a", "q", "t", "k", "dg", "dr", "ds", "dx", "dv", "dh", "df", "dd"})
 
 _STAGING_COLUMNS = ("ord", "entry_id", "account_id", "seq", "at_ms", "kind", "product", "reservation_id",
                     "purchase_id", "funding", "credits", "granted_delta", "refunded_delta", "spent_delta",
                     "expired_delta", "revoked_delta", "held_delta", "free_units_delta", "plans_version",
-                    "source", "price_minor_units", "currency", "pack_id", "expires_ms", "reason", "details")
+                    "source", "price_minor_units", "currency", "pack_id", "expires_ms", "reason", "details",
+                    "debt_delta")
 # ON COMMIT DELETE ROWS and IF NOT EXISTS: created once per session, emptied by every commit, and still
 # right behind a transaction-mode pooler that hands this client another session.
 _STAGING_DDL = """CREATE TEMP TABLE IF NOT EXISTS quota_staging (
@@ -63,17 +64,18 @@ _STAGING_DDL = """CREATE TEMP TABLE IF NOT EXISTS quota_staging (
     reservation_id text, purchase_id text, funding text, credits bigint, granted_delta bigint,
     refunded_delta bigint, spent_delta bigint, expired_delta bigint, revoked_delta bigint, held_delta bigint,
     free_units_delta bigint, plans_version text, source text, price_minor_units bigint, currency text,
-    pack_id text, expires_ms bigint, reason text, details jsonb
+    pack_id text, expires_ms bigint, reason text, details jsonb, debt_delta bigint
 ) ON COMMIT DELETE ROWS"""
 _LEDGER_COLUMNS = ("entry_id, account_id, seq, occurred_at, kind, product, reservation_id, purchase_id, funding, "
                    "credits, granted_delta, refunded_delta, spent_delta, expired_delta, revoked_delta, held_delta, "
                    "free_units_delta, plans_version, source, price_minor_units, currency, pack_id, expires_at, "
-                   "reason, details")
+                   "reason, details, debt_delta")
 _STAGED_AS_LEDGER = ("s.entry_id, s.account_id, s.seq, timestamptz 'epoch' + s.at_ms * interval '1 millisecond', "
                      "s.kind, s.product, s.reservation_id, s.purchase_id, s.funding, s.credits, s.granted_delta, "
                      "s.refunded_delta, s.spent_delta, s.expired_delta, s.revoked_delta, s.held_delta, "
                      "s.free_units_delta, s.plans_version, s.source, s.price_minor_units, s.currency, s.pack_id, "
-                     "timestamptz 'epoch' + s.expires_ms * interval '1 millisecond', s.reason, s.details")
+                     "timestamptz 'epoch' + s.expires_ms * interval '1 millisecond', s.reason, s.details, "
+                     "s.debt_delta")
 # Lowest (account, seq) first: two writers lock rows in one order (no deadlock between shippers), and
 # of two entries of one batch under one (account, seq) the earlier one in the outbox is the movement.
 _INSERT = (f"INSERT INTO quota_ledger_entries ({_LEDGER_COLUMNS}) SELECT {_STAGED_AS_LEDGER} "
@@ -88,12 +90,13 @@ _KEEP_CONFLICTS = (f"INSERT INTO quota_ledger_conflicts ({_LEDGER_COLUMNS}) SELE
 _ROW_NAMES = ("entry_id", "account_id", "seq", "at_ms", "kind", "product", "reservation_id", "purchase_id",
               "funding", "credits", "granted_delta", "refunded_delta", "spent_delta", "expired_delta",
               "revoked_delta", "held_delta", "free_units_delta", "plans_version", "source", "price_minor_units",
-              "currency", "pack_id", "expires_ms", "reason", "details")
+              "currency", "pack_id", "expires_ms", "reason", "details", "debt_delta")
 _MS_OF = {"at_ms": "occurred_at", "expires_ms": "expires_at"}
 _ROW_COLUMNS = ", ".join(f"round(extract(epoch FROM {_MS_OF[n]}) * 1000)::bigint AS {n}" if n in _MS_OF else n
                          for n in _ROW_NAMES)
 _AT = {name: i for i, name in enumerate(_ROW_NAMES)}  # a row's index of each column
-_DELTA_COLUMNS = ("granted_delta", "refunded_delta", "spent_delta", "expired_delta", "revoked_delta", "held_delta")
+_DELTA_COLUMNS = ("granted_delta", "refunded_delta", "spent_delta", "expired_delta", "revoked_delta", "held_delta",
+                  "debt_delta")
 _SUMS = ", ".join(f"coalesce(sum({c}), 0)::bigint AS {c}" for c in _DELTA_COLUMNS)
 _RUNNING = ", ".join(f"(base.{c} + sum(page.{c}) OVER w)::bigint" for c in _DELTA_COLUMNS)
 # One account's entries with seq > after, at most `n` (NULL: all), each with the totals after it: the
@@ -118,7 +121,8 @@ _PURCHASES = ("SELECT purchase_id, account_id, credits, source, price_minor_unit
 
 _JOBS = ("SELECT account_id, reservation_id, product, round(extract(epoch FROM held_at) * 1000)::bigint, "
          "round(extract(epoch FROM resolved_at) * 1000)::bigint, state, funding, credits_charged, free_units, "
-         "lots, royalty_credits, fees, written_off, plans_version, credits_refunded, hold_seq FROM quota_jobs")
+         "lots, royalty_credits, fees, written_off, plans_version, credits_refunded, hold_seq, credits_drawn, "
+         "debt_opened FROM quota_jobs")
 
 
 def _job(row: Sequence[Any]) -> JobRecord:
@@ -126,7 +130,7 @@ def _job(row: Sequence[Any]) -> JobRecord:
                      resolved_ms=None if row[4] is None else int(row[4]), state=row[5], funding=row[6],
                      credits_charged=int(row[7]), free_units=int(row[8]), lots=row[9], royalty_credits=int(row[10]),
                      fees=int(row[11]), written_off=int(row[12]), plans_version=row[13],
-                     credits_refunded=int(row[14]))
+                     credits_refunded=int(row[14]), credits_drawn=int(row[16]), debt_opened=int(row[17]))
 
 
 def _ts(param: str) -> str:
@@ -166,13 +170,14 @@ def _staging_row(ord_: int, entry: LedgerEntry) -> tuple[object, ...]:
     return (ord_, entry.entry_id, entry.account_id, entry.seq, entry.at_ms, entry.type, get("product", ""),
             get("rid", ""), get("pid", ""), get("funding", ""), credits, d.granted, d.refunded,
             d.spent, d.expired, d.revoked, d.held, d.free_units, get("pv", ""), get("source", ""),
-            price, get("cur", ""), get("pack", ""), expires_ms, get("reason", ""), _encode_details(details))
+            price, get("cur", ""), get("pack", ""), expires_ms, get("reason", ""), _encode_details(details), d.debt)
 
 
-def _totals(granted: int, refunded: int, spent: int, expired: int, revoked: int, held: int) -> CreditTotals:
-    available = granted + refunded - spent - expired - revoked - held
+def _totals(granted: int, refunded: int, spent: int, expired: int, revoked: int, held: int,
+            debt: int = 0) -> CreditTotals:
+    available = granted + refunded - spent - expired - revoked - held + debt
     return CreditTotals(granted=granted, spent=spent, expired=expired, revoked=revoked, refunded=refunded,
-                        held=held, available=available)
+                        held=held, available=available, debt=debt)
 
 
 def _entry(row: Sequence[Any]) -> LedgerEntry:
@@ -188,7 +193,7 @@ def _entry(row: Sequence[Any]) -> LedgerEntry:
     first = _AT["granted_delta"]
     granted, refunded, spent, expired, revoked, held, free_units = row[first:first + 7]
     deltas = Deltas(granted=granted, refunded=refunded, spent=spent, expired=expired, revoked=revoked, held=held,
-                    free_units=free_units)
+                    free_units=free_units, debt=row[_AT["debt_delta"]])
     totals = _totals(*row[len(_ROW_NAMES):]) if len(row) > len(_ROW_NAMES) else CreditTotals()
     return LedgerEntry(entry_id=row[_AT["entry_id"]], at_ms=int(row[_AT["at_ms"]]), type=row[_AT["kind"]],
                        fields=fields, totals_after=totals, account_id=row[_AT["account_id"]],
@@ -327,7 +332,7 @@ class PgBooks:
         async def work(conn: Conn) -> tuple[int, CreditTotals]:
             row = await (await conn.execute(_LAST_TOTALS, (account_id,))).fetchone()
             assert row is not None  # an aggregate without GROUP BY returns one row
-            return int(row[0]), _totals(*row[1:7])
+            return int(row[0]), _totals(*row[1:8])
 
         return await self._run("last_totals", work)
 
@@ -388,7 +393,7 @@ _BY_PRODUCT = (f"SELECT product, coalesce(sum(spent_delta), 0)::bigint, coalesce
 _ROYALTIES = (f"SELECT owner_account_id, cameo_id, count(*) FILTER (WHERE kind = 'commit'), "
               f"count(*) FILTER (WHERE kind = 'refund'), coalesce(sum(credits), 0)::bigint FROM quota_royalties "
               f"WHERE {_IN_MONTH} GROUP BY owner_account_id, cameo_id ORDER BY owner_account_id, cameo_id")
-_AVAILABLE = "granted_delta + refunded_delta - spent_delta - expired_delta - revoked_delta - held_delta"
+_AVAILABLE = "granted_delta + refunded_delta - spent_delta - expired_delta - revoked_delta - held_delta + debt_delta"
 _BEFORE_START = f"occurred_at < {_ts('%(start)s')}"
 # The month's movements, and the balances before its start and before its end, in one scan.
 _MONTH_TOTALS = f"""SELECT
@@ -400,7 +405,12 @@ _MONTH_TOTALS = f"""SELECT
     coalesce(sum({_AVAILABLE}) FILTER (WHERE {_BEFORE_START}), 0)::bigint,
     coalesce(sum(held_delta) FILTER (WHERE {_BEFORE_START}), 0)::bigint,
     coalesce(sum({_AVAILABLE}), 0)::bigint,
-    coalesce(sum(held_delta), 0)::bigint
+    coalesce(sum(held_delta), 0)::bigint,
+    coalesce(sum(debt_delta) FILTER (WHERE {_BEFORE_START}), 0)::bigint,
+    coalesce(sum(debt_delta), 0)::bigint,
+    coalesce(sum(debt_delta) FILTER (WHERE NOT {_BEFORE_START} AND debt_delta > 0), 0)::bigint,
+    coalesce(-sum(debt_delta) FILTER (WHERE NOT {_BEFORE_START} AND kind = 'debt_repay'), 0)::bigint,
+    coalesce(-sum(debt_delta) FILTER (WHERE NOT {_BEFORE_START} AND kind = 'refund'), 0)::bigint
 FROM quota_ledger_entries WHERE occurred_at < {_ts('%(end)s')}"""
 
 
@@ -419,11 +429,12 @@ async def _report(conn: Conn, month: str, start_ms: int, end_ms: int) -> Finance
                                   credits=int(r[4]))
                      for r in await (await conn.execute(_ROYALTIES, params)).fetchall()]
     assert totals is not None  # an aggregate without GROUP BY returns one row
-    granted, spent, refunded, expired, revoked, open_available, open_held, close_available, close_held = (
-        int(v) for v in totals)
+    (granted, spent, refunded, expired, revoked, open_available, open_held, close_available, close_held, open_debt,
+     close_debt, debt_opened, debt_repaid, debt_cancelled) = (int(v) for v in totals)
     return FinanceReport(
         month=month.strip(), start_ms=start_ms, end_ms=end_ms, sold=tuple(sold), money=tuple(money),
         unpriced_grants=sum(s.grants for s in sold) - sum(m.grants for m in money), by_product=tuple(by_product),
         granted=granted, spent=spent, refunded=refunded, expired=expired, revoked=revoked,
-        opening=Balances(available=open_available, held=open_held),
-        closing=Balances(available=close_available, held=close_held), royalties=tuple(royalties))
+        opening=Balances(available=open_available, held=open_held, debt=open_debt),
+        closing=Balances(available=close_available, held=close_held, debt=close_debt), royalties=tuple(royalties),
+        debt_opened=debt_opened, debt_repaid=debt_repaid, debt_cancelled=debt_cancelled)

@@ -109,6 +109,8 @@ class CommitResult:
     credit_balance: int
     replayed: bool
     credits_written_off: int = 0  # usage above the hold not charged (a metered product's overage cap)
+    credits_drawn: int = 0  # overage draw: usage above the hold taken from the available credits
+    debt_credits: int = 0  # overage draw: the debt this commit opened (usage past the credits)
 
 
 @dataclass(frozen=True)
@@ -148,6 +150,7 @@ class Balance:
     holds_total: int = 0  # all open holds
     credits_expiring_30d: int = 0  # credits left in the lots expiring within 30 days (Redis' clock)
     expiring_lots: tuple[CreditLot, ...] = ()  # those lots, soonest expiry first
+    debt_credits: int = 0  # credits owed (usage drawn past the credits); new jobs are denied until paid
 
 
 @dataclass(frozen=True)
@@ -158,6 +161,7 @@ class Grant:
     expires_at: datetime | None
     credit_balance: int
     replayed: bool  # this purchase_id had been granted before: nothing was added
+    debt_paid_credits: int = 0  # of the account's open debt, what these credits paid first
 
 
 @dataclass(frozen=True)
@@ -190,7 +194,7 @@ class Denied(QuotaClientError):
 
     def __init__(self, reason: str, message: str, *, credits_short: int, offers: tuple[Offer, ...],
                  free_resets_at: datetime | None, free_used: int, free_limit: int, credit_balance: int,
-                 job_cost_credits: int) -> None:
+                 job_cost_credits: int, debt_credits: int = 0) -> None:
         super().__init__(f"{reason}: {message}", code="OK", reason=reason)
         self.denial_message = message
         self.credits_short = credits_short
@@ -200,6 +204,7 @@ class Denied(QuotaClientError):
         self.free_limit = free_limit
         self.credit_balance = credit_balance
         self.job_cost_credits = job_cost_credits
+        self.debt_credits = debt_credits  # open debt: part of credits_short
 
 
 class InvalidRequest(QuotaClientError):
@@ -300,7 +305,7 @@ def _denied(r: pb.CheckAndReserveResponse | pb.QuoteResponse) -> Denied:
     return Denied(reason, r.denial.message, credits_short=r.denial.credits_short,
                   offers=tuple(_offer(o) for o in r.denial.offers), free_resets_at=_time(r.free_resets_at),
                   free_used=r.free_used, free_limit=r.free_limit, credit_balance=r.credit_balance,
-                  job_cost_credits=r.job_cost_credits)
+                  job_cost_credits=r.job_cost_credits, debt_credits=r.denial.debt_credits)
 
 
 def _reservation(r: pb.CheckAndReserveResponse) -> Reservation:
@@ -328,7 +333,7 @@ def _balance(r: pb.GetBalanceResponse) -> Balance:
                    credits_held=r.credits_held, free={a.product: (a.free_used, a.free_limit) for a in r.allowances},
                    lots=lots, holds=holds, holds_total=r.holds_total, credits_expiring_30d=r.credits_expiring_30d,
                    expiring_lots=tuple(CreditLot(lot.lot_id, lot.credits_left, _time(lot.expires_at))
-                                       for lot in r.expiring_lots))
+                                       for lot in r.expiring_lots), debt_credits=r.debt_credits)
 
 
 # -- async client ----------------------------------------------------------------------------------
@@ -452,7 +457,7 @@ class QuotaClient:
             request.params.CopyFrom(_params(actual))
         r = await self._call("Commit", request)
         return CommitResult(r.credits_charged, r.credits_refunded, r.free_charged, r.credit_balance, r.replayed,
-                            r.credits_written_off)
+                            r.credits_written_off, r.credits_drawn, r.debt_credits)
 
     async def release(self, account_id: str, reservation_id: str) -> ReleaseResult:
         r = await self._call("Release", pb.ReleaseRequest(account_id=account_id, reservation_id=reservation_id))
@@ -736,7 +741,7 @@ class SyncAdminClient:
         except grpc.RpcError as err:
             raise _error(err, 1) from None
         return Grant(lot_id=r.lot.lot_id, credits=r.lot.credits_granted, expires_at=_time(r.lot.expires_at),
-                     credit_balance=r.credit_balance, replayed=r.replayed)
+                     credit_balance=r.credit_balance, replayed=r.replayed, debt_paid_credits=r.debt_paid_credits)
 
     def set_cameo(self, cameo_id: str, owner_account_id: str, fee_credits: int, *, active: bool = True) -> Cameo:
         """Defines or changes a cameo: each job using it pays ``fee_credits`` to ``owner_account_id``.

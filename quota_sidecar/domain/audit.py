@@ -7,15 +7,17 @@ Pure logic over the plain data ``RedisStore.raw_state(account)`` returns and the
 books' entries of the account (no redis or PostgreSQL import here, so the checks
 can be exercised on hand-made state). The scripts keep, per account,
 
-    granted + refunded = available + held + spent + expired + revoked
+    granted + refunded + debt = available + held + spent + expired + revoked
 
-with available the stored sum of every lot's ``lotrem`` (lots past their
+(debt: credits spent past the lots under `overage: draw`, not paid yet) with available the
+stored sum of every lot's ``lotrem`` (lots past their
 expiry that nobody has settled yet still hold their credits there). The
 audit checks that identity, each lot, the hold index; that the books and the
 outbox together hold every sequence number 1..seq once, each entry moving what
 its kind says, and their deltas summing to Redis' totals; that each reservation
 resolves at most once, every purchase has its lot, the free-window counters and
-the monthly spend counters. Every violation names its numbers.
+the monthly spend counters; and that the account's debt is the sum of the entries' debt
+deltas and never negative. Every violation names its numbers.
 
 Credits and free units are integers; times are milliseconds since the epoch.
 """
@@ -34,10 +36,11 @@ from quota_sidecar.domain.ports import Books
 TOTAL_NAMES = ("granted", "spent", "expired", "revoked", "refunded", "held")
 RESOLUTIONS = frozenset({"commit", "release", "expire"})
 # Ledger fields that are amounts: a negative one is never written by a script.
-AMOUNT_FIELDS = ("credits", "returned", "to_lots", "to_expired", "to_revoked", "used", "limit", "cost")
+AMOUNT_FIELDS = ("credits", "returned", "to_lots", "to_expired", "to_revoked", "used", "limit", "cost", "drawn", "debt",
+                 "debt_cancelled")
 # The scripts' ledger types; anything else was not written by them.
 ENTRY_TYPES = frozenset({"hold", "commit", "release", "expire", "grant", "revoke", "lot_expire", "refund",
-                         "degraded_conflict", "account"})
+                         "degraded_conflict", "account", "debt_repay"})
 # The lotrem field suffix that counts a lot's credits in open holds (see _prelude.lua hold_lots).
 LOT_HELD_SUFFIX = "|h"
 
@@ -90,6 +93,7 @@ class _Parsed:
     free: dict[str, int]
     spend: dict[str, int]
     found: Found = field(default_factory=list)
+    debt: int = 0  # the acct hash's debt: credits owed
 
 
 def _int_or_none(value: Any) -> int | None:
@@ -132,6 +136,7 @@ def _parse(state: Mapping[str, Any]) -> _Parsed:
     acct = _int_map("acct", {f"credits_{n}": v for n in TOTAL_NAMES
                              if (v := state.get("acct", {}).get(f"credits_{n}")) is not None}, found)
     totals = {n: acct.get(f"credits_{n}", 0) for n in TOTAL_NAMES}
+    debt = _int_map("acct", {"debt": state.get("acct", {}).get("debt") or 0}, found)["debt"]
     lotrem_raw = state.get("lotrem", {})
     lotrem = {k: v for k, v in lotrem_raw.items() if not k.endswith(LOT_HELD_SUFFIX)}
     lotheld = {k[:-len(LOT_HELD_SUFFIX)]: v for k, v in lotrem_raw.items() if k.endswith(LOT_HELD_SUFFIX)}
@@ -141,7 +146,7 @@ def _parse(state: Mapping[str, Any]) -> _Parsed:
                    records=_json_map("reservation record", state.get("res", {}), found),
                    holds=_scores(state.get("holds", [])), lotexp=_scores(state.get("lotexp", [])),
                    free=_int_map("free", state.get("free", {}), found),
-                   spend=_int_map("spend", state.get("spend", {}), found), found=found)
+                   spend=_int_map("spend", state.get("spend", {}), found), found=found, debt=debt)
 
 
 def _num(value: Any) -> int:
@@ -167,22 +172,24 @@ def _totals_text(t: Mapping[str, int]) -> str:
 # -- state checks --------------------------------------------------------------
 
 
-def check_counters(totals: Mapping[str, int], lotrem: Mapping[str, int]) -> Found:
+def check_counters(totals: Mapping[str, int], lotrem: Mapping[str, int], debt: int = 0) -> Found:
     found: Found = [("counter_negative", f"credits_{n} = {v} < 0") for n, v in totals.items() if v < 0]
+    if debt < 0:
+        found.append(("debt_negative", f"debt = {debt} < 0"))
     found += [("lot_negative", f"lot {lot!r}: lotrem = {v} < 0") for lot, v in sorted(lotrem.items()) if v < 0]
     return found
 
 
-def check_conservation(totals: Mapping[str, int], lotrem: Mapping[str, int]) -> Found:
+def check_conservation(totals: Mapping[str, int], lotrem: Mapping[str, int], debt: int = 0) -> Found:
     available = sum(lotrem.values())
     t = totals
-    expected = t["granted"] + t["refunded"] - t["spent"] - t["expired"] - t["revoked"] - t["held"]
+    expected = t["granted"] + t["refunded"] - t["spent"] - t["expired"] - t["revoked"] - t["held"] + debt
     if available == expected:
         return []
     return [("conservation",
              f"available (sum of lotrem over {len(lotrem)} lots) = {available} but granted {t['granted']} + "
              f"refunded {t['refunded']} - spent {t['spent']} - expired {t['expired']} - revoked {t['revoked']} "
-             f"- held {t['held']} = {expected} (off by {available - expected:+d})")]
+             f"- held {t['held']} + debt {debt} = {expected} (off by {available - expected:+d})")]
 
 
 def lot_held_credits(records: Mapping[str, Mapping[str, Any]]) -> Counter[str]:
@@ -305,14 +312,19 @@ def expected_deltas(entry: LedgerEntry) -> Deltas:
     if kind == "commit":
         # Included usage settles at the actual usage: the windows move by actual - estimate.
         adjusted = unit - entry_int(entry, "usage_held") if "usage" in entry.fields else 0
-        return Deltas(held=-(credits + entry_int(entry, "returned")), spent=credits, expired=to_expired,
-                      revoked=to_revoked, free_units=adjusted)
+        # overage draw: credits = the hold's charge + drawn + the debt opened, only the first one held.
+        past_hold, debt = entry_int(entry, "drawn") + entry_int(entry, "debt"), entry_int(entry, "debt")
+        return Deltas(held=-(credits - past_hold + entry_int(entry, "returned")), spent=credits,
+                      expired=to_expired, revoked=to_revoked, free_units=adjusted, debt=debt)
     if kind in ("release", "expire"):
         return Deltas(held=-credits, expired=to_expired, revoked=to_revoked, free_units=-unit) \
             if _by_funding(entry) else Deltas(free_units=-unit)
     if kind == "refund":
-        return Deltas(refunded=credits, expired=to_expired, revoked=to_revoked, free_units=-unit) \
+        return Deltas(refunded=credits, expired=to_expired, revoked=to_revoked, free_units=-unit,
+                      debt=-entry_int(entry, "debt_cancelled")) \
             if _by_funding(entry) else Deltas(free_units=-unit)
+    if kind == "debt_repay":
+        return Deltas(debt=-credits)
     if kind == "grant":
         return Deltas(granted=credits)
     if kind == "revoke":
@@ -323,7 +335,8 @@ def expected_deltas(entry: LedgerEntry) -> Deltas:
 
 
 def _deltas_text(d: Deltas) -> str:
-    return " ".join(f"{n}={getattr(d, n):+d}" for n in (*TOTAL_NAMES, "free_units") if getattr(d, n)) or "none"
+    return " ".join(f"{n}={getattr(d, n):+d}" for n in (*TOTAL_NAMES, "free_units", "debt") if getattr(d, n)) \
+        or "none"
 
 
 def _as_totals(t: CreditTotals) -> Totals:
@@ -343,6 +356,7 @@ def check_entry_fields(entry: LedgerEntry) -> Found:
             found.append(("ledger_chain", f"{where}: {name} = {raw} < 0"))
     if entry.type in ("commit", "release", "expire", "refund") and _by_funding(entry):
         given_back = entry_int(entry, "returned" if entry.type == "commit" else "credits")
+        given_back -= entry_int(entry, "debt_cancelled")  # a refund cancels open debt instead of lots
         placed = sum(entry_int(entry, n) for n in ("to_lots", "to_expired", "to_revoked"))
         if placed != given_back:
             found.append(("ledger_chain", f"{where}: to_lots + to_expired + to_revoked = {placed} but "
@@ -391,10 +405,14 @@ def _ranges_text(numbers: Sequence[int], shown: int = 10) -> str:
     return text + (f", ... ({len(numbers) - shown} more)" if len(numbers) > shown else "")
 
 
-def check_totals(entries: Sequence[LedgerEntry], totals: Mapping[str, int], lotrem: Mapping[str, int]) -> Found:
-    """Every movement from seq 1 summed: Redis' totals, and its available credits (the lots' sum)."""
+def check_totals(entries: Sequence[LedgerEntry], totals: Mapping[str, int], lotrem: Mapping[str, int],
+                 debt: int = 0) -> Found:
+    """Every movement from seq 1 summed: Redis' totals, its debt, and its available credits (the lots' sum)."""
     summed_up = summed(entries)
     found: Found = []
+    if summed_up.debt != debt:
+        found.append(("ledger_debt", f"the account's debt is {debt} but the entries' debt deltas sum to "
+                                     f"{summed_up.debt} (off by {debt - summed_up.debt:+d})"))
     if _as_totals(summed_up) != dict(totals):
         found.append(("ledger_chain", f"current totals ({_totals_text(totals)}) differ from the sum of the "
                                       f"{len(entries)} entries' deltas ({_totals_text(_as_totals(summed_up))}): "
@@ -673,7 +691,8 @@ def _spend_given_back(entry: LedgerEntry) -> int:
     if not _by_funding(entry):
         return 0
     if entry.type == "commit":
-        return entry_int(entry, "returned")
+        # An overage drawn past the hold counts in the hold's month, like the hold.
+        return entry_int(entry, "returned") - entry_int(entry, "drawn") - entry_int(entry, "debt")
     if entry.type in ("release", "expire", "refund"):
         return entry_int(entry, "credits")
     return 0
@@ -715,8 +734,8 @@ def audit_state(account_id: str, state: Mapping[str, Any], books: Sequence[Ledge
         first_seq = last_seq + 1  # every movement shipped (or none yet)
     trimmed = first_seq > 1
     found = list(p.found) + found
-    found += check_counters(p.totals, p.lotrem)
-    found += check_conservation(p.totals, p.lotrem)
+    found += check_counters(p.totals, p.lotrem, p.debt)
+    found += check_conservation(p.totals, p.lotrem, p.debt)
     found += check_lots(p.totals, p.lots, p.lotrem, p.records)
     found += check_lot_index(p.lots, p.lotrem, p.lotexp)
     found += check_lot_held(p.lotheld, p.records)
@@ -726,7 +745,7 @@ def audit_state(account_id: str, state: Mapping[str, Any], books: Sequence[Ledge
     for entry in entries:
         found += check_entry_fields(entry)
     if not trimmed:
-        found += check_totals(entries, p.totals, p.lotrem)
+        found += check_totals(entries, p.totals, p.lotrem, p.debt)
     found += check_purchases(entries, p.lots, complete=not trimmed)
     found += check_resolutions(entries)
     found += check_royalties(entries)

@@ -150,6 +150,9 @@ def denial_message(plans: Plans, product: str, job: JobParams, outcome: ReserveO
     # Cost, balance and shortfall each named once, in that order: "2 more credit(s) needed for this
     # job (2 credits)" read as two different amounts.
     cost, short = outcome.cost_credits, outcome.credits_short
+    if outcome.debt_credits:
+        return (f"the account owes {outcome.debt_credits} {credits(outcome.debt_credits)} (metered usage past its "
+                f"credits): no new job until credits pay it; {short} more {credits(short)} needed with this job")
     if outcome.fees_credits and outcome.free_used < outcome.free_limit:
         # The free allowance pays the generation; the cameo fees are paid in credits.
         return (f"this job's cameo fees cost {outcome.fees_credits} {credits(outcome.fees_credits)} (the "
@@ -824,10 +827,14 @@ class QuotaEngine:
         cached = self._actual_cache.get(key)
         if cached is not None and cached[0] is plans:
             return cached[1]
+        overage = plans.product(product).overage
         cost = ActualCost(plans.actual_cost(product, actual),
                           tuple(name for name in plans.plans
                                 if plans.entitlement_denial(name, product, actual) is None),
-                          cap=plans.product(product).overage == "cap")
+                          cap=overage == "cap", draw=overage == "draw",
+                          max_debt=tuple((name, rules.max_debt_credits) for name, plan in plans.plans.items()
+                                         if (rules := plan.products.get(product)) is not None)
+                          if overage == "draw" else ())
         if len(self._actual_cache) >= SEGMENTS_CACHE_ENTRIES:
             self._actual_cache.clear()
         self._actual_cache[key] = (plans, cost)
@@ -879,7 +886,8 @@ class QuotaEngine:
         return Balance(account_id=account_id, plan=snap.plan, time_zone=snap.time_zone, allowances=allowances,
                        credit_balance=snap.credit_balance, lots=snap.lots, holds=snap.holds,
                        holds_total=snap.holds_total, credits_held=snap.totals.held,
-                       expiring_lots=expiring, credits_expiring=sum(lot.credits_left for lot in expiring))
+                       expiring_lots=expiring, credits_expiring=sum(lot.credits_left for lot in expiring),
+                       debt_credits=snap.debt_credits)
 
     def _upcoming(self, plan: str, product: str) -> tuple[ScheduledLimits, ...]:
         """Announced changes to what ``plan`` allows for ``product``, soonest first."""

@@ -97,14 +97,17 @@ class CameoRoyalty:
 
 @dataclass(frozen=True)
 class Balances:
-    """Every account's credits at one instant, from the sum of the deltas of the movements before it."""
+    """Every account's credits at one instant, from the sum of the deltas of the movements before it;
+    ``debt``: what the accounts owe (usage drawn past their lots, not paid yet)."""
 
     available: int
     held: int
+    debt: int = 0
 
     @property
     def total(self) -> int:
-        return self.available + self.held
+        """The net credits: a debt is credits already spent that no lot has paid."""
+        return self.available + self.held - self.debt
 
 
 @dataclass(frozen=True)
@@ -112,7 +115,9 @@ class FinanceReport:
     """``quota-sidecar books report --month``: one calendar month (UTC) of the books.
 
     Roll-forward: opening.total + granted + refunded - spent - expired - revoked == closing.total
-    (``balanced``); it holds for any books, since every movement's deltas obey the same identity."""
+    (``balanced``, total = available + held - debt); it holds for any books, since every movement's
+    deltas obey the same identity. Debt: opening.debt + debt_opened - debt_repaid - debt_cancelled ==
+    closing.debt (the outstanding debt at the month's end)."""
 
     month: str
     start_ms: int
@@ -129,6 +134,9 @@ class FinanceReport:
     opening: Balances
     closing: Balances
     royalties: tuple[CameoRoyalty, ...] = ()  # per owner and cameo, ordered by owner
+    debt_opened: int = 0  # overage drawn past the lots, owed (commits)
+    debt_repaid: int = 0  # paid from credits that came in (debt_repay)
+    debt_cancelled: int = 0  # by RefundJob of a job whose debt was still open
 
     def royalties_by_owner(self) -> dict[str, int]:
         """Net credits owed to each owner for the month."""
@@ -160,8 +168,14 @@ def to_json(report: FinanceReport) -> dict[str, object]:
         "credits_refunded": report.refunded,
         "credits_expired": report.expired,
         "credits_revoked": report.revoked,
-        "opening_balance": {"available": report.opening.available, "held": report.opening.held},
-        "closing_balance": {"available": report.closing.available, "held": report.closing.held},
+        "opening_balance": {"available": report.opening.available, "held": report.opening.held,
+                            "debt": report.opening.debt},
+        "closing_balance": {"available": report.closing.available, "held": report.closing.held,
+                            "debt": report.closing.debt},
+        "debt_opened": report.debt_opened,
+        "debt_repaid": report.debt_repaid,
+        "debt_cancelled": report.debt_cancelled,
+        "debt_outstanding": report.closing.debt,
         "balanced": report.balanced,
         "royalties_by_owner": [
             {"owner_account_id": owner, "credits": credits,
@@ -195,9 +209,15 @@ def render_text(report: FinanceReport) -> str:
         f"Credits expired     {report.expired:>15,}  (breakage)",
         f"Credits revoked     {report.revoked:>15,}",
         "",
-        f"Balance at start    {report.opening.available:>15,} available, {report.opening.held:,} held",
-        f"Balance at end      {report.closing.available:>15,} available, {report.closing.held:,} held",
-        "Roll-forward        start + sold + refunded - spent - expired - revoked = end: "
+        f"Debt opened         {report.debt_opened:>15,}  (usage drawn past the lots)",
+        f"Debt repaid         {report.debt_repaid:>15,}" + (f"  (and {report.debt_cancelled:,} cancelled by refunds)"
+                                                           if report.debt_cancelled else ""),
+        "",
+        f"Balance at start    {report.opening.available:>15,} available, {report.opening.held:,} held, "
+        f"{report.opening.debt:,} owed",
+        f"Balance at end      {report.closing.available:>15,} available, {report.closing.held:,} held, "
+        f"{report.closing.debt:,} owed",
+        "Roll-forward        start + sold + refunded - spent - expired - revoked = end (available + held - owed): "
         + ("yes" if report.balanced else "NO (the books are inconsistent: run `quota-sidecar audit`)"),
         "",
         "Royalties owed (cameo fees of the month's commits, net of refunds; part of credits spent)",
@@ -274,6 +294,8 @@ class JobRecord:
     written_off: int
     plans_version: str
     credits_refunded: int = 0
+    credits_drawn: int = 0  # overage: draw: of credits_charged, taken from the lots past the hold ...
+    debt_opened: int = 0  # ... and owed past them
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -283,7 +305,8 @@ class JobRecord:
             "state": self.state, "funding": self.funding, "credits_charged": self.credits_charged,
             "free_units": self.free_units, "lots": self.lots, "royalty_credits": self.royalty_credits,
             "fees": self.fees, "written_off": self.written_off, "plans_version": self.plans_version,
-            "credits_refunded": self.credits_refunded,
+            "credits_refunded": self.credits_refunded, "credits_drawn": self.credits_drawn,
+            "debt_opened": self.debt_opened,
         }
 
     def describe(self) -> str:
@@ -293,6 +316,8 @@ class JobRecord:
         else:
             source = f"{self.credits_charged} credit(s)" + (f" from {self.lots}" if self.lots else "")
         extras = "".join(f", {what} {n}" for what, n in (("royalty", self.royalty_credits), ("fees", self.fees),
+                                                          ("drawn", self.credits_drawn),
+                                                          ("owed", self.debt_opened),
                                                           ("written off", self.written_off),
                                                           ("refunded", self.credits_refunded)) if n)
         return (f"{self.reservation_id}  {self.product}  {self.state}  {source}{extras}  "

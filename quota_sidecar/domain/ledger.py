@@ -21,7 +21,7 @@ def plus(totals: CreditTotals, deltas: Deltas) -> CreditTotals:
     return CreditTotals(granted=totals.granted + deltas.granted, spent=totals.spent + deltas.spent,
                         expired=totals.expired + deltas.expired, revoked=totals.revoked + deltas.revoked,
                         refunded=totals.refunded + deltas.refunded, held=totals.held + deltas.held,
-                        available=totals.available + deltas.available)
+                        available=totals.available + deltas.available, debt=totals.debt + deltas.debt)
 
 
 def before(entry: LedgerEntry) -> CreditTotals:
@@ -29,7 +29,7 @@ def before(entry: LedgerEntry) -> CreditTotals:
     t, d = entry.totals_after, entry.deltas
     return CreditTotals(granted=t.granted - d.granted, spent=t.spent - d.spent, expired=t.expired - d.expired,
                         revoked=t.revoked - d.revoked, refunded=t.refunded - d.refunded, held=t.held - d.held,
-                        available=t.available - d.available)
+                        available=t.available - d.available, debt=t.debt - d.debt)
 
 
 def summed(entries: Iterable[LedgerEntry], start: CreditTotals = CreditTotals()) -> CreditTotals:

@@ -231,6 +231,8 @@ class ReserveOutcome:
     degraded: bool = False  # decided without Redis (fail_open_free)
     fees_credits: int = 0  # the cameo fees in cost_credits (paid from credits even on a free job)
     cameo_id: str = ""  # NOT_ENTITLED because of this cameo (unknown or inactive)
+    # The account's open debt when it refused the job (PURCHASE_REQUIRED; included in credits_short).
+    debt_credits: int = 0
 
 
 @dataclass(frozen=True)
@@ -252,7 +254,9 @@ class CommitResult:
     credit_balance: int
     replayed: bool
     degraded: bool = False
-    written_off: int = 0  # credits of usage above the hold not charged (overage: cap)
+    written_off: int = 0  # credits of usage above the hold not charged (overage: cap, or draw past the debt bound)
+    credits_drawn: int = 0  # overage: draw: credits of usage above the hold taken from the lots
+    debt_credits: int = 0  # overage: draw: the debt this commit opened (in credits_charged)
 
 
 @dataclass(frozen=True)
@@ -281,6 +285,7 @@ class GrantResult:
     lot: Lot
     credit_balance: int
     replayed: bool
+    debt_paid_credits: int = 0  # of the account's open debt, paid by this grant's credits
 
 
 @dataclass(frozen=True)
@@ -337,7 +342,8 @@ class AutoTopUp:
 
 @dataclass(frozen=True)
 class CreditTotals:
-    """Since the first grant: granted + refunded = available + held + spent + expired + revoked."""
+    """Since the first grant: granted + refunded + debt = available + held + spent + expired + revoked
+    (debt: credits spent that no lot has paid yet)."""
 
     granted: int = 0
     spent: int = 0
@@ -346,6 +352,7 @@ class CreditTotals:
     refunded: int = 0
     held: int = 0
     available: int = 0
+    debt: int = 0
 
 
 @dataclass(frozen=True)
@@ -368,6 +375,7 @@ class BalanceSnapshot:
     auto_topup: AutoTopUp = AutoTopUp()
     totals: CreditTotals = CreditTotals()
     overrides: tuple[LimitOverride, ...] = ()
+    debt_credits: int = 0
 
 
 @dataclass(frozen=True)
@@ -386,6 +394,8 @@ class Balance:
     # Lots (of lots) expiring within EXPIRING_WINDOW_MS of Redis' clock at the read, and their credits left.
     expiring_lots: tuple[Lot, ...] = ()
     credits_expiring: int = 0
+    # Credits owed: usage drawn past the lots (overage: draw), paid first by the next credits in.
+    debt_credits: int = 0
 
 
 # GetBalance's "credits expiring soon": the next 30 days.
@@ -449,7 +459,7 @@ class Deltas:
     """What one movement changed in the account's totals (credits and free units, signed integers).
 
     The available credits are not counted by the scripts; they follow from the identity
-    granted + refunded = available + held + spent + expired + revoked."""
+    granted + refunded + debt = available + held + spent + expired + revoked."""
 
     granted: int = 0
     refunded: int = 0
@@ -458,10 +468,11 @@ class Deltas:
     revoked: int = 0
     held: int = 0
     free_units: int = 0
+    debt: int = 0  # credits owed: + opened by an overage drawn past the lots, - repaid or cancelled
 
     @property
     def available(self) -> int:
-        return self.granted + self.refunded - self.spent - self.expired - self.revoked - self.held
+        return self.granted + self.refunded - self.spent - self.expired - self.revoked - self.held + self.debt
 
 
 @dataclass(frozen=True)
@@ -521,3 +532,7 @@ class ActualCost:
     # The product's overage policy is cap: a cost above the hold charges the hold, the excess
     # written off (recorded as "wo" in the commit's outbox entry); else COST_EXCEEDS_HOLD.
     cap: bool = False
+    # The policy is draw: the excess from the lots, then debt up to the plan's bound, the rest
+    # written off; ``max_debt``: (plan, max_debt_credits) of every plan.
+    draw: bool = False
+    max_debt: tuple[tuple[str, int], ...] = ()

@@ -27,7 +27,7 @@ METERED = "metered"
 # holds, charges and the books stay integer credits.
 MILLI_PER_CREDIT = 1000
 TOKENS_PER_RATE = 1_000_000
-OVERAGE_POLICIES = ("reject", "cap")
+OVERAGE_POLICIES = ("reject", "cap", "draw")
 # What a metered product's limits count: included usage, in whole credits-equivalent.
 USAGE_UNIT = "credits"
 
@@ -51,6 +51,9 @@ class ProductRules:
     max_units: int | None = None  # task only; None = product bound
     max_concurrent: int = 0  # jobs in flight per account; 0 = no cap
     concurrency_shadow: bool = False  # the cap is evaluated, not enforced
+    # Metered products under overage draw: the debt a commit may raise the account's to (credits
+    # owed past its lots); 0 = no debt, the excess past the lots is written off.
+    max_debt_credits: int = 0
 
     @property
     def daily_free(self) -> int:
@@ -87,7 +90,8 @@ class Product:
     # Metered products only (kind METERED): the rate card per model, the fast mode's multiplier,
     # the hold when the worker gives no estimate, the sanity bound on each token count, and what
     # Commit does with usage above the hold ("reject": COST_EXCEEDS_HOLD; "cap": charge the hold,
-    # the excess written off and recorded in the commit's outbox entry).
+    # the excess written off and recorded in the commit's outbox entry; "draw": charge the hold and
+    # the excess from the lots, then as debt up to the plan's max_debt_credits, the rest written off).
     rates: Mapping[str, Rate] = field(default_factory=lambda: MappingProxyType({}))
     fast_multiplier: int = 1
     default_hold_credits: int = 0

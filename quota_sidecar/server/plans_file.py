@@ -94,6 +94,7 @@ _MAX_UNITS_BOUND = 1_000_000
 _MAX_VERSION_CHARS = 64
 _MAX_CONCURRENT = 10_000
 _MAX_DEGRADED_FREE = 1_000
+_MAX_DEBT_CREDITS = 1_000_000_000
 
 FAILURE_POLICIES = ("fail_closed", "fail_open_free")
 _OVERLAID = ("plans", "products", "packs", "notifications")  # the sections a scheduled change may replace
@@ -102,7 +103,7 @@ _RULE_KEYS = {
     VIDEO: ("daily_free", "limits", "max_concurrent", "max_duration_seconds", "max_resolution", "models"),
     TASK: ("daily_free", "limits", "max_concurrent", "models", "max_units"),
     # A metered product's limits count included usage in credits-equivalent, not jobs.
-    METERED: ("daily_free", "limits", "max_concurrent", "models"),
+    METERED: ("daily_free", "limits", "max_concurrent", "models", "max_debt_credits"),
 }
 _DEFAULT_NOTIFICATIONS = Notifications()
 
@@ -270,7 +271,7 @@ Names = Annotated[list[str], _Says(lambda value: f"must be a list of names (got 
 RateMilli = Annotated[int, PlainValidator(_rate_milli), WithJsonSchema({
     "anyOf": [{"type": "string", "pattern": f"^{_RATE_RE.pattern}$"}, {"type": "number", "minimum": 0}],
 })]
-OveragePolicy = Annotated[Literal["reject", "cap"], _Says(
+OveragePolicy = Annotated[Literal["reject", "cap", "draw"], _Says(
     lambda value: f"must be one of {', '.join(OVERAGE_POLICIES)} (got {value!r})")]
 Instant = Annotated[datetime, PlainValidator(_instant), WithJsonSchema({"type": "string", "format": "date-time"})]
 
@@ -381,7 +382,9 @@ class MeteredProductSection(_ProductSection):
     max_tokens: Annotated[int, _Between(1, _MAX_TOKENS_BOUND)] = Field(
         description="Sanity bound on each token count of a job, whatever the plan.")
     overage: OveragePolicy = Field(default="reject", description="Usage above the hold at Commit: reject "
-                                   "(COST_EXCEEDS_HOLD) or cap (charge the hold, the excess written off).")
+                                   "(COST_EXCEEDS_HOLD), cap (charge the hold, the excess written off) or draw "
+                                   "(charge the hold, the excess from the account's lots, soonest expiring first, "
+                                   "then as debt up to the plan's max_debt_credits, the rest written off).")
     on_redis_failure: FailurePolicy = Field(default="fail_closed", description=_FAILURE_POLICY_DESCRIPTION)
     degraded_free_per_window: Annotated[int, _Between(0, _MAX_DEGRADED_FREE)] = _ABSENT
 
@@ -447,6 +450,10 @@ class RulesSection(_Section):
         default=_ABSENT, description="Models allowed; omitted = every model of the product.")
     max_units: Annotated[Any, WithJsonSchema({"type": "integer", "minimum": 1})] = Field(
         default=_ABSENT, description="(task) Most units per job, up to the product's max_units; omitted = that.")
+    max_debt_credits: Annotated[int, _Between(0, _MAX_DEBT_CREDITS)] = Field(
+        default=0, description="(metered, overage: draw) The debt a commit may raise the account's to: usage past "
+                               "the hold and the account's credits, owed until credits come in; 0 = none, the "
+                               "excess is written off.")
 
     @model_validator(mode="after")
     def _one_way_to_limit(self) -> RulesSection:
@@ -704,6 +711,7 @@ def _rules(section: RulesSection, shadow: bool) -> ProductRules:
         max_units=section.max_units if "max_units" in given else None,
         max_concurrent=section.max_concurrent,
         concurrency_shadow=shadow,
+        max_debt_credits=section.max_debt_credits,
     )
 
 

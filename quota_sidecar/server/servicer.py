@@ -273,7 +273,8 @@ def _answer(kind: type[_Answer], decision: Decision) -> _Answer:
         assert o.denial is not None
         response.denial.CopyFrom(pb.Denial(reason=_DENIAL[o.denial.value], message=decision.denial_message,
                                            credits_short=o.credits_short, cameo_id=o.cameo_id,
-                                           offers=[_offer(x) for x in decision.offers]))
+                                           offers=[_offer(x) for x in decision.offers],
+                                           debt_credits=o.debt_credits))
     return response
 
 
@@ -324,7 +325,7 @@ def ledger_entry_pb(e: LedgerEntry) -> pb.LedgerEntry:
         credits=e.int_field("credits"), free_units=e.int_field("free"), plans_version=e.fields.get("pv", ""),
         reason=e.fields.get("reason", ""), totals_after=_totals(e.totals_after), seq=e.seq,
         credits_available_delta=e.deltas.available, credits_held_delta=e.deltas.held,
-        free_units_delta=e.deltas.free_units,
+        free_units_delta=e.deltas.free_units, debt_delta=e.deltas.debt,
         lots=[pb.LotPortion(lot_id=p.lot_id, credits=p.credits) for p in lot_portions(e)],
         royalties=[pb.Royalty(cameo_id=r.cameo_id, owner_account_id=r.owner_account_id, credits=r.credits)
                    for r in royalty_shares(e)],
@@ -349,6 +350,7 @@ def balance_response(b: Balance) -> pb.GetBalanceResponse:
         holds=[pb.Hold(reservation_id=h.reservation_id, product=h.product, funding=_FUNDING[h.funding],
                        credits_held=h.credits_held, expires_at=_ts(h.expires_ms)) for h in b.holds],
         credits_expiring_30d=b.credits_expiring, expiring_lots=[_lot(lot) for lot in b.expiring_lots],
+        debt_credits=b.debt_credits,
     )
 
 
@@ -361,7 +363,8 @@ def commit_response(r: CommitResult) -> pb.CommitResponse:
     return pb.CommitResponse(credits_charged=r.credits_charged, credits_refunded=r.credits_refunded,
                              free_charged=r.free_charged, funding=_FUNDING[r.funding],
                              credit_balance=r.credit_balance, replayed=r.replayed, degraded=r.degraded,
-                             credits_written_off=r.written_off)
+                             credits_written_off=r.written_off, credits_drawn=r.credits_drawn,
+                             debt_credits=r.debt_credits)
 
 
 def release_response(r: ReleaseResult) -> pb.ReleaseResponse:
@@ -508,7 +511,8 @@ class QuotaAdmin(pb_grpc.QuotaAdminServicer):
         r = await self._engine.grant(request.account_id, request.credits, request.purchase_id, expires_ms,
                                      source=_source(request.source), reason=request.reason,
                                      price_minor_units=price, currency=request.currency, pack_id=request.pack_id)
-        return pb.GrantCreditsResponse(lot=_lot(r.lot), credit_balance=r.credit_balance, replayed=r.replayed)
+        return pb.GrantCreditsResponse(lot=_lot(r.lot), credit_balance=r.credit_balance, replayed=r.replayed,
+                                       debt_paid_credits=r.debt_paid_credits)
 
     @_rpc
     async def RevokeCredits(self, request: pb.RevokeCreditsRequest, context: Any) -> pb.RevokeCreditsResponse:

@@ -74,7 +74,7 @@ MESSAGES = {
 
 # An outbox entry's delta fields (see ledger() in _prelude.lua) -> Deltas' names.
 DELTA_FIELDS = {"dg": "granted", "dr": "refunded", "ds": "spent", "dx": "expired", "dv": "revoked", "dh": "held",
-                "df": "free_units"}
+                "df": "free_units", "dd": "debt"}
 
 
 # XRANGE's reply with decoded responses: (entry id, fields) pairs.
@@ -165,6 +165,7 @@ def decode_reserve_outcome(r: Mapping[str, Any]) -> ReserveOutcome:
         plans_version=r.get("pv", ""),
         fees_credits=int(r.get("fees", 0)),
         cameo_id=r.get("cameo", ""),
+        debt_credits=int(r.get("debt", 0)),
     )
 
 
@@ -215,8 +216,10 @@ def reserve_args(cmd: ReserveCommand) -> list[Any]:
 
 
 def commit_args(reservation_id: str, costs: Mapping[tuple[str, str], ActualCost]) -> list[Any]:
+    """commit.lua's rows: overage 0 reject, 1 cap, 2 draw; the plans' debt bounds as "|plan:credits|..."."""
     return [reservation_id, *encode_block([(pv, product, c.cost_credits, "|" + "|".join(c.entitled_plans) + "|",
-                                            1 if c.cap else 0)
+                                            2 if c.draw else 1 if c.cap else 0,
+                                            "|" + "".join(f"{plan}:{bound}|" for plan, bound in c.max_debt))
                                            for (pv, product), c in costs.items()])]
 
 
@@ -224,7 +227,8 @@ def decode_commit_result(r: Mapping[str, Any]) -> CommitResult:
     return CommitResult(funding=Funding(r["funding"]), credits_charged=int(r["charged"]),
                         credits_refunded=int(r["refunded"]), free_charged=int(r["free_charged"]),
                         credit_balance=int(r["balance"]), replayed=bool(r["replayed"]),
-                        written_off=int(r.get("written_off", 0)))
+                        written_off=int(r.get("written_off", 0)), credits_drawn=int(r.get("drawn", 0)),
+                        debt_credits=int(r.get("debt", 0)))
 
 
 def decode_release_result(r: Mapping[str, Any]) -> ReleaseResult:
@@ -255,13 +259,13 @@ def decode_all_lots(rows: list[Any]) -> tuple[Lot, ...]:
     return tuple(sorted(lots, key=lambda lot: (lot.expires_ms, lot.source.rank, lot.lot_id)))
 
 
-def decode_totals(values: Mapping[str, Any], available: int) -> CreditTotals:
+def decode_totals(values: Mapping[str, Any], available: int, debt: int = 0) -> CreditTotals:
     def get(name: str) -> int:
         return int(values.get(name) or 0)
 
     return CreditTotals(granted=get("credits_granted"), spent=get("credits_spent"), expired=get("credits_expired"),
                         revoked=get("credits_revoked"), refunded=get("credits_refunded"), held=get("credits_held"),
-                        available=available)
+                        available=available, debt=debt)
 
 
 def decode_auto_topup(r: Mapping[str, Any]) -> AutoTopUp:

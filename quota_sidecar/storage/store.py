@@ -249,7 +249,8 @@ class RedisStore:
         lot = Lot(lot_id=lot_id, credits_granted=int(r["granted"]), credits_left=int(r["left"]),
                   expires_ms=int(r["expires_ms"]), granted_ms=int(r["granted_ms"]), source=CreditSource(r["source"]),
                   revoked=bool(r["revoked"]))
-        return GrantResult(lot=lot, credit_balance=int(r["balance"]), replayed=bool(r["replayed"]))
+        return GrantResult(lot=lot, credit_balance=int(r["balance"]), replayed=bool(r["replayed"]),
+                           debt_paid_credits=int(r.get("debt_paid", 0)))
 
     async def revoke(self, account_id: str, lot_id: str, reason: str, stamp: Stamp) -> RevokeResult:
         r = await self._run("revoke", account_id, stamp, [lot_id, reason])
@@ -294,8 +295,9 @@ class RedisStore:
             lots=decode_live_lots(as_list(r["lots"]), {x.lot_id: x for x in all_lots}),
             holds=holds, holds_total=int(r["holds_total"]), all_lots=all_lots, monthly_spend_cap_credits=int(r["cap"]),
             month_spend_credits=int(r["month_spend"]), month_resets_ms=int(r["month_resets_ms"]),
-            auto_topup=decode_auto_topup(r), totals=decode_totals(r["totals"], int(r["balance"])),
-            overrides=decode_overrides(r["overrides"]),
+            auto_topup=decode_auto_topup(r),
+            totals=decode_totals(r["totals"], int(r["balance"]), int(r.get("debt", 0))),
+            overrides=decode_overrides(r["overrides"]), debt_credits=int(r.get("debt", 0)),
         )
 
     async def replay_degraded(self, account_id: str, reservation_id: str, *, product: str, fingerprint: str,

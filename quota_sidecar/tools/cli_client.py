@@ -172,7 +172,9 @@ def _limit_rows(r: pb.GetBalanceResponse, tz: str) -> list[list[Any]]:
 def _print_balance(r: pb.GetBalanceResponse) -> None:
     tz = r.time_zone or "UTC"
     _say(f"account {r.account_id}  plan {r.plan}  time zone {tz}")
-    _say(f"credits available {r.credit_balance}, held {r.credits_held}")
+    _say(f"credits available {r.credit_balance}, held {r.credits_held}"
+         + (f", owed {r.debt_credits} (debt: paid first by the next credits; new jobs are denied until then)"
+            if r.debt_credits else ""))
     _say()
     for row in table(["PRODUCT", "FREE LIMIT", "USED", "OF", "LEFT", "UNIT", "RESETS", "NOTE"], _limit_rows(r, tz)):
         _say(row)
@@ -381,7 +383,9 @@ _PRINTERS: dict[str, Callable[[Any], None]] = {
     "commit": lambda r: _say(
         f"COMMITTED  charged {r.credits_charged} credit(s), {r.free_charged} free unit(s); refunded "
         f"{r.credits_refunded}; credits available {r.credit_balance}"
-        + (f"; written off {r.credits_written_off} (overage cap)" if r.credits_written_off else "")
+        + (f"; {r.credits_drawn} drawn from the credits past the hold" if r.credits_drawn else "")
+        + (f"; {r.debt_credits} owed (debt)" if r.debt_credits else "")
+        + (f"; written off {r.credits_written_off} (overage)" if r.credits_written_off else "")
         + _replay(r, "already committed")),
     "release": lambda r: _say(
         f"RELEASED  refunded {r.credits_refunded} credit(s), {r.free_refunded} free unit(s); "
@@ -390,6 +394,7 @@ _PRINTERS: dict[str, Callable[[Any], None]] = {
     "grant": lambda r: _say(
         f"GRANTED  lot {r.lot.lot_id}: {r.lot.credits_granted} credit(s), expires "
         f"{format_time(_ms(r.lot.expires_at))}; credits available {r.credit_balance}"
+        + (f"; {r.debt_paid_credits} paid the account's debt" if r.debt_paid_credits else "")
         + _replay(r, "already granted")),
     "revoke": lambda r: _say(
         f"REVOKED  {r.credits_revoked} credit(s) removed; {r.credits_spent} already spent, {r.credits_held} "

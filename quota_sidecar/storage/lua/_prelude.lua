@@ -10,8 +10,10 @@
 --
 -- KEYS (same order in every script):
 --   1 acct     HASH  plan, tz, cap, at_on/at_thr/at_pack (auto top-up), the
---                    totals credits_granted/_spent/_expired/_revoked/_refunded/_held
---                    and seq, the account's last outbox sequence number
+--                    totals credits_granted/_spent/_expired/_revoked/_refunded/_held,
+--                    debt (credits owed: usage drawn past the lots under `overage: draw`,
+--                    paid first by the next credits to come in) and seq, the account's
+--                    last outbox sequence number
 --   2 free     HASH  "<product>|<limit>|d<YYYYMMDD>" or "...|w<monday YYYYMMDD>" -> free
 --                    units held or spent in that window (a field at zero is dropped)
 --   3 lots     HASH  lot_id -> JSON {g = granted, e = expires_ms, t = granted_ms,
@@ -163,11 +165,11 @@ local function take_effects()
   return effects
 end
 
--- The account totals an entry moves, as its delta fields dg dr ds dx dv dh df
--- (granted, refunded, spent, expired, revoked, held, free units), in this order.
--- Available credits are not written: granted + refunded - spent - expired -
--- revoked - held.
-local DELTAS = {'g', 'r', 's', 'x', 'v', 'h', 'f'}
+-- The account totals an entry moves, as its delta fields dg dr ds dx dv dh df dd
+-- (granted, refunded, spent, expired, revoked, held, free units, debt), in this
+-- order. Available credits are not written: granted + refunded - spent - expired -
+-- revoked - held + debt (a debt is credits spent that no lot has paid yet).
+local DELTAS = {'g', 'r', 's', 'x', 'v', 'h', 'f', 'd'}
 
 -- One movement, one entry of the bucket's outbox: a account, q the account's
 -- sequence number, t when (ms), k kind, the non-zero deltas, then the kind's own
@@ -189,7 +191,7 @@ local function write_entry(kind, at_ms, deltas, fields)
   redis.call('XADD', unpack(args))
 end
 
--- deltas: {g = .., r = .., s = .., x = .., v = .., h = .., f = ..}, absent = 0.
+-- deltas: {g = .., r = .., s = .., x = .., v = .., h = .., f = .., d = ..}, absent = 0.
 local function ledger(kind, deltas, fields)
   if deferred_effects then
     deferred_effects[#deferred_effects + 1] = {'o', kind, now_ms, deltas, fields}
@@ -440,8 +442,12 @@ end
 -- free hold, whose unit stays spent). The unused part goes back to the lots
 -- taken last, which expire latest, so the credits spent are the ones that
 -- expire soonest. `extra`: more outbox fields; `free_delta`: the included usage the commit
--- adjusts (actual - held, see adjust_free_units), else nil. Returns the credits returned.
-local function commit_hold(rid, rec, charge, extra, free_delta)
+-- adjusts (actual - held, see adjust_free_units), else nil. `over` (overage:
+-- draw, charge = the whole hold): {drawn = credits taken from the lots past the hold,
+-- taken = their {lot_id, credits, expires_ms} triples, debt = credits owed past them}, all
+-- spent on top of the hold; the record keeps the lots drawn with the hold's (a refund gives
+-- them back). Returns the credits returned.
+local function commit_hold(rid, rec, charge, extra, free_delta, over)
   local refund = rec.c - charge
   local back, kept = {}, {}
   for i = #rec.l - 2, 1, -3 do
@@ -461,18 +467,22 @@ local function commit_hold(rid, rec, charge, extra, free_delta)
   end
   unhold_lots(rec.l)
   local to_lots, to_expired, to_revoked = return_credits(back)
+  local past_hold, debt = over and (over.drawn + over.debt) or 0, over and over.debt or 0
   incr('credits_held', -rec.c)
-  incr('credits_spent', charge)
+  incr('credits_spent', charge + past_hold)
+  incr('debt', debt)
   unspend(rec.m, rec.c - charge)
+  local lots = lots_text(kept)
+  for i = 1, over and #over.taken or 0 do kept[#kept + 1] = over.taken[i] end
   rec.l = kept
-  rec.ch, rec.rf = charge, rec.c - charge
+  rec.ch, rec.rf = charge + past_hold, rec.c - charge
   resolve(rid, rec, 'committed')
-  local fields = {'credits', charge, 'free', rec.f == 'free' and 1 or 0, 'returned', rec.c - charge,
-                  'to_lots', to_lots, 'to_expired', to_expired, 'to_revoked', to_revoked, 'lots', lots_text(kept)}
+  local fields = {'credits', charge + past_hold, 'free', rec.f == 'free' and 1 or 0, 'returned', rec.c - charge,
+                  'to_lots', to_lots, 'to_expired', to_expired, 'to_revoked', to_revoked, 'lots', lots}
   for i = 1, #extra do fields[#fields + 1] = extra[i] end
   -- A free hold's unit stays spent: nothing moves (its rec.c and charge are 0); included usage
   -- moves by what the actual usage differs from the estimate.
-  ledger('commit', {h = -rec.c, s = charge, x = to_expired, v = to_revoked, f = free_delta},
+  ledger('commit', {h = -rec.c, s = charge + past_hold, x = to_expired, v = to_revoked, d = debt, f = free_delta},
          hold_fields(rid, rec, fields))
   return rec.c - charge
 end
@@ -565,6 +575,44 @@ local function live_lots()
     end
   end
   return lots, total
+end
+
+-- Takes up to `amount` credits out of `lots` (live_lots' flat triples, in their
+-- spending order: soonest expiry first). Returns the {lot_id, credits,
+-- expires_ms} triples taken and their total.
+local function take_from_lots(lots, amount)
+  local taken, need = {}, amount
+  for i = 1, #lots, 3 do
+    if need == 0 then break end
+    local lot_id, left = lots[i], lots[i + 1]
+    local take = math.min(left, need)
+    redis.call('HINCRBY', K_LOTREM, lot_id, -take)
+    if take == left then redis.call('ZREM', K_LOTEXP, lot_id) end
+    taken[#taken + 1] = lot_id
+    taken[#taken + 1] = take
+    taken[#taken + 1] = lots[i + 2]
+    need = need - take
+  end
+  return taken, amount - need
+end
+
+-- Open debt (the acct hash's `debt`, read by the caller before its first write) is
+-- paid before anything else spends the credits: from the live lots, soonest
+-- expiry first, as one debt_repay entry (pid: the grant that brought them, when
+-- one did; debt: what is left owed). Returns the debt left.
+local function repay_debt(debt, pid)
+  if debt <= 0 then return debt end
+  local lots, total = live_lots()
+  if total <= 0 then return debt end
+  local taken, paid = take_from_lots(lots, math.min(debt, total))
+  redis.call('HINCRBY', K_ACCT, 'debt', -paid)
+  local fields = {'credits', paid, 'debt', debt - paid, 'lots', lots_text(taken)}
+  if pid then
+    fields[#fields + 1] = 'pid'
+    fields[#fields + 1] = pid
+  end
+  ledger('debt_repay', {d = -paid}, fields)
+  return debt - paid
 end
 
 -- Counters and notes of windows older than the oldest candidate can no

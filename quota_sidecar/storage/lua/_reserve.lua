@@ -78,7 +78,8 @@ local function reserve_one(swept, dry_run)
 
   -- Everything the decision reads of the account, read (and checked) before anything is
   -- written: Redis keeps a script's writes when it fails midway.
-  local acct = redis.call('HMGET', K_ACCT, 'plan', 'tz', 'ovr|' .. product, 'cap', 'at_on', 'at_thr', 'at_pack')
+  local acct = redis.call('HMGET', K_ACCT, 'plan', 'tz', 'ovr|' .. product, 'cap', 'at_on', 'at_thr', 'at_pack',
+                          'debt')
   local plan, tz, override = acct[1] or default_plan, acct[2] or 'UTC', acct[3]
   local cap, topup_on, topup_threshold, topup_pack = tonumber(acct[4] or '0'), acct[5] == '1', tonumber(acct[6]), acct[7]
   -- The sidecar computed windows for the zone it believed; it retries with ours.
@@ -100,7 +101,14 @@ local function reserve_one(swept, dry_run)
     limits, max_concurrent, concurrency_shadow = o.limits, o.max_concurrent, false
   end
 
-  if not swept then sweep() end
+  -- Open debt is paid first from what the lots hold (a release returned credits, say), for a
+  -- quote too: like lazy expiry, it settles what is already due, so a quote answers as the
+  -- reservation would. reserve_all.lua settles both once, for real, before its items.
+  local debt = tonumber(acct[8] or '0')
+  if not swept then
+    sweep()
+    debt = repay_debt(debt)
+  end
 
   -- What a free job takes of each limit: 1 unit, or a metered job's whole estimated cost.
   local usage = metered and cost_credits or nil
@@ -162,6 +170,17 @@ local function reserve_one(swept, dry_run)
     end
   end
   if fees > 0 then decision.fees = fees end
+  -- Open debt (what the lots could not pay) refuses every new job, free ones included,
+  -- until credits come in: the shortfall is the debt plus what the job itself would take
+  -- from credits (its cost, or a free job's cameo fees), less what the lots hold.
+  if debt > 0 then
+    report_limits(false)
+    local cost = room and fees or (cost_credits + fees)
+    decision.debt = debt
+    decision.short = math.max(debt, debt + cost - balance)
+    decision.denial = 'PURCHASE_REQUIRED'
+    return reply(decision)
+  end
   -- The account-wide bound on open holds (what one account may make Redis keep) is never in shadow.
   local open_holds = redis.call('ZCARD', K_HOLDS)
   if open_holds >= MAX_HOLDS then

@@ -68,7 +68,7 @@ end
 local v = redis.call('HMGET', K_ACCT, 'cap', 'at_on', 'at_thr', 'at_pack')
 return reply({plan = plan, tz = tz, now_ms = now_ms, resets_ms = window_end_ms, free = free, overrides = overrides,
               lots = lots, all_lots = all, holds = holds, holds_total = redis.call('ZCARD', K_HOLDS),
-              balance = balance,
+              balance = balance, debt = tonumber(redis.call('HGET', K_ACCT, 'debt') or '0'),
               month = month, month_resets_ms = month_end_ms,
               month_spend = tonumber(redis.call('HGET', K_SPEND, month) or '0'),
               cap = tonumber(v[1] or '0'), at_on = v[2] or '0', at_thr = tonumber(v[3] or '0'),

@@ -18,26 +18,44 @@
 -- difference.
 -- Times are in milliseconds; credits are integers.
 local rid   = next_arg()
--- {plans version or '*', product, actual_cost, entitled plans as "|a|b|", cap}: cost
--- -1 (or no row) charges the whole hold; -2: params invalid for the product; cap 1:
--- the product's overage policy is cap (a cost above the hold charges the hold, the
--- excess is written off and recorded as wo in the commit's entry).
-local costs = next_block(5)
+-- {plans version or '*', product, actual_cost, entitled plans as "|a|b|", overage,
+-- debt bounds as "|plan:credits|..."}: cost -1 (or no row) charges the whole hold; -2:
+-- params invalid for the product. overage: the product's policy for a cost above the
+-- hold: 0 reject (COST_EXCEEDS_HOLD); 1 cap (the hold is charged, the excess written off
+-- and recorded as wo in the commit's entry); 2 draw (the hold is charged, the excess
+-- drawn from the live lots, soonest expiry first; what they cannot cover becomes the
+-- account's debt, up to the plan's bound (max_debt_credits); the rest is written off).
+local costs = next_block(6)
+
+-- The excess past a hold under overage draw: from the live lots (soonest expiry first, as a
+-- hold takes them), then debt up to the plan's bound (a commit never raises the debt past
+-- max(debt before, bound)), the rest written off. The drawn credits and the debt count in the
+-- hold's month spend, but the spend cap never refuses a commit: the job already ran. The
+-- record keeps the outcome (a retry replays it).
+local function draw_overage(rec, excess, debt_before, bound)
+  local lots, available = live_lots()
+  local taken, drawn = take_from_lots(lots, math.min(excess, available))
+  local debt = math.max(0, math.min(excess - drawn, bound - debt_before))
+  local wo = excess - drawn - debt
+  if drawn + debt > 0 then redis.call('HINCRBY', K_SPEND, rec.m, drawn + debt) end
+  rec.rq, rec.dw, rec.db, rec.wo = rec.c + excess, drawn, debt, wo
+  return {drawn = drawn, debt = debt, wo = wo, taken = taken}
+end
 
 local rec = load_record(rid)
 if not rec then return fail('RESERVATION_NOT_FOUND') end
 
 -- Priced with the plans version the reservation was made under when the
 -- sidecar still knows it ('*' rows: the current plans).
-local actual, entitled_plans, priced_with, capped, drawn = -1, '', '', false, false
+local actual, entitled_plans, priced_with, capped, drawing, bounds = -1, '', '', false, false, ''
 for _, row in ipairs(costs) do
   if row[2] == rec.p and (row[1] == rec.pv or (row[1] == '*' and priced_with == '')) then
     actual, entitled_plans, priced_with, capped = tonumber(row[3]), row[4], row[1], row[5] == '1'
-    drawn = row[5] == 'draw'
+    drawing, bounds = row[5] == '2', row[6]
   end
 end
 -- Included usage under draw: the windows take the whole actual usage (nothing to hold it back).
-local usage_drawn = drawn and rec.fu ~= nil
+local usage_drawn = drawing and rec.fu ~= nil
 -- Bad input changes nothing, not even lazy expiry.
 if actual == -2 then return fail('INVALID_PARAMS', {product = rec.p, pv = priced_with}) end
 -- Overage cap: what the hold does not cover is written off (not a credit: no lot moves).
@@ -46,6 +64,17 @@ if capped and actual > rec.rc and rec.dg ~= 1 then
   written_off = actual - rec.rc
   actual = rec.rc
 end
+-- Overage draw (a credits hold): the hold is charged whole and the excess is settled past
+-- it below, after lazy expiry, from what the lots hold then. `requested`: the commit's own
+-- cost, what a retry must repeat (the charge itself depends on the lots and the debt).
+local excess = 0
+if drawing and actual > rec.rc and rec.dg ~= 1 and rec.f == 'credits' then
+  excess = actual - rec.rc
+  actual = rec.rc
+end
+-- Everything the overage reads of the account, before the first write.
+local debt_before = tonumber(redis.call('HGET', K_ACCT, 'debt') or '0')
+local debt_bound = tonumber(string.match(bounds, '|' .. string.gsub(rec.pl or '', '%p', '%%%0') .. ':(%d+)|') or '0')
 
 -- Cameo fees (rec.cf) are per use, not per second: any commit charges them whole, on top
 -- of the actual generation cost (a free hold: the fees alone).
@@ -60,7 +89,7 @@ local result = {funding = rec.f, charged = charge, refunded = rec.c - charge,
                 written_off = written_off}
 
 if rec.s == 'committed' then
-  if rec.ch ~= charge then return fail('COMMIT_COST_MISMATCH', {charged = rec.ch}) end
+  if (rec.rq or rec.ch) ~= charge + excess then return fail('COMMIT_COST_MISMATCH', {charged = rec.ch}) end
   -- Included usage: the same actual usage replays (rec.fh: the estimate the hold counted).
   if rec.fh and rec.fu ~= (actual >= 0 and actual or rec.fh) then
     return fail('COMMIT_COST_MISMATCH', {charged = rec.ch})
@@ -68,6 +97,9 @@ if rec.s == 'committed' then
   sweep()  -- the balance reported is the one a GetBalance at this instant shows
   local _, balance = live_lots()
   result.replayed, result.balance, result.refunded = 1, balance, rec.rf
+  if rec.rq then  -- an overage drawn: the outcome as it was, not as the lots would give it now
+    result.charged, result.drawn, result.debt, result.written_off = rec.ch, rec.dw, rec.db, rec.wo
+  end
   return reply(result)
 end
 local refusal = RESOLVED_REFUSALS[rec.s]
@@ -83,7 +115,19 @@ if actual >= 0 and rec.dg ~= 1 then
 end
 
 sweep()
+local over = nil
+if excess > 0 then
+  over = draw_overage(rec, excess, debt_before, debt_bound)
+  written_off = over.wo
+  result.charged, result.drawn, result.debt, result.written_off = charge + over.drawn + over.debt, over.drawn,
+    over.debt, written_off
+end
 local extra = fees > 0 and {'fees', fees, 'roy', rec.cm} or {}
+if over then
+  for _, v in ipairs({'drawn', over.drawn, 'debt', over.debt, 'drawn_lots', lots_text(over.taken)}) do
+    extra[#extra + 1] = v
+  end
+end
 if written_off > 0 then
   extra[#extra + 1] = 'wo'
   extra[#extra + 1] = written_off
@@ -99,7 +143,7 @@ if rec.fu then
     extra[#extra + 1] = v
   end
 end
-commit_hold(rid, rec, charge, extra, free_delta)
+commit_hold(rid, rec, charge, extra, free_delta, over)
 
 local _, balance = live_lots()
 result.balance = balance

@@ -1,6 +1,9 @@
 -- GrantCredits: a new lot, idempotent by purchase_id (the lot's id). A
 -- replay with the same credits returns the original lot; different credits
--- are refused. The lot is spendable by the very next decision. What was paid
+-- are refused. The lot is spendable by the very next decision, once open debt
+-- is paid: credits that come in pay the account's debt first, from the lots
+-- (soonest expiry first; in practice the new lot), as a debt_repay entry after
+-- the grant's, in this same script. What was paid
 -- (price, currency, pack) goes to the outbox only: the books keep it.
 -- Times are in milliseconds; credits are integers.
 local lot_id      = next_arg()
@@ -19,7 +22,8 @@ local function lot_reply(meta, replayed)
   local _, balance = live_lots()
   local left = tonumber(redis.call('HGET', K_LOTREM, lot_id) or '0')
   return reply({granted = meta.g, left = left, expires_ms = meta.e, granted_ms = meta.t, source = meta.src,
-                revoked = meta.v, balance = balance, replayed = replayed})
+                revoked = meta.v, balance = balance, replayed = replayed, debt_paid = meta.dp or 0,
+                debt = tonumber(redis.call('HGET', K_ACCT, 'debt') or '0')})
 end
 
 local meta = lot_meta(lot_id)
@@ -29,6 +33,7 @@ if meta then
   return lot_reply(meta, 1)
 end
 if expires_ms <= now_ms then return fail('EXPIRES_IN_PAST', {now_ms = now_ms}) end
+local debt = tonumber(redis.call('HGET', K_ACCT, 'debt') or '0')
 
 sweep()
 meta = {g = credits, e = expires_ms, t = now_ms, k = rank, src = source, v = 0, vr = 0, x = 0}
@@ -45,4 +50,9 @@ if price ~= '-1' then
   fields[#fields + 1] = price
 end
 ledger('grant', {g = credits}, fields)
+local owed = repay_debt(debt, lot_id)
+if owed < debt then
+  meta.dp = debt - owed  -- what this grant paid of the debt: a replay reports it again
+  redis.call('HSET', K_LOTS, lot_id, cjson.encode(meta))
+end
 return lot_reply(meta, 0)

@@ -17,7 +17,7 @@
 -- error is raised again. reserve_one reads everything before its first write,
 -- so the failing item itself wrote nothing.
 --
--- Lazy expiry runs once, for real, before the items: what it settles stays
+-- Lazy expiry (and the repayment of open debt from the lots) runs once, for real, before the items: what it settles stays
 -- settled whatever the batch's fate (reserve_one's own sweep is skipped).
 --
 -- ARGV after the header: the time zone the sidecar assumed, the default
@@ -31,9 +31,11 @@ local default_plan  = next_arg()
 local count         = tonumber(next_arg())
 
 local _, tz = account(default_plan)
+local debt = tonumber(redis.call('HGET', K_ACCT, 'debt') or '0')
 -- Before any write, as in reserve.lua: the sidecar retries with our zone.
 if tz ~= expected_tz then return fail('TZ_MISMATCH', {tz = tz}) end
 sweep()
+repay_debt(debt)  -- for real too, like lazy expiry: never undone with the batch
 
 -- Exactly what reserve_one wrote for a new hold, in reverse (its outbox entry was
 -- deferred, so never written, and took no sequence number): the free units

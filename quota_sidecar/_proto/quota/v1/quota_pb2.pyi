@@ -152,18 +152,20 @@ class CreditPack(_message.Message):
     def __init__(self, pack_id: _Optional[str] = ..., credits: _Optional[int] = ..., price: _Optional[_Union[Money, _Mapping]] = ..., quantity: _Optional[int] = ..., total_price: _Optional[_Union[Money, _Mapping]] = ...) -> None: ...
 
 class Denial(_message.Message):
-    __slots__ = ("reason", "message", "credits_short", "offers", "cameo_id")
+    __slots__ = ("reason", "message", "credits_short", "offers", "cameo_id", "debt_credits")
     REASON_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     CREDITS_SHORT_FIELD_NUMBER: _ClassVar[int]
     OFFERS_FIELD_NUMBER: _ClassVar[int]
     CAMEO_ID_FIELD_NUMBER: _ClassVar[int]
+    DEBT_CREDITS_FIELD_NUMBER: _ClassVar[int]
     reason: DenialReason
     message: str
     credits_short: int
     offers: _containers.RepeatedCompositeFieldContainer[CreditPack]
     cameo_id: str
-    def __init__(self, reason: _Optional[_Union[DenialReason, str]] = ..., message: _Optional[str] = ..., credits_short: _Optional[int] = ..., offers: _Optional[_Iterable[_Union[CreditPack, _Mapping]]] = ..., cameo_id: _Optional[str] = ...) -> None: ...
+    debt_credits: int
+    def __init__(self, reason: _Optional[_Union[DenialReason, str]] = ..., message: _Optional[str] = ..., credits_short: _Optional[int] = ..., offers: _Optional[_Iterable[_Union[CreditPack, _Mapping]]] = ..., cameo_id: _Optional[str] = ..., debt_credits: _Optional[int] = ...) -> None: ...
 
 class CheckAndReserveRequest(_message.Message):
     __slots__ = ("account_id", "product", "reservation_id", "params", "ttl_seconds")
@@ -280,7 +282,7 @@ class CommitRequest(_message.Message):
     def __init__(self, account_id: _Optional[str] = ..., reservation_id: _Optional[str] = ..., params: _Optional[_Union[JobParams, _Mapping]] = ...) -> None: ...
 
 class CommitResponse(_message.Message):
-    __slots__ = ("credits_charged", "credits_refunded", "free_charged", "funding", "credit_balance", "replayed", "degraded", "credits_written_off")
+    __slots__ = ("credits_charged", "credits_refunded", "free_charged", "funding", "credit_balance", "replayed", "degraded", "credits_written_off", "credits_drawn", "debt_credits")
     CREDITS_CHARGED_FIELD_NUMBER: _ClassVar[int]
     CREDITS_REFUNDED_FIELD_NUMBER: _ClassVar[int]
     FREE_CHARGED_FIELD_NUMBER: _ClassVar[int]
@@ -289,6 +291,8 @@ class CommitResponse(_message.Message):
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
     DEGRADED_FIELD_NUMBER: _ClassVar[int]
     CREDITS_WRITTEN_OFF_FIELD_NUMBER: _ClassVar[int]
+    CREDITS_DRAWN_FIELD_NUMBER: _ClassVar[int]
+    DEBT_CREDITS_FIELD_NUMBER: _ClassVar[int]
     credits_charged: int
     credits_refunded: int
     free_charged: int
@@ -297,7 +301,9 @@ class CommitResponse(_message.Message):
     replayed: bool
     degraded: bool
     credits_written_off: int
-    def __init__(self, credits_charged: _Optional[int] = ..., credits_refunded: _Optional[int] = ..., free_charged: _Optional[int] = ..., funding: _Optional[_Union[Funding, str]] = ..., credit_balance: _Optional[int] = ..., replayed: _Optional[bool] = ..., degraded: _Optional[bool] = ..., credits_written_off: _Optional[int] = ...) -> None: ...
+    credits_drawn: int
+    debt_credits: int
+    def __init__(self, credits_charged: _Optional[int] = ..., credits_refunded: _Optional[int] = ..., free_charged: _Optional[int] = ..., funding: _Optional[_Union[Funding, str]] = ..., credit_balance: _Optional[int] = ..., replayed: _Optional[bool] = ..., degraded: _Optional[bool] = ..., credits_written_off: _Optional[int] = ..., credits_drawn: _Optional[int] = ..., debt_credits: _Optional[int] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("account_id", "reservation_id")
@@ -412,7 +418,7 @@ class Hold(_message.Message):
     def __init__(self, reservation_id: _Optional[str] = ..., product: _Optional[str] = ..., funding: _Optional[_Union[Funding, str]] = ..., credits_held: _Optional[int] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class GetBalanceResponse(_message.Message):
-    __slots__ = ("account_id", "plan", "time_zone", "allowances", "credit_balance", "lots", "holds", "credits_held", "holds_total", "credits_expiring_30d", "expiring_lots")
+    __slots__ = ("account_id", "plan", "time_zone", "allowances", "credit_balance", "lots", "holds", "credits_held", "holds_total", "credits_expiring_30d", "expiring_lots", "debt_credits")
     ACCOUNT_ID_FIELD_NUMBER: _ClassVar[int]
     PLAN_FIELD_NUMBER: _ClassVar[int]
     TIME_ZONE_FIELD_NUMBER: _ClassVar[int]
@@ -424,6 +430,7 @@ class GetBalanceResponse(_message.Message):
     HOLDS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     CREDITS_EXPIRING_30D_FIELD_NUMBER: _ClassVar[int]
     EXPIRING_LOTS_FIELD_NUMBER: _ClassVar[int]
+    DEBT_CREDITS_FIELD_NUMBER: _ClassVar[int]
     account_id: str
     plan: str
     time_zone: str
@@ -435,7 +442,8 @@ class GetBalanceResponse(_message.Message):
     holds_total: int
     credits_expiring_30d: int
     expiring_lots: _containers.RepeatedCompositeFieldContainer[CreditLot]
-    def __init__(self, account_id: _Optional[str] = ..., plan: _Optional[str] = ..., time_zone: _Optional[str] = ..., allowances: _Optional[_Iterable[_Union[ProductAllowance, _Mapping]]] = ..., credit_balance: _Optional[int] = ..., lots: _Optional[_Iterable[_Union[CreditLot, _Mapping]]] = ..., holds: _Optional[_Iterable[_Union[Hold, _Mapping]]] = ..., credits_held: _Optional[int] = ..., holds_total: _Optional[int] = ..., credits_expiring_30d: _Optional[int] = ..., expiring_lots: _Optional[_Iterable[_Union[CreditLot, _Mapping]]] = ...) -> None: ...
+    debt_credits: int
+    def __init__(self, account_id: _Optional[str] = ..., plan: _Optional[str] = ..., time_zone: _Optional[str] = ..., allowances: _Optional[_Iterable[_Union[ProductAllowance, _Mapping]]] = ..., credit_balance: _Optional[int] = ..., lots: _Optional[_Iterable[_Union[CreditLot, _Mapping]]] = ..., holds: _Optional[_Iterable[_Union[Hold, _Mapping]]] = ..., credits_held: _Optional[int] = ..., holds_total: _Optional[int] = ..., credits_expiring_30d: _Optional[int] = ..., expiring_lots: _Optional[_Iterable[_Union[CreditLot, _Mapping]]] = ..., debt_credits: _Optional[int] = ...) -> None: ...
 
 class GrantCreditsRequest(_message.Message):
     __slots__ = ("account_id", "credits", "purchase_id", "expires_at", "source", "reason", "price_minor_units", "currency", "pack_id")
@@ -460,14 +468,16 @@ class GrantCreditsRequest(_message.Message):
     def __init__(self, account_id: _Optional[str] = ..., credits: _Optional[int] = ..., purchase_id: _Optional[str] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., source: _Optional[_Union[CreditSource, str]] = ..., reason: _Optional[str] = ..., price_minor_units: _Optional[int] = ..., currency: _Optional[str] = ..., pack_id: _Optional[str] = ...) -> None: ...
 
 class GrantCreditsResponse(_message.Message):
-    __slots__ = ("lot", "credit_balance", "replayed")
+    __slots__ = ("lot", "credit_balance", "replayed", "debt_paid_credits")
     LOT_FIELD_NUMBER: _ClassVar[int]
     CREDIT_BALANCE_FIELD_NUMBER: _ClassVar[int]
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    DEBT_PAID_CREDITS_FIELD_NUMBER: _ClassVar[int]
     lot: CreditLot
     credit_balance: int
     replayed: bool
-    def __init__(self, lot: _Optional[_Union[CreditLot, _Mapping]] = ..., credit_balance: _Optional[int] = ..., replayed: _Optional[bool] = ...) -> None: ...
+    debt_paid_credits: int
+    def __init__(self, lot: _Optional[_Union[CreditLot, _Mapping]] = ..., credit_balance: _Optional[int] = ..., replayed: _Optional[bool] = ..., debt_paid_credits: _Optional[int] = ...) -> None: ...
 
 class RevokeCreditsRequest(_message.Message):
     __slots__ = ("account_id", "purchase_id", "reason")
@@ -612,7 +622,7 @@ class ListLedgerRequest(_message.Message):
     def __init__(self, account_id: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class LedgerEntry(_message.Message):
-    __slots__ = ("id", "at", "type", "reservation_id", "purchase_id", "product", "funding", "credits", "free_units", "plans_version", "reason", "totals_after", "seq", "credits_available_delta", "credits_held_delta", "free_units_delta", "lots", "royalties", "fees_credits", "cost_credits", "credits_returned", "credits_written_off")
+    __slots__ = ("id", "at", "type", "reservation_id", "purchase_id", "product", "funding", "credits", "free_units", "plans_version", "reason", "totals_after", "seq", "credits_available_delta", "credits_held_delta", "free_units_delta", "debt_delta", "lots", "royalties", "fees_credits", "cost_credits", "credits_returned", "credits_written_off")
     ID_FIELD_NUMBER: _ClassVar[int]
     AT_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -629,6 +639,7 @@ class LedgerEntry(_message.Message):
     CREDITS_AVAILABLE_DELTA_FIELD_NUMBER: _ClassVar[int]
     CREDITS_HELD_DELTA_FIELD_NUMBER: _ClassVar[int]
     FREE_UNITS_DELTA_FIELD_NUMBER: _ClassVar[int]
+    DEBT_DELTA_FIELD_NUMBER: _ClassVar[int]
     LOTS_FIELD_NUMBER: _ClassVar[int]
     ROYALTIES_FIELD_NUMBER: _ClassVar[int]
     FEES_CREDITS_FIELD_NUMBER: _ClassVar[int]
@@ -651,13 +662,14 @@ class LedgerEntry(_message.Message):
     credits_available_delta: int
     credits_held_delta: int
     free_units_delta: int
+    debt_delta: int
     lots: _containers.RepeatedCompositeFieldContainer[LotPortion]
     royalties: _containers.RepeatedCompositeFieldContainer[Royalty]
     fees_credits: int
     cost_credits: int
     credits_returned: int
     credits_written_off: int
-    def __init__(self, id: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., type: _Optional[str] = ..., reservation_id: _Optional[str] = ..., purchase_id: _Optional[str] = ..., product: _Optional[str] = ..., funding: _Optional[_Union[Funding, str]] = ..., credits: _Optional[int] = ..., free_units: _Optional[int] = ..., plans_version: _Optional[str] = ..., reason: _Optional[str] = ..., totals_after: _Optional[_Union[CreditTotals, _Mapping]] = ..., seq: _Optional[int] = ..., credits_available_delta: _Optional[int] = ..., credits_held_delta: _Optional[int] = ..., free_units_delta: _Optional[int] = ..., lots: _Optional[_Iterable[_Union[LotPortion, _Mapping]]] = ..., royalties: _Optional[_Iterable[_Union[Royalty, _Mapping]]] = ..., fees_credits: _Optional[int] = ..., cost_credits: _Optional[int] = ..., credits_returned: _Optional[int] = ..., credits_written_off: _Optional[int] = ...) -> None: ...
+    def __init__(self, id: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., type: _Optional[str] = ..., reservation_id: _Optional[str] = ..., purchase_id: _Optional[str] = ..., product: _Optional[str] = ..., funding: _Optional[_Union[Funding, str]] = ..., credits: _Optional[int] = ..., free_units: _Optional[int] = ..., plans_version: _Optional[str] = ..., reason: _Optional[str] = ..., totals_after: _Optional[_Union[CreditTotals, _Mapping]] = ..., seq: _Optional[int] = ..., credits_available_delta: _Optional[int] = ..., credits_held_delta: _Optional[int] = ..., free_units_delta: _Optional[int] = ..., debt_delta: _Optional[int] = ..., lots: _Optional[_Iterable[_Union[LotPortion, _Mapping]]] = ..., royalties: _Optional[_Iterable[_Union[Royalty, _Mapping]]] = ..., fees_credits: _Optional[int] = ..., cost_credits: _Optional[int] = ..., credits_returned: _Optional[int] = ..., credits_written_off: _Optional[int] = ...) -> None: ...
 
 class LotPortion(_message.Message):
     __slots__ = ("lot_id", "credits")
