@@ -103,14 +103,17 @@ async def test_release_and_expiry_give_the_estimate_back(engine: QuotaEngine, st
     await assert_clean(store)
 
 
-async def test_commit_charges_the_actual_usage_where_the_hold_was(engine: QuotaEngine, store: RedisStore,
+async def test_commit_charges_the_actual_usage_where_the_hold_was(store: RedisStore, clock: ManualClock,
                                                                   redis_client: aioredis.Redis,
                                                                   key_prefix: str) -> None:
+    document = default_document()
+    document["products"]["codex"]["overage"] = "cap"
+    engine = QuotaEngine(parse_plans(document), store, clock)
     await engine.check_and_reserve("a", "codex", "below", est(4))
     await engine.check_and_reserve("a", "codex", "above", est(3))
     c = await engine.commit("a", "below", est(1))  # 4 estimated, 1 used: 3 back to the windows
     assert (c.funding, c.credits_charged, c.free_charged, c.written_off) == (Funding.FREE_QUOTA, 0, 1, 0)
-    # The packaged codex caps: 3 estimated, 5 used -> the windows keep 3, 2 written off.
+    # Under cap: 3 estimated, 5 used -> the windows keep 3, 2 written off.
     c = await engine.commit("a", "above", est(5))
     assert (c.credits_charged, c.written_off) == (0, 2)
     assert await redis_client.hget(key(key_prefix, "a", "free"), "codex|weekly|w20261116") == "4"
@@ -133,6 +136,24 @@ async def test_commit_charges_the_actual_usage_where_the_hold_was(engine: QuotaE
     assert {st.limit.limit_id: st.used for st in codex.limits} == {"five_hour": 5, "weekly": 5}  # 3 + 2
     refund = [e for e in await outbox(store) if e.type == "refund"][0]
     assert (refund.deltas.free_units, refund.fields["usage"]) == (-1, "1")
+    await assert_clean(store)
+
+
+async def test_draw_lets_the_windows_take_the_whole_usage(engine: QuotaEngine, store: RedisStore,
+                                                         redis_client: aioredis.Redis, key_prefix: str) -> None:
+    """The packaged codex draws: usage above the estimate is charged to the windows whole, even past
+    their allowance (usage is not money: no credit moves, no debt); the next jobs go to credits."""
+    await engine.grant("a", 20, "p1")
+    await engine.check_and_reserve("a", "codex", "big", est(8))
+    c = await engine.commit("a", "big", est(15))  # 8 estimated, 15 used: the 5 h window reads 15 of 10
+    assert (c.funding, c.credits_charged, c.written_off, c.credits_drawn, c.debt_credits) == (
+        Funding.FREE_QUOTA, 0, 0, 0, 0)
+    assert await redis_client.zrange(key(key_prefix, "a", "rolling"), 0, -1) == ["codex|five_hour|big|15"]
+    commit = [e for e in await outbox(store) if e.type == "commit"][0]
+    assert (commit.deltas.free_units, commit.deltas.spent, commit.fields["usage"], commit.fields.get("wo")) == (
+        7, 0, "15", None)
+    d = (await engine.check_and_reserve("a", "codex", "next", est(1))).outcome
+    assert (d.funding, d.credits_held, by_id(d)["five_hour"][0]) == (Funding.CREDITS, 1, 15)
     await assert_clean(store)
 
 

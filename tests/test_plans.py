@@ -67,7 +67,7 @@ def test_default_file_loads_with_the_product_rules() -> None:
         "codex-max": (125_000, 12_500, 750_000), "codex": (62_500, 6_250, 375_000),
         "codex-mini": (18_750, 1_875, 113_000)}
     assert (codex.default_model, codex.fast_multiplier, codex.default_hold_credits, codex.overage) == (
-        "codex", 2, 5, "cap")
+        "codex", 2, 5, "draw")
 
 
 def test_packaged_codex_included_usage() -> None:
@@ -75,9 +75,10 @@ def test_packaged_codex_included_usage() -> None:
 
     def usage(five_hour: int, weekly: int) -> tuple[Limit, ...]:
         return (Limit("five_hour", LimitKind.ROLLING, five_hour, hours=5), Limit("weekly", LimitKind.WEEK, weekly))
-    assert plans.plan("free").products["codex"] == ProductRules(usage(10, 40), models=frozenset({"codex-mini", "codex"}))
-    assert plans.plan("plus").products["codex"] == ProductRules(usage(50, 250))
-    assert plans.plan("pro").products["codex"] == ProductRules(usage(300, 1500))
+    assert plans.plan("free").products["codex"] == ProductRules(usage(10, 40), models=frozenset({"codex-mini", "codex"}),
+                                                                max_debt_credits=5)
+    assert plans.plan("plus").products["codex"] == ProductRules(usage(50, 250), max_debt_credits=25)
+    assert plans.plan("pro").products["codex"] == ProductRules(usage(300, 1500), max_debt_credits=100)
     assert plans.allowance_unit("codex") == "credits" and plans.allowance_unit("sora") == "generation"
 
 
