@@ -219,3 +219,55 @@ async def test_ledger_lines_say_lots_royalties_and_returns(sidecar: Sidecar, clo
     assert lines[0].endswith("(lots soon 2, later 3; royalty cam-a to owner-1 3)"), lines
     assert lines[1].endswith("(lots soon 2, later 2; royalty cam-a to owner-1 3; returned 1)"), lines
     assert lines[2].endswith("(lots soon 2, later 2; royalty cam-a to owner-1 -3)"), lines
+
+
+async def test_a_codex_task_on_included_usage_then_past_its_credits(sidecar: Sidecar,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's codex steps on the wire and in the CLI: included usage, then a task whose usage
+    passes its hold and the credits (overage draw) leaving a debt that the next purchase pays."""
+    engine, admin = sidecar.engine, f"127.0.0.1:{sidecar.admin_port}"
+    await engine.grant("alice", 9, "order-1001")
+    estimate = pb.JobParams(input_tokens=80_000, output_tokens=5_000)  # 5 + 1.875 credits: 7
+    r = await sidecar.quota.CheckAndReserve(pb.CheckAndReserveRequest(
+        account_id="alice", product="codex", reservation_id="task-1", params=estimate))
+    assert (r.funding, r.allowance_unit, r.job_cost_credits, r.free_used) == (pb.FUNDING_FREE_QUOTA, "credits", 7, 7)
+    c = await sidecar.quota.Commit(pb.CommitRequest(account_id="alice", reservation_id="task-1",
+                                                    params=pb.JobParams(input_tokens=96_000, output_tokens=8_000)))
+    assert (c.included_usage_credits, c.free_charged, c.credits_charged) == (9, 1, 0)
+    q = await sidecar.quota.Quote(pb.QuoteRequest(account_id="alice", product="codex", params=estimate))
+    assert (q.funding, q.allowance_unit, q.credits_held) == (pb.FUNDING_CREDITS, "credits", 7)  # 9 + 7 > 10
+    await sidecar.quota.CheckAndReserve(pb.CheckAndReserveRequest(
+        account_id="alice", product="codex", reservation_id="task-2", params=estimate))
+    c = await sidecar.quota.Commit(pb.CommitRequest(account_id="alice", reservation_id="task-2",
+                                                    params=pb.JobParams(input_tokens=120_000, output_tokens=14_000)))
+    assert (c.credits_charged, c.credits_drawn, c.debt_credits, c.included_usage_credits) == (13, 2, 4, 0)
+    sora = await sidecar.quota.CheckAndReserve(pb.CheckAndReserveRequest(
+        account_id="alice", product="sora", reservation_id="job-1",
+        params=pb.JobParams(duration_seconds=10, resolution="720p")))
+    assert (sora.allowed, sora.allowance_unit, sora.denial.debt_credits) == (False, "generation", 4)
+    g = await sidecar.admin.GrantCredits(pb.GrantCreditsRequest(account_id="alice", pack_id="pack_10",
+                                                                purchase_id="order-1002"))
+    assert (g.debt_paid_credits, g.credit_balance) == (4, 6)
+
+    r2 = await sidecar.admin.ListLedger(pb.ListLedgerRequest(account_id="alice", page_size=1000))
+    line = {(e.type, e.reservation_id or e.purchase_id): e for e in r2.entries}
+    assert [line["hold", "task-1"].usage_credits, line["commit", "task-1"].usage_credits] == [7, 9]
+    assert line["commit", "task-1"].free_units_delta == 2
+    drawn = line["commit", "task-2"]
+    assert (drawn.credits, drawn.credits_drawn, drawn.debt_delta, drawn.usage_credits) == (13, 2, 4, 0)
+    assert [(p.lot_id, p.credits) for p in drawn.drawn_lots] == [("order-1001", 2)]
+    assert line["debt_repay", "order-1002"].debt_delta == -4
+
+    target = ["--target", f"127.0.0.1:{sidecar.port}"]
+    assert await asyncio.to_thread(cli.main, ["quote", "--account", "bob", "--product", "codex", "--input-tokens",
+                                              "80000", "--output-tokens", "5000", *target]) == 0
+    status = await asyncio.to_thread(cli.main, ["ledger", "--account", "alice", "--target", admin])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert "  funded by included usage: 7 credit(s) of usage would be held until " in out, out
+    assert "  included usage: five_hour (last 5 h) 7/10 credits, resets 2026-11-21 17:00:00 UTC; weekly (per week) " \
+           "7/40 credits, resets 2026-11-23 00:00:00 UTC\n" in out, out
+    assert " commit     task-1                   9 credit(s) usage  available 9, held 0\n" in out, out
+    assert "13 credit(s)       available 0, held 0  (lots order-1001 7; drawn 2 from lots order-1001 2; owed +4)" \
+        in out, out
+    assert "  (lots order-1002 4; owed -4)" in out, out

@@ -515,11 +515,12 @@ class QuotaEngine:
         return tuple(rows)
 
     def _decision(self, p: _Prepared, outcome: ReserveOutcome) -> Decision:
+        unit = p.plans.allowance_unit(p.product)
         if outcome.allowed:
-            return Decision(reservation_id=p.reservation_id, outcome=outcome)
+            return Decision(reservation_id=p.reservation_id, outcome=outcome, allowance_unit=unit)
         plans = p.plans
         offers = plans.offers(outcome.credits_short) if outcome.denial is DenialReason.PURCHASE_REQUIRED else ()
-        return Decision(reservation_id=p.reservation_id, outcome=outcome,
+        return Decision(reservation_id=p.reservation_id, outcome=outcome, allowance_unit=unit,
                         denial_message=denial_message(plans, p.product, p.job, outcome), offers=offers)
 
     async def check_and_reserve(self, account_id: str, product: str, reservation_id: str,

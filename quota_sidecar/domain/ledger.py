@@ -89,11 +89,11 @@ class RoyaltyShare:
     credits: int
 
 
-def lot_portions(entry: LedgerEntry) -> tuple[LotPortion, ...]:
-    """The entry's ``lots`` field, ``"<lot_id>:<credits>,..."`` as the scripts write it (':' and ','
-    are outside the id alphabet); soonest-expiring lot first."""
+def lot_portions(entry: LedgerEntry, name: str = "lots") -> tuple[LotPortion, ...]:
+    """The entry's ``lots`` (or ``drawn_lots``) field, ``"<lot_id>:<credits>,..."`` as the scripts
+    write it (':' and ',' are outside the id alphabet); soonest-expiring lot first."""
     portions = []
-    for part in filter(None, entry.fields.get("lots", "").split(",")):
+    for part in filter(None, entry.fields.get(name, "").split(",")):
         lot_id, _, credits = part.rpartition(":")
         portions.append(LotPortion(lot_id, int(credits)))
     return tuple(portions)

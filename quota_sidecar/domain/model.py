@@ -243,6 +243,9 @@ class Decision:
     outcome: ReserveOutcome
     denial_message: str = ""
     offers: tuple[Offer, ...] = ()
+    # What the free allowance counts (Plans.allowance_unit): the product's unit, or "credits" of
+    # included usage for a metered product.
+    allowance_unit: str = ""
 
 
 @dataclass(frozen=True)
@@ -257,6 +260,7 @@ class CommitResult:
     written_off: int = 0  # credits of usage above the hold not charged (overage: cap, or draw past the debt bound)
     credits_drawn: int = 0  # overage: draw: credits of usage above the hold taken from the lots
     debt_credits: int = 0  # overage: draw: the debt this commit opened (in credits_charged)
+    included_usage_credits: int = 0  # a metered job on included usage: the usage charged to the windows
 
 
 @dataclass(frozen=True)

@@ -264,7 +264,7 @@ def _answer(kind: type[_Answer], decision: Decision) -> _Answer:
         credits_held=o.credits_held, free_used=o.free_used, free_limit=o.free_limit,
         free_resets_at=_ts(o.free_resets_ms), credit_balance=o.credit_balance,
         job_cost_credits=o.cost_credits, replayed=o.replayed, plans_version=o.plans_version, degraded=o.degraded,
-        cameo_fees_credits=o.fees_credits,
+        cameo_fees_credits=o.fees_credits, allowance_unit=decision.allowance_unit,
         limits=[_limit_status(st) for st in o.limits], shadow_limits=list(o.shadow_limits),
     )
     if o.allowed:
@@ -330,7 +330,10 @@ def ledger_entry_pb(e: LedgerEntry) -> pb.LedgerEntry:
         royalties=[pb.Royalty(cameo_id=r.cameo_id, owner_account_id=r.owner_account_id, credits=r.credits)
                    for r in royalty_shares(e)],
         fees_credits=e.int_field("fees"), cost_credits=e.int_field("cost") if e.type == "hold" else 0,
-        credits_returned=e.int_field("returned"), credits_written_off=e.int_field("wo"))
+        credits_returned=e.int_field("returned"), credits_written_off=e.int_field("wo"),
+        credits_drawn=e.int_field("drawn"),
+        drawn_lots=[pb.LotPortion(lot_id=p.lot_id, credits=p.credits) for p in lot_portions(e, "drawn_lots")],
+        usage_credits=e.int_field("usage"))
 
 
 def balance_response(b: Balance) -> pb.GetBalanceResponse:
@@ -364,7 +367,7 @@ def commit_response(r: CommitResult) -> pb.CommitResponse:
                              free_charged=r.free_charged, funding=_FUNDING[r.funding],
                              credit_balance=r.credit_balance, replayed=r.replayed, degraded=r.degraded,
                              credits_written_off=r.written_off, credits_drawn=r.credits_drawn,
-                             debt_credits=r.debt_credits)
+                             debt_credits=r.debt_credits, included_usage_credits=r.included_usage_credits)
 
 
 def release_response(r: ReleaseResult) -> pb.ReleaseResponse:

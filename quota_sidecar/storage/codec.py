@@ -228,7 +228,7 @@ def decode_commit_result(r: Mapping[str, Any]) -> CommitResult:
                         credits_refunded=int(r["refunded"]), free_charged=int(r["free_charged"]),
                         credit_balance=int(r["balance"]), replayed=bool(r["replayed"]),
                         written_off=int(r.get("written_off", 0)), credits_drawn=int(r.get("drawn", 0)),
-                        debt_credits=int(r.get("debt", 0)))
+                        debt_credits=int(r.get("debt", 0)), included_usage_credits=int(r.get("usage", 0)))
 
 
 def decode_release_result(r: Mapping[str, Any]) -> ReleaseResult:

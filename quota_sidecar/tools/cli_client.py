@@ -19,6 +19,7 @@ from grpc_status import rpc_status
 
 from quota_sidecar._proto.quota.v1 import quota_pb2 as pb
 from quota_sidecar._proto.quota.v1 import quota_pb2_grpc as pb_grpc
+from quota_sidecar.domain.plans import USAGE_UNIT
 from quota_sidecar.tools.common import (
     ADMIN_VERBS,
     CLIENT_TIMEOUT_SECONDS,
@@ -76,9 +77,22 @@ def _ms(ts: timestamp_pb2.Timestamp) -> int:
     return ts.ToMilliseconds()
 
 
+def _included_usage(r: pb.CheckAndReserveResponse | pb.QuoteResponse) -> bool:
+    """A metered product: its free allowance is included usage counted in credits."""
+    return r.allowance_unit == USAGE_UNIT
+
+
+def _funding_text(r: pb.CheckAndReserveResponse | pb.QuoteResponse) -> str:
+    if r.funding == pb.FUNDING_FREE_QUOTA and _included_usage(r):
+        return "included usage"
+    return _FUNDING_TEXT[r.funding]
+
+
 def _held_text(r: pb.CheckAndReserveResponse | pb.QuoteResponse) -> str:
     if r.funding != pb.FUNDING_FREE_QUOTA:
         return f"{r.credits_held} credit(s)"
+    if _included_usage(r):
+        return f"{r.job_cost_credits} credit(s) of usage"
     return "1 free unit" + (f" + {r.credits_held} credit(s) of cameo fees" if r.credits_held else "")
 
 
@@ -90,7 +104,7 @@ def _print_decision(r: pb.CheckAndReserveResponse) -> None:
     if r.allowed:
         held = _held_text(r)
         _say(f"ALLOWED  reservation {r.reservation_id}")
-        _say(f"  funded by {_FUNDING_TEXT[r.funding]}: {held} held until {format_time(_ms(r.expires_at))}")
+        _say(f"  funded by {_funding_text(r)}: {held} held until {format_time(_ms(r.expires_at))}")
     else:
         _say(f"DENIED   {_denial_text(r)}")
     _print_decision_details(r)
@@ -104,7 +118,7 @@ def _print_quote(r: pb.QuoteResponse) -> None:
         held = _held_text(r)
         replay = f"  (reservation {r.reservation_id} already holds it)" if r.replayed else ""
         _say(f"QUOTE  would be allowed{replay}")
-        _say(f"  funded by {_FUNDING_TEXT[r.funding]}: {held} would be held until {format_time(_ms(r.expires_at))}")
+        _say(f"  funded by {_funding_text(r)}: {held} would be held until {format_time(_ms(r.expires_at))}")
     else:
         _say(f"QUOTE  would be denied: {_denial_text(r)}")
     _print_decision_details(r)
@@ -127,7 +141,14 @@ def _print_decision_details(r: pb.CheckAndReserveResponse | pb.QuoteResponse) ->
         for offer in r.denial.offers:
             _say(f"  offer: {offer.quantity} x {offer.pack_id} ({offer.credits} credits, {_money(offer.price)}) "
                  f"= {_money(offer.total_price)}")
-    _say(f"  free today: {r.free_used}/{r.free_limit}, resets {format_time(_ms(r.free_resets_at))}")
+    if r.limits and (_included_usage(r) or any(x.kind != pb.LIMIT_KIND_DAY for x in r.limits)):
+        # Not one calendar day: every window, with what it counts.
+        what = "included usage" if _included_usage(r) else "free"
+        unit = " credits" if _included_usage(r) else ""
+        _say(f"  {what}: " + "; ".join(f"{visible(_limit_text(x))} {x.used}/{x.limit}{unit}, resets "
+                                       f"{format_time(_ms(x.resets_at))}" for x in r.limits))
+    else:
+        _say(f"  free today: {r.free_used}/{r.free_limit}, resets {format_time(_ms(r.free_resets_at))}")
     if r.shadow_limits:
         _say(f"  shadow limits that would have applied: {', '.join(r.shadow_limits)}")
 
@@ -355,19 +376,26 @@ def _job_detail(e: pb.LedgerEntry) -> str:
     if e.royalties:
         parts.append("royalty " + ", ".join(f"{visible(r.cameo_id)} to {visible(r.owner_account_id)} {r.credits}"
                                             for r in e.royalties))
-    for label, value in (("returned", e.credits_returned), ("written off", e.credits_written_off)):
+    if e.usage_credits and e.credits:  # else the amount says it
+        parts.append(f"included usage {e.usage_credits}")
+    if e.credits_drawn:
+        parts.append(f"drawn {e.credits_drawn} from lots "
+                     + ", ".join(f"{visible(p.lot_id)} {p.credits}" for p in e.drawn_lots))
+    for label, value in (("returned", e.credits_returned), ("written off", e.credits_written_off),
+                         ("owed", e.debt_delta)):
         if value:
-            parts.append(f"{label} {value}")
+            parts.append(f"{label} {value:+d}" if label == "owed" else f"{label} {value}")
     return "  (" + "; ".join(parts) + ")" if parts else ""
 
 
 def _print_ledger(r: pb.ListLedgerResponse, tz: str = "UTC") -> None:
     for e in r.entries:
         who = e.reservation_id or e.purchase_id
-        amount = f"{e.credits} credit(s)" if e.credits else (f"{e.free_units} free unit(s)" if e.free_units else "")
+        amount = f"{e.credits} credit(s)" if e.credits else f"{e.usage_credits} credit(s) usage" if e.usage_credits \
+            else f"{e.free_units} free unit(s)" if e.free_units else ""
         # Escaped before padding, so the columns stay aligned.
         _say(f"{e.seq:>6}  {format_time(_ms(e.at), tz)}  {visible(e.type):<10} {visible(who):<24} "
-             f"{amount:<16} available {e.totals_after.available}, held {e.totals_after.held}"
+             f"{amount:<18} available {e.totals_after.available}, held {e.totals_after.held}"
              + (f"  [{e.reason}]" if e.reason else "") + _job_detail(e))
     if r.next_page_token:
         _say(f"more: --page-token {r.next_page_token}")
@@ -381,7 +409,9 @@ _PRINTERS: dict[str, Callable[[Any], None]] = {
     "set-cameo": _print_cameo,
     "cameo": _print_cameo,
     "commit": lambda r: _say(
-        f"COMMITTED  charged {r.credits_charged} credit(s), {r.free_charged} free unit(s); refunded "
+        f"COMMITTED  charged {r.credits_charged} credit(s), "
+        + (f"{r.included_usage_credits} credit(s) of included usage" if r.included_usage_credits
+           else f"{r.free_charged} free unit(s)") + "; refunded "
         f"{r.credits_refunded}; credits available {r.credit_balance}"
         + (f"; {r.credits_drawn} drawn from the credits past the hold" if r.credits_drawn else "")
         + (f"; {r.debt_credits} owed (debt)" if r.debt_credits else "")

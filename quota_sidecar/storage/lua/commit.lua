@@ -97,6 +97,7 @@ if rec.s == 'committed' then
   sweep()  -- the balance reported is the one a GetBalance at this instant shows
   local _, balance = live_lots()
   result.replayed, result.balance, result.refunded = 1, balance, rec.rf
+  result.usage = rec.fu
   if rec.rq then  -- an overage drawn: the outcome as it was, not as the lots would give it now
     result.charged, result.drawn, result.debt, result.written_off = rec.ch, rec.dw, rec.db, rec.wo
   end
@@ -144,6 +145,7 @@ if rec.fu then
   end
 end
 commit_hold(rid, rec, charge, extra, free_delta, over)
+result.usage = rec.fu  -- included usage charged to the windows (nil for any other hold)
 
 local _, balance = live_lots()
 result.balance = balance

@@ -182,7 +182,7 @@ class CheckAndReserveRequest(_message.Message):
     def __init__(self, account_id: _Optional[str] = ..., product: _Optional[str] = ..., reservation_id: _Optional[str] = ..., params: _Optional[_Union[JobParams, _Mapping]] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
 
 class CheckAndReserveResponse(_message.Message):
-    __slots__ = ("allowed", "reservation_id", "funding", "credits_held", "free_used", "free_limit", "free_resets_at", "credit_balance", "expires_at", "denial", "job_cost_credits", "replayed", "limits", "shadow_limits", "plans_version", "degraded", "cameo_fees_credits")
+    __slots__ = ("allowed", "reservation_id", "funding", "credits_held", "free_used", "free_limit", "free_resets_at", "credit_balance", "expires_at", "denial", "job_cost_credits", "replayed", "limits", "shadow_limits", "plans_version", "degraded", "cameo_fees_credits", "allowance_unit")
     ALLOWED_FIELD_NUMBER: _ClassVar[int]
     RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
     FUNDING_FIELD_NUMBER: _ClassVar[int]
@@ -200,6 +200,7 @@ class CheckAndReserveResponse(_message.Message):
     PLANS_VERSION_FIELD_NUMBER: _ClassVar[int]
     DEGRADED_FIELD_NUMBER: _ClassVar[int]
     CAMEO_FEES_CREDITS_FIELD_NUMBER: _ClassVar[int]
+    ALLOWANCE_UNIT_FIELD_NUMBER: _ClassVar[int]
     allowed: bool
     reservation_id: str
     funding: Funding
@@ -217,7 +218,8 @@ class CheckAndReserveResponse(_message.Message):
     plans_version: str
     degraded: bool
     cameo_fees_credits: int
-    def __init__(self, allowed: _Optional[bool] = ..., reservation_id: _Optional[str] = ..., funding: _Optional[_Union[Funding, str]] = ..., credits_held: _Optional[int] = ..., free_used: _Optional[int] = ..., free_limit: _Optional[int] = ..., free_resets_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., credit_balance: _Optional[int] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., denial: _Optional[_Union[Denial, _Mapping]] = ..., job_cost_credits: _Optional[int] = ..., replayed: _Optional[bool] = ..., limits: _Optional[_Iterable[_Union[LimitStatus, _Mapping]]] = ..., shadow_limits: _Optional[_Iterable[str]] = ..., plans_version: _Optional[str] = ..., degraded: _Optional[bool] = ..., cameo_fees_credits: _Optional[int] = ...) -> None: ...
+    allowance_unit: str
+    def __init__(self, allowed: _Optional[bool] = ..., reservation_id: _Optional[str] = ..., funding: _Optional[_Union[Funding, str]] = ..., credits_held: _Optional[int] = ..., free_used: _Optional[int] = ..., free_limit: _Optional[int] = ..., free_resets_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., credit_balance: _Optional[int] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., denial: _Optional[_Union[Denial, _Mapping]] = ..., job_cost_credits: _Optional[int] = ..., replayed: _Optional[bool] = ..., limits: _Optional[_Iterable[_Union[LimitStatus, _Mapping]]] = ..., shadow_limits: _Optional[_Iterable[str]] = ..., plans_version: _Optional[str] = ..., degraded: _Optional[bool] = ..., cameo_fees_credits: _Optional[int] = ..., allowance_unit: _Optional[str] = ...) -> None: ...
 
 class QuoteRequest(_message.Message):
     __slots__ = ("account_id", "product", "reservation_id", "params", "ttl_seconds")
@@ -234,7 +236,7 @@ class QuoteRequest(_message.Message):
     def __init__(self, account_id: _Optional[str] = ..., product: _Optional[str] = ..., reservation_id: _Optional[str] = ..., params: _Optional[_Union[JobParams, _Mapping]] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
 
 class QuoteResponse(_message.Message):
-    __slots__ = ("allowed", "reservation_id", "funding", "credits_held", "free_used", "free_limit", "free_resets_at", "credit_balance", "expires_at", "denial", "job_cost_credits", "replayed", "limits", "shadow_limits", "plans_version", "degraded", "cameo_fees_credits")
+    __slots__ = ("allowed", "reservation_id", "funding", "credits_held", "free_used", "free_limit", "free_resets_at", "credit_balance", "expires_at", "denial", "job_cost_credits", "replayed", "limits", "shadow_limits", "plans_version", "degraded", "cameo_fees_credits", "allowance_unit")
     ALLOWED_FIELD_NUMBER: _ClassVar[int]
     RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
     FUNDING_FIELD_NUMBER: _ClassVar[int]
@@ -252,6 +254,7 @@ class QuoteResponse(_message.Message):
     PLANS_VERSION_FIELD_NUMBER: _ClassVar[int]
     DEGRADED_FIELD_NUMBER: _ClassVar[int]
     CAMEO_FEES_CREDITS_FIELD_NUMBER: _ClassVar[int]
+    ALLOWANCE_UNIT_FIELD_NUMBER: _ClassVar[int]
     allowed: bool
     reservation_id: str
     funding: Funding
@@ -269,7 +272,8 @@ class QuoteResponse(_message.Message):
     plans_version: str
     degraded: bool
     cameo_fees_credits: int
-    def __init__(self, allowed: _Optional[bool] = ..., reservation_id: _Optional[str] = ..., funding: _Optional[_Union[Funding, str]] = ..., credits_held: _Optional[int] = ..., free_used: _Optional[int] = ..., free_limit: _Optional[int] = ..., free_resets_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., credit_balance: _Optional[int] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., denial: _Optional[_Union[Denial, _Mapping]] = ..., job_cost_credits: _Optional[int] = ..., replayed: _Optional[bool] = ..., limits: _Optional[_Iterable[_Union[LimitStatus, _Mapping]]] = ..., shadow_limits: _Optional[_Iterable[str]] = ..., plans_version: _Optional[str] = ..., degraded: _Optional[bool] = ..., cameo_fees_credits: _Optional[int] = ...) -> None: ...
+    allowance_unit: str
+    def __init__(self, allowed: _Optional[bool] = ..., reservation_id: _Optional[str] = ..., funding: _Optional[_Union[Funding, str]] = ..., credits_held: _Optional[int] = ..., free_used: _Optional[int] = ..., free_limit: _Optional[int] = ..., free_resets_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., credit_balance: _Optional[int] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., denial: _Optional[_Union[Denial, _Mapping]] = ..., job_cost_credits: _Optional[int] = ..., replayed: _Optional[bool] = ..., limits: _Optional[_Iterable[_Union[LimitStatus, _Mapping]]] = ..., shadow_limits: _Optional[_Iterable[str]] = ..., plans_version: _Optional[str] = ..., degraded: _Optional[bool] = ..., cameo_fees_credits: _Optional[int] = ..., allowance_unit: _Optional[str] = ...) -> None: ...
 
 class CommitRequest(_message.Message):
     __slots__ = ("account_id", "reservation_id", "params")
@@ -282,7 +286,7 @@ class CommitRequest(_message.Message):
     def __init__(self, account_id: _Optional[str] = ..., reservation_id: _Optional[str] = ..., params: _Optional[_Union[JobParams, _Mapping]] = ...) -> None: ...
 
 class CommitResponse(_message.Message):
-    __slots__ = ("credits_charged", "credits_refunded", "free_charged", "funding", "credit_balance", "replayed", "degraded", "credits_written_off", "credits_drawn", "debt_credits")
+    __slots__ = ("credits_charged", "credits_refunded", "free_charged", "funding", "credit_balance", "replayed", "degraded", "credits_written_off", "credits_drawn", "debt_credits", "included_usage_credits")
     CREDITS_CHARGED_FIELD_NUMBER: _ClassVar[int]
     CREDITS_REFUNDED_FIELD_NUMBER: _ClassVar[int]
     FREE_CHARGED_FIELD_NUMBER: _ClassVar[int]
@@ -293,6 +297,7 @@ class CommitResponse(_message.Message):
     CREDITS_WRITTEN_OFF_FIELD_NUMBER: _ClassVar[int]
     CREDITS_DRAWN_FIELD_NUMBER: _ClassVar[int]
     DEBT_CREDITS_FIELD_NUMBER: _ClassVar[int]
+    INCLUDED_USAGE_CREDITS_FIELD_NUMBER: _ClassVar[int]
     credits_charged: int
     credits_refunded: int
     free_charged: int
@@ -303,7 +308,8 @@ class CommitResponse(_message.Message):
     credits_written_off: int
     credits_drawn: int
     debt_credits: int
-    def __init__(self, credits_charged: _Optional[int] = ..., credits_refunded: _Optional[int] = ..., free_charged: _Optional[int] = ..., funding: _Optional[_Union[Funding, str]] = ..., credit_balance: _Optional[int] = ..., replayed: _Optional[bool] = ..., degraded: _Optional[bool] = ..., credits_written_off: _Optional[int] = ..., credits_drawn: _Optional[int] = ..., debt_credits: _Optional[int] = ...) -> None: ...
+    included_usage_credits: int
+    def __init__(self, credits_charged: _Optional[int] = ..., credits_refunded: _Optional[int] = ..., free_charged: _Optional[int] = ..., funding: _Optional[_Union[Funding, str]] = ..., credit_balance: _Optional[int] = ..., replayed: _Optional[bool] = ..., degraded: _Optional[bool] = ..., credits_written_off: _Optional[int] = ..., credits_drawn: _Optional[int] = ..., debt_credits: _Optional[int] = ..., included_usage_credits: _Optional[int] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("account_id", "reservation_id")
@@ -622,7 +628,7 @@ class ListLedgerRequest(_message.Message):
     def __init__(self, account_id: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class LedgerEntry(_message.Message):
-    __slots__ = ("id", "at", "type", "reservation_id", "purchase_id", "product", "funding", "credits", "free_units", "plans_version", "reason", "totals_after", "seq", "credits_available_delta", "credits_held_delta", "free_units_delta", "debt_delta", "lots", "royalties", "fees_credits", "cost_credits", "credits_returned", "credits_written_off")
+    __slots__ = ("id", "at", "type", "reservation_id", "purchase_id", "product", "funding", "credits", "free_units", "plans_version", "reason", "totals_after", "seq", "credits_available_delta", "credits_held_delta", "free_units_delta", "debt_delta", "lots", "royalties", "fees_credits", "cost_credits", "credits_returned", "credits_written_off", "credits_drawn", "drawn_lots", "usage_credits")
     ID_FIELD_NUMBER: _ClassVar[int]
     AT_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -646,6 +652,9 @@ class LedgerEntry(_message.Message):
     COST_CREDITS_FIELD_NUMBER: _ClassVar[int]
     CREDITS_RETURNED_FIELD_NUMBER: _ClassVar[int]
     CREDITS_WRITTEN_OFF_FIELD_NUMBER: _ClassVar[int]
+    CREDITS_DRAWN_FIELD_NUMBER: _ClassVar[int]
+    DRAWN_LOTS_FIELD_NUMBER: _ClassVar[int]
+    USAGE_CREDITS_FIELD_NUMBER: _ClassVar[int]
     id: str
     at: _timestamp_pb2.Timestamp
     type: str
@@ -669,7 +678,10 @@ class LedgerEntry(_message.Message):
     cost_credits: int
     credits_returned: int
     credits_written_off: int
-    def __init__(self, id: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., type: _Optional[str] = ..., reservation_id: _Optional[str] = ..., purchase_id: _Optional[str] = ..., product: _Optional[str] = ..., funding: _Optional[_Union[Funding, str]] = ..., credits: _Optional[int] = ..., free_units: _Optional[int] = ..., plans_version: _Optional[str] = ..., reason: _Optional[str] = ..., totals_after: _Optional[_Union[CreditTotals, _Mapping]] = ..., seq: _Optional[int] = ..., credits_available_delta: _Optional[int] = ..., credits_held_delta: _Optional[int] = ..., free_units_delta: _Optional[int] = ..., debt_delta: _Optional[int] = ..., lots: _Optional[_Iterable[_Union[LotPortion, _Mapping]]] = ..., royalties: _Optional[_Iterable[_Union[Royalty, _Mapping]]] = ..., fees_credits: _Optional[int] = ..., cost_credits: _Optional[int] = ..., credits_returned: _Optional[int] = ..., credits_written_off: _Optional[int] = ...) -> None: ...
+    credits_drawn: int
+    drawn_lots: _containers.RepeatedCompositeFieldContainer[LotPortion]
+    usage_credits: int
+    def __init__(self, id: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., type: _Optional[str] = ..., reservation_id: _Optional[str] = ..., purchase_id: _Optional[str] = ..., product: _Optional[str] = ..., funding: _Optional[_Union[Funding, str]] = ..., credits: _Optional[int] = ..., free_units: _Optional[int] = ..., plans_version: _Optional[str] = ..., reason: _Optional[str] = ..., totals_after: _Optional[_Union[CreditTotals, _Mapping]] = ..., seq: _Optional[int] = ..., credits_available_delta: _Optional[int] = ..., credits_held_delta: _Optional[int] = ..., free_units_delta: _Optional[int] = ..., debt_delta: _Optional[int] = ..., lots: _Optional[_Iterable[_Union[LotPortion, _Mapping]]] = ..., royalties: _Optional[_Iterable[_Union[Royalty, _Mapping]]] = ..., fees_credits: _Optional[int] = ..., cost_credits: _Optional[int] = ..., credits_returned: _Optional[int] = ..., credits_written_off: _Optional[int] = ..., credits_drawn: _Optional[int] = ..., drawn_lots: _Optional[_Iterable[_Union[LotPortion, _Mapping]]] = ..., usage_credits: _Optional[int] = ...) -> None: ...
 
 class LotPortion(_message.Message):
     __slots__ = ("lot_id", "credits")
