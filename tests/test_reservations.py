@@ -308,3 +308,29 @@ async def test_many_lots_expiring_at_once_are_never_spent(engine: QuotaEngine, c
     assert await lots_left(engine, "a") == {"paid": 1}
     expired = await redis_client.hget(key(key_prefix, "a", "acct"), "credits_expired")
     assert expired == "70"  # settled over the calls above (balance, reserve, balance)
+
+
+@pytest.mark.parametrize("ending", ["commit", "release", "expire"])
+async def test_a_resolved_record_drops_its_stored_decision(engine: QuotaEngine, clock: ManualClock, redis_client,
+                                                            key_prefix: str, ending: str) -> None:
+    """The decision JSON replays only a live hold; the record kept for retries after resolution is
+    smaller without it, and a retry still answers the resolution."""
+    import json
+
+    job = JobParams(duration_seconds=10, resolution="720p")
+    first = await engine.check_and_reserve("acct", "sora", "r1", job, ttl_seconds=60)
+    records = key(key_prefix, "acct", "res")
+    assert "d" in json.loads(await redis_client.hget(records, "r1"))
+    assert (await engine.check_and_reserve("acct", "sora", "r1", job, ttl_seconds=60)).outcome.replayed
+    if ending == "commit":
+        await engine.commit("acct", "r1")
+    elif ending == "release":
+        await engine.release("acct", "r1")
+    else:
+        clock.advance(seconds=61)
+        await engine.balance("acct")  # settles the expired hold
+    kept = json.loads(await redis_client.hget(records, "r1"))
+    assert "d" not in kept and kept["s"] == {"commit": "committed", "release": "released", "expire": "expired"}[ending]
+    with pytest.raises(ResolutionConflict):
+        await engine.check_and_reserve("acct", "sora", "r1", job, ttl_seconds=60)
+    assert first.outcome.allowed

@@ -381,6 +381,9 @@ end
 local function resolve(rid, rec, state)
   rec.s = state
   rec.r = now_ms
+  -- The stored decision (the record's largest field) replays only a live hold: a resolved one
+  -- answers with its state. Dropped, the record kept for retries is about half the size.
+  rec.d = nil
   save_record(rid, rec)
   redis.call('ZREM', K_HOLDS, rid)
   redis.call('ZADD', K_RESDONE, now_ms, rid)

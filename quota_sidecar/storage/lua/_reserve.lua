@@ -25,7 +25,7 @@
 -- e = expires_ms, ttl = ttl_ms, pl = the account's plan, rc = the reserved
 -- job's cost (a commit's actual job may not exceed it), ch = credits charged, rf = credits returned
 -- at commit, rj = credits given back by RefundJob (set once), r =
--- resolved_ms, d = the decision to replay (its JSON reply, as a string).
+-- resolved_ms, d = the decision to replay (its JSON reply, as a string; only while held: resolve() drops it).
 --
 -- Times are in milliseconds; credits are integers.
 -- swept: lazy expiry already ran for this call (reserve_all.lua runs it once for the batch).
