@@ -374,6 +374,9 @@ class QuotaEngine:
         # (product, job, schedule span) -> (the plans they were priced under, segments); see _segments.
         self._segments_cache: dict[tuple[Any, ...], tuple[Plans, tuple[Segment, ...]]] = {}
         self._fingerprints: dict[tuple[Any, ...], str] = {}
+        # (plans identity, product, job) -> those plans, once plans.job_cost passed; see _check_job.
+        self._checked_jobs: dict[tuple[Any, ...], Plans] = {}
+        self._last_stamp = Stamp()
         # (plans identity, product, job) -> (those plans, the commit's ActualCost); see _actual_cost.
         self._actual_cache: dict[tuple[Any, ...], tuple[Plans, ActualCost]] = {}
         self.set_plans(plans)
@@ -398,7 +401,7 @@ class QuotaEngine:
         """The plans in force now by this sidecar's clock (decisions use Redis' clock, see _segments)."""
         return self.plans.at(self.clock.local_now_ms())
 
-    def _segments(self, plans: Plans, product: str, job: JobParams) -> tuple[Segment, ...]:
+    def _segments(self, plans: Plans, product: str, job: JobParams, job_key: tuple[Any, ...]) -> tuple[Segment, ...]:
         """The plans in force a day either side of this sidecar's clock: one segment, or more when
         a scheduled change falls in between; the script picks by Redis' clock.
 
@@ -406,7 +409,7 @@ class QuotaEngine:
         change enters or leaves that two-day span, and the store reuses their encoding."""
         approx_now_ms = self.clock.local_now_ms()
         starts = (0, *plans.switches_between(approx_now_ms - DAY_MS, approx_now_ms + DAY_MS))
-        key = (product, _job_key(job), starts, id(plans.at(approx_now_ms - DAY_MS)), id(plans.at(approx_now_ms)))
+        key = (product, job_key, starts, id(plans.at(approx_now_ms - DAY_MS)), id(plans.at(approx_now_ms)))
         cached = self._segments_cache.get(key)
         if cached is not None and cached[0] is plans:
             return cached[1]
@@ -433,9 +436,9 @@ class QuotaEngine:
                                     plan_rows=rows, metered=metered))
         return tuple(segments)
 
-    def _fingerprint(self, product: str, job: JobParams, ttl_seconds: int) -> str:
+    def _fingerprint(self, product: str, job: JobParams, job_key: tuple[Any, ...], ttl_seconds: int) -> str:
         """fingerprint(), remembered: workers send the same few job sizes over and over."""
-        key = (product, _job_key(job), job.cameo_ids, ttl_seconds)
+        key = (product, job_key, job.cameo_ids, ttl_seconds)
         cached = self._fingerprints.get(key)
         if cached is None:
             if len(self._fingerprints) >= SEGMENTS_CACHE_ENTRIES:
@@ -443,12 +446,28 @@ class QuotaEngine:
             cached = self._fingerprints[key] = fingerprint(product, job, ttl_seconds)
         return cached
 
+    def _check_job(self, plans: Plans, product: str, job: JobParams, job_key: tuple[Any, ...]) -> None:
+        """plans.job_cost(product, job) for its InvalidArgument, remembered once it passed: the same
+        job under the same plans passes again (a job that fails is checked on every call)."""
+        key = (id(plans), product, job_key)
+        if self._checked_jobs.get(key) is plans:
+            return
+        plans.job_cost(product, job)
+        if len(self._checked_jobs) >= SEGMENTS_CACHE_ENTRIES:
+            self._checked_jobs.clear()
+        self._checked_jobs[key] = plans
+
     def plans_versions(self) -> tuple[str, ...]:
         """Versions kept for pricing commits, oldest first."""
         return tuple(self._plans_by_version)
 
     def _stamp(self, plans: Plans | None = None) -> Stamp:
-        return Stamp(now_ms=self.clock.pinned_now_ms(), plans_version=(plans or self.plans).version)
+        now_ms, version = self.clock.pinned_now_ms(), (plans or self.plans).version
+        last = self._last_stamp
+        # The same stamp call after call (Redis' clock, one plans version): built once for them.
+        if last.now_ms != now_ms or last.plans_version != version:
+            last = self._last_stamp = Stamp(now_ms=now_ms, plans_version=version)
+        return last
 
     # -- time zones -------------------------------------------------------
 
@@ -484,13 +503,14 @@ class QuotaEngine:
         plans.product(product)
         rid = check_id("reservation_id", reservation_id) if reservation_id else (
             new_reservation_id() if mint_id else "")
-        plans.job_cost(product, job)
+        job_key = _job_key(job)
+        self._check_job(plans, product, job, job_key)
         check_cameo_ids(job.cameo_ids)
         check_ttl_seconds("ttl_seconds", ttl_seconds)
         return _Prepared(account_id=account_id, product=product, reservation_id=rid, job=job, plans=plans,
                          ttl_seconds=ttl_seconds, ttl_ms=(ttl_seconds or plans.default_ttl_seconds(product)) * 1000,
-                         segments=self._segments(base, product, job),
-                         fingerprint=self._fingerprint(product, job, ttl_seconds))
+                         segments=self._segments(base, product, job, job_key),
+                         fingerprint=self._fingerprint(product, job, job_key, ttl_seconds))
 
     def _command(self, p: _Prepared, tz: str, days: tuple[Window, ...] | None = None,
                  weeks: tuple[Window, ...] | None = None, months: tuple[Window, ...] | None = None) -> ReserveCommand:
