@@ -124,11 +124,26 @@ def encode_limits(limits: Sequence[Limit]) -> str:
     return json.dumps([limit.as_json() for limit in limits], separators=(",", ":"))
 
 
+# A limit's value by its script row's fields (id, kind, hours, free, shadow): a decision reports
+# the same few limits call after call. Bounded like the other caches of the decision path.
+_LIMITS: dict[tuple[Any, ...], Limit] = {}
+_LIMITS_MAX = 4096
+
+
+def _limit(r: list[Any]) -> Limit:
+    key = (r[0], r[1], r[2], r[4], r[6])
+    limit = _LIMITS.get(key)
+    if limit is None:
+        if len(_LIMITS) >= _LIMITS_MAX:
+            _LIMITS.clear()
+        limit = _LIMITS[key] = Limit(limit_id=r[0], kind=LimitKind(r[1]), free=int(r[4]), hours=int(r[2]),
+                                     shadow=bool(r[6]))
+    return limit
+
+
 def decode_limit_statuses(rows: Any) -> tuple[LimitStatus, ...]:
     """Script rows {id, kind, hours, used, limit, resets_ms, shadow} as values."""
-    return tuple(LimitStatus(limit=Limit(limit_id=r[0], kind=LimitKind(r[1]), free=int(r[4]), hours=int(r[2]),
-                                         shadow=bool(r[6])), used=int(r[3]), resets_ms=int(r[5]))
-                 for r in as_list(rows))
+    return tuple(LimitStatus(limit=_limit(r), used=int(r[3]), resets_ms=int(r[5])) for r in as_list(rows))
 
 
 def decode_override(product: str, raw: str) -> LimitOverride:
@@ -142,14 +157,19 @@ def decode_overrides(rows: Any) -> tuple[LimitOverride, ...]:
     return tuple(sorted((decode_override(p, raw) for p, raw in as_list(rows)), key=lambda o: o.product))
 
 
+_FUNDINGS: dict[Any, Funding | None] = {f.value: f for f in Funding}
+_DENIALS: dict[Any, DenialReason | None] = {d.value: d for d in DenialReason}
+
+
 def decode_reserve_outcome(r: Mapping[str, Any]) -> ReserveOutcome:
     funding = r.get("funding")
     denial = r.get("denial")
     return ReserveOutcome(
         allowed=bool(r["allowed"]),
         plan=r["plan"],
-        funding=Funding(funding) if funding else None,
-        denial=DenialReason(denial) if denial else None,
+        # By value through a dict (an Enum call costs ~1 us); an unknown value still raises ValueError.
+        funding=(_FUNDINGS.get(funding) or Funding(funding)) if funding else None,
+        denial=(_DENIALS.get(denial) or DenialReason(denial)) if denial else None,
         cost_credits=int(r["cost"]),
         credits_held=int(r["held"]),
         credits_short=int(r.get("short", 0)),

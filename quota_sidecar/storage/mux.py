@@ -89,12 +89,20 @@ def pack_command(args: Iterable[Any]) -> bytes:
     """A RESP array of bulk strings."""
     count, parts = 0, []
     for arg in args:
-        if type(arg) is Packed:
+        kind = type(arg)
+        # str and int inline (_encode's first cases): a decision packs ~15 of them.
+        if kind is str:
+            data = arg.encode()
+        elif kind is int:
+            data = b"%d" % arg
+        elif kind is Packed:
             count += len(arg.args)
             parts.append(arg.data)
+            continue
         else:
-            count += 1
-            parts.append(_bulk(arg))
+            data = _encode(arg)
+        count += 1
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
     return b"*%d\r\n" % count + b"".join(parts)
 
 

@@ -102,6 +102,8 @@ OUTBOX_READ_PAGE = 5000
 # Outbox reads in flight at once: the shipper reads many buckets together, and off the
 # multiplexed connection each read holds one of redis-py's pooled connections (100 at most).
 OUTBOX_READS_AT_ONCE = 16
+# Plans versions whose encoded header part is kept (a few are in use at once: see PLANS_VERSIONS_KEPT).
+HEADER_TAILS_KEPT = 64
 # The largest stream id part: the id after <ms>-<this> is <ms + 1>-0.
 _STREAM_ID_PART_MAX = 2**64 - 1
 
@@ -127,6 +129,7 @@ class RedisStore:
         self._max_holds = max_open_holds_per_account
         self._grant_min_replicas = grant_min_replicas
         self._grant_wait_timeout_ms = grant_wait_timeout_ms
+        self._header_tails: dict[str, redis_mux.Packed] = {}  # plans version -> its part of _header
         self._sources = {name: load_script_source(name) for name in SCRIPT_NAMES}
         self._shas = {name: hashlib.sha1(source.encode()).hexdigest() for name, source in self._sources.items()}
         self._renew_lease = client.register_script(
@@ -172,18 +175,27 @@ class RedisStore:
             raise domain_error(exc) from exc
 
     def _header(self, account_id: str, stamp: Stamp) -> list[Any]:
-        """The ARGV every script starts with (see _prelude.lua)."""
-        return [stamp.now_ms, account_id, self._retention_ms, self._events_max, stamp.plans_version,
-                self._max_records, self._max_holds]
+        """The ARGV every script starts with (see _prelude.lua), the part that changes only with the
+        plans version encoded once (a redis_mux.Packed: flatten() for redis-py)."""
+        tail = self._header_tails.get(stamp.plans_version)
+        if tail is None:
+            if len(self._header_tails) >= HEADER_TAILS_KEPT:
+                self._header_tails.clear()
+            tail = self._header_tails[stamp.plans_version] = redis_mux.Packed([
+                self._retention_ms, self._events_max, stamp.plans_version, self._max_records, self._max_holds])
+        return [stamp.now_ms, account_id, tail]
+
+    def _argv(self, account_id: str, stamp: Stamp, args: Iterable[Any]) -> list[Any]:
+        """The header and ``args``: flat for transports that take no Packed blocks."""
+        argv = [*self._header(account_id, stamp), *args]
+        return redis_mux.flatten(argv) if self._transport.flat_args else argv
 
     async def _run(self, name: str, account_id: str, stamp: Stamp, args: Iterable[Any], *,
                    min_replicas: int = 0) -> dict[str, Any]:
-        header = self._header(account_id, stamp)
+        argv = self._argv(account_id, stamp, args)
         keys = script_keys(self._prefix, self._buckets, account_id)
-        if self._transport.flat_args:
-            args = redis_mux.flatten(args)
         with self._telemetry.redis_call(name):
-            raw, acked = await self._call(name, keys, header + list(args), min_replicas)
+            raw, acked = await self._call(name, keys, argv, min_replicas)
         reply: dict[str, Any] = json.loads(raw)
         if "error" in reply:
             raise script_error(reply)
@@ -492,11 +504,8 @@ class RedisStore:
 
     async def _run_many(self, calls: Sequence[tuple[str, str, Stamp, list[Any]]]) -> list[Any]:
         """(script, account, stamp, args) each -> its reply dict, or the QuotaError it failed with."""
-        sent = []
-        for name, account_id, stamp, args in calls:
-            sent.append((name, script_keys(self._prefix, self._buckets, account_id),
-                         self._header(account_id, stamp) + (redis_mux.flatten(args) if self._transport.flat_args
-                                                            else list(args))))
+        sent = [(name, script_keys(self._prefix, self._buckets, account_id), self._argv(account_id, stamp, args))
+                for name, account_id, stamp, args in calls]
         try:
             with self._telemetry.redis_call(calls[0][0] if calls else "", len(calls)):
                 try:

@@ -158,11 +158,19 @@ class MuxTransport:
     def __init__(self, mux: redis_mux.MuxConnection, client: aioredis.Redis) -> None:
         self._mux = mux
         self._pipelines = PipelineTransport(client)
+        # "EVALSHA <sha> <number of keys>" encoded once per script and key count.
+        self._heads: dict[tuple[str, int], redis_mux.Packed] = {}
+
+    def _head(self, sha: str, keys: int) -> redis_mux.Packed:
+        head = self._heads.get((sha, keys))
+        if head is None:
+            head = self._heads[(sha, keys)] = redis_mux.Packed(["EVALSHA", sha, keys])
+        return head
 
     async def send(self, calls: Sequence[Call]) -> list[Any]:
         # A dropped connection is retried once, as redis-py's client is configured to: every
         # script is idempotent, so re-sending one that did run is safe.
-        packed = [redis_mux.pack_command(["EVALSHA", sha, len(keys), keys.packed, *args]) for sha, keys, args in calls]
+        packed = [redis_mux.pack_command([self._head(sha, len(keys)), keys.packed, *args]) for sha, keys, args in calls]
         try:
             return await self._mux.execute_many(packed)
         except (redis_errors.ConnectionError, redis_errors.TimeoutError):
