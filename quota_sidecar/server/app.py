@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import logging
 import os
 import signal
@@ -710,6 +711,16 @@ def _chmod_sockets(settings: Settings) -> None:
             if mode is not None and address.startswith("unix:"):
                 path = address[len("unix:"):]
                 os.chmod(path[2:] if path.startswith("//") else path, mode)
+
+
+def freeze_startup_heap(ports: dict[str, int] | None = None) -> None:
+    """``serve``'s on_ready: what start-up built (modules, grpc, the plans) lives as long as the
+    process, so it leaves the collector's generations and full collections stop walking it
+    (measured: ~40 ms each, ~20 us per decision under load, before). Collected first, so nothing
+    frozen is garbage; reference counting still frees everything, only a cycle made before this
+    and dropped later would stay. Not in run() itself: tests run servers inside the test process."""
+    gc.collect()
+    gc.freeze()
 
 
 async def _serve(settings: Settings, engine: QuotaEngine, store: RedisStore, stop: asyncio.Event,

@@ -360,7 +360,7 @@ def _main(argv: Sequence[str] | None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from quota_sidecar.server.app import run, run_until_complete
+    from quota_sidecar.server.app import freeze_startup_heap, run, run_until_complete
     from quota_sidecar.server.data_dir import DataDirInUse
     from quota_sidecar.server.logs import configure as configure_logging
     from quota_sidecar.server.logs import mask_credentials
@@ -380,7 +380,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         if settings.workers > 1:
             return supervise(settings)
-        run_until_complete(run(settings, worker=worker), settings.event_loop)
+        run_until_complete(run(settings, worker=worker, on_ready=freeze_startup_heap), settings.event_loop)
     except PlansError as exc:
         print(f"quota-sidecar: invalid plans file: {exc.message}", file=sys.stderr)
         return 2
