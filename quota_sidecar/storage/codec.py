@@ -204,7 +204,8 @@ class PackedBlocks:
     def get(self, values: tuple[Any, ...], build: Callable[[], list[Any]]) -> redis_mux.Packed:
         key = tuple(map(id, values))
         hit = self._entries.get(key)
-        if hit is not None and all(a is b for a, b in zip(hit[0], values)):
+        # Tuple equality tests each item's identity first: the same objects compare at C speed.
+        if hit is not None and hit[0] == values:
             return hit[1]
         packed = redis_mux.Packed(build())
         if len(self._entries) >= self._max_entries:
