@@ -67,12 +67,14 @@ class Processes:
         self.workdir = workdir
         self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
 
-    def spawn(self, name: str, argv: Sequence[str], *, stdout: Any = None) -> tuple[subprocess.Popen[bytes], Path]:
-        """Starts ``argv``; stderr (and stdout unless given) go to a log file (no pipe can fill up)."""
+    def spawn(self, name: str, argv: Sequence[str], *, stdout: Any = None,
+              env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], Path]:
+        """Starts ``argv``; stderr (and stdout unless given) go to a log file (no pipe can fill up).
+        ``env``: variables set on top of clean_env()."""
         log = self.workdir / f"{name}-{len(self.children)}.log"
         with open(log, "wb") as log_file:
             proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=stdout or log_file,
-                                    stderr=log_file, env=clean_env(), cwd=self.workdir,
+                                    stderr=log_file, env={**clean_env(), **(env or {})}, cwd=self.workdir,
                                     start_new_session=True, preexec_fn=_child_setup)
         self.children.append((name, proc))
         return proc, log
@@ -183,7 +185,9 @@ class Sidecar:
         return [self.proc.pid] if self.workers == 1 else child_pids(self.proc.pid)
 
 
-def start_sidecar(procs: Processes, redis_url: str, *, workers: int = 1, admin: bool = True) -> Sidecar:
+def start_sidecar(procs: Processes, redis_url: str, *, workers: int = 1, admin: bool = True,
+                  source: str = "") -> Sidecar:
+    """``source``: a checkout of another version of the project to run instead (its PYTHONPATH)."""
     port, admin_port = free_port(), free_port() if admin else 0
     argv = [sys.executable, "-m", "quota_sidecar", "serve", "--redis-url", redis_url,
             "--listen", f"127.0.0.1:{port}", "--workers", str(workers), "--shutdown-grace-seconds", "2",
@@ -191,7 +195,7 @@ def start_sidecar(procs: Processes, redis_url: str, *, workers: int = 1, admin: 
     if admin:
         # Loopback admin without a token is allowed (the sidecar logs a warning); nothing else can reach it.
         argv += ["--admin-listen", f"127.0.0.1:{admin_port}"]
-    proc, log = procs.spawn(f"sidecar-w{workers}", argv)
+    proc, log = procs.spawn(f"sidecar-w{workers}", argv, env={"PYTHONPATH": source} if source else None)
     sidecar = Sidecar(proc, log, port, admin_port, workers, redis_url)
     wait_serving(sidecar.target, proc, log)
     if workers > 1:
@@ -261,12 +265,14 @@ def capture_responses(target: str, account: str, path: Path) -> dict[str, int]:
     return {k: len(v) for k, v in out.items()}
 
 
-def start_noop(procs: Processes, responses: Path) -> tuple[subprocess.Popen[bytes], int]:
-    """benchmarks/noop_server.py on a free loopback port; returns it and its port (read from its stdout)."""
+def start_noop(procs: Processes, responses: Path, *, redis_ping: str = "") -> tuple[subprocess.Popen[bytes], int]:
+    """benchmarks/noop_server.py on a free loopback port; returns it and its port (read from its stdout).
+    ``redis_ping``: a Redis URL each CheckAndReserve PINGs first (noop_server.py --redis-ping)."""
     port_file = procs.workdir / f"noop-port-{len(procs.children)}.txt"
+    extra = ["--redis-ping", redis_ping] if redis_ping else []
     with open(port_file, "wb") as out:
         proc, log = procs.spawn("noop", [sys.executable, str(HERE / "noop_server.py"), "--listen", "127.0.0.1:0",
-                                         "--responses", str(responses)], stdout=out)
+                                         "--responses", str(responses), *extra], stdout=out)
     port = 0
 
     def announced() -> bool:

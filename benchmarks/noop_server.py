@@ -11,6 +11,10 @@ item. The server is built like the sidecar's worker server
 registered, one process, the event loop ``serve`` picks by default (uvloop when
 installed, through quota_sidecar.server.app.run_until_complete). It prints ``PORT <n>`` once it is
 serving, then runs until SIGTERM/SIGINT.
+
+``--redis-ping URL``: CheckAndReserve first awaits one PING on the sidecar's multiplexed Redis
+connection (quota_sidecar.storage.mux): the floor of any server that asks Redis once per call,
+which is what benchmarks/unary_cpu.py sets beside the no-op server and the sidecar.
 """
 
 from __future__ import annotations
@@ -57,9 +61,10 @@ def load_responses(path: str) -> dict[str, Any]:
 class NoopQuotaService(pb_grpc.QuotaServiceServicer):
     """Canned answers; batch responses are built once per item count (the floor builds nothing per call)."""
 
-    def __init__(self, canned: dict[str, Any]) -> None:
+    def __init__(self, canned: dict[str, Any], redis: Any = None) -> None:
         self._canned = canned
         self._batches: dict[tuple[str, int], Any] = {}
+        self._redis = redis  # a MuxConnection with --redis-ping, else None
 
     def _batch(self, name: str, items: int) -> Any:
         key = (name, items)
@@ -71,6 +76,8 @@ class NoopQuotaService(pb_grpc.QuotaServiceServicer):
         return response
 
     async def CheckAndReserve(self, request: Any, context: Any) -> Any:
+        if self._redis is not None:
+            await self._redis.execute("PING")
         return self._canned["CheckAndReserve"]
 
     async def Commit(self, request: Any, context: Any) -> Any:
@@ -95,11 +102,20 @@ class NoopQuotaService(pb_grpc.QuotaServiceServicer):
         return self._batch("ReleaseBatch", len(request.items))
 
 
-async def serve(listen: str, responses: str) -> None:
+async def serve(listen: str, responses: str, redis_url: str = "") -> None:
     settings = Settings(listen=(listen,))
     # The sidecar's own option list (message limits, SO_REUSEPORT off), so transport costs match.
     server = grpc.aio.server(options=sidecar_server._options(settings))
-    pb_grpc.add_QuotaServiceServicer_to_server(NoopQuotaService(load_responses(responses)), server)
+    redis = None
+    if redis_url:
+        from urllib.parse import urlsplit
+
+        from quota_sidecar.storage.mux import MuxConnection
+
+        url = urlsplit(redis_url)
+        redis = MuxConnection(host=url.hostname or "127.0.0.1", port=url.port or 6379)
+        await redis.execute("PING")
+    pb_grpc.add_QuotaServiceServicer_to_server(NoopQuotaService(load_responses(responses), redis), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection((sidecar_server.SERVICE_NAME, sidecar_server.HEALTH_NAME,
@@ -122,8 +138,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--listen", default="127.0.0.1:0", help="host:port; port 0 picks a free one")
     parser.add_argument("--responses", required=True, help="JSON file of canned responses (written by run.py)")
+    parser.add_argument("--redis-ping", default="", metavar="URL",
+                        help="CheckAndReserve awaits one PING to this Redis first (see the docstring)")
     args = parser.parse_args()
-    run_loop(serve(args.listen, args.responses))
+    run_loop(serve(args.listen, args.responses, args.redis_ping))
     return 0
 
 
