@@ -271,3 +271,30 @@ async def test_a_codex_task_on_included_usage_then_past_its_credits(sidecar: Sid
     assert "13 credit(s)       available 0, held 0  (lots order-1001 7; drawn 2 from lots order-1001 2; owed +4)" \
         in out, out
     assert "  (lots order-1002 4; owed -4)" in out, out
+
+
+async def test_client_library_reports_included_usage_draw_and_debt(sidecar: Sidecar) -> None:
+    async with QuotaClient(f"127.0.0.1:{sidecar.port}") as client:
+        q = await client.quote("dee", "codex", {"input_tokens": 80_000, "output_tokens": 5_000})
+        assert (q.allowed, q.funding, q.allowance_unit, q.job_cost_credits) == (True, "free", "credits", 7)
+        r = await client.reserve("dee", "codex", {"input_tokens": 80_000, "output_tokens": 5_000},
+                                 reservation_id="t1")
+        assert (r.funding, r.allowance_unit, r.free_used, r.free_limit) == ("free", "credits", 7, 10)
+        c = await client.commit("dee", "t1", {"input_tokens": 96_000, "output_tokens": 8_000})
+        assert (c.included_usage_credits, c.credits_charged) == (9, 0)
+        await sidecar.engine.grant("dee", 2, "p1")
+        await sidecar.engine.grant("dee", 1, "p2")
+        r = await client.reserve("dee", "codex", {"input_tokens": 32_000}, reservation_id="t2")  # 2: 9 + 2 > 10
+        assert (r.funding, r.credits_held, r.credit_balance) == ("credits", 2, 1)
+        c = await client.commit("dee", "t2", {"input_tokens": 96_000})  # 6: 2 held, 1 drawn, 3 owed
+        assert (c.credits_charged, c.credits_drawn, c.debt_credits, c.included_usage_credits) == (6, 1, 3, 0)
+        b = await client.balance("dee")
+    codex = next(a for a in b.allowances if a.product == "codex")
+    sora = next(a for a in b.allowances if a.product == "sora")
+    assert (codex.unit, sora.unit) == ("credits", "generation")
+    five_hour, weekly = codex.windows
+    assert (five_hour.limit_id, five_hour.kind, five_hour.rolling_hours, five_hour.used, five_hour.limit,
+            five_hour.left) == ("five_hour", "rolling", 5, 9, 10, 1)
+    assert (weekly.kind, weekly.used, weekly.left) == ("week", 9, 31)
+    assert five_hour.resets_at is not None and five_hour.resets_at.timestamp() * 1000 == T0_MS + 5 * 3_600_000
+    assert b.debt_credits == c.debt_credits and b.credit_balance == 0

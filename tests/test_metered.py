@@ -153,6 +153,11 @@ def test_plans_file_refusals() -> None:
     bad["plans"]["pro"]["codex-usage"] = {"daily_free": 0, "max_units": 3}
     with pytest.raises(PlansError, match=r"plans\.pro\.codex-usage\.max_units"):
         parse_plans(bad)
+    # Without Redis a metered job's usage could be neither counted nor charged: it fails closed.
+    bad = metered_document()
+    bad["products"]["codex-usage"].update(on_redis_failure="fail_open_free", degraded_free_per_window=3)
+    with pytest.raises(PlansError, match=r"products\.codex-usage\.on_redis_failure: must be fail_closed"):
+        parse_plans(bad)
 
 
 def test_fingerprint_keeps_old_jobs_and_tells_estimates_apart() -> None:

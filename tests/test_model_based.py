@@ -2,11 +2,18 @@
 
 A hypothesis RuleBasedStateMachine drives a real QuotaEngine on the session's
 Redis (a fresh key prefix per run, a ManualClock that only the machine moves)
-and the pure-Python model with the same calls. Quotes are among them: the
-model's is its reserve, forgotten, so a quote that disagrees with the decision
-it announces, or leaves anything held, fails the comparison. After every step the two must
-give the same answer (decision, funding, denial, amounts, balances, replay
-flags, error class and reason), and the touched account's balance must agree.
+and the pure-Python model with the same calls: sora jobs and metered codex
+jobs (estimates of a few credits to a few dozen, or none: the default hold)
+on the packaged plans free, plus and pro, commits below, at and above the
+estimate (included usage taking the actual; credits drawn past the hold,
+debt up to the plan's bound, the rest written off), releases, extensions,
+grants (paying debt first), time moving to window and expiry edges. Quotes
+are among them: the model's is its reserve, forgotten, so a quote that
+disagrees with the decision it announces, or leaves anything held, fails the
+comparison. After every step the two must give the same answer (decision,
+funding, denial, amounts, every window's use, debt, drawn / written-off
+credits, balances, replay flags, error class and reason), and the touched
+account's balance (sora's and codex's windows, lots, holds, debt) must agree.
 
 Hypothesis stateful tests are synchronous: each machine owns a private event
 loop and runs every engine call to completion on it.
@@ -31,6 +38,9 @@ from reference_model import (
     Refused,
     ReleaseReply,
     ReserveReply,
+    Task,
+    Video,
+    product_of,
 )
 
 from quota_sidecar.domain.clock import ManualClock
@@ -54,12 +64,28 @@ ACCOUNTS = ("acct-a", "acct-b", "acct-c")
 RESOLUTIONS = ("720p", "1080p")
 # Whole seconds plus a few that straddle a 10-second step or a plan's longest video.
 DURATIONS = st.one_of(st.integers(1, 30), st.sampled_from([0.5, 9.999, 10.001, 10.5, 15.001, 20.001, 25.001]))
+VIDEOS = st.builds(Video, DURATIONS, st.sampled_from(RESOLUTIONS))
+TOKENS_PER_CREDIT = 16_000  # model codex: 62.5 credits per 1M input tokens
+
+
+def _tokens(credits: st.SearchStrategy[int]) -> st.SearchStrategy[int]:
+    """Input tokens worth `credits`, or a token either side (one more costs a credit more)."""
+    return st.tuples(credits, st.sampled_from((0, 0, 0, -1, 1))).map(
+        lambda c: max(0, c[0] * TOKENS_PER_CREDIT + c[1]))
+
+
+# 0 tokens: the default hold (5 credits). Past 10 the free plan's 5-hour window cannot hold it.
+ESTIMATES = _tokens(st.one_of(st.just(0), st.integers(1, 12), st.integers(13, 60)))
+TASKS = st.builds(Task, ESTIMATES, st.sampled_from((False, False, False, True)))
+JOBS = st.one_of(VIDEOS, TASKS, TASKS)
 TTLS = st.one_of(st.just(0), st.integers(1, 3600))
 # Shared expiries make ties in the spending order likely (then promo first, then lot id).
 LOT_LIFETIMES = st.one_of(st.sampled_from([HOUR_MS, DAY_MS, 30 * DAY_MS]), st.integers(HOUR_MS, 30 * DAY_MS))
 SOURCES = {"purchase": CreditSource.PURCHASE, "promo": CreditSource.PROMO}
-# Small lots make a job's credits span several lots (the order they are taken and given back in).
-LOTS = st.tuples(st.one_of(st.integers(1, 3), st.integers(1, 20)), LOT_LIFETIMES, st.sampled_from(sorted(SOURCES)))
+# Small lots make a job's credits span several lots (the order they are taken and given back in);
+# large ones fund codex jobs of a few dozen credits.
+LOTS = st.tuples(st.one_of(st.integers(1, 3), st.integers(1, 20), st.integers(20, 100)), LOT_LIFETIMES,
+                 st.sampled_from(sorted(SOURCES)))
 STEPS = st.one_of(st.integers(1, 999), st.integers(1, 3600).map(lambda s: s * 1000),
                   st.integers(1, 48).map(lambda h: h * HOUR_MS), st.integers(1, 3).map(lambda d: d * DAY_MS))
 
@@ -73,7 +99,18 @@ def _reserve_reply(d: Decision) -> ReserveReply:
                         denial=o.denial.value if o.denial else None, cost_credits=o.cost_credits,
                         credits_held=o.credits_held, credits_short=o.credits_short, free_used=o.free_used,
                         free_limit=o.free_limit, free_resets_ms=o.free_resets_ms, credit_balance=o.credit_balance,
-                        expires_ms=o.expires_ms, replayed=o.replayed)
+                        expires_ms=o.expires_ms, replayed=o.replayed, limits=_limits(o.limits),
+                        debt_credits=o.debt_credits)
+
+
+def _limits(statuses: Any) -> tuple[tuple[str, int, int, int], ...]:
+    return tuple((s.limit.limit_id, s.used, s.limit.free, s.resets_ms) for s in statuses)
+
+
+def job_params(job: Video | Task) -> JobParams:
+    if isinstance(job, Video):
+        return JobParams(duration_seconds=job.duration, resolution=job.resolution)
+    return JobParams(model="codex", input_tokens=job.input_tokens, fast=job.fast)
 
 
 class QuotaMachine(RuleBasedStateMachine):
@@ -86,7 +123,7 @@ class QuotaMachine(RuleBasedStateMachine):
         self.engine = QuotaEngine(load_plans(), self.store, self.clock)
         self.model = ReferenceModel(START_MS)
         # Every id the machine used, so rules can retry them (denied ones included).
-        self.rids: dict[str, dict[str, tuple[float, str, int]]] = {a: {} for a in ACCOUNTS}
+        self.rids: dict[str, dict[str, tuple[Video | Task, int]]] = {a: {} for a in ACCOUNTS}
         self.lot_ids: dict[str, dict[str, int]] = {a: {} for a in ACCOUNTS}
         self.serial = 0
 
@@ -124,11 +161,14 @@ class QuotaMachine(RuleBasedStateMachine):
     def _check_balance(self, account: str) -> None:
         def view(b: Any) -> BalanceView:
             sora = next(a for a in b.allowances if a.product == "sora")
+            codex = next(a for a in b.allowances if a.product == "codex")
             return BalanceView(plan=b.plan, free_used=sora.free_used, free_limit=sora.free_limit,
-                               free_resets_ms=sora.free_resets_ms, credit_balance=b.credit_balance,
+                               free_resets_ms=sora.free_resets_ms,
+                               codex=(codex.free_used, codex.free_limit, codex.free_resets_ms, _limits(codex.limits)),
+                               credit_balance=b.credit_balance, debt_credits=b.debt_credits,
                                lots=tuple((x.lot_id, x.credits_left, x.expires_ms) for x in b.lots),
-                               holds=tuple(sorted((h.reservation_id, h.funding.value, h.credits_held, h.expires_ms)
-                                                  for h in b.holds)))
+                               holds=tuple(sorted((h.reservation_id, h.product, h.funding.value, h.credits_held,
+                                                   h.expires_ms) for h in b.holds)))
 
         self._both(lambda: self.engine.balance(account), view, lambda: self.model.balance(account))
 
@@ -143,11 +183,20 @@ class QuotaMachine(RuleBasedStateMachine):
             return data.draw(st.sampled_from(used), label="used")
         return data.draw(st.sampled_from(ACCOUNTS), label="account"), self._new_id("r")
 
-    def _reserve(self, account: str, rid: str, duration: float, resolution: str, ttl: int) -> None:
-        job = JobParams(duration_seconds=duration, resolution=resolution)
-        self._both(lambda: self.engine.check_and_reserve(account, "sora", rid, job, ttl),
-                   lambda d: (d.reservation_id, _reserve_reply(d)),
-                   lambda: (rid, self.model.reserve(account, rid, duration, resolution, ttl)))
+    def _reserve(self, account: str, rid: str, job: Video | Task, ttl: int) -> ReserveReply | None:
+        """Both reserve; the decision when they agree on one (None: both refused)."""
+        got = self._both(lambda: self.engine.check_and_reserve(account, product_of(job), rid, job_params(job), ttl),
+                         lambda d: (d.reservation_id, _reserve_reply(d)),
+                         lambda: (rid, self.model.reserve(account, rid, job, ttl)))
+        return None if got[0] == "refused" else got[1]
+
+    def _commit(self, account: str, rid: str, actual: Video | Task | None = None) -> None:
+        job = None if actual is None else job_params(actual)
+        self._both(lambda: self.engine.commit(account, rid, job),
+                   lambda r: CommitReply(r.funding.value, r.credits_charged, r.credits_refunded, r.free_charged,
+                                         r.credit_balance, r.replayed, r.credits_drawn, r.debt_credits,
+                                         r.written_off),
+                   lambda: self.model.commit(account, rid, actual))
 
     def _use_up_free(self, account: str) -> None:
         """Free 10 s jobs, each committed, until today's allowance (30 or 100) is gone: without this
@@ -157,49 +206,66 @@ class QuotaMachine(RuleBasedStateMachine):
             if today.free_used >= today.free_limit:
                 return
             rid = self._new_id("f")
-            self._reserve(account, rid, 10, "720p", 0)
-            self._both(lambda: self.engine.commit(account, rid), lambda r: r.free_charged,
-                       lambda: self.model.commit(account, rid).free_charged)
+            decision = self._reserve(account, rid, Video(10, "720p"), 0)
+            if decision is None or not decision.allowed:  # open debt denies free jobs too
+                return
+            self._commit(account, rid)
+
+    def _use_up_included_usage(self, account: str, above: int) -> None:
+        """One codex job the size of the tightest window's room, committed at ``above`` credits
+        more: the windows full (or past full), so later jobs go to credits."""
+        room = self.model.codex_room(account)
+        if room:
+            rid = self._new_id("u")
+            decision = self._reserve(account, rid, Task(room * TOKENS_PER_CREDIT), 0)
+            if decision is not None and decision.allowed:
+                self._commit(account, rid, Task((room + above) * TOKENS_PER_CREDIT))
 
     # -- rules --------------------------------------------------------------
 
-    @initialize(spent=st.lists(st.sampled_from(ACCOUNTS), unique=True, max_size=len(ACCOUNTS)))
-    def start(self, spent: list[str]) -> None:
+    @initialize(spent=st.lists(st.sampled_from(ACCOUNTS), unique=True, max_size=len(ACCOUNTS)),
+                funded=st.lists(st.tuples(st.sampled_from(ACCOUNTS), st.integers(10, 80)), max_size=len(ACCOUNTS)))
+    def start(self, spent: list[str], funded: list[tuple[str, int]]) -> None:
+        """Some accounts' free sora jobs used up, some credits to start with (codex jobs too large
+        for the windows need them, and debt needs credit-funded jobs)."""
         for account in spent:
             self._use_up_free(account)
+        for account, credits in funded:
+            lot_id, expires_ms = self._new_id("p"), self.clock.now_ms + 30 * DAY_MS
+            self.lot_ids[account][lot_id] = credits
+            self._both(lambda: self.engine.grant(account, credits, lot_id, expires_ms), lambda r: r.credit_balance,
+                       lambda: self.model.grant(account, lot_id, credits, expires_ms, "purchase").credit_balance)
 
-    @rule(account=st.sampled_from(ACCOUNTS), duration=DURATIONS, resolution=st.sampled_from(RESOLUTIONS), ttl=TTLS)
-    def reserve(self, account: str, duration: float, resolution: str, ttl: int) -> None:
+    @rule(account=st.sampled_from(ACCOUNTS), job=JOBS, ttl=TTLS)
+    def reserve(self, account: str, job: Video | Task, ttl: int) -> None:
         rid = self._new_id("r")
-        self.rids[account][rid] = (duration, resolution, ttl)
-        self._reserve(account, rid, duration, resolution, ttl)
+        self.rids[account][rid] = (job, ttl)
+        self._reserve(account, rid, job, ttl)
         self._check_balance(account)
 
     @precondition(lambda self: any(self.rids.values()))
-    @rule(data=st.data(), same=st.booleans(), duration=DURATIONS, resolution=st.sampled_from(RESOLUTIONS), ttl=TTLS)
-    def reserve_again(self, data: st.DataObject, same: bool, duration: float, resolution: str, ttl: int) -> None:
+    @rule(data=st.data(), same=st.booleans(), job=JOBS, ttl=TTLS)
+    def reserve_again(self, data: st.DataObject, same: bool, job: Video | Task, ttl: int) -> None:
         """A retry of a used id: with its recorded parameters (a replay, or a new decision when it
         was denied), or with other ones (a conflict, unless it was denied)."""
         account, rid = data.draw(st.sampled_from([(a, r) for a in ACCOUNTS for r in sorted(self.rids[a])]))
         if same:
-            duration, resolution, ttl = self.model.params_of(account, rid) or self.rids[account][rid]
-        self._reserve(account, rid, duration, resolution, ttl)
+            job, ttl = self.model.params_of(account, rid) or self.rids[account][rid]
+        self._reserve(account, rid, job, ttl)
         self._check_balance(account)
 
-    @rule(data=st.data(), account=st.sampled_from(ACCOUNTS), duration=DURATIONS,
-          resolution=st.sampled_from(RESOLUTIONS), ttl=TTLS)
-    def quote(self, data: st.DataObject, account: str, duration: float, resolution: str, ttl: int) -> None:
+    @rule(data=st.data(), account=st.sampled_from(ACCOUNTS), job=JOBS, ttl=TTLS)
+    def quote(self, data: st.DataObject, account: str, job: Video | Task, ttl: int) -> None:
         """A quote of a new job (no id), or of a used id with its own parameters or others: what
         reserve would answer, and nothing held afterwards (the balance check sees every hold)."""
         rid, used = "", sorted(self.rids[account])
         if used and data.draw(st.sampled_from((False, True)), label="quote a used id"):
             rid = data.draw(st.sampled_from(used), label="rid")
             if data.draw(st.booleans(), label="same parameters"):
-                duration, resolution, ttl = self.model.params_of(account, rid) or self.rids[account][rid]
-        job = JobParams(duration_seconds=duration, resolution=resolution)
-        self._both(lambda: self.engine.quote(account, "sora", rid, job, ttl),
+                job, ttl = self.model.params_of(account, rid) or self.rids[account][rid]
+        self._both(lambda: self.engine.quote(account, product_of(job), rid, job_params(job), ttl),
                    lambda d: (d.reservation_id, _reserve_reply(d)),
-                   lambda: (rid, self.model.quote(account, rid, duration, resolution, ttl)))
+                   lambda: (rid, self.model.quote(account, rid, job, ttl)))
         self._check_balance(account)
 
     @rule(account=st.sampled_from(ACCOUNTS))
@@ -207,17 +273,47 @@ class QuotaMachine(RuleBasedStateMachine):
         self._use_up_free(account)
         self._check_balance(account)
 
-    @rule(data=st.data())
-    def commit(self, data: st.DataObject) -> None:
+    @rule(account=st.sampled_from(ACCOUNTS), above=st.sampled_from((0, 0, 1, 30)))
+    def use_up_included_usage(self, account: str, above: int) -> None:
+        self._use_up_included_usage(account, above)
+        self._check_balance(account)
+
+    def _actual(self, data: st.DataObject, account: str, rid: str) -> Video | Task | None:
+        """None (charge the hold), or the actual job of the reservation's product: for codex usage
+        below, at or above the estimate (far above: past the lots and the debt bound)."""
+        if data.draw(st.integers(0, 3), label="actual params") == 0:
+            return None
+        known = self.rids[account].get(rid)
+        job = known[0] if known else data.draw(JOBS, label="job")
+        if isinstance(job, Video):
+            return data.draw(VIDEOS, label="actual video")
+        estimate = job.input_tokens // TOKENS_PER_CREDIT or 5
+        credits = data.draw(st.one_of(st.integers(0, estimate), st.just(estimate),
+                                      st.integers(estimate + 1, estimate + 10),
+                                      st.integers(estimate + 11, estimate + 150)), label="actual credits")
+        return Task(data.draw(_tokens(st.just(credits)), label="tokens"), job.fast)
+
+    @rule(data=st.data(), account=st.sampled_from(ACCOUNTS), job=TASKS, ttl=TTLS, retry=st.booleans())
+    def codex_job(self, data: st.DataObject, account: str, job: Task, ttl: int, retry: bool) -> None:
+        """A codex job from reserve to commit (usage below, at or above its estimate), and often
+        the commit's retry: the hold is not left to the other rules to find."""
+        rid = self._new_id("r")
+        self.rids[account][rid] = (job, ttl)
+        self._reserve(account, rid, job, ttl)
+        actual = self._actual(data, account, rid)
+        self._commit(account, rid, actual)
+        if retry:
+            self._commit(account, rid, actual)
+        self._check_balance(account)
+
+    @rule(data=st.data(), retry=st.booleans())
+    def commit(self, data: st.DataObject, retry: bool) -> None:
+        """A commit, and often its retry with the same usage (a replay) right away."""
         account, rid = self._pick_reservation(data)
-        actual = None
-        if data.draw(st.booleans(), label="actual params"):
-            actual = (data.draw(DURATIONS, label="duration"), data.draw(st.sampled_from(RESOLUTIONS)))
-        job = None if actual is None else JobParams(duration_seconds=actual[0], resolution=actual[1])
-        self._both(lambda: self.engine.commit(account, rid, job),
-                   lambda r: CommitReply(r.funding.value, r.credits_charged, r.credits_refunded, r.free_charged,
-                                         r.credit_balance, r.replayed),
-                   lambda: self.model.commit(account, rid, actual))
+        actual = self._actual(data, account, rid)
+        self._commit(account, rid, actual)
+        if retry:
+            self._commit(account, rid, actual)
         self._check_balance(account)
 
     @rule(data=st.data())
@@ -251,11 +347,11 @@ class QuotaMachine(RuleBasedStateMachine):
             self._both(lambda: self.engine.grant(account, credits, lot_id, expires_ms, source=SOURCES[source]),
                        lambda r: GrantReply(r.lot.lot_id, r.lot.credits_granted, r.lot.credits_left,
                                             r.lot.expires_ms, r.lot.granted_ms, r.lot.source.value,
-                                            r.credit_balance, r.replayed),
+                                            r.credit_balance, r.replayed, r.debt_paid_credits),
                        lambda: self.model.grant(account, lot_id, credits, expires_ms, source))
         self._check_balance(account)
 
-    @rule(account=st.sampled_from(ACCOUNTS), plan=st.sampled_from(["free", "pro"]))
+    @rule(account=st.sampled_from(ACCOUNTS), plan=st.sampled_from(["free", "plus", "pro"]))
     def set_plan(self, account: str, plan: str) -> None:
         self._both(lambda: self.engine.set_account(account, plan=plan), lambda r: (r.plan, r.time_zone),
                    lambda: (self.model.set_plan(account, plan), "UTC"))
@@ -276,7 +372,7 @@ class QuotaMachine(RuleBasedStateMachine):
     @precondition(lambda self: bool(self.model.expiries()))
     @rule(data=st.data(), offset_ms=st.integers(-1, 1), look=st.booleans())
     def advance_to_an_expiry(self, data: st.DataObject, offset_ms: int, look: bool) -> None:
-        """To the edge of a hold's TTL or of a lot's life (both end at now >= expires_ms)."""
+        """To the edge of a hold's TTL, a lot's life or a rolling use's 5 hours (all end at now >= end)."""
         expires_ms, account = data.draw(st.sampled_from(self.model.expiries()), label="expiry")
         self._advance_to(expires_ms + offset_ms, account if look else None)
 
@@ -308,9 +404,9 @@ def test_replayed_commit_and_release_report_the_balance_after_expired_holds(redi
         machine._both(lambda: machine.engine.grant("acct-a", 10, "p1"), lambda r: r.credit_balance,
                       lambda: machine.model.grant("acct-a", "p1", 10, machine.clock.now_ms + 365 * DAY_MS,
                                                   "purchase").credit_balance)
-        machine._reserve("acct-a", "short", 10, "720p", 60)  # 1 credit held for a minute
+        machine._reserve("acct-a", "short", Video(10, "720p"), 60)  # 1 credit held for a minute
         for rid in ("committed", "released"):
-            machine._reserve("acct-a", rid, 10, "720p", 3600)
+            machine._reserve("acct-a", rid, Video(10, "720p"), 3600)
         machine._both(lambda: machine.engine.commit("acct-a", "committed"), lambda r: r.credit_balance,
                       lambda: machine.model.commit("acct-a", "committed").credit_balance)
         machine._both(lambda: machine.engine.release("acct-a", "released"), lambda r: r.credit_balance,
@@ -340,10 +436,10 @@ def test_a_replay_after_each_ending_matches_the_model(redis_server: RedisServerP
             if funding == "credits":
                 machine._use_up_free("acct-a")
             rid = f"{ending}-{funding}"
-            machine._reserve("acct-a", rid, 10, "720p", 60)
+            machine._reserve("acct-a", rid, Video(10, "720p"), 60)
             machine._both(lambda: machine.engine.extend("acct-a", rid, 600), lambda ms: ms,
                           lambda: machine.model.extend("acct-a", rid, 600))
-            machine._reserve("acct-a", rid, 10, "720p", 60)  # a live hold: replayed, extended expiry
+            machine._reserve("acct-a", rid, Video(10, "720p"), 60)  # a live hold: replayed, extended expiry
             if ending == "commit":
                 machine._both(lambda: machine.engine.commit("acct-a", rid), lambda r: r.credits_charged,
                               lambda: machine.model.commit("acct-a", rid).credits_charged)
@@ -352,7 +448,7 @@ def test_a_replay_after_each_ending_matches_the_model(redis_server: RedisServerP
                               lambda: machine.model.release("acct-a", rid).credits_refunded)
             else:
                 machine._advance_to(machine.clock.now_ms + 601_000, None)
-            machine._reserve("acct-a", rid, 10, "720p", 60)  # refused, as the model says
+            machine._reserve("acct-a", rid, Video(10, "720p"), 60)  # refused, as the model says
             machine._check_balance("acct-a")
     finally:
         machine.teardown()

@@ -32,7 +32,7 @@ from quota_sidecar._proto.quota.v1 import quota_pb2_grpc as pb_grpc
 __all__ = [
     "QuotaClient", "SyncQuotaClient", "Job", "Reservation", "Quote", "Offer", "CommitResult", "ReleaseResult",
     "Balance", "CreditLot", "Hold", "QuotaClientError", "Denied", "InvalidRequest", "Unavailable",
-    "ReservationError", "SyncAdminClient", "Grant", "Cameo",
+    "ReservationError", "SyncAdminClient", "Grant", "Cameo", "Allowance", "WindowUsage",
 ]
 
 T = TypeVar("T")
@@ -79,6 +79,9 @@ class Reservation:
     replayed: bool
     plans_version: str
     cameo_fees_credits: int = 0  # of job_cost_credits: the cameos' fees (paid from credits)
+    # What free_used / free_limit count: the product's unit (one per job), or "credits" of included
+    # usage for a metered product (a job funded by it holds job_cost_credits of it).
+    allowance_unit: str = ""
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,7 @@ class Quote:
     plans_version: str
     denial: Denied | None  # what reserve() would raise, when not allowed
     cameo_fees_credits: int = 0  # of job_cost_credits: the cameos' fees (paid from credits)
+    allowance_unit: str = ""  # as Reservation.allowance_unit
 
 
 @dataclass(frozen=True)
@@ -111,6 +115,7 @@ class CommitResult:
     credits_written_off: int = 0  # usage above the hold not charged (a metered product's overage cap)
     credits_drawn: int = 0  # overage draw: usage above the hold taken from the available credits
     debt_credits: int = 0  # overage draw: the debt this commit opened (usage past the credits)
+    included_usage_credits: int = 0  # a metered job on included usage: the usage charged to the windows
 
 
 @dataclass(frozen=True)
@@ -138,6 +143,31 @@ class Hold:
 
 
 @dataclass(frozen=True)
+class WindowUsage:
+    """One free-allowance window of a product, in its Allowance's unit."""
+    limit_id: str
+    kind: str  # "day", "week" (calendar, the account's zone) or "rolling" (the last rolling_hours)
+    used: int
+    limit: int
+    resets_at: datetime | None  # the window's end; rolling: when its oldest counted use leaves it
+    rolling_hours: int = 0
+    shadow: bool = False  # evaluated, not enforced
+
+    @property
+    def left(self) -> int:
+        return max(0, self.limit - self.used)
+
+
+@dataclass(frozen=True)
+class Allowance:
+    """A product's free allowance: every window, and what they count ("credits" of included usage
+    for a metered product, else the product's unit, one per job)."""
+    product: str
+    unit: str
+    windows: tuple[WindowUsage, ...]
+
+
+@dataclass(frozen=True)
 class Balance:
     account_id: str
     plan: str
@@ -151,6 +181,7 @@ class Balance:
     credits_expiring_30d: int = 0  # credits left in the lots expiring within 30 days (Redis' clock)
     expiring_lots: tuple[CreditLot, ...] = ()  # those lots, soonest expiry first
     debt_credits: int = 0  # credits owed (usage drawn past the credits); new jobs are denied until paid
+    allowances: tuple[Allowance, ...] = ()  # every product's windows: used, left and reset of each
 
 
 @dataclass(frozen=True)
@@ -313,7 +344,7 @@ def _reservation(r: pb.CheckAndReserveResponse) -> Reservation:
                        free_used=r.free_used, free_limit=r.free_limit, free_resets_at=_time(r.free_resets_at),
                        expires_at=_time(r.expires_at), credit_balance=r.credit_balance,
                        job_cost_credits=r.job_cost_credits, replayed=r.replayed, plans_version=r.plans_version,
-                       cameo_fees_credits=r.cameo_fees_credits)
+                       cameo_fees_credits=r.cameo_fees_credits, allowance_unit=r.allowance_unit)
 
 
 def _quote(r: pb.QuoteResponse) -> Quote:
@@ -322,7 +353,7 @@ def _quote(r: pb.QuoteResponse) -> Quote:
                  free_resets_at=_time(r.free_resets_at), expires_at=_time(r.expires_at),
                  credit_balance=r.credit_balance, job_cost_credits=r.job_cost_credits, replayed=r.replayed,
                  plans_version=r.plans_version, denial=None if r.allowed else _denied(r),
-                 cameo_fees_credits=r.cameo_fees_credits)
+                 cameo_fees_credits=r.cameo_fees_credits, allowance_unit=r.allowance_unit)
 
 
 def _balance(r: pb.GetBalanceResponse) -> Balance:
@@ -333,7 +364,18 @@ def _balance(r: pb.GetBalanceResponse) -> Balance:
                    credits_held=r.credits_held, free={a.product: (a.free_used, a.free_limit) for a in r.allowances},
                    lots=lots, holds=holds, holds_total=r.holds_total, credits_expiring_30d=r.credits_expiring_30d,
                    expiring_lots=tuple(CreditLot(lot.lot_id, lot.credits_left, _time(lot.expires_at))
-                                       for lot in r.expiring_lots), debt_credits=r.debt_credits)
+                                       for lot in r.expiring_lots), debt_credits=r.debt_credits,
+                   allowances=tuple(_allowance(a) for a in r.allowances))
+
+
+_LIMIT_KINDS = {pb.LIMIT_KIND_DAY: "day", pb.LIMIT_KIND_WEEK: "week", pb.LIMIT_KIND_ROLLING: "rolling"}
+
+
+def _allowance(a: pb.ProductAllowance) -> Allowance:
+    return Allowance(product=a.product, unit=a.unit, windows=tuple(
+        WindowUsage(limit_id=x.limit_id, kind=_LIMIT_KINDS.get(x.kind, ""), used=x.used, limit=x.limit,
+                    resets_at=_time(x.resets_at), rolling_hours=x.rolling_hours, shadow=x.shadow)
+        for x in a.limits))
 
 
 # -- async client ----------------------------------------------------------------------------------
@@ -457,7 +499,7 @@ class QuotaClient:
             request.params.CopyFrom(_params(actual))
         r = await self._call("Commit", request)
         return CommitResult(r.credits_charged, r.credits_refunded, r.free_charged, r.credit_balance, r.replayed,
-                            r.credits_written_off, r.credits_drawn, r.debt_credits)
+                            r.credits_written_off, r.credits_drawn, r.debt_credits, r.included_usage_credits)
 
     async def release(self, account_id: str, reservation_id: str) -> ReleaseResult:
         r = await self._call("Release", pb.ReleaseRequest(account_id=account_id, reservation_id=reservation_id))

@@ -388,6 +388,15 @@ class MeteredProductSection(_ProductSection):
     on_redis_failure: FailurePolicy = Field(default="fail_closed", description=_FAILURE_POLICY_DESCRIPTION)
     degraded_free_per_window: Annotated[int, _Between(0, _MAX_DEGRADED_FREE)] = _ABSENT
 
+    @model_validator(mode="after")
+    def _fails_closed(self) -> MeteredProductSection:
+        # A job decided without Redis is a free job whose usage nothing settles: free tokens without
+        # bound, no included-usage window and no credits charged. Metered products fail closed.
+        if self.on_redis_failure != "fail_closed":
+            raise _refusal("must be fail_closed for a metered product: without Redis its usage could be "
+                           "neither counted nor charged", "on_redis_failure")
+        return self
+
 
 _KINDS = (METERED, TASK, VIDEO)
 
