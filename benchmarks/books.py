@@ -213,7 +213,7 @@ async def memory(store: RedisStore, client: aioredis.Redis, books_url: str, n_ac
         return False
 
     # Day 1, the day the 7-day record retention (RedisStore's default --retention-seconds) starts to
-    # prune, the day after, and the last: the records plateau at 7 days; the outbox never grows.
+    # prune, the day after, and the last: the records plateau at the retention; the outbox never grows.
     snapshot_days = sorted({d for d in (1, 7, 8, days) if 1 <= d <= days})
     snapshots: dict[int, dict[str, float]] = {}
     committed = 0
@@ -252,7 +252,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         redis.start()
         postgres.start()
         print(f"Redis {'.'.join(map(str, redis.version))}, {postgres.describe()} (fsync on)", flush=True)
-        store = RedisStore.from_url(redis.url, key_prefix=PREFIX)
+        store = RedisStore.from_url(redis.url, key_prefix=PREFIX, retention_ms=args.retention_seconds * 1000)
         client = aioredis.Redis.from_url(redis.url)
         try:
             results: dict[str, Any] = {}
@@ -277,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--accounts", type=int, default=100, help="accounts of the memory simulation [100]")
     p.add_argument("--days", type=int, default=30, help="simulated days [30]")
     p.add_argument("--redis-server", default="", metavar="PATH", help="redis-server binary (default: newest)")
+    p.add_argument("--retention-seconds", type=int, default=7 * 86_400, metavar="S",
+                   help="resolved reservations' retention of the memory simulation (the sidecar's "
+                        "--retention-seconds) [604800]")
     p.add_argument("--only", choices=("A", "B"), default="", help="run one part only (default: both)")
     p.add_argument("--json", default=None, metavar="FILE", help="write every figure to FILE")
     args = p.parse_args(argv)

@@ -1,6 +1,6 @@
-"""Instructions per reserve script call, counted by callgrind: a Redis cost that ignores noise.
+"""Instructions per reserve, commit and release script call, counted by callgrind: a Redis cost that ignores noise.
 
-    .venv/bin/python benchmarks/lua_cost.py [--calls 200] [--redis-server PATH]
+    .venv/bin/python benchmarks/lua_cost.py [--calls 200] [--redis-server PATH] [--before DIR]
 
 Timings on a shared 2-core VM move by tens of percent between runs; instruction
 counts do not. This runs a redis-server (persistence off) under
@@ -11,6 +11,10 @@ Redis executed per call (``callgrind_control -z`` before, ``-d`` after), for:
   free      decisions funded by the daily free allowance
   credits   decisions funded by credits (the allowance already used up)
   baseline  a script that only returns 1, sent the same KEYS and ARGV
+  commit / release   half of each scenario's holds committed (whole), the other half released
+
+--before DIR measures the code of another checkout (its quota_sidecar package, a git worktree of
+main, say) the same way in the same run, and prints both columns side by side.
 
 Needs valgrind (Debian: apt-get install valgrind). Counts include Redis' own
 work per command (reading the request, the reply), not the client's. Roughly
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import glob
+import json
 import os
 import re
 import shutil
@@ -33,7 +38,9 @@ import time
 import uuid
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# --code DIR (what --before runs): that checkout's package instead of this one's.
+_CODE = sys.argv[sys.argv.index("--code") + 1] if "--code" in sys.argv else str(Path(__file__).resolve().parents[1])
+sys.path.insert(0, _CODE)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import redis  # noqa: E402
@@ -113,17 +120,28 @@ async def _prepare_accounts(engine: QuotaEngine, credits_path: bool) -> list[str
     return accounts
 
 
-async def _decisions(server: CallgrindRedis, calls: int, credits_path: bool) -> float:
+async def _decisions(server: CallgrindRedis, calls: int, credits_path: bool) -> dict[str, float]:
+    """Instructions per reserve, then per commit (the even holds) and per release (the odd ones)."""
     engine, store = await _engine(server.url)
     try:
         accounts = await _prepare_accounts(engine, credits_path)
+        held = [(accounts[i % ACCOUNTS], uuid.uuid4().hex) for i in range(calls)]
         server.zero()
-        for i in range(calls):
-            decision = await engine.check_and_reserve(accounts[i % ACCOUNTS], "sora", uuid.uuid4().hex, JOB)
+        for account, rid in held:
+            decision = await engine.check_and_reserve(account, "sora", rid, JOB)
             funding = decision.outcome.funding
             assert decision.outcome.allowed and funding is not None
             assert funding.value == ("credits" if credits_path else "free"), funding
-        return server.instructions() / calls
+        out = {"reserve": server.instructions() / calls}
+        server.zero()
+        for account, rid in held[0::2]:
+            await engine.commit(account, rid)
+        out["commit"] = server.instructions() / len(held[0::2])
+        server.zero()
+        for account, rid in held[1::2]:
+            await engine.release(account, rid)
+        out["release"] = server.instructions() / len(held[1::2])
+        return out
     finally:
         await store.close()
 
@@ -142,25 +160,53 @@ def _baseline(server: CallgrindRedis, calls: int) -> float:
         client.close()
 
 
-async def main(calls: int, binary: str) -> None:
+async def measure(calls: int, binary: str) -> dict[str, float]:
     if not shutil.which("valgrind") or not shutil.which("callgrind_control"):
         raise SystemExit("lua_cost: valgrind is not installed (Debian: apt-get install valgrind)")
     with tempfile.TemporaryDirectory(prefix="qs-lua-cost-") as tmp:
         server = CallgrindRedis(binary, Path(tmp))
         try:
-            results = {"free": await _decisions(server, calls, credits_path=False),
-                       "credits": await _decisions(server, calls, credits_path=True),
-                       "baseline": await asyncio.to_thread(_baseline, server, calls)}
+            free = await _decisions(server, calls, credits_path=False)
+            credits = await _decisions(server, calls, credits_path=True)
+            baseline = await asyncio.to_thread(_baseline, server, calls)
         finally:
             server.stop()
-    print(f"redis-server {binary}, {calls} calls each, instructions per reserve EVALSHA:")
-    for name, per_call in results.items():
-        print(f"  {name:9s} {per_call / 1000:8.1f} k")
+    return {"free": free["reserve"], "credits": credits["reserve"], "baseline": baseline,
+            "commit free": free["commit"], "commit credits": credits["commit"],
+            "release free": free["release"], "release credits": credits["release"]}
+
+
+def _measure_elsewhere(code: str, calls: int, binary: str) -> dict[str, float]:
+    """This script run on another checkout's package (a fresh interpreter: one package per process)."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        subprocess.run([sys.executable, __file__, "--code", code, "--calls", str(calls), "--redis-server", binary,
+                        "--json-out", out.name], check=True, env={**os.environ, "PYTHONPATH": code})
+        return dict(json.loads(Path(out.name).read_text()))
+
+
+def main(ns: argparse.Namespace) -> None:
+    binary = find_redis_server(ns.redis_server)
+    before = _measure_elsewhere(ns.before, ns.calls, binary) if ns.before else None
+    after = asyncio.run(measure(ns.calls, binary))
+    if ns.json_out:
+        Path(ns.json_out).write_text(json.dumps(after))
+        return
+    print(f"redis-server {binary}, {ns.calls} calls each, instructions per EVALSHA (reserve: free, credits):")
+    if before is None:
+        for name, per_call in after.items():
+            print(f"  {name:16s} {per_call / 1000:8.1f} k")
+        return
+    print(f"  {'':16s} {'before':>9s} {'after':>9s}   (before: {ns.before}; after: {_CODE})")
+    for name, per_call in after.items():
+        print(f"  {name:16s} {before[name] / 1000:8.1f}k {per_call / 1000:8.1f}k")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=200, help="decisions per scenario (bounded)")
     parser.add_argument("--redis-server", default="", help="redis-server binary (default: the newest found)")
-    ns = parser.parse_args()
-    asyncio.run(main(ns.calls, find_redis_server(ns.redis_server)))
+    parser.add_argument("--before", default="", metavar="DIR",
+                        help="also measure the checkout at DIR (e.g. a worktree of main), side by side")
+    parser.add_argument("--code", default="", metavar="DIR", help=argparse.SUPPRESS)
+    parser.add_argument("--json-out", default="", metavar="FILE", help=argparse.SUPPRESS)
+    main(parser.parse_args())
