@@ -1,4 +1,4 @@
-"""The measurement behind quota_sidecar/redis_mux.py: Python CPU per reserve EVALSHA.
+"""The measurement behind quota_sidecar/storage/mux.py: Python CPU per reserve EVALSHA.
 
     .venv/bin/python benchmarks/redis_client.py [--calls 6000] [--concurrency 32]
 
@@ -31,10 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import redis.asyncio as aioredis  # noqa: E402
 
-from quota_sidecar import redis_mux  # noqa: E402
 from quota_sidecar.domain.engine import QuotaEngine  # noqa: E402
 from quota_sidecar.domain.model import JobParams  # noqa: E402
 from quota_sidecar.server.plans_file import load_plans  # noqa: E402
+from quota_sidecar.storage import mux as redis_mux  # noqa: E402
 from quota_sidecar.storage.codec import reserve_args  # noqa: E402
 from quota_sidecar.storage.keys import script_keys  # noqa: E402
 from quota_sidecar.storage.redis_server import RedisServerProcess, find_redis_server  # noqa: E402
@@ -77,12 +77,12 @@ def _callers(url: str, header: list[Any], args: list[Any]) -> tuple[dict[str, Ca
     client = aioredis.from_url(url, decode_responses=True)
     script = client.register_script(load_script_source("reserve"))
     keys = script_keys("bench", 256, "bench-acct")
-    flat = redis_mux.flatten(args)
+    flat, flat_header = redis_mux.flatten(args), redis_mux.flatten(header)
     mux = redis_mux.MuxConnection.for_client(client, timeout_seconds=5)
     assert mux is not None
 
-    def with_rid(base: list[Any], rid: str) -> list[Any]:
-        return [*header, rid, *base[1:]]
+    def with_rid(base: list[Any], rid: str, head: list[Any] = flat_header) -> list[Any]:
+        return [*head, rid, *base[1:]]
 
     async def pool(rid: str) -> Any:
         return await script(keys=list(keys), args=with_rid(flat, rid))
@@ -93,7 +93,7 @@ def _callers(url: str, header: list[Any], args: list[Any]) -> tuple[dict[str, Ca
 
     async def mux_packed(rid: str) -> Any:
         return (await mux.execute_many([redis_mux.pack_command(["EVALSHA", script.sha, len(keys), keys.packed,
-                                                                 *with_rid(args, rid)])]))[0]
+                                                                 *with_rid(args, rid, header)])]))[0]
 
     return {"redis-py pool": pool, "mux": mux_plain, "mux + packed": mux_packed}, [client, mux]
 
