@@ -29,7 +29,7 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Mapping, Sequence
 
-from quota_sidecar.domain.ledger import merge_by_seq, royalty_shares, summed
+from quota_sidecar.domain.ledger import merge_by_seq, parse_lots, royalty_shares, summed
 from quota_sidecar.domain.model import CreditTotals, Deltas, LedgerEntry
 from quota_sidecar.domain.ports import Books
 
@@ -517,9 +517,8 @@ def check_royalties(ledger: Sequence[LedgerEntry]) -> Found:
 
 
 def lots_taken(text: str) -> list[tuple[str, int]]:
-    """The ledger's "lot:credits,lot:credits" text."""
-    pairs = [part.rsplit(":", 1) for part in text.split(",") if part]
-    return [(pair[0], _num(pair[1]) if len(pair) == 2 else 0) for pair in pairs]
+    """The ledger's "lot:credits,lot:credits" text as (lot_id, credits) pairs."""
+    return [(p.lot_id, p.credits) for p in parse_lots(text)]
 
 
 def check_hold_sources(ledger: Sequence[LedgerEntry]) -> Found:

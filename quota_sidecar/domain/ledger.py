@@ -89,14 +89,29 @@ class RoyaltyShare:
     credits: int
 
 
-def lot_portions(entry: LedgerEntry, name: str = "lots") -> tuple[LotPortion, ...]:
-    """The entry's ``lots`` (or ``drawn_lots``) field, ``"<lot_id>:<credits>,..."`` as the scripts
-    write it (':' and ',' are outside the id alphabet); soonest-expiring lot first."""
+def parse_lots(text: str) -> tuple[LotPortion, ...]:
+    """``"<lot_id>:<credits>,..."`` as the scripts write a ``lots`` field (':' and ',' are outside the
+    id alphabet), soonest-expiring lot first; a malformed amount reads as 0 (the audit reports what
+    does not add up, it does not stop on it)."""
     portions = []
-    for part in filter(None, entry.fields.get(name, "").split(",")):
-        lot_id, _, credits = part.rpartition(":")
-        portions.append(LotPortion(lot_id, int(credits)))
+    for part in filter(None, text.split(",")):
+        lot_id, sep, credits = part.rpartition(":")
+        if not sep:
+            lot_id, credits = part, ""
+        portions.append(LotPortion(lot_id, _int_or_zero(credits)))
     return tuple(portions)
+
+
+def _int_or_zero(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        return 0
+
+
+def lot_portions(entry: LedgerEntry, name: str = "lots") -> tuple[LotPortion, ...]:
+    """The entry's ``lots`` (or ``drawn_lots``) field, parsed (parse_lots)."""
+    return parse_lots(entry.fields.get(name, ""))
 
 
 def royalty_shares(entry: LedgerEntry) -> tuple[RoyaltyShare, ...]:

@@ -355,13 +355,10 @@ local function adjust_free_units(rec, usage)
         if usage > 0 then redis.call('ZADD', K_ROLLING, at_ms, member) end
       end
       rec.fw[i] = 'z' .. member
-    else
-      local count = tonumber(redis.call('HGET', K_FREE, name) or '0')
-      if count > 0 and count + delta > 0 then
-        if delta ~= 0 then redis.call('HINCRBY', K_FREE, name, delta) end
-      elseif count > 0 then
-        redis.call('HDEL', K_FREE, name)
-      end
+    elseif delta < 0 then
+      decrement(K_FREE, name, -delta)
+    elseif delta > 0 and redis.call('HEXISTS', K_FREE, name) == 1 then
+      redis.call('HINCRBY', K_FREE, name, delta)
     end
   end
   rec.fu = usage

@@ -65,16 +65,16 @@ if capped and actual > rec.rc and rec.dg ~= 1 then
   actual = rec.rc
 end
 -- Overage draw (a credits hold): the hold is charged whole and the excess is settled past
--- it below, after lazy expiry, from what the lots hold then. `requested`: the commit's own
--- cost, what a retry must repeat (the charge itself depends on the lots and the debt).
-local excess = 0
+-- it below, after lazy expiry, from what the lots hold then (the record keeps the cost asked
+-- for as rq: what a retry must repeat, since the charge itself depends on the lots and the debt).
+local excess, debt_before, debt_bound = 0, 0, 0
 if drawing and actual > rec.rc and rec.dg ~= 1 and rec.f == 'credits' then
   excess = actual - rec.rc
   actual = rec.rc
+  -- Everything the overage reads of the account, before the first write.
+  debt_before = tonumber(redis.call('HGET', K_ACCT, 'debt') or '0')
+  debt_bound = tonumber(string.match(bounds, '|' .. string.gsub(rec.pl or '', '%p', '%%%0') .. ':(%d+)|') or '0')
 end
--- Everything the overage reads of the account, before the first write.
-local debt_before = tonumber(redis.call('HGET', K_ACCT, 'debt') or '0')
-local debt_bound = tonumber(string.match(bounds, '|' .. string.gsub(rec.pl or '', '%p', '%%%0') .. ':(%d+)|') or '0')
 
 -- Cameo fees (rec.cf) are per use, not per second: any commit charges them whole, on top
 -- of the actual generation cost (a free hold: the fees alone).
