@@ -352,3 +352,25 @@ async def test_quote_prices_the_estimate_as_reserve_holds_it(metered_engine: Quo
     balance = await engine.balance("acct")
     assert (balance.credit_balance, balance.credits_held) == (30, 0)
     await assert_audit_clean(engine)
+
+
+async def test_a_videos_size_on_a_metered_job_is_refused(metered_engine: QuotaEngine, store: RedisStore) -> None:
+    """Duration or resolution on a token-billed job is a confused caller: INVALID_ARGUMENT naming the
+    field, at reserve and at commit, and nothing changes (it is not a job of 0 tokens)."""
+    engine = metered_engine
+    await engine.set_account("acct", plan="pro")
+    await engine.grant("acct", 100, "p1")
+    with pytest.raises(InvalidArgument) as err:
+        await engine.check_and_reserve("acct", "codex-usage", "r0", JobParams(duration_seconds=10))
+    assert err.value.field == "params.duration_seconds"
+    d = await engine.check_and_reserve("acct", "codex-usage", "r1", usage("mini", o=100_000))
+    assert d.outcome.credits_held == 12
+    before = await store.raw_state("acct")
+    with pytest.raises(InvalidArgument) as err:
+        await engine.commit("acct", "r1", JobParams(duration_seconds=1, resolution="720p"))
+    assert err.value.field == "params.duration_seconds"
+    with pytest.raises(InvalidArgument) as err:
+        await engine.commit("acct", "r1", JobParams(model="mini", resolution="720p"))
+    assert err.value.field == "params.resolution"
+    assert await store.raw_state("acct") == before
+    assert (await engine.commit("acct", "r1", usage("mini", o=100_000))).credits_charged == 12

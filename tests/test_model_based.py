@@ -283,7 +283,9 @@ class QuotaMachine(RuleBasedStateMachine):
         below, at or above the estimate (far above: past the lots and the debt bound)."""
         if data.draw(st.integers(0, 3), label="actual params") == 0:
             return None
-        known = self.rids[account].get(rid)
+        # The model's parameters of the reservation first: a retry under a used id may have made
+        # a new reservation with other ones than the machine first recorded.
+        known = self.model.params_of(account, rid) or self.rids[account].get(rid)
         job = known[0] if known else data.draw(JOBS, label="job")
         if isinstance(job, Video):
             return data.draw(VIDEOS, label="actual video")

@@ -266,6 +266,10 @@ def _usage_milli(product: Product, job: JobParams) -> int:
         raise InvalidArgument("product", f"{product.name} is not metered")
     if job.units not in (0, 1):
         raise InvalidArgument("params.units", f"must be 0 or 1 for {product.name} (got {job.units})")
+    # A video's size on a token-billed job is a confused caller, not a job of 0 tokens.
+    for name, given in (("duration_seconds", job.duration_seconds), ("resolution", job.resolution)):
+        if given:
+            raise InvalidArgument(f"params.{name}", f"applies to video products only, not {product.name}")
     rate = product.rates[_model(product, job.model)]
     total = 0
     for name, tokens, milli in (("input_tokens", job.input_tokens, rate.input_milli),
