@@ -115,12 +115,6 @@ async def _phase(server: lua_cost.CallgrindRedis, name: str, source: str, calls:
 async def main(ns: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="qs-lua-phases-") as tmp:
         server = lua_cost.CallgrindRedis(find_redis_server(ns.redis_server), Path(tmp))
-        # Redis' timer work (serverCron, incremental rehashing of the dicts the set-up grew) runs by
-        # wall-clock time, which callgrind stretches: it would land in whichever cut runs then.
-        control = lua_cost.redis.Redis(port=server.port)
-        control.config_set("hz", 1)
-        control.config_set("activerehashing", "no")
-        control.close()
         try:
             for name in ("reserve", "commit", "release"):
                 for credits in (False, True):
