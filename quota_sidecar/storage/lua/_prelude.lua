@@ -1,8 +1,9 @@
 -- Shared helpers of every quota-sidecar script.
 --
--- The store prepends this file to each operation script (reserve.lua,
--- commit.lua, ...) before registering it, so every operation is still ONE
--- script run as ONE EVALSHA. Nothing here runs on its own.
+-- The store puts this file in front of each operation script (reserve.lua,
+-- commit.lua, ...), so every operation is still ONE script call: FCALL of one
+-- function of a library holding every script (Redis 7), or EVALSHA of the
+-- script (Redis 6.2); see storage/scripts.py. Nothing here runs on its own.
 --
 -- Units: times are integer milliseconds since the Unix epoch; credits and
 -- free units are integers. Every key is passed in KEYS[], all under the
@@ -48,14 +49,29 @@
 --   6 resolved records kept per account at most (the oldest go first)
 --   7 open holds per account at most (a new hold past it is refused)
 
--- Scripts call TIME and then write; effects replication (the default since
--- Redis 5, the only mode in 7) keeps replicas exact. Explicit for Redis 6.2.
-if redis.replicate_commands then redis.replicate_commands() end
-
-local K_ACCT, K_FREE, K_LOTS, K_LOTREM = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local K_LOTEXP, K_HOLDS, K_RES, K_RESDONE = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
-local K_OUTBOX, K_NOTES, K_SPEND, K_ROLLING = KEYS[9], KEYS[10], KEYS[11], KEYS[12]
-local K_INFLIGHT, K_EVENTS = KEYS[13], KEYS[14]
+-- Per-call state. Declared here, at the top, and set by begin() at the start
+-- of every call: in a Redis Function library (Redis 7) this file's top level
+-- runs once, when the library is loaded, and each call only runs its
+-- function, which calls begin() first; a script sent by EVALSHA (Redis 6.2)
+-- calls begin() right after this file (storage/scripts.py). Any top-level
+-- local a function assigns must be declared here and reset in begin(): in a
+-- library it would otherwise carry one call's value into the next.
+local K_ACCT, K_FREE, K_LOTS, K_LOTREM
+local K_LOTEXP, K_HOLDS, K_RES, K_RESDONE
+local K_OUTBOX, K_NOTES, K_SPEND, K_ROLLING
+local K_INFLIGHT, K_EVENTS
+-- The one clock every sidecar agrees on is Redis' own. A non-zero pinned
+-- value is the engine's injected clock (tests, deterministic replays).
+local PINNED_MS, now_ms
+local ACCOUNT_ID, RETENTION_MS, EVENTS_MAX, PLANS_VERSION
+-- What one account can make Redis hold, whatever it does: records of resolved
+-- reservations beyond MAX_RECORDS go before their retention ends (a retry of
+-- one of those decides again), and a hold beyond MAX_HOLDS is refused.
+local MAX_RECORDS, MAX_HOLDS
+-- The ARGV index next_arg() read last.
+local cursor
+-- Effects collected between defer_effects() and take_effects() (see below).
+local deferred_effects
 
 -- Bounds the work lazy expiry does in one call; the rest waits for the next.
 local EXPIRE_BATCH = 64
@@ -73,21 +89,25 @@ local function redis_time_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
--- The one clock every sidecar agrees on is Redis' own. A non-zero pinned
--- value is the engine's injected clock (tests, deterministic replays).
-local PINNED_MS = tonumber(ARGV[1])
-local now_ms = PINNED_MS > 0 and PINNED_MS or redis_time_ms()
-local ACCOUNT_ID = ARGV[2]
-local RETENTION_MS = tonumber(ARGV[3])
-local EVENTS_MAX = tonumber(ARGV[4])
-local PLANS_VERSION = ARGV[5]
--- What one account can make Redis hold, whatever it does: records of resolved
--- reservations beyond MAX_RECORDS go before their retention ends (a retry of
--- one of those decides again), and a hold beyond MAX_HOLDS is refused.
-local MAX_RECORDS = tonumber(ARGV[6])
-local MAX_HOLDS = tonumber(ARGV[7])
+-- Every call starts here: the per-call state above from this call's KEYS and
+-- ARGV (and Redis' clock).
+local function begin()
+  K_ACCT, K_FREE, K_LOTS, K_LOTREM = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+  K_LOTEXP, K_HOLDS, K_RES, K_RESDONE = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+  K_OUTBOX, K_NOTES, K_SPEND, K_ROLLING = KEYS[9], KEYS[10], KEYS[11], KEYS[12]
+  K_INFLIGHT, K_EVENTS = KEYS[13], KEYS[14]
+  PINNED_MS = tonumber(ARGV[1])
+  now_ms = PINNED_MS > 0 and PINNED_MS or redis_time_ms()
+  ACCOUNT_ID = ARGV[2]
+  RETENTION_MS = tonumber(ARGV[3])
+  EVENTS_MAX = tonumber(ARGV[4])
+  PLANS_VERSION = ARGV[5]
+  MAX_RECORDS = tonumber(ARGV[6])
+  MAX_HOLDS = tonumber(ARGV[7])
+  cursor = 7
+  deferred_effects = nil
+end
 
-local cursor = 7
 local function next_arg()
   cursor = cursor + 1
   return ARGV[cursor]
@@ -157,7 +177,6 @@ end
 -- only those of the items that stand. Each is {'o', kind, at_ms, deltas,
 -- fields} (an outbox entry, see ledger) or {'n', note, XADD args} (an event
 -- written once per note).
-local deferred_effects = nil
 local function defer_effects() deferred_effects = {} end
 local function take_effects()
   local effects = deferred_effects
