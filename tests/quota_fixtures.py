@@ -110,6 +110,31 @@ async def keys_with_prefix(client: aioredis.Redis, prefix: str) -> list[str]:
     return sorted([k async for k in client.scan_iter(match=f"{prefix}:*", count=1000)])
 
 
+async def has_functions(client: aioredis.Redis) -> bool:
+    """Whether the server has Redis Functions (>= 7.0): the store then calls FCALL, else EVALSHA."""
+    version = str((await client.info("server"))["redis_version"])
+    return tuple(int(part) for part in version.split(".")[:2]) >= (7, 0)
+
+
+async def script_verb(client: aioredis.Redis) -> str:
+    """The command the store sends each decision as on this server (lower case, as commandstats names it)."""
+    return "fcall" if await has_functions(client) else "evalsha"
+
+
+async def script_calls(client: aioredis.Redis, verb: str = "") -> int:
+    """Calls of ``verb`` (default: the store's, script_verb) Redis has served (INFO commandstats)."""
+    stats = await client.info("commandstats")
+    return int(stats.get(f"cmdstat_{verb or await script_verb(client)}", {}).get("calls", 0))
+
+
+async def flush_scripts(client: aioredis.Redis) -> None:
+    """What a Redis restart without persistence loses: every script and every function library
+    (SCRIPT FLUSH, and FUNCTION FLUSH on Redis >= 7)."""
+    await client.script_flush()
+    if await has_functions(client):
+        await client.function_flush()
+
+
 class Sidecar:
     """A started worker server and admin server on ephemeral ports, with async stubs."""
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import grpc
 import pytest
 import redis.asyncio as aioredis
-from quota_fixtures import Sidecar
+from quota_fixtures import Sidecar, flush_scripts, script_calls
 
 from quota_sidecar._proto.quota.v1 import quota_pb2 as pb
 from quota_sidecar.domain.audit import audit_account, format_report
@@ -40,18 +40,13 @@ async def assert_audit_clean(store: RedisStore, account: str) -> None:
     assert audit.violations == (), format_report([audit])
 
 
-async def evalsha_calls(client: aioredis.Redis) -> int:
-    stats = await client.info("commandstats")
-    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
-
-
 async def test_40_items_for_one_free_account_allow_exactly_30_in_order(
         sidecar: Sidecar, store: RedisStore, redis_client: aioredis.Redis) -> None:
     await sidecar.quota.CheckAndReserve(item("warm-up", "w"))  # the script is loaded: no NOSCRIPT below
-    before = await evalsha_calls(redis_client)
+    before = await script_calls(redis_client)
     response = await sidecar.quota.CheckAndReserveBatch(batch(*(item("bulk", f"j{i}") for i in range(40))))
-    # One EVALSHA per item, none extra (no per-item retries, no SCRIPT EXISTS).
-    assert await evalsha_calls(redis_client) - before == 40
+    # One script call (FCALL, or EVALSHA on 6.2) per item, none extra (no per-item retries, no SCRIPT EXISTS).
+    assert await script_calls(redis_client) - before == 40
     results = [r.response for r in response.results]
     assert all(r.WhichOneof("outcome") == "response" for r in response.results)
     assert [r.allowed for r in results] == [True] * 30 + [False] * 10
@@ -213,11 +208,11 @@ async def test_all_or_nothing_keeps_earlier_holds_it_replays(sidecar: Sidecar) -
 
 async def test_batch_after_script_flush_reloads_and_decides_each_item_once(
         sidecar: Sidecar, redis_client: aioredis.Redis) -> None:
-    await redis_client.script_flush()
+    await flush_scripts(redis_client)
     response = await sidecar.quota.CheckAndReserveBatch(batch(*(item("flushed", f"s{i}") for i in range(5))))
     assert [r.response.free_used for r in response.results] == [1, 2, 3, 4, 5]
     assert not any(r.response.replayed for r in response.results)
-    await redis_client.script_flush()
+    await flush_scripts(redis_client)
     response = await sidecar.quota.CheckAndReserveBatch(
         batch(*(item("flushed", f"t{i}") for i in range(3)), all_or_nothing=True))
     assert [r.response.free_used for r in response.results] == [6, 7, 8]

@@ -36,6 +36,7 @@ from quota_sidecar.domain.model import DenialReason, Funding, JobParams, LedgerE
 from quota_sidecar.server.app import create_admin_server
 from quota_sidecar.server.plans_file import load_plans
 from quota_sidecar.server.settings import Settings
+from quota_sidecar.storage import scripts
 from quota_sidecar.storage.connect import parse_url
 from quota_sidecar.storage.keys import key_bucket
 from quota_sidecar.storage.redis_server import RedisServerProcess, redis_server_version
@@ -296,13 +297,24 @@ async def test_idempotent_and_conflicting_retries(engine: QuotaEngine) -> None:
     assert (c1.replayed, c2.replayed) == (False, True)
 
 
+def flush_scripts(cluster: Cluster, ports: list[int] | None = None) -> None:
+    """SCRIPT FLUSH on every node (or those of ``ports``), and FUNCTION FLUSH on the masters among
+    them on Redis 7 (a master's replicas follow it; a replica refuses the write)."""
+    topology = cluster.topology().values()
+    for node in topology:
+        if ports is None or node["port"] in ports:
+            client = cluster.client(int(str(node["port"])))
+            client.script_flush()
+            if node["master"] and redis_server_version(cluster.nodes[0].binary) >= (7,):
+                client.function_flush()
+
+
 async def test_script_flush_on_every_master_then_calls_still_work(engine: QuotaEngine, store: RedisStore,
                                                                   cluster: Cluster) -> None:
     accounts = await accounts_on_distinct_masters(store, 3)
     for account in accounts:
         await engine.check_and_reserve(account, "sora", "before", V10)
-    for node in cluster.nodes:
-        cluster.client(node.port).script_flush()
+    flush_scripts(cluster)
     for account in accounts:
         d = await engine.check_and_reserve(account, "sora", "after", V10)
         assert d.outcome.free_used == 2
@@ -310,12 +322,36 @@ async def test_script_flush_on_every_master_then_calls_still_work(engine: QuotaE
         assert (await engine.grant(account, 3, "p")).credit_balance == 3
 
 
+async def test_function_flush_of_one_master_then_calls_work_on_every_master(
+        engine: QuotaEngine, store: RedisStore, cluster: Cluster) -> None:
+    if redis_server_version(cluster.nodes[0].binary) < (7,):
+        pytest.skip("Redis 6.2 has no Functions")
+    accounts = await accounts_on_distinct_masters(store, 3)
+    for account in accounts:
+        await engine.check_and_reserve(account, "sora", "before", V10)
+    assert store.script_verb == "FCALL"
+    lost = int((await owner_of(store, accounts[0])).rsplit(":", 1)[1])
+    cluster.client(lost).function_flush()
+    for account in accounts:  # "Function not found" on one master: the library loaded again, the call sent again
+        assert (await engine.check_and_reserve(account, "sora", "after", V10)).outcome.free_used == 2
+    masters = [int(str(n["port"])) for n in cluster.topology().values() if n["master"]]
+    for port in masters:  # the library on every master, each serving FCALL
+        assert [lib for lib in cluster.client(port).function_list() if store_library(lib)], port
+        assert cluster.client(port).info("commandstats").get("cmdstat_fcall", {}).get("calls", 0) > 0, port
+    cluster.client(lost).function_flush()  # the WAIT path (grant_min_replicas=1) loads it on the slot's master
+    assert (await engine.grant(accounts[0], 3, "p")).credit_balance == 3
+
+
+def store_library(library: list[object]) -> bool:
+    """Whether a FUNCTION LIST entry is this code's library."""
+    return dict(zip(library[::2], library[1::2]))["library_name"] == scripts.library_name()
+
+
 async def test_batches_across_masters_after_script_flush(engine: QuotaEngine, store: RedisStore,
                                                         cluster: Cluster) -> None:
     # redis-py refuses EVALSHA in cluster pipelines: the store runs a batch account by account.
     accounts = await accounts_on_distinct_masters(store, 3)
-    for node in cluster.nodes:
-        cluster.client(node.port).script_flush()
+    flush_scripts(cluster)
     items = [ReserveItem(a, "sora", f"r{i}", V10) for i in range(3) for a in accounts]
     decisions = await engine.check_and_reserve_many(items)
     assert [d.outcome.free_used for d in decisions] == [1, 1, 1, 2, 2, 2, 3, 3, 3]  # in order per account

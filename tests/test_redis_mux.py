@@ -12,6 +12,7 @@ import uuid
 import pytest
 import redis.asyncio as aioredis
 from fault_proxy import FaultProxy
+from quota_fixtures import flush_scripts, has_functions
 from redis import exceptions as redis_errors
 
 from quota_sidecar.storage import connect as redis_connect
@@ -189,7 +190,7 @@ async def test_the_store_sends_decisions_over_the_multiplexed_connection(
     store = RedisStore.from_url(redis_server.url, key_prefix=key_prefix)
     engine = QuotaEngine(load_plans(), store)
     try:
-        await redis_client.script_flush()  # NOSCRIPT on the first call: loaded and sent again
+        await flush_scripts(redis_client)  # NOSCRIPT on the first call: loaded and sent again
         job = JobParams(duration_seconds=10, resolution="720p")
         decisions = await asyncio.gather(*(engine.check_and_reserve(f"acct{i % 4}", "sora", f"r{i}", job)
                                            for i in range(40)))
@@ -202,11 +203,12 @@ async def test_the_store_sends_decisions_over_the_multiplexed_connection(
 
 
 async def _script_loads(client: aioredis.Redis) -> int:
-    """SCRIPT LOAD calls Redis has served ('script|load' on Redis 7; all of SCRIPT on 6.2, whose
-    other subcommands this test's store never sends)."""
+    """Loads Redis has served: FUNCTION LOAD on Redis 7 (the store's one library), SCRIPT LOAD on
+    6.2 (all of SCRIPT, whose other subcommands this test's store never sends)."""
     stats = await client.info("commandstats")
-    entry = stats.get("cmdstat_script|load") or stats.get("cmdstat_script") or {"calls": 0}
-    return int(entry["calls"])
+    if await has_functions(client):
+        return int(stats.get("cmdstat_function|load", {"calls": 0})["calls"])
+    return int(stats.get("cmdstat_script", {"calls": 0})["calls"])
 
 
 @pytest.mark.all_redis_versions
@@ -223,7 +225,7 @@ async def test_concurrent_noscript_shares_one_script_load(
         await store.load_scripts()
         job = JobParams(duration_seconds=10, resolution="720p")
         await engine.check_and_reserve("warm", "sora", "w", job)
-        await redis_client.script_flush()  # as after a Redis restart: every call in flight meets NOSCRIPT
+        await flush_scripts(redis_client)  # as after a Redis restart: every call in flight meets NOSCRIPT
         before = await _script_loads(redis_client)
         decisions = await asyncio.gather(*(engine.check_and_reserve(f"acct{i}", "sora", f"r{i}", job)
                                            for i in range(30)))

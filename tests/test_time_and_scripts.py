@@ -6,7 +6,7 @@ import time
 
 import pytest
 import redis.asyncio as aioredis
-from quota_fixtures import T0_MS, key, keys_with_prefix, utc_ms
+from quota_fixtures import T0_MS, flush_scripts, has_functions, key, keys_with_prefix, script_calls, utc_ms
 
 from quota_sidecar.domain.clock import ManualClock
 from quota_sidecar.domain.engine import QuotaEngine
@@ -102,13 +102,60 @@ async def test_redis_clock_decides_the_window_whatever_the_sidecar_clock(store: 
 
 
 async def test_scripts_survive_script_flush(engine: QuotaEngine, redis_client: aioredis.Redis) -> None:
+    # SCRIPT FLUSH, and FUNCTION FLUSH on Redis 7: what the store calls is gone each time.
     assert (await engine.check_and_reserve("a", "sora", "r1", V10)).outcome.allowed
-    await redis_client.script_flush()
+    await flush_scripts(redis_client)
     assert (await engine.check_and_reserve("a", "sora", "r2", V10)).outcome.free_used == 2
-    await redis_client.script_flush()
+    await flush_scripts(redis_client)
     assert (await engine.commit("a", "r1")).free_charged == 1
-    await redis_client.script_flush()
+    await flush_scripts(redis_client)
     assert (await engine.balance("a")).allowances[0].free_used == 2
+
+
+async def test_the_store_calls_fcall_on_redis_7_and_evalsha_on_6(engine: QuotaEngine, store: RedisStore,
+                                                                  redis_client: aioredis.Redis) -> None:
+    functions = await has_functions(redis_client)
+    await store.load_scripts()  # the mode chosen, every script loaded: no NOSCRIPT below (6.2 counts it a call)
+    fcalls, evalshas = await script_calls(redis_client, "fcall"), await script_calls(redis_client, "evalsha")
+    assert (await engine.check_and_reserve("a", "sora", "r1", V10)).outcome.allowed
+    await engine.commit("a", "r1")
+    # Two decisions, two script calls, all of them of the one verb.
+    assert (await script_calls(redis_client, "fcall") - fcalls,
+            await script_calls(redis_client, "evalsha") - evalshas) == ((2, 0) if functions else (0, 2))
+    assert store.script_verb == ("FCALL" if functions else "EVALSHA")
+
+
+async def test_decisions_survive_function_flush(engine: QuotaEngine, redis_client: aioredis.Redis) -> None:
+    if not await has_functions(redis_client):
+        pytest.skip("Redis 6.2 has no Functions (SCRIPT FLUSH: test_scripts_survive_script_flush)")
+    assert (await engine.check_and_reserve("a", "sora", "r1", V10)).outcome.allowed
+    await redis_client.function_flush()  # "ERR Function not found": the library is loaded again
+    assert (await engine.check_and_reserve("a", "sora", "r2", V10)).outcome.free_used == 2
+    assert await redis_client.function_list(library="quota_sidecar_*")
+    await redis_client.function_flush()
+    assert (await engine.commit("a", "r1")).free_charged == 1
+    await redis_client.function_flush()
+    assert (await engine.release("a", "r2")).free_refunded == 1
+
+
+async def test_the_library_of_another_code_version_stays(store: RedisStore, engine: QuotaEngine,
+                                                         redis_client: aioredis.Redis) -> None:
+    # Another sidecar of a rolling deploy, on other code: its library and functions are its own.
+    if not await has_functions(redis_client):
+        pytest.skip("Redis 6.2 has no Functions")
+    other = "#!lua name=quota_sidecar_000000000000\n" \
+            "redis.register_function('qs_reserve_000000000000', function(keys, args) return 'other' end)"
+    await redis_client.function_load(other, replace=True)
+    try:
+        await store.load_scripts()
+        assert (await engine.check_and_reserve("a", "sora", "r1", V10)).outcome.allowed
+        assert await redis_client.fcall("qs_reserve_000000000000", 0) == "other"
+        # FUNCTION LIST's reply: [["library_name", name, "engine", ..., "functions", [...]], ...]
+        names = {dict(zip(lib[::2], lib[1::2]))["library_name"]
+                 for lib in await redis_client.function_list(library="quota_sidecar_*")}
+        assert "quota_sidecar_000000000000" in names and len(names) >= 2
+    finally:
+        await redis_client.function_delete("quota_sidecar_000000000000")
 
 
 async def test_sweeper_refunds_holds_of_idle_accounts(engine: QuotaEngine, clock: ManualClock,

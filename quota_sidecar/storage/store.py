@@ -1,9 +1,11 @@
 """The Redis store: the Store port of the engine (quota_sidecar.domain.ports) on Redis.
 
 Each operation is one Lua script (``lua/<name>.lua`` with the shared ``_prelude.lua``
-in front, see scripts), sent by its SHA1 as ONE EVALSHA round trip through a
-transport (transport: the multiplexed connection, redis-py pipelines or one pipeline
-per cluster master; a script Redis lost is loaded again on NOSCRIPT). All keys of an
+in front, see scripts), sent as ONE script call in one round trip: FCALL of its function in
+the library of every script on Redis >= 7, EVALSHA of its SHA1 on Redis 6.2 (the mode is chosen
+once, from the server's version, before the first call). It goes through a transport
+(transport: the multiplexed connection, redis-py pipelines or one pipeline per cluster
+master); a script or library Redis lost is loaded again (NOSCRIPT, "Function not found"). All keys of an
 account share the hash tag of its bucket (keys) so every script touches one Redis
 Cluster slot; arguments and replies are encoded by codec.
 
@@ -90,9 +92,11 @@ from quota_sidecar.storage.keys import (
     script_keys,
 )
 from quota_sidecar.storage.observe import NoObserver, ScriptObserver
-from quota_sidecar.storage.scripts import SCRIPT_NAMES, load_script_source
-from quota_sidecar.storage.transport import ClusterTransport, domain_error, transport_for
+from quota_sidecar.storage.scripts import SCRIPT_NAMES, function_name, library_source, load_script_source
+from quota_sidecar.storage.transport import FUNCTIONS_SINCE, ClusterTransport, domain_error, transport_for
 
+# The key of the library's load in flight (RedisStore._loading; script names never start with "_").
+_LIBRARY = "_library"
 # Scripts to send together: (script name, its KEYS, its ARGV) each.
 _Sent = Sequence[tuple[str, ScriptKeys, list[Any]]]
 
@@ -134,7 +138,12 @@ class RedisStore:
         self._shas = {name: hashlib.sha1(source.encode()).hexdigest() for name, source in self._sources.items()}
         self._renew_lease = client.register_script(
             resources.files("quota_sidecar.storage").joinpath("lua").joinpath("renew_lease.lua").read_text(encoding="utf-8"))
-        self._loading: dict[str, asyncio.Future[None]] = {}  # script name -> its SCRIPT LOAD in flight
+        self._loading: dict[str, asyncio.Future[None]] = {}  # script name (or _LIBRARY) -> its load in flight
+        # The script mode, chosen once from the server's version before the first script call
+        # (_script_mode): FCALL of the library's functions on Redis >= 7, else EVALSHA.
+        self._functions: bool | None = None
+        self._refs: dict[str, str] = self._shas  # what a call names each script by, in that mode
+        self._mode_chosen: asyncio.Future[None] | None = None
         self._outbox_reads = asyncio.Semaphore(OUTBOX_READS_AT_ONCE)
         # Latency and errors of each script round trip (metrics; spans when tracing is on).
         self._telemetry: ScriptObserver = telemetry or NoObserver()
@@ -211,7 +220,9 @@ class RedisStore:
         acknowledged it; Redis errors raised as domain errors."""
         try:
             if min_replicas:
-                return await self._transport.send_and_wait((self._shas[name], keys, args), self._sources[name],
+                if self._functions is None:
+                    await self._script_mode()
+                return await self._transport.send_and_wait((self._refs[name], keys, args), self._source(name),
                                                            min_replicas, self._grant_wait_timeout_ms)
             raw = (await self._pipeline([(name, keys, args)]))[0]
             if isinstance(raw, Exception):
@@ -517,35 +528,78 @@ class RedisStore:
         return [self._reply(raw) for raw in raws]
 
     async def _pipeline(self, sent: _Sent) -> list[Any]:
-        """Each (script, keys, args) as one EVALSHA, sent together in order: replies or errors.
+        """Each (script, keys, args) as one FCALL (or EVALSHA), sent together in order: replies or errors.
 
-        Items whose script Redis lost (NOSCRIPT: a restart, SCRIPT FLUSH) did not run at all, so
-        they are sent again, in order, once their scripts are loaded."""
-        raws = await self._transport.send([(self._shas[name], keys, args) for name, keys, args in sent])
+        Items whose script Redis lost (NOSCRIPT, or "Function not found": a restart, SCRIPT FLUSH,
+        FUNCTION FLUSH) did not run at all, so they are sent again, in order, once their scripts
+        are loaded."""
+        if self._functions is None:
+            await self._script_mode()
+        refs = self._refs
+        raws = await self._transport.send([(refs[name], keys, args) for name, keys, args in sent])
         missing = [i for i, raw in enumerate(raws) if isinstance(raw, redis_errors.NoScriptError)]
         if missing:
             for name in {sent[i][0] for i in missing}:
                 await self._load_script(name)
-            again = await self._transport.send([(self._shas[sent[i][0]], sent[i][1], sent[i][2]) for i in missing])
+            again = await self._transport.send([(refs[sent[i][0]], sent[i][1], sent[i][2]) for i in missing])
             for i, raw in zip(missing, again):
                 raws[i] = raw
         return raws
 
-    async def load_scripts(self) -> None:
-        """Loads every script (at start-up), so the first calls do not each meet NOSCRIPT."""
+    @property
+    def script_verb(self) -> str:
+        """The command each decision is sent as: FCALL (Redis >= 7) or EVALSHA; EVALSHA until the
+        mode is chosen (the first script call, or load_scripts at start-up)."""
+        return "FCALL" if self._functions else "EVALSHA"
+
+    async def _script_mode(self) -> None:
+        """Chooses the script mode once, from INFO server's redis_version: the library's functions
+        (FCALL) on Redis >= 7, EVALSHA below (Redis 6.2 has no Functions). Concurrent first calls
+        share one INFO; a failed one is asked again by the next call."""
+        if self._mode_chosen is None:
+            self._mode_chosen = asyncio.ensure_future(self._choose_script_mode())
+
+            def forget_failure(future: asyncio.Future[None]) -> None:
+                if future.cancelled() or future.exception() is not None:
+                    self._mode_chosen = None
+
+            self._mode_chosen.add_done_callback(forget_failure)
+        await asyncio.shield(self._mode_chosen)
+
+    async def _choose_script_mode(self) -> None:
         try:
-            for name in SCRIPT_NAMES:
+            functions = await self._transport.server_version() >= FUNCTIONS_SINCE
+        except redis_errors.ResponseError:
+            functions = False  # INFO refused (an ACL, a renamed command): EVALSHA works everywhere
+        self._set_script_mode(functions)
+
+    def _set_script_mode(self, functions: bool) -> None:
+        self._functions = self._transport.functions = functions
+        self._refs = {name: function_name(name) for name in SCRIPT_NAMES} if functions else self._shas
+
+    def _source(self, name: str) -> str:
+        """What loads script ``name``: the library of every script, or the script alone."""
+        return library_source() if self._functions else self._sources[name]
+
+    async def load_scripts(self) -> None:
+        """Chooses the script mode and loads every script (at start-up), so the first calls do not
+        each meet NOSCRIPT: the one library (FUNCTION LOAD) or each script (SCRIPT LOAD)."""
+        try:
+            await self._script_mode()
+            for name in SCRIPT_NAMES[:1] if self._functions else SCRIPT_NAMES:
                 await self._load_script(name)
         except redis_errors.RedisError as exc:
             raise domain_error(exc) from exc
 
     async def _load_script(self, name: str) -> None:
-        """SCRIPT LOAD, shared by every caller that needs it meanwhile: after a Redis restart,
-        the calls in flight all meet NOSCRIPT at once and would each load the script."""
-        loading = self._loading.get(name)
+        """FUNCTION LOAD of the library (every script in it) or SCRIPT LOAD of one script, shared
+        by every caller that needs it meanwhile: after a Redis restart, the calls in flight all
+        meet NOSCRIPT at once and would each load it."""
+        key = _LIBRARY if self._functions else name
+        loading = self._loading.get(key)
         if loading is None:
-            loading = self._loading[name] = asyncio.ensure_future(self._transport.load(self._sources[name]))
-            loading.add_done_callback(lambda _: self._loading.pop(name, None))
+            loading = self._loading[key] = asyncio.ensure_future(self._transport.load(self._source(name)))
+            loading.add_done_callback(lambda _: self._loading.pop(key, None))
         # Shielded: one caller's cancellation must not cancel the load the others wait for.
         await asyncio.shield(loading)
 

@@ -6,9 +6,12 @@
   EVALSHA + WAIT pairs of every single-server setup).
 - ClusterTransport: one pipeline per master of a Redis Cluster, following MOVED / ASK.
 
-Each sends EVALSHA by the script's SHA1 and returns Redis' replies or errors as values, in
-order; the store loads a script the server lost (NOSCRIPT) and sends again. Redis errors
-become domain errors here (domain_error) and nowhere else.
+Each sends one script call per decision, in the store's script mode (``functions``): FCALL of the
+script's function in the library of every script (Redis >= 7), else EVALSHA by the script's SHA1
+(Redis 6.2; storage/scripts.py has both forms). Each returns Redis' replies or errors as values,
+in order; the store loads what the server lost (NOSCRIPT, or "Function not found", which the
+transports report as NoScriptError: neither call ran) and sends again. Redis errors become
+domain errors here (domain_error) and nowhere else.
 """
 
 from __future__ import annotations
@@ -28,8 +31,11 @@ from quota_sidecar.storage import connect as redis_connect
 from quota_sidecar.storage import mux as redis_mux
 from quota_sidecar.storage.keys import ScriptKeys
 
-# One script call: (the script's SHA1, its KEYS, its ARGV).
+# One script call: (the script's function name in FCALL mode, else its SHA1; its KEYS; its ARGV).
 Call = tuple[str, ScriptKeys, list[Any]]
+
+# The lowest Redis version with Functions (FUNCTION LOAD, FCALL).
+FUNCTIONS_SINCE = (7, 0)
 
 # Redis replies that mean "not now" rather than "never".
 _TRANSIENT_PREFIXES = ("BUSY", "LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "OOM", "NOREPLICAS")
@@ -57,6 +63,27 @@ def _wrapped_code(text: str) -> str:
     return wrapped.group(1) if wrapped else ""
 
 
+def _missing_as_noscript(result: Any) -> Any:
+    """An FCALL of a function Redis does not have ("ERR Function not found": a restart without
+    persistence, FUNCTION FLUSH) as the NOSCRIPT of an EVALSHA: the call did not run, and the
+    store handles both alike (load, send again)."""
+    if (isinstance(result, redis_errors.ResponseError) and not isinstance(result, redis_errors.NoScriptError)
+            and str(result).removeprefix("ERR ") == "Function not found"):
+        return redis_errors.NoScriptError(str(result))
+    return result
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", str(text))[:3])
+
+
+def _redis_version(info: Any) -> tuple[int, ...]:
+    """``redis_version`` of a parsed INFO server reply, or the lowest of a {node: reply} dict."""
+    if "redis_version" in info:
+        return _version(info["redis_version"])
+    return min(_version(node_info["redis_version"]) for node_info in info.values())
+
+
 def domain_error(exc: redis_errors.RedisError) -> QuotaError:
     """A Redis error as the domain knows it: StoreUnavailable when retrying can help."""
     if isinstance(exc, (redis_errors.ConnectionError, redis_errors.TimeoutError)):
@@ -74,13 +101,20 @@ def domain_error(exc: redis_errors.RedisError) -> QuotaError:
 class Transport(Protocol):
     # True when ARGV must be flat (no pre-encoded redis_mux.Packed blocks).
     flat_args: bool
+    # The store's script mode: FCALL and FUNCTION LOAD when True, else EVALSHA and SCRIPT LOAD.
+    functions: bool
 
     async def send(self, calls: Sequence[Call]) -> list[Any]:
-        """Every call as one EVALSHA, in one round trip (one per master on a cluster): each
-        reply, or the Redis error it got, in order. Raises only when nothing could be sent."""
+        """Every call as one FCALL (or EVALSHA), in one round trip (one per master on a cluster):
+        each reply, or the Redis error it got, in order ("Function not found" as NoScriptError).
+        Raises only when nothing could be sent."""
 
     async def load(self, source: str) -> None:
-        """SCRIPT LOAD (on every master of a cluster): after NOSCRIPT and at start-up."""
+        """FUNCTION LOAD REPLACE of the library, or SCRIPT LOAD of one script (on every master of
+        a cluster): after NOSCRIPT and at start-up."""
+
+    async def server_version(self) -> tuple[int, ...]:
+        """INFO server's redis_version (the lowest of a cluster's masters)."""
 
     async def read(self, *args: Any) -> Any:
         """One read-only command of one key (the outbox's XRANGE): its reply, raised on error.
@@ -102,13 +136,19 @@ class PipelineTransport:
 
     def __init__(self, client: aioredis.Redis) -> None:
         self._client = client
+        self.functions = False
+
+    @property
+    def verb(self) -> str:
+        return "FCALL" if self.functions else "EVALSHA"
 
     async def send(self, calls: Sequence[Call]) -> list[Any]:
+        verb = self.verb
         async with self._client.pipeline(transaction=False) as pipe:
-            for sha, keys, args in calls:
+            for ref, keys, args in calls:
                 # Plain EVALSHA: redis-py's script-aware pipelines add a SCRIPT EXISTS round trip.
-                pipe.evalsha(sha, len(keys), *keys, *args)
-            results = list(await pipe.execute(raise_on_error=False))
+                pipe.execute_command(verb, ref, len(keys), *keys, *args)
+            results = [_missing_as_noscript(r) for r in await pipe.execute(raise_on_error=False)]
         await self._forget_a_demoted_master(results)
         return results
 
@@ -120,19 +160,26 @@ class PipelineTransport:
             await self._client.connection_pool.disconnect()
 
     async def load(self, source: str) -> None:
-        await self._client.script_load(source)
+        if self.functions:
+            await self._client.execute_command("FUNCTION", "LOAD", "REPLACE", source)
+        else:
+            await self._client.script_load(source)
+
+    async def server_version(self) -> tuple[int, ...]:
+        return _redis_version(await self._client.info("server"))
 
     async def read(self, *args: Any) -> Any:
         return await self._client.execute_command(*args)
 
     async def send_and_wait(self, call: Call, source: str, min_replicas: int,
                             timeout_ms: int) -> tuple[Any, int]:
-        sha, keys, args = call
+        ref, keys, args = call
         for _ in range(2):  # once more after loading a script the server lost
             async with self._client.pipeline(transaction=False) as pipe:
-                pipe.evalsha(sha, len(keys), *keys, *args)
+                pipe.execute_command(self.verb, ref, len(keys), *keys, *args)
                 pipe.wait(min_replicas, timeout_ms)
                 raw, acked = await pipe.execute(raise_on_error=False)
+            raw = _missing_as_noscript(raw)
             await self._forget_a_demoted_master([raw])
             if not isinstance(raw, redis_errors.NoScriptError):
                 break
@@ -158,27 +205,43 @@ class MuxTransport:
     def __init__(self, mux: redis_mux.MuxConnection, client: aioredis.Redis) -> None:
         self._mux = mux
         self._pipelines = PipelineTransport(client)
-        # "EVALSHA <sha> <number of keys>" encoded once per script and key count.
-        self._heads: dict[tuple[str, int], redis_mux.Packed] = {}
+        # "FCALL <function> <number of keys>" (or "EVALSHA <sha> ...") encoded once per script and key count.
+        self._heads: dict[tuple[str, str, int], redis_mux.Packed] = {}
 
-    def _head(self, sha: str, keys: int) -> redis_mux.Packed:
-        head = self._heads.get((sha, keys))
+    @property
+    def functions(self) -> bool:
+        return self._pipelines.functions
+
+    @functions.setter
+    def functions(self, value: bool) -> None:
+        self._pipelines.functions = value
+
+    def _head(self, ref: str, keys: int) -> redis_mux.Packed:
+        verb = self._pipelines.verb
+        head = self._heads.get((verb, ref, keys))
         if head is None:
-            head = self._heads[(sha, keys)] = redis_mux.Packed(["EVALSHA", sha, keys])
+            head = self._heads[(verb, ref, keys)] = redis_mux.Packed([verb, ref, keys])
         return head
 
     async def send(self, calls: Sequence[Call]) -> list[Any]:
         # A dropped connection is retried once, as redis-py's client is configured to: every
         # script is idempotent, so re-sending one that did run is safe.
-        packed = [redis_mux.pack_command([self._head(sha, len(keys)), keys.packed, *args]) for sha, keys, args in calls]
+        packed = [redis_mux.pack_command([self._head(ref, len(keys)), keys.packed, *args]) for ref, keys, args in calls]
         try:
-            return await self._mux.execute_many(packed)
+            results = await self._mux.execute_many(packed)
         except (redis_errors.ConnectionError, redis_errors.TimeoutError):
             await asyncio.sleep(_RECONNECT_PAUSE_SECONDS)
-            return await self._mux.execute_many(packed)
+            results = await self._mux.execute_many(packed)
+        return [_missing_as_noscript(r) for r in results] if self.functions else results
 
     async def load(self, source: str) -> None:
-        await self._mux.execute("SCRIPT", "LOAD", source)
+        if self.functions:
+            await self._mux.execute("FUNCTION", "LOAD", "REPLACE", source)
+        else:
+            await self._mux.execute("SCRIPT", "LOAD", source)
+
+    async def server_version(self) -> tuple[int, ...]:
+        return await self._pipelines.server_version()
 
     async def read(self, *args: Any) -> Any:
         try:
@@ -219,6 +282,11 @@ class ClusterTransport:
 
     def __init__(self, client: RedisCluster) -> None:
         self._client = client
+        self.functions = False
+
+    @property
+    def verb(self) -> str:
+        return "FCALL" if self.functions else "EVALSHA"
 
     async def send(self, calls: Sequence[Call]) -> list[Any]:
         client = self._client
@@ -231,16 +299,16 @@ class ClusterTransport:
         await asyncio.gather(*(self._on_node(node, indexes, calls, results) for node, indexes in by_node.values()))
         for i, result in enumerate(results):
             if isinstance(result, (redis_errors.MovedError, redis_errors.AskError)):
-                sha, keys, args = calls[i]
+                ref, keys, args = calls[i]
                 try:
-                    results[i] = await client.evalsha(sha, len(keys), *keys, *args)
+                    results[i] = await client.execute_command(self.verb, ref, len(keys), *keys, *args)
                 except redis_errors.RedisError as exc:
-                    results[i] = exc
+                    results[i] = _missing_as_noscript(exc)
         return results
 
     async def _on_node(self, node: ClusterNode, indexes: list[int], calls: Sequence[Call],
                        results: list[Any]) -> None:
-        commands = [PipelineCommand(j, "EVALSHA", calls[i][0], len(calls[i][1]), *calls[i][1], *calls[i][2])
+        commands = [PipelineCommand(j, self.verb, calls[i][0], len(calls[i][1]), *calls[i][1], *calls[i][2])
                     for j, i in enumerate(indexes)]
         try:
             await node.execute_pipeline(commands)
@@ -250,7 +318,7 @@ class ClusterTransport:
                 results[i] = exc
             return
         for i, command in zip(indexes, commands):
-            results[i] = command.result
+            results[i] = _missing_as_noscript(command.result)
 
     async def _refresh_slots(self) -> None:
         # A failover? Re-read the slot map for the next call; redis-py's refresh marks
@@ -259,32 +327,44 @@ class ClusterTransport:
             await self._client.nodes_manager.initialize()
 
     async def load(self, source: str) -> None:
-        await self._client.script_load(source)
+        if self.functions:
+            # On every master, named explicitly: each master runs the calls of its own slots.
+            await self._client.execute_command("FUNCTION", "LOAD", "REPLACE", source,
+                                               target_nodes=RedisCluster.PRIMARIES)
+        else:
+            await self._client.script_load(source)
+
+    async def server_version(self) -> tuple[int, ...]:
+        return _redis_version(await self._client.execute_command("INFO", "server",
+                                                                 target_nodes=RedisCluster.PRIMARIES))
 
     async def read(self, *args: Any) -> Any:
         return await self._client.execute_command(*args)  # routed by its key, following MOVED / ASK
 
     async def send_and_wait(self, call: Call, source: str, min_replicas: int,
                             timeout_ms: int) -> tuple[Any, int]:
-        """EVALSHA and WAIT pipelined on one connection to the master of the call's slot,
+        """FCALL (or EVALSHA) and WAIT pipelined on one connection to the master of the call's slot,
         following MOVED / ASK and reloading the script (NOSCRIPT) a bounded number of times."""
         client = self._client
         await client.initialize()
-        sha, keys, args = call
+        ref, keys, args = call
         node, asking = _slot_master(client, keys[0]), False
         for _ in range(_MAX_REDIRECTIONS):
             commands = [PipelineCommand(0, "ASKING")] if asking else []
-            commands += [PipelineCommand(len(commands), "EVALSHA", sha, len(keys), *keys, *args),
+            commands += [PipelineCommand(len(commands), self.verb, ref, len(keys), *keys, *args),
                          PipelineCommand(len(commands) + 1, "WAIT", min_replicas, timeout_ms)]
             try:
                 await node.execute_pipeline(commands)
             except (redis_errors.ConnectionError, redis_errors.TimeoutError):
                 await self._refresh_slots()
                 raise
-            result, acked = commands[-2].result, commands[-1].result
+            result, acked = _missing_as_noscript(commands[-2].result), commands[-1].result
             asking = False
             if isinstance(result, redis_errors.NoScriptError):
-                await node.execute_command("SCRIPT", "LOAD", source)
+                if self.functions:
+                    await node.execute_command("FUNCTION", "LOAD", "REPLACE", source)
+                else:
+                    await node.execute_command("SCRIPT", "LOAD", source)
             elif isinstance(result, redis_errors.MovedError):
                 await client.nodes_manager.move_slot(result)
                 node = _slot_master(client, keys[0])
