@@ -10,7 +10,8 @@ Redis executed per call (``callgrind_control -z`` before, ``-d`` after), for:
 
   free      decisions funded by the daily free allowance
   credits   decisions funded by credits (the allowance already used up)
-  baseline  a script that only returns 1, sent the same KEYS and ARGV
+  baseline  a script that only returns 1, called as the store calls (FCALL of a registered function
+            on Redis 7, EVALSHA on 6.2) with the same KEYS and ARGV
   commit / release   half of each scenario's holds committed (whole), the other half released
 
 --before DIR measures the code of another checkout (its quota_sidecar package, a git worktree of
@@ -153,11 +154,11 @@ async def _decisions(server: CallgrindRedis, calls: int, credits_path: bool) -> 
 
 
 def _baseline(server: CallgrindRedis, calls: int) -> float:
-    """'return 1' sent the KEYS and ARGV of a real decision."""
-    call = redis_probes.capture_reserve_call(server.url, "acct0")  # EVALSHA sha numkeys KEYS... ARGV...
+    """'return 1' sent the KEYS and ARGV of a real decision, with the store's verb."""
+    call = redis_probes.capture_reserve_call(server.url, "acct0")  # FCALL|EVALSHA ref numkeys KEYS... ARGV...
     client = redis.Redis(port=server.port)
     try:
-        call[1] = client.script_load("return 1")
+        call[1] = redis_probes.load_return_1(client, call[0])
         server.zero()
         for _ in range(calls):
             client.execute_command(*call)
@@ -197,7 +198,7 @@ def main(ns: argparse.Namespace) -> None:
     if ns.json_out:
         Path(ns.json_out).write_text(json.dumps(after))
         return
-    print(f"redis-server {binary}, {ns.calls} calls each, instructions per EVALSHA (reserve: free, credits):")
+    print(f"redis-server {binary}, {ns.calls} calls each, instructions per script call (reserve: free, credits):")
     if before is None:
         for name, per_call in after.items():
             print(f"  {name:16s} {per_call / 1000:8.1f} k")

@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/lua_phases.py [--calls 100] [--redis-server PATH]
 
-benchmarks/lua_cost.py counts a whole reserve, commit or release EVALSHA; this splits the count.
+benchmarks/lua_cost.py counts a whole reserve, commit or release script call; this splits the count
+of the EVALSHA form (storage/scripts.py), which the store sends on Redis 6.2 and which this forces.
 For each phase boundary below it registers a copy of the real script (as the store assembles it,
 storage/scripts.py) with ``do return '{}' end`` inserted before that line, makes the engine's
 decisions through it against a redis-server under callgrind, and prints the instructions per call
@@ -85,6 +86,7 @@ async def _use(store: Any, name: str, source: str) -> None:
     # Only the scripts in use stay in Redis' Lua heap: every cut loaded would make each garbage
     # collection walk a bigger heap, a cost that grows from one cut to the next.
     await store._client.script_flush()
+    store._set_script_mode(False)  # the EVALSHA form, whatever the server's version
     store._sources[name] = source
     store._shas[name] = await store._client.script_load(source)
 

@@ -8,7 +8,7 @@
   connection: a round trip starts when a client sends a command while none of its
   commands is waiting for a reply, and lasts until every reply is back (so a pipeline,
   or commands coalesced into one write, is one round trip).
-- ``raw_reserve``: EVALSHA of the sidecar's own reserve script with real KEYS/ARGV
+- ``raw_reserve``: the sidecar's own reserve script call (FCALL, or EVALSHA on Redis 6.2) with real KEYS/ARGV
   (captured by running the engine in-process once), at several pipeline depths.
 """
 
@@ -32,6 +32,7 @@ from quota_sidecar.domain.engine import QuotaEngine
 from quota_sidecar.domain.model import JobParams
 from quota_sidecar.server.plans_file import load_plans
 from quota_sidecar.storage import mux as redis_mux
+from quota_sidecar.storage import scripts
 from quota_sidecar.storage.keys import account_keys
 from quota_sidecar.storage.scripts import SCRIPT_NAMES, load_script_source
 from quota_sidecar.storage.store import RedisStore
@@ -41,12 +42,43 @@ MONITOR_STOP_TIMEOUT_SECONDS = 10.0
 # The sidecar's periodic background work, not part of a decision: the health probe (PING), the
 # sweeper's lease (SET NX), account scan (SCAN) and per-account sweep script, and the cameo
 # registry's refresh (HGETALL of <prefix>:cameos every few seconds).
-BACKGROUND_COMMANDS = {"PING", "SCAN", "SET", "EVALSHA sweep", "HGETALL"}
+BACKGROUND_COMMANDS = {"PING", "SCAN", "SET", "EVALSHA sweep", "FCALL sweep", "HGETALL"}
+# The commands a script call is sent as: FCALL of a library function (Redis 7), EVALSHA (6.2).
+SCRIPT_VERBS = ("FCALL", "EVALSHA")
 
 
-def script_shas() -> dict[str, str]:
-    """sha1 -> script name, for the scripts the sidecar loads."""
-    return {hashlib.sha1(load_script_source(n).encode()).hexdigest(): n for n in SCRIPT_NAMES}
+def script_refs() -> dict[str, str]:
+    """sha1 or function name -> script name, for the scripts the sidecar loads (both modes)."""
+    refs = {hashlib.sha1(load_script_source(n).encode()).hexdigest(): n for n in SCRIPT_NAMES}
+    refs.update({scripts.function_name(n): n for n in SCRIPT_NAMES})
+    return refs
+
+
+def script_verb(client: redis.Redis) -> str:
+    """The command the store sends decisions as on this server (see RedisStore._script_mode)."""
+    version = str(client.info("server")["redis_version"])
+    return "FCALL" if tuple(int(p) for p in version.split(".")[:2]) >= (7, 0) else "EVALSHA"
+
+
+def load_reserve(client: redis.Redis, verb: str) -> None:
+    """Loads what a captured reserve call names: the library (FCALL) or the reserve script."""
+    if verb == "FCALL":
+        client.function_load(scripts.library_source(), replace=True)
+    else:
+        client.script_load(load_script_source("reserve"))
+
+
+# A library of one function that returns 1: what an FCALL costs before any script logic.
+RETURN_1_LIBRARY = "#!lua name=qs_bench_return_1\nredis.register_function('qs_bench_return_1', function() return 1 end)"
+
+
+def load_return_1(client: redis.Redis, verb: str) -> str:
+    """A 'return 1' script called the way ``verb`` calls (FCALL: a registered function; EVALSHA: a
+    script): what to put in a captured call's place of the reserve's function name or SHA1."""
+    if verb == "FCALL":
+        client.function_load(RETURN_1_LIBRARY, replace=True)
+        return "qs_bench_return_1"
+    return str(client.script_load("return 1"))
 
 
 class Control:
@@ -126,11 +158,11 @@ class MonitorWindow:
             return command.upper() == "ECHO" and first == self._marker
         if client != "lua":
             name = command.upper()
-            self._commands[(client, name, (first or "") if name == "EVALSHA" else "")] += 1
+            self._commands[(client, name, (first or "") if name in SCRIPT_VERBS else "")] += 1
         return False
 
     def stop(self) -> Counter[tuple[str, str, str]]:
-        """(client address, command, sha for EVALSHA) -> count, for every client but ours."""
+        """(client address, command, function or sha for FCALL / EVALSHA) -> count, for every client but ours."""
         self._control.client.echo(self._marker)
         finished = self._done.wait(MONITOR_STOP_TIMEOUT_SECONDS)
         self._sock.close()
@@ -142,11 +174,11 @@ class MonitorWindow:
 
 def classify(commands: Counter[tuple[str, str, str]]) -> dict[str, Any]:
     """Decision-path commands (all but the periodic background ones), by name and script."""
-    shas = script_shas()
+    refs = script_refs()
     by_name: Counter[str] = Counter()
     background: Counter[str] = Counter()
-    for (_, name, sha), count in commands.items():
-        label = f"EVALSHA {shas.get(sha, sha[:12])}" if name == "EVALSHA" else name
+    for (_, name, ref), count in commands.items():
+        label = f"{name} {refs.get(ref, ref[:24])}" if name in SCRIPT_VERBS else name
         (background if name in BACKGROUND_COMMANDS or label in BACKGROUND_COMMANDS else by_name)[label] += count
     return {"decision_path": dict(by_name), "background": dict(background),
             "decision_path_total": sum(by_name.values())}
@@ -245,15 +277,17 @@ class RoundTripProxy:
 
 
 async def _capture_async(url: str, account: str, reservation_id: str) -> list[Any]:
-    """The EVALSHA of one decision, as the store's transport sends it (redis-py pipelines here, not
-    the multiplexed connection, so the arguments are plain values)."""
+    """The script call of one decision (FCALL, or EVALSHA on Redis 6.2), as the store's transport
+    sends it (redis-py pipelines here, not the multiplexed connection, so the arguments are plain values)."""
     store = RedisStore(aioredis.Redis.from_url(url), multiplex=False)
     sent: list[tuple[Any, ...]] = []
     transport = store._transport
     send = transport.send
 
     async def recording(calls: Any) -> list[Any]:
-        sent.extend(("EVALSHA", sha, len(keys), *keys, *args) for sha, keys, args in calls)
+        # (lua_cost.py --before runs this against older checkouts, whose store only sends EVALSHA.)
+        verb = getattr(store, "script_verb", "EVALSHA")
+        sent.extend((verb, ref, len(keys), *keys, *args) for ref, keys, args in calls)
         return await send(calls)
 
     transport.send = recording  # type: ignore[method-assign]
@@ -263,28 +297,28 @@ async def _capture_async(url: str, account: str, reservation_id: str) -> list[An
                                        JobParams(duration_seconds=10, resolution="720p"))
     finally:
         await store.close()
-    # A NOSCRIPT reply (scripts not loaded yet) makes the store load the script and send the same EVALSHA again.
+    # A NOSCRIPT reply (scripts not loaded yet) makes the store load the script and send the same call again.
     if len(set(sent)) != 1:
-        raise RuntimeError(f"expected one EVALSHA for one decision, saw {len(set(sent))} different")
+        raise RuntimeError(f"expected one script call for one decision, saw {len(set(sent))} different")
     return list(sent[-1])
 
 
 def capture_reserve_call(url: str, account: str) -> list[Any]:
-    """The EVALSHA the sidecar sends for one decision on ``account`` (default settings), as a list."""
+    """The FCALL (or EVALSHA) the sidecar sends for one decision on ``account`` (default settings), as a list."""
     return asyncio.run(_capture_async(url, account, f"capture-{uuid.uuid4().hex}"))
 
 
 class ReserveTemplate:
-    """A captured reserve EVALSHA, re-targeted at any account and reservation id.
+    """A captured reserve call (FCALL or EVALSHA), re-targeted at any account and reservation id.
 
     Everything but the reservation id is encoded once per account (KEYS name the account,
     ARGV carries it), so the client spends its time sending, not packing."""
 
     def __init__(self, call: Sequence[Any], account: str, key_prefix: str = "qs", key_buckets: int = 256,
-                 sha: str = "") -> None:
+                 ref: str = "") -> None:
         self.call = [a.decode() if isinstance(a, bytes) else a for a in call]
-        if sha:  # another script with the very same KEYS/ARGV (the cost of a call, not of its logic)
-            self.call[1] = sha
+        if ref:  # another function or script with the very same KEYS/ARGV (the cost of a call, not of its logic)
+            self.call[1] = ref
         self.account, self.prefix, self.buckets = account, key_prefix, key_buckets
         numkeys = int(self.call[2])
         self.keys_at = slice(3, 3 + numkeys)
@@ -311,7 +345,7 @@ class ReserveTemplate:
 
 def raw_reserve(url: str, template: ReserveTemplate, accounts: Sequence[str], *, depth: int,
                 seconds: float, max_calls: int = 2_000_000) -> dict[str, float]:
-    """EVALSHAs in pipelines of ``depth`` on one redis-py connection for ``seconds``; client-side rate."""
+    """Script calls in pipelines of ``depth`` on one redis-py connection for ``seconds``; client-side rate."""
     pool = redis.ConnectionPool.from_url(url)
     conn = pool.get_connection()
     calls = 0
@@ -333,4 +367,4 @@ def raw_reserve(url: str, template: ReserveTemplate, accounts: Sequence[str], *,
         pool.release(conn)
         pool.disconnect()
     elapsed = time.perf_counter() - started
-    return {"calls": calls, "errors": errors, "elapsed_seconds": elapsed, "evalsha_per_second": calls / elapsed}
+    return {"calls": calls, "errors": errors, "elapsed_seconds": elapsed, "calls_per_second": calls / elapsed}

@@ -18,8 +18,9 @@ Figures (the table; ratio = sidecar / no-op unless said otherwise):
      the ratio is how much of the gRPC transport floor the sidecar keeps (target >= 0.85).
   b  one caller: p50 and p99 latency of the sidecar (targets 0.5 ms, 1.5 ms); no-op for reference.
   c  CheckAndReserveBatch, 64 items per RPC, 4 callers: decisions/s (target >= 25,000).
-  d  Redis per decision. INFO commandstats EVALSHA usec_per_call (Redis' time inside the call,
-     script included) during a and c (target <= 25 us), and Redis CPU (INFO cpu) per EVALSHA.
+  d  Redis per decision. INFO commandstats usec_per_call of the store's script call (FCALL on
+     Redis 7, EVALSHA on 6.2: Redis' time inside the call, script included) during a and c
+     (target <= 25 us), and Redis CPU (INFO cpu) per script call.
      MONITOR over ~200 unary decisions and a few batch RPCs counts the top-level commands the
      sidecar sent (commands issued from Lua, the benchmark's own connection and the periodic
      background work left out: health PING, sweeper, cameo registry refresh): 1 per unary
@@ -182,6 +183,7 @@ class Bench:
         self.procs = Processes(workdir)
         self.redis: RedisServerProcess | None = None
         self.control: redis_probes.Control | None = None
+        self.verb = "EVALSHA"  # the store's script call on this Redis (setup: FCALL on Redis 7)
         self.proxy: redis_probes.RoundTripProxy | None = None
         self.sidecar: harness.Sidecar | None = None
         self.noop_target = ""
@@ -230,12 +232,12 @@ class Bench:
         self.control.reset_stats()
         cpu_before = self.control.cpu_seconds()
         report = run()
-        stats = self.control.commandstats().get("evalsha", {})
+        stats = self.control.commandstats().get(self.verb.lower(), {})
         calls = int(stats.get("calls", 0))
         report["redis"] = {
-            "evalsha_calls": calls,
-            "evalsha_usec_per_call": float(stats.get("usec_per_call", 0.0)),
-            "redis_cpu_usec_per_evalsha": (self.control.cpu_seconds() - cpu_before) * 1e6 / calls if calls else 0.0,
+            "script_calls": calls,
+            "script_usec_per_call": float(stats.get("usec_per_call", 0.0)),
+            "redis_cpu_usec_per_script_call": (self.control.cpu_seconds() - cpu_before) * 1e6 / calls if calls else 0.0,
         }
         return report
 
@@ -255,6 +257,8 @@ class Bench:
                                         appendfsync="everysec")
         self.redis.start()
         self.control = redis_probes.Control(self.redis.url)
+        self.verb = redis_probes.script_verb(self.control.client)
+        self.results["script_verb"] = self.verb
         self.say(f"redis-server {'.'.join(map(str, self.redis.version))} ({binary}) on {self.redis.url}, "
                  f"{'AOF everysec' if self.cfg.aof else 'no persistence'}")
         self.sidecar = harness.start_sidecar(self.procs, self.redis.url)
@@ -315,9 +319,9 @@ class Bench:
         finally:
             commands = window.stop()
         counted = redis_probes.classify(commands)
-        evalsha_calls = int(self.control.commandstats().get("evalsha", {}).get("calls", 0))
+        script_calls = int(self.control.commandstats().get(self.verb.lower(), {}).get("calls", 0))
         return {"decisions": report["decisions"], "rpcs": report["rpcs"], "commands": counted,
-                "commandstats_evalsha_calls": evalsha_calls,
+                "commandstats_script_calls": script_calls,
                 "commands_per_decision": counted["decision_path_total"] / max(1, report["decisions"]),
                 "commands_per_rpc": counted["decision_path_total"] / max(1, report["rpcs"]),
                 "by_status": report.get("by_status")}
@@ -328,11 +332,11 @@ class Bench:
         self.proxy.take()  # start-up and idle traffic is not this window's
         report = self.load(sidecar.target, sidecar.server_pids(), **kw)
         trips = self.proxy.take()
-        decision_trips = [t for t in trips if "EVALSHA" in t]
-        other = sorted({name for t in trips if "EVALSHA" not in t for name in t})
+        decision_trips = [t for t in trips if self.verb in t]
+        other = sorted({name for t in trips if self.verb not in t for name in t})
         return {"decisions": report["decisions"], "rpcs": report["rpcs"], "round_trips": len(decision_trips),
                 "other_round_trips": len(trips) - len(decision_trips), "other_commands": other,
-                "evalsha_per_round_trip_max": max((t["EVALSHA"] for t in decision_trips), default=0),
+                "script_calls_per_round_trip_max": max((t[self.verb] for t in decision_trips), default=0),
                 "round_trips_per_decision": len(decision_trips) / max(1, report["decisions"]),
                 "round_trips_per_rpc": len(decision_trips) / max(1, report["rpcs"])}
 
@@ -360,10 +364,12 @@ class Bench:
         self.results["scenarios"]["d_redis_per_decision"] = {
             "monitor_unary": unary, "monitor_batch": batch, "round_trips_unary": unary_rt,
             "round_trips_batch": batch_rt, "round_trips_unary_many_callers": unary_rt_many,
-            "evalsha_usec_per_call_unary": sc["a_unary"]["sidecar"]["redis"]["evalsha_usec_per_call"],
-            "evalsha_usec_per_call_batch": sc["c_batch"]["sidecar"]["redis"]["evalsha_usec_per_call"],
-            "redis_cpu_usec_per_evalsha_unary": sc["a_unary"]["sidecar"]["redis"]["redis_cpu_usec_per_evalsha"],
-            "redis_cpu_usec_per_evalsha_batch": sc["c_batch"]["sidecar"]["redis"]["redis_cpu_usec_per_evalsha"]}
+            "script_usec_per_call_unary": sc["a_unary"]["sidecar"]["redis"]["script_usec_per_call"],
+            "script_usec_per_call_batch": sc["c_batch"]["sidecar"]["redis"]["script_usec_per_call"],
+            "redis_cpu_usec_per_script_call_unary":
+                sc["a_unary"]["sidecar"]["redis"]["redis_cpu_usec_per_script_call"],
+            "redis_cpu_usec_per_script_call_batch":
+                sc["c_batch"]["sidecar"]["redis"]["redis_cpu_usec_per_script_call"]}
         self.rows_d(unary, batch, unary_rt, batch_rt)
 
     def rows_d(self, unary: dict[str, Any], batch: dict[str, Any], unary_rt: dict[str, Any],
@@ -381,26 +387,26 @@ class Bench:
         self.row("d redis", f"round trips per unary decision (c={self.cfg.unary_concurrency}, coalesced)",
                  many["round_trips_per_decision"], "trips")
         for side in ("unary", "batch"):
-            self.row("d redis", f"EVALSHA usec_per_call during {side} load", d[f"evalsha_usec_per_call_{side}"],
+            self.row("d redis", f"{self.verb} usec_per_call during {side} load", d[f"script_usec_per_call_{side}"],
                      "us", target=("<=", 25))
-            self.row("d redis", f"Redis CPU per EVALSHA during {side} load (INFO cpu)",
-                     d[f"redis_cpu_usec_per_evalsha_{side}"], "us")
+            self.row("d redis", f"Redis CPU per {self.verb} during {side} load (INFO cpu)",
+                     d[f"redis_cpu_usec_per_script_call_{side}"], "us")
 
     def raw_run(self, template: redis_probes.ReserveTemplate, depth: int) -> dict[str, Any]:
-        """One raw EVALSHA run with what Redis counted for it (commandstats reset first)."""
+        """One raw script-call run (FCALL or EVALSHA) with what Redis counted for it (commandstats reset first)."""
         assert self.redis is not None and self.control is not None
         self.control.reset_stats()
         cpu_before, machine_before, own_before = (self.control.cpu_seconds(), harness.machine_busy_seconds(),
                                                   time.process_time())
         run = redis_probes.raw_reserve(self.redis.url, template, accounts(RAW_ACCOUNTS, "raw"), depth=depth,
                                        seconds=self.cfg.raw_seconds)
-        stats = self.control.commandstats().get("evalsha", {})
+        stats = self.control.commandstats().get(self.verb.lower(), {})
         redis_cpu = self.control.cpu_seconds() - cpu_before
         # The client is this process; anything else busy meanwhile is noise (see load()).
         other = harness.machine_busy_seconds() - machine_before - redis_cpu - (time.process_time() - own_before)
         run["other_processes_cores_avg"] = round(max(0.0, other / run["elapsed_seconds"]), 3)
-        run["evalsha_usec_per_call"] = float(stats.get("usec_per_call", 0.0))
-        run["redis_cpu_usec_per_evalsha"] = redis_cpu * 1e6 / max(1, run["calls"])
+        run["script_usec_per_call"] = float(stats.get("usec_per_call", 0.0))
+        run["redis_cpu_usec_per_script_call"] = redis_cpu * 1e6 / max(1, run["calls"])
         # Near 1.0: Redis' one thread is the bottleneck, this is the floor; well below: the client is.
         run["redis_cores_avg"] = round(redis_cpu / run["elapsed_seconds"], 3)
         return run
@@ -410,23 +416,26 @@ class Bench:
         assert self.control is not None and self.redis is not None
         call = redis_probes.capture_reserve_call(self.redis.url, "raw-0")
         template = redis_probes.ReserveTemplate(call, "raw-0")
-        self.control.client.script_load(redis_probes.load_script_source("reserve"))
+        verb = self.verb
+        redis_probes.load_reserve(self.control.client, verb)
         runs = {}
         for depth in (1, 8, 64):
             run = runs[f"depth_{depth}"] = self.raw_run(template, depth)
-            self.say(f"e raw EVALSHA depth {depth}: {run['evalsha_per_second']:,.0f}/s, usec_per_call "
-                     f"{run['evalsha_usec_per_call']:.1f}, Redis CPU/call {run['redis_cpu_usec_per_evalsha']:.1f} us, "
+            self.say(f"e raw {verb} depth {depth}: {run['calls_per_second']:,.0f}/s, usec_per_call "
+                     f"{run['script_usec_per_call']:.1f}, "
+                     f"Redis CPU/call {run['redis_cpu_usec_per_script_call']:.1f} us, "
                      f"redis cores {run['redis_cores_avg']}, other processes {run['other_processes_cores_avg']}, "
                      f"errors {run['errors']}")
-            self.row("e raw redis", f"EVALSHA reserve/s, pipeline depth {depth}", run["evalsha_per_second"], "calls/s")
-            self.row("e raw redis", f"EVALSHA usec_per_call, depth {depth}", run["evalsha_usec_per_call"], "us",
+            self.row("e raw redis", f"{verb} reserve/s, pipeline depth {depth}", run["calls_per_second"], "calls/s")
+            self.row("e raw redis", f"{verb} usec_per_call, depth {depth}", run["script_usec_per_call"], "us",
                      target=("<=", 25))
-        # The same KEYS/ARGV to a script that does nothing: what any call costs Redis, before the script's logic.
-        nothing = redis_probes.ReserveTemplate(call, "raw-0", sha=self.control.client.script_load("return 1"))
+        # The same KEYS/ARGV to a function (or script) that does nothing: what any call costs Redis,
+        # before the script's logic.
+        nothing = redis_probes.ReserveTemplate(call, "raw-0", ref=redis_probes.load_return_1(self.control.client, verb))
         run = runs["return_1_depth_64"] = self.raw_run(nothing, 64)
-        self.say(f"e EVALSHA 'return 1' with the same KEYS/ARGV, depth 64: {run['evalsha_per_second']:,.0f}/s, "
-                 f"usec_per_call {run['evalsha_usec_per_call']:.1f}")
-        self.row("e raw redis", "EVALSHA usec_per_call of 'return 1', same KEYS/ARGV", run["evalsha_usec_per_call"],
+        self.say(f"e {verb} 'return 1' with the same KEYS/ARGV, depth 64: {run['calls_per_second']:,.0f}/s, "
+                 f"usec_per_call {run['script_usec_per_call']:.1f}")
+        self.row("e raw redis", f"{verb} usec_per_call of 'return 1', same KEYS/ARGV", run["script_usec_per_call"],
                  "us")
         self.results["scenarios"]["e_raw_redis"] = {"argv_count": len(call) - 3, "runs": runs,
                                                     "command_bytes": len(template.command("raw-0", "x" * 32))}
