@@ -4,9 +4,10 @@ Pure domain code: it knows plans, prices, windows and decisions, and asks a
 Store (quota_sidecar.storage.store.RedisStore in production) to apply each decision
 atomically. No protobuf and no redis types here; the clock is injected.
 
-Every decision is one store call (one EVALSHA). The engine never reads state
-to decide in Python: it passes everything the script needs (the job's cost,
-each plan's free limit and entitlement, candidate windows) and the script
+Every decision is one store call (one script call: FCALL, or EVALSHA on Redis
+6.2). The engine never reads state to decide in Python: it passes everything
+the script needs (the job's cost, each plan's free limit and entitlement,
+candidate windows) and the script
 decides. The only extra round trip is when an account's time zone is not the
 one this sidecar assumed (first sight of a non-UTC account): the script
 refuses without writing, and the engine asks again with the right zone.

@@ -1,11 +1,11 @@
 """The ports the engine depends on: what it needs from storage (Store). The degraded journal's
 port is quota_sidecar.domain.degraded.Journal.
 
-Each Store method says when the engine calls it and what it costs. "One EVALSHA" is one Redis
-round trip running one Lua script (atomic, idempotent by its ids); "one pipeline" is one round
-trip carrying one script per item (one per master on a cluster). Failures are domain errors
-(quota_sidecar.domain.errors), never Redis exceptions. tests/test_ports.py checks that
-quota_sidecar.storage.store.RedisStore conforms.
+Each Store method says when the engine calls it and what it costs. "One script call" is one
+Redis round trip running one Lua script (FCALL on Redis 7, EVALSHA on 6.2; atomic, idempotent by
+its ids); "one pipeline" is one round trip carrying one script per item (one per master on a
+cluster). Failures are domain errors (quota_sidecar.domain.errors), never Redis exceptions.
+tests/test_ports.py checks that quota_sidecar.storage.store.RedisStore conforms.
 """
 
 from __future__ import annotations
@@ -43,65 +43,65 @@ class Store(Protocol):
     """What the engine needs from storage (quota_sidecar.storage.store.RedisStore in production)."""
 
     async def reserve(self, cmd: ReserveCommand) -> ReserveOutcome:
-        """CheckAndReserve, and again when the account's zone was stale (StaleTimeZone). One EVALSHA."""
+        """CheckAndReserve, and again when the account's zone was stale (StaleTimeZone). One script call."""
 
     async def quote(self, cmd: ReserveCommand) -> ReserveOutcome:
         """Quote, and again when the account's zone was stale: what reserve(cmd) would answer now,
         decided by the same script code as a dry run, nothing held (an empty reservation_id quotes
-        a new job). Writes only lazy expiry's settlements, when something is past due. One EVALSHA,
+        a new job). Writes only lazy expiry's settlements, when something is past due. One script call,
         the cost of a denied reserve()."""
 
     async def reserve_many(self, cmds: Sequence[ReserveCommand]) -> list[ReserveOutcome | Exception]:
         """CheckAndReserveBatch: each item decided as reserve() would, failures as values. One pipeline."""
 
     async def reserve_all(self, cmds: Sequence[ReserveCommand]) -> list[ReserveOutcome | Exception]:
-        """An all_or_nothing batch of one account: all held or none. One EVALSHA."""
+        """An all_or_nothing batch of one account: all held or none. One script call."""
 
     async def commit(self, account_id: str, reservation_id: str, costs: Costs, stamp: Stamp) -> CommitResult:
-        """Commit. One EVALSHA."""
+        """Commit. One script call."""
 
     async def commit_many(self, items: Sequence[tuple[str, str, Costs, Stamp]]) -> list[CommitResult | Exception]:
         """CommitBatch: (account, reservation, costs, stamp) each, as commit(). One pipeline."""
 
     async def release(self, account_id: str, reservation_id: str, stamp: Stamp) -> ReleaseResult:
-        """Release. One EVALSHA."""
+        """Release. One script call."""
 
     async def release_many(self, items: Sequence[tuple[str, str, Stamp]]) -> list[ReleaseResult | Exception]:
         """ReleaseBatch: (account, reservation, stamp) each, as release(). One pipeline."""
 
     async def extend(self, account_id: str, reservation_id: str, ttl_ms: int, stamp: Stamp) -> int:
-        """ExtendReservation: the new expiry (ms). One EVALSHA."""
+        """ExtendReservation: the new expiry (ms). One script call."""
 
     async def grant(self, account_id: str, lot_id: str, credits: int, expires_ms: int, source: CreditSource,
                     reason: str, stamp: Stamp, *, price_minor_units: int | None = None, currency: str = "",
                     pack_id: str = "") -> GrantResult:
         """GrantCredits; the price paid and the pack go to the outbox entry (the books' quota_purchases).
-        One EVALSHA, then WAIT when replicas must acknowledge (same round trip)."""
+        One script call, then WAIT when replicas must acknowledge (same round trip)."""
 
     async def revoke(self, account_id: str, lot_id: str, reason: str, stamp: Stamp) -> RevokeResult:
-        """RevokeCredits. One EVALSHA."""
+        """RevokeCredits. One script call."""
 
     async def refund_job(self, account_id: str, reservation_id: str, reason: str, stamp: Stamp) -> RefundResult:
-        """RefundJob. One EVALSHA."""
+        """RefundJob. One script call."""
 
     async def set_account(self, account_id: str, changes: AccountChanges, default_plan: str,
                           stamp: Stamp) -> AccountSettings:
-        """SetAccount, after the engine validated every field. One EVALSHA."""
+        """SetAccount, after the engine validated every field. One script call."""
 
     async def balance(self, account_id: str, *, time_zone: str, windows: Sequence[Window],
                       weeks: Sequence[Window], months: Sequence[Window],
                       product_rows: Sequence[tuple[str, str, int, tuple[Limit, ...]]], default_plan: str,
                       stamp: Stamp) -> BalanceSnapshot:
-        """GetBalance and GetAccount (lazy expiry first). One EVALSHA."""
+        """GetBalance and GetAccount (lazy expiry first). One script call."""
 
     async def replay_degraded(self, account_id: str, reservation_id: str, *, product: str, fingerprint: str,
                               window_label: str, allowance: int, ttl_ms: int, state: str, resolved_ms: int,
                               stamp: Stamp) -> tuple[str, str]:
         """When Redis answers again: one journalled degraded reservation, written or applied to
-        the record Redis has; (outcome, the record's state). One EVALSHA."""
+        the record Redis has; (outcome, the record's state). One script call."""
 
     async def sweep_account(self, account_id: str, notice_ms: int, stamp: Stamp) -> int:
-        """The sweeper, per account returned by accounts_to_sweep: holds expired. One EVALSHA."""
+        """The sweeper, per account returned by accounts_to_sweep: holds expired. One script call."""
 
     async def set_cameo(self, cameo: Cameo) -> None:
         """Stores a cameo's definition (admin data under its own key, no account's)."""
