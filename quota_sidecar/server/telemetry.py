@@ -72,17 +72,17 @@ class RedisCall:
     """One round trip for ``items`` script calls (a context manager); a QuotaError raised inside
     counts as a Redis error of its reason."""
 
-    __slots__ = ("_telemetry", "_script", "_items", "_started", "_span", "_scope")
+    __slots__ = ("_telemetry", "_script", "_items", "_operation", "_started", "_span", "_scope")
 
-    def __init__(self, telemetry: Telemetry, script: str, items: int) -> None:
-        self._telemetry, self._script, self._items = telemetry, script, items
+    def __init__(self, telemetry: Telemetry, script: str, items: int, operation: str) -> None:
+        self._telemetry, self._script, self._items, self._operation = telemetry, script, items, operation
         self._span: Any = None
         self._scope: Any = None
 
     def __enter__(self) -> None:
         tracer = self._telemetry.tracer
         if tracer is not None:
-            self._span = _redis_span(tracer, self._script, self._items)
+            self._span = _redis_span(tracer, self._script, self._items, self._operation)
             self._scope = _use(self._span)
             self._scope.__enter__()
         self._started = time.perf_counter()
@@ -109,8 +109,8 @@ class Telemetry:
         """Times (and traces) one RPC; ``metadata`` (for the caller's trace context) only matters with a tracer."""
         return RpcCall(self, service, method, metadata)
 
-    def redis_call(self, script: str, items: int = 1) -> RedisCall:
-        return RedisCall(self, script, items)
+    def redis_call(self, script: str, items: int = 1, operation: str = "EVALSHA") -> RedisCall:
+        return RedisCall(self, script, items, operation)
 
 
 def _rpc_span(tracer: Any, service: str, method: str, metadata: Sequence[tuple[str, Any]] | None) -> Any:
@@ -121,11 +121,11 @@ def _rpc_span(tracer: Any, service: str, method: str, metadata: Sequence[tuple[s
                              attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method})
 
 
-def _redis_span(tracer: Any, script: str, items: int) -> Any:
+def _redis_span(tracer: Any, script: str, items: int, operation: str) -> Any:
     from opentelemetry import trace
 
     return tracer.start_span(f"redis {script}", kind=trace.SpanKind.CLIENT, attributes={
-        "db.system": "redis", "db.operation.name": "EVALSHA", "quota.script": script, "quota.items": items})
+        "db.system": "redis", "db.operation.name": operation, "quota.script": script, "quota.items": items})
 
 
 def _use(span: Any) -> Any:

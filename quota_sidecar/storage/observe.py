@@ -12,9 +12,9 @@ from typing import ContextManager, Protocol
 
 
 class ScriptObserver(Protocol):
-    def redis_call(self, script: str, items: int = 1) -> ContextManager[object]:
-        """Wraps one round trip running ``items`` scripts named ``script``; an exception
-        escaping the block is the round trip's failure."""
+    def redis_call(self, script: str, items: int = 1, operation: str = "EVALSHA") -> ContextManager[object]:
+        """Wraps one round trip running ``items`` scripts named ``script`` by ``operation`` (the
+        command sent: FCALL or EVALSHA); an exception escaping the block is the round trip's failure."""
 
 
 class NoObserver:
@@ -22,5 +22,5 @@ class NoObserver:
 
     _NOTHING = contextlib.nullcontext()
 
-    def redis_call(self, script: str, items: int = 1) -> ContextManager[object]:
+    def redis_call(self, script: str, items: int = 1, operation: str = "EVALSHA") -> ContextManager[object]:
         return self._NOTHING

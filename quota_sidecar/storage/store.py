@@ -203,7 +203,9 @@ class RedisStore:
                    min_replicas: int = 0) -> dict[str, Any]:
         argv = self._argv(account_id, stamp, args)
         keys = script_keys(self._prefix, self._buckets, account_id)
-        with self._telemetry.redis_call(name):
+        if self._functions is None:
+            await self._ensure_script_mode()
+        with self._telemetry.redis_call(name, 1, self.script_verb):
             raw, acked = await self._call(name, keys, argv, min_replicas)
         reply: dict[str, Any] = json.loads(raw)
         if "error" in reply:
@@ -518,7 +520,9 @@ class RedisStore:
         sent = [(name, script_keys(self._prefix, self._buckets, account_id), self._argv(account_id, stamp, args))
                 for name, account_id, stamp, args in calls]
         try:
-            with self._telemetry.redis_call(calls[0][0] if calls else "", len(calls)):
+            if self._functions is None:
+                await self._ensure_script_mode()
+            with self._telemetry.redis_call(calls[0][0] if calls else "", len(calls), self.script_verb):
                 try:
                     raws = await self._pipeline(sent)
                 except redis_errors.RedisError as exc:
@@ -565,6 +569,13 @@ class RedisStore:
 
             self._mode_chosen.add_done_callback(forget_failure)
         await asyncio.shield(self._mode_chosen)
+
+    async def _ensure_script_mode(self) -> None:
+        """The mode chosen before a call's span opens, so the span names the command really sent."""
+        try:
+            await self._script_mode()
+        except redis_errors.RedisError as exc:
+            raise domain_error(exc) from exc
 
     async def _choose_script_mode(self) -> None:
         try:
