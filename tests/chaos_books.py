@@ -301,10 +301,26 @@ def outage_problems(outages: Sequence[Outage], ops: int) -> list[str]:
     return problems
 
 
+def await_chain(task: asyncio.Task[Any]) -> str:
+    """Where a task waits, down its whole chain of awaits (Task.print_stack shows only the outer
+    coroutine, and raises TypeError on grpc's Cython coroutines, whose frames have no line)."""
+    steps, awaited = [], cast(Any, task.get_coro())
+    while awaited is not None:
+        frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "gi_frame", None)
+        if frame is not None:
+            steps.append(f"{frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}")
+        else:
+            steps.append(repr(awaited)[:200])
+        awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
+    waiter = getattr(task, "_fut_waiter", None)
+    return f"task {task.get_name()}:\n    " + "\n    ".join(steps) + f"\n    awaiting {waiter!r:.300}"
+
+
 @contextlib.asynccontextmanager
 async def hang_watchdog(bound_s: float) -> AsyncIterator[None]:
-    """Bounds the whole run: past ``bound_s`` every task's stack goes to stderr (where it waits) and
-    the run is cancelled, so a hang fails the test with its evidence instead of stalling the suite."""
+    """Bounds the whole run: past ``bound_s`` every task's chain of awaits goes to stderr (where it
+    waits) and the run is cancelled, so a hang fails the test with its evidence instead of stalling
+    the suite. The run is cancelled whatever the printing meets."""
     main = asyncio.current_task()
     assert main is not None
     fired = False
@@ -313,11 +329,16 @@ async def hang_watchdog(bound_s: float) -> AsyncIterator[None]:
         nonlocal fired
         await asyncio.sleep(bound_s)
         fired = True
-        print(f"\nchaos run still going after {bound_s:.0f} s; the tasks and where they wait:", file=sys.stderr)
-        for task in asyncio.all_tasks():
-            if task is not asyncio.current_task():
-                task.print_stack(file=sys.stderr)
-        main.cancel()
+        try:
+            print(f"\nchaos run still going after {bound_s:.0f} s; the tasks and where they wait:", file=sys.stderr)
+            for task in asyncio.all_tasks():
+                if task is not asyncio.current_task():
+                    try:
+                        print(await_chain(task), file=sys.stderr)
+                    except Exception as exc:  # noqa: BLE001 - one odd task must not hide the others
+                        print(f"task {task!r:.300}: no chain ({exc!r})", file=sys.stderr)
+        finally:
+            main.cancel()
 
     dog = asyncio.create_task(bark())
     try:

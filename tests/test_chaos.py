@@ -678,3 +678,21 @@ async def test_a_shipper_keeps_its_lease_through_a_failed_pass(store: RedisStore
     await asyncio.wait_for(shipper.run(stop), SETTLE_S)
     assert passes == [(0, True), (queued, False)]
     assert (await store.outbox_stats()).entries == 0
+
+
+async def test_the_hang_watchdog_fails_a_hung_run_beside_grpc_tasks(capsys: pytest.CaptureFixture[str]) -> None:
+    """The watchdog printed each task with Task.print_stack, which raises TypeError on the tasks of
+    grpc's server (Cython coroutines, frames without a line): the printing stopped at the first one,
+    the run was never cancelled and a hang stalled the suite instead of failing with its stacks."""
+    server = grpc.aio.server()
+    server.add_insecure_port("127.0.0.1:0")
+    await server.start()  # its tasks wait for calls: Cython coroutines
+    try:
+        with pytest.raises(AssertionError, match="hung"):
+            async with hang_watchdog(0.2):
+                await asyncio.wait_for(asyncio.Event().wait(), 30.0)  # a hang, bounded for a broken watchdog
+    finally:
+        await server.stop(None)
+    stderr = capsys.readouterr().err
+    assert "test_the_hang_watchdog_fails_a_hung_run_beside_grpc_tasks" in stderr, stderr
+    assert "wait_for" in stderr and "no chain" not in stderr, stderr

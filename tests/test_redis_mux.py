@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from typing import cast
 
 import pytest
 import redis.asyncio as aioredis
@@ -16,6 +17,7 @@ from quota_fixtures import flush_scripts, has_functions
 from redis import exceptions as redis_errors
 
 from quota_sidecar.storage import connect as redis_connect
+from quota_sidecar.storage import mux as mux_module
 from quota_sidecar.storage.mux import CLIENT_NAME, MuxConnection, Packed, flatten, pack_command
 from quota_sidecar.storage.redis_server import RedisServerProcess
 from quota_sidecar.storage.store import RedisStore
@@ -127,6 +129,34 @@ async def test_an_overdue_reply_fails_the_call_with_timeout_then_recovers(redis_
             assert proxy.stats.accepted == 2
         finally:
             await mux.aclose()
+
+
+async def test_a_connection_lost_before_the_set_up_fails_the_call_and_the_next_one_connects(
+        redis_server: RedisServerProcess, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by the chaos run: a connection reset right after it was made (a proxy refusing, a Redis at
+    maxclients or shutting down), its loss seen before the mux took the connection up, left the mux
+    holding its connect lock while the set-up waited for that same lock: every later call waited
+    forever, the mux never reconnected. The reset is made certain here: the connection is aborted as
+    soon as it is made. wait_for only turns a hang into a failure."""
+    made = 0
+
+    def reset_at_once(protocol: asyncio.Protocol, transport: asyncio.BaseTransport) -> None:
+        nonlocal made
+        made += 1
+        cast(asyncio.Transport, transport).abort()
+
+    mux = MuxConnection(host="127.0.0.1", port=redis_server.port, timeout_seconds=0.5)
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(mux_module._Protocol, "connection_made", reset_at_once, raising=False)
+            calls = [mux.execute("PING") for _ in range(5)]
+            results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 5.0)
+            assert made >= 1
+            assert all(isinstance(r, redis_errors.ConnectionError) for r in results), results
+        # Nothing left holding the connection: the next call connects, and is answered.
+        assert await asyncio.wait_for(mux.execute("PING"), 5.0) == "PONG"
+    finally:
+        await mux.aclose()
 
 
 async def test_unreachable_redis_is_a_connection_error(redis_server: RedisServerProcess) -> None:

@@ -221,6 +221,11 @@ class MuxConnection:
         A connection that cannot be made, or is lost, raises ConnectionError; an overdue reply,
         TimeoutError."""
         await self._connect()
+        return await self._exchange(packed)
+
+    async def _exchange(self, packed: Sequence[bytes]) -> list[Any]:
+        """execute_many on the connection as it is (no connecting): the connection set-up's own
+        commands come through here, under the connect lock."""
         futures = [self._submit(command) for command in packed]
         results = []
         try:
@@ -273,6 +278,8 @@ class MuxConnection:
             return
         if self._closed:
             raise redis_errors.ConnectionError("connection closed")
+        # Bounded: whoever holds the lock is connecting (a timeout) or waiting for the set-up's
+        # replies (the overdue-reply timeout), never for the lock again (_open uses _exchange).
         self._connecting = self._connecting or asyncio.Lock()
         async with self._connecting:
             if self._transport is not None and not self._transport.is_closing():
@@ -289,12 +296,19 @@ class MuxConnection:
             transport, protocol = await asyncio.wait_for(opening, self._timeout_seconds)
         except (OSError, asyncio.TimeoutError) as exc:
             raise redis_errors.ConnectionError(f"cannot connect to Redis at {self._address}: {exc!r}") from exc
+        if transport.is_closing():
+            # Reset as soon as it was made (a proxy refusing, Redis at maxclients or shutting down),
+            # before it was this connection's: its protocol's connection_lost was not heard.
+            transport.abort()
+            raise redis_errors.ConnectionError(f"connection to Redis at {self._address} lost as it was made")
         self._transport, self._protocol = transport, protocol
         self._outgoing, self._pending = [], collections.deque()
-        for reply in await self.execute_many(self._handshake):
-                if isinstance(reply, Exception):
-                    self._fail(redis_errors.ConnectionError(f"Redis refused the connection set-up: {reply}"))
-                    raise reply
+        # Not execute_many: it would wait for the connect lock this task holds, should the
+        # connection be lost meanwhile (a deadlock: no call would ever connect again).
+        for reply in await self._exchange(self._handshake):
+            if isinstance(reply, Exception):
+                self._fail(redis_errors.ConnectionError(f"Redis refused the connection set-up: {reply}"))
+                raise reply
 
     def _fail(self, exc: redis_errors.RedisError) -> None:
         """Drops the connection; every command in flight on it fails with ``exc``."""
