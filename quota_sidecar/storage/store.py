@@ -222,8 +222,6 @@ class RedisStore:
         acknowledged it; Redis errors raised as domain errors."""
         try:
             if min_replicas:
-                if self._functions is None:
-                    await self._script_mode()
                 return await self._transport.send_and_wait((self._refs[name], keys, args), self._source(name),
                                                            min_replicas, self._grant_wait_timeout_ms)
             raw = (await self._pipeline([(name, keys, args)]))[0]
@@ -536,9 +534,8 @@ class RedisStore:
 
         Items whose script Redis lost (NOSCRIPT, or "Function not found": a restart, SCRIPT FLUSH,
         FUNCTION FLUSH) did not run at all, so they are sent again, in order, once their scripts
-        are loaded."""
-        if self._functions is None:
-            await self._script_mode()
+        are loaded. The script mode is chosen already (_run, _run_many)."""
+        assert self._functions is not None, "script mode not chosen before the first call"
         refs = self._refs
         raws = await self._transport.send([(refs[name], keys, args) for name, keys, args in sent])
         missing = [i for i, raw in enumerate(raws) if isinstance(raw, redis_errors.NoScriptError)]

@@ -62,7 +62,7 @@ local K_OUTBOX, K_NOTES, K_SPEND, K_ROLLING
 local K_INFLIGHT, K_EVENTS
 -- The one clock every sidecar agrees on is Redis' own. A non-zero pinned
 -- value is the engine's injected clock (tests, deterministic replays).
-local PINNED_MS, now_ms
+local now_ms
 local ACCOUNT_ID, RETENTION_MS, EVENTS_MAX, PLANS_VERSION
 -- What one account can make Redis hold, whatever it does: records of resolved
 -- reservations beyond MAX_RECORDS go before their retention ends (a retry of
@@ -96,8 +96,8 @@ local function begin()
   K_LOTEXP, K_HOLDS, K_RES, K_RESDONE = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
   K_OUTBOX, K_NOTES, K_SPEND, K_ROLLING = KEYS[9], KEYS[10], KEYS[11], KEYS[12]
   K_INFLIGHT, K_EVENTS = KEYS[13], KEYS[14]
-  PINNED_MS = tonumber(ARGV[1])
-  now_ms = PINNED_MS > 0 and PINNED_MS or redis_time_ms()
+  local pinned_ms = tonumber(ARGV[1])
+  now_ms = pinned_ms > 0 and pinned_ms or redis_time_ms()
   ACCOUNT_ID = ARGV[2]
   RETENTION_MS = tonumber(ARGV[3])
   EVENTS_MAX = tonumber(ARGV[4])
